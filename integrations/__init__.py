@@ -1,0 +1,1 @@
+"""Integrations: policies, reranking server, step-level search."""

@@ -1,0 +1,28 @@
+"""Scoring engines, registered by name."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import EncodedQuestion, Engine, NonFiniteRewardError
+from .reference import ReferenceEngine
+
+ENGINES: dict[str, Callable[..., Engine]] = {"reference": ReferenceEngine}
+DEFAULT_ENGINE = "reference"
+
+
+def register_engine(name: str, factory: Callable[..., Engine]) -> None:
+    ENGINES[name] = factory
+
+
+def get_engine(engine: str | Engine, **options) -> Engine:
+    if isinstance(engine, Engine):
+        return engine
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {sorted(ENGINES)}")
+    return ENGINES[engine](**options)
+
+
+
+
+__all__ = ["ENGINES", "DEFAULT_ENGINE", "Engine", "EncodedQuestion", "NonFiniteRewardError", "get_engine", "register_engine"]

@@ -1,0 +1,32 @@
+"""The oracle: one full forward per candidate, full logits, as the releases do.
+
+Obviously correct and slow on purpose; the fast engine is tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.base import RewardColumns
+from ..models.adapters import ModelAdapter
+from .base import EncodedQuestion, Engine, check_finite
+
+
+class ReferenceEngine(Engine):
+    name = "reference"
+
+    @torch.inference_mode()
+    def score(self, adapter: ModelAdapter, columns: RewardColumns, questions: list[EncodedQuestion]):
+        results = []
+        for qi, question in enumerate(questions):
+            per_candidate = []
+            for ci, cand in enumerate(question.candidates):
+                ids = torch.tensor(cand.input_ids, dtype=torch.long, device=adapter.device)
+                embeds = adapter.merge_image_features(ids, question.image_features)
+                logits = adapter.full_logits(ids, embeds)
+                pair = logits[cand.reward_positions][:, [columns.good, columns.bad]].float()
+                rewards = pair.softmax(dim=-1)[:, 0]
+                check_finite(pair, qi, ci)
+                per_candidate.append(rewards.tolist())
+            results.append(per_candidate)
+        return results

@@ -1,0 +1,50 @@
+"""PRM formats, registered by name."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import (
+    MODEL_CAUSAL_LM,
+    MODEL_INTERNVL,
+    MODEL_QWEN2_PRM,
+    EncodedCandidate,
+    FormatError,
+    PRMFormat,
+    RewardColumns,
+)
+from .custom import CustomFormat
+from .math_shepherd import MathShepherdFormat
+from .qwen_math_prm import QwenMathPRMFormat
+
+FORMATS: dict[str, Callable[..., PRMFormat]] = {}
+
+
+def register_format(name: str, factory: Callable[..., PRMFormat]) -> None:
+    FORMATS[name] = factory
+
+
+register_format("math-shepherd", MathShepherdFormat)
+register_format("qwen2.5-math-prm", QwenMathPRMFormat)
+register_format("custom", CustomFormat)
+
+
+def get_format(fmt: str | PRMFormat, **options) -> PRMFormat:
+    """A format instance from a name (with options) or an instance as is."""
+    if isinstance(fmt, PRMFormat):
+        if options:
+            raise ValueError("format options are only accepted with a format name, not an instance")
+        return fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown PRM format {fmt!r}; choose one of {sorted(FORMATS)}")
+    try:
+        return FORMATS[fmt](**options)
+    except TypeError as exc:
+        raise ValueError(f"bad options for format {fmt!r}: {exc}") from None
+
+
+__all__ = [
+    "FORMATS", "get_format", "register_format", "PRMFormat", "EncodedCandidate", "RewardColumns",
+    "FormatError", "MODEL_CAUSAL_LM", "MODEL_QWEN2_PRM", "MODEL_INTERNVL",
+    "CustomFormat", "MathShepherdFormat", "QwenMathPRMFormat",
+]

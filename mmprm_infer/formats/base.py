@@ -1,0 +1,122 @@
+"""What a PRM format is: how steps become token ids, and where rewards are read.
+
+A format turns (question, steps, image token counts) into one token sequence
+plus the positions whose output carries each step's reward, and names the
+two output columns the reward is read from:
+
+    p_good = softmax(out[pos, [good_col, bad_col]])[0]
+
+For LM-head formats the columns are vocabulary ids; for a 2-label score head
+(qwen2.5-math-prm) they are label indices.  Everything downstream (engines,
+kernels, aggregation) only sees this contract.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+# How the checkpoint is run: which model class carries the PRM.
+MODEL_CAUSAL_LM = "causal_lm"  # any AutoModelForCausalLM; reward from LM-head rows
+MODEL_QWEN2_PRM = "qwen2_prm"  # Qwen2 body + 2-label score head
+MODEL_INTERNVL = "internvl"  # InternVLForConditionalGeneration (vision + LM head)
+
+
+@dataclass
+class EncodedCandidate:
+    """One candidate in model input form."""
+
+    input_ids: list[int]
+    reward_positions: list[int]  # one per step, strictly increasing
+    num_steps: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.num_steps = len(self.reward_positions)
+
+
+@dataclass(frozen=True)
+class RewardColumns:
+    """reward = softmax(out[pos, [good, bad]])[0] = sigmoid(out[good] - out[bad])."""
+
+    good: int
+    bad: int
+
+
+class FormatError(ValueError):
+    """Input that a format cannot encode; the message says which and why."""
+
+
+class PRMFormat(ABC):
+    """One PRM family's input layout and reward readout."""
+
+    name: str = ""
+    model_kind: str = MODEL_CAUSAL_LM
+    supports_images: bool = False
+
+    @abstractmethod
+    def split_steps(self, solution: str) -> list[str]:
+        """Split a free-text solution into steps the way this family does."""
+
+    @abstractmethod
+    def encode(
+        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
+    ) -> EncodedCandidate:
+        """Token ids and reward positions for one candidate.
+
+        ``image_tokens`` holds, per image, the placeholder text the model's
+        vision path expects (``<img><IMG_CONTEXT>...</img>`` for InternVL).
+        """
+
+    @abstractmethod
+    def reward_columns(self, tokenizer) -> RewardColumns:
+        """Which two output columns carry the good/bad evidence."""
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise FormatError naming any token this format needs but the tokenizer lacks."""
+        self.reward_columns(tokenizer)
+
+    def describe(self) -> str:
+        return self.name
+
+
+def split_on_blank_lines(solution: str) -> list[str]:
+    """Steps separated by blank lines ("\\n\\n"), as most PRM releases split."""
+    return [part.strip() for part in re.split(r"\n\s*\n", solution) if part.strip()]
+
+
+def single_token_id(tokenizer, text: str, role: str, fmt: str) -> int:
+    """The id of a token that must be one vocabulary entry (a tag or reward token)."""
+    token_id = tokenizer.convert_tokens_to_ids(text)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if token_id is None or (unk is not None and token_id == unk and text != tokenizer.unk_token):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise FormatError(
+                f"format {fmt!r} needs {role} {text!r} as a single token, but this tokenizer "
+                f"splits it into {len(ids)} tokens {ids}; add it with "
+                f"tokenizer.add_tokens([{text!r}]) (and resize the model's embeddings) or pick "
+                "the format that matches this checkpoint"
+            )
+        token_id = ids[0]
+    return int(token_id)
+
+
+def positions_of(input_ids: Sequence[int], token_id: int) -> list[int]:
+    return [i for i, t in enumerate(input_ids) if t == token_id]
+
+
+def check_marker_count(positions: list[int], steps: Sequence[str], tag: str, fmt: str) -> None:
+    """Every step must give exactly one marker, or rewards would shift between steps."""
+    if len(positions) != len(steps):
+        raise FormatError(
+            f"format {fmt!r}: expected {len(steps)} step marker(s) {tag!r} but the encoded "
+            f"input has {len(positions)}; a step's text (or the question) probably contains "
+            f"{tag!r} itself: remove it from the text before scoring"
+        )
+
+
+def check_steps(steps: Sequence[str], fmt: str) -> None:
+    if len(steps) == 0:
+        raise FormatError(f"format {fmt!r}: a candidate has no steps; give at least one non-empty step")

@@ -1,0 +1,67 @@
+"""custom: any causal LM with a user-given step tag and good/bad token pair."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .base import (
+    EncodedCandidate,
+    FormatError,
+    PRMFormat,
+    RewardColumns,
+    check_marker_count,
+    check_steps,
+    positions_of,
+    single_token_id,
+    split_on_blank_lines,
+)
+
+
+@dataclass
+class CustomFormat(PRMFormat):
+    """Text = prompt_template + step_separator.join(step + step_tag).
+
+    ``prompt_template`` may use ``{question}`` and ``{images}`` (the image
+    placeholders, for vision-language PRMs).  Reward tokens may be given as
+    strings (each must be one token) or as ids.
+    """
+
+    step_tag: str = "<step>"
+    good_token: str | int = "+"
+    bad_token: str | int = "-"
+    prompt_template: str = "{images}{question}\n"
+    step_separator: str = "\n"
+    add_special_tokens: bool = True
+    split_on: str | None = None  # None: blank lines
+
+    name = "custom"
+
+    def split_steps(self, solution: str) -> list[str]:
+        if self.split_on is None:
+            return split_on_blank_lines(solution)
+        return [s.strip() for s in solution.split(self.split_on) if s.strip()]
+
+    def _token(self, tokenizer, token: str | int, role: str) -> int:
+        return int(token) if isinstance(token, int) else single_token_id(tokenizer, token, role, self.name)
+
+    def reward_columns(self, tokenizer) -> RewardColumns:
+        return RewardColumns(
+            good=self._token(tokenizer, self.good_token, "good token"),
+            bad=self._token(tokenizer, self.bad_token, "bad token"),
+        )
+
+    def check_tokenizer(self, tokenizer) -> None:
+        self.reward_columns(tokenizer)
+        single_token_id(tokenizer, self.step_tag, "step tag", self.name)
+
+    def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
+        if image_tokens and "{images}" not in self.prompt_template:
+            raise FormatError("format 'custom': got an image but prompt_template has no {images} placeholder")
+        check_steps(steps, self.name)
+        prompt = self.prompt_template.format(question=question, images="".join(image_tokens))
+        text = prompt + self.step_separator.join(step + self.step_tag for step in steps)
+        ids = tokenizer.encode(text, add_special_tokens=self.add_special_tokens)
+        positions = positions_of(ids, single_token_id(tokenizer, self.step_tag, "step tag", self.name))
+        check_marker_count(positions, steps, self.step_tag, self.name)
+        return EncodedCandidate(list(ids), positions)

@@ -1,0 +1,123 @@
+"""One interface over the model classes a PRM can live in.
+
+Engines never touch model classes directly: they ask the adapter for the
+text decoder, the input embeddings, the final norm and the reward head.  A
+new architecture family is one new adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats.base import MODEL_CAUSAL_LM, MODEL_INTERNVL, MODEL_QWEN2_PRM, RewardColumns
+
+
+class ModelAdapter:
+    """Causal LM whose LM head gives the reward logits (math-shepherd, custom, ...)."""
+
+    kind = MODEL_CAUSAL_LM
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- structure -----------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        """The text decoder (embeddings, layers, final norm), e.g. Qwen2Model/LlamaModel."""
+        return self.model.get_decoder()
+
+    @property
+    def text_config(self):
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.text_config, "max_position_embeddings", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.get_input_embeddings()(input_ids)
+
+    # --- images (vision-language adapters override) --------------------
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"this {type(self.model).__name__} model has no vision tower; pass image=None")
+
+    def merge_image_features(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor | None:
+        """inputs_embeds with the image placeholder rows replaced, or None for text-only input."""
+        if image_features is not None:
+            raise ValueError(f"this {type(self.model).__name__} model has no vision tower; pass image=None")
+        return None
+
+    # --- reward head ---------------------------------------------------
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full output logits for final-normed hidden states (the reference path)."""
+        return self.model.get_output_embeddings()(hidden)
+
+    def reward_weights(self, columns: RewardColumns) -> tuple[torch.Tensor, float]:
+        """(W[good] - W[bad], b[good] - b[bad]): the two LM-head rows the reward needs."""
+        head = self.model.get_output_embeddings()
+        w_diff = head.weight[columns.good] - head.weight[columns.bad]
+        bias = getattr(head, "bias", None)
+        b_diff = float(bias[columns.good] - bias[columns.bad]) if bias is not None else 0.0
+        return w_diff, b_diff
+
+    def rewards_from_hidden(self, hidden: torch.Tensor, columns: RewardColumns) -> torch.Tensor:
+        """p_good for final-normed hidden rows [M, d], reading only two head rows."""
+        w_diff, b_diff = self.reward_weights(columns)
+        return torch.sigmoid(hidden.float() @ w_diff.float() + b_diff)
+
+    # --- full forward (reference) -------------------------------------
+    def full_logits(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [T, V] of one sequence, computed by the model's own forward."""
+        if inputs_embeds is not None:
+            return self.model(inputs_embeds=inputs_embeds[None]).logits[0]
+        return self.model(input_ids=input_ids[None]).logits[0]
+
+
+class Qwen2PRMAdapter(ModelAdapter):
+    """Qwen2 body + 2-label score head (qwen2.5-math-prm)."""
+
+    kind = MODEL_QWEN2_PRM
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.model
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.score(hidden)
+
+    def rewards_from_hidden(self, hidden: torch.Tensor, columns: RewardColumns) -> torch.Tensor:
+        # The head is a small MLP: run it only on the marker rows.
+        logits = self.model.score(hidden).float()
+        return torch.sigmoid(logits[:, columns.good] - logits[:, columns.bad])
+
+    def reward_weights(self, columns: RewardColumns):
+        raise NotImplementedError("the qwen2.5-math-prm head is an MLP, not two LM-head rows")
+
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    MODEL_CAUSAL_LM: ModelAdapter,
+    MODEL_QWEN2_PRM: Qwen2PRMAdapter,
+}
+
+
+def register_adapter(kind: str, adapter: type[ModelAdapter]) -> None:
+    ADAPTERS[kind] = adapter
+
+
+def adapter_for(model: nn.Module, kind: str) -> ModelAdapter:
+    if kind not in ADAPTERS:
+        raise ValueError(f"no model adapter for kind {kind!r}; known: {sorted(ADAPTERS)}")
+    return ADAPTERS[kind](model)
+
+
+__all__ = ["ModelAdapter", "Qwen2PRMAdapter", "adapter_for", "register_adapter", "ADAPTERS", "MODEL_INTERNVL"]

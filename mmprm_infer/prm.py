@@ -1,0 +1,143 @@
+"""PRM: a checkpoint, its tokenizer and its format, scoring candidates."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .engines import DEFAULT_ENGINE, EncodedQuestion, Engine, get_engine
+from .formats import EncodedCandidate, FormatError, PRMFormat, get_format
+from .loading import FORMAT_KEY, FORMAT_OPTIONS_KEY, load_checkpoint
+from .models.adapters import adapter_for
+
+Candidate = str | Sequence[str]
+
+
+@dataclass
+class ScoringItem:
+    """One question with its candidates, as accepted by ``PRM.score_batch``."""
+
+    question: str
+    candidates: Sequence[Candidate]
+    image: Any = None
+
+
+class PRM:
+    """A process reward model ready to score step-by-step solutions.
+
+    ``PRM(model, tokenizer, format="math-shepherd")`` wraps a loaded
+    transformers model; ``PRM.from_pretrained(path)`` loads one from disk.
+    """
+
+    def __init__(self, model, tokenizer, format: str | PRMFormat, *, engine: str | Engine | None = None,
+                 max_batch_tokens: int = 16384, **format_options):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.format = get_format(format, **format_options)
+        self.format_options = format_options
+        self.format.check_tokenizer(tokenizer)
+        self.adapter = adapter_for(model, self.format.model_kind)
+        self.columns = self.format.reward_columns(tokenizer)
+        self.max_batch_tokens = max_batch_tokens
+        self.default_engine = engine or DEFAULT_ENGINE
+        self._engines: dict[str, Engine] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, format: str | None = None, device="cpu", dtype=None,
+                        engine: str | None = None, **format_options) -> "PRM":
+        model, tokenizer, name, saved_options = load_checkpoint(path, format, dtype, device)
+        return cls(model, tokenizer, name, engine=engine, **{**saved_options, **format_options})
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save model and tokenizer so ``from_pretrained(path)`` needs no format argument."""
+        setattr(self.model.config, FORMAT_KEY, self.format.name)
+        options = self.format_options or _non_default_fields(self.format)
+        setattr(self.model.config, FORMAT_OPTIONS_KEY, options)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    # --- input handling -------------------------------------------------
+    def split_candidate(self, candidate: Candidate, index: int) -> list[str]:
+        if isinstance(candidate, str):
+            steps = self.format.split_steps(candidate)
+        elif isinstance(candidate, (list, tuple)) and all(isinstance(s, str) for s in candidate):
+            steps = list(candidate)
+        else:
+            raise TypeError(
+                f"candidate {index} is a {type(candidate).__name__}; give a solution string or a "
+                "list of step strings"
+            )
+        if not steps or any(not s.strip() for s in steps):
+            raise FormatError(
+                f"candidate {index} has {'no steps' if not steps else 'an empty step'}; every candidate "
+                "needs at least one step of non-blank text (drop or fix it before scoring)"
+            )
+        return steps
+
+    def encode(self, question: str, candidates: Sequence[Candidate], image=None) -> EncodedQuestion:
+        """Token ids and marker positions of every candidate, image features computed once."""
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        if isinstance(candidates, str) or not isinstance(candidates, Sequence):
+            raise TypeError("candidates must be a list of solutions; wrap a single one as [solution]")
+        if len(candidates) == 0:
+            raise ValueError("candidates is empty: give at least one candidate solution to score")
+        image_tokens, image_features = self._prepare_images(image)
+        limit = self.adapter.max_positions
+        encoded: list[EncodedCandidate] = []
+        for i, cand in enumerate(candidates):
+            enc = self.format.encode(self.tokenizer, question, self.split_candidate(cand, i), image_tokens)
+            if limit is not None and len(enc.input_ids) > limit:
+                raise ValueError(
+                    f"candidate {i} is {len(enc.input_ids)} tokens long (question, image and steps), "
+                    f"more than the model's context of {limit} tokens; shorten the candidate or question"
+                )
+            encoded.append(enc)
+        return EncodedQuestion(encoded, image_features)
+
+    def _prepare_images(self, image) -> tuple[list[str], torch.Tensor | None]:
+        """Placeholder text per image and the image features, computed once per question."""
+        if image is None or (isinstance(image, (list, tuple)) and len(image) == 0):
+            return [], None
+        if not self.format.supports_images:
+            raise FormatError(
+                f"format {self.format.name!r} is text-only and cannot take an image; pass image=None "
+                "or use a multimodal format (mm-prm, visualprm, custom on a vision-language model)"
+            )
+        return self.format.prepare_images(self.adapter, image)
+
+    # --- scoring --------------------------------------------------------
+    def engine(self, name: str | Engine | None = None) -> Engine:
+        if isinstance(name, Engine):
+            return name
+        key = name or self.default_engine
+        if key not in self._engines:
+            self._engines[key] = get_engine(key, max_batch_tokens=self.max_batch_tokens) if key != "reference" else get_engine(key)
+        return self._engines[key]
+
+    def score(self, question: str, candidates: Sequence[Candidate], image=None, engine: str | None = None) -> list[list[float]]:
+        """Step rewards in [0, 1]: one list per candidate, one reward per step, input order."""
+        return self.score_batch([ScoringItem(question, candidates, image)], engine=engine)[0]
+
+    def score_batch(self, items: Sequence[ScoringItem | tuple | dict], engine: str | None = None) -> list[list[list[float]]]:
+        """Score many questions in one call; each question's prefix is shared by its candidates."""
+        questions = [self.encode(it.question, it.candidates, it.image) for it in map(_as_item, items)]
+        return self.engine(engine).score(self.adapter, self.columns, questions)
+
+
+def _as_item(item) -> ScoringItem:
+    if isinstance(item, ScoringItem):
+        return item
+    if isinstance(item, dict):
+        return ScoringItem(item["question"], item["candidates"], item.get("image"))
+    return ScoringItem(*item)
+
+
+def _non_default_fields(fmt: PRMFormat) -> dict:
+    if not dataclasses.is_dataclass(fmt):
+        return {}
+    return {f.name: getattr(fmt, f.name) for f in dataclasses.fields(fmt) if getattr(fmt, f.name) != f.default}

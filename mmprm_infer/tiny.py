@@ -1,0 +1,154 @@
+"""Tiny PRM checkpoints built offline, for tests, demos and benchmarks.
+
+No model hub is reachable, so everything a test or demo loads is built here
+from real transformers classes with random weights, saved with
+``save_pretrained`` and loaded back through the same code a user's real
+checkpoint takes.  Tokenizers are byte-level BPE trained on a small built-in
+corpus and carry each format's special tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from .models.qwen2_prm import Qwen2ForProcessRewardModel
+
+# ChatML, as the Qwen2.5 and InternVL2.5 tokenizers format chats.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_CORPUS = """
+Step 1: The rectangle is 12 cm long and 5 cm wide, so its area is 12 * 5 = 60 square cm.
+Step 2: Half of the area is 60 / 2 = 30. The answer is 30.
+Janet's ducks lay 16 eggs per day. She eats three for breakfast and bakes muffins with four.
+She sells the remainder at the farmers' market daily for $2 per fresh duck egg.
+The bar chart shows the values 7, 3, 9 and 4. The sum of the two largest bars is 9 + 7 = 16.
+Question: What is the total of the numbers in the grid? Process: Add each row, then add the rows.
+Therefore the final answer is \\boxed{16}. We compute x + y = 10 and x - y = 2, so x = 6 and y = 4.
+The triangle has angles of 30 degrees and 60 degrees, so the third angle is 180 - 90 = 90 degrees.
+Let the number of apples be a. Then 3a + 4 = 19, so 3a = 15 and a = 5.
+Please reason step by step, and put your final answer within \\boxed{}.
+The image shows a pie chart with four sectors. Read the value of each sector carefully.
+Multiply, divide, add and subtract the numbers. Count the cells in each row and column.
+""" * 3
+
+
+def build_tokenizer(
+    extra_tokens: Sequence[str] = (),
+    special_tokens: Sequence[str] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    *,
+    bos_token: str | None = None,
+    vocab_size: int = 600,
+    chat_template: str | None = CHATML_TEMPLATE,
+    corpus: Iterable[str] | None = None,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (like Qwen's) carrying the given tokens.
+
+    ``extra_tokens`` become single, non-special tokens (tags such as "ки",
+    reward words such as "Yes"); ``bos_token`` makes encode() prepend it, as
+    Llama/Mistral tokenizers do.
+    """
+    specials = list(dict.fromkeys([*special_tokens, *([bos_token] if bos_token else [])]))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus) if corpus is not None else _CORPUS.splitlines(), trainer=trainer)
+    tok.add_tokens([t for t in extra_tokens if tok.token_to_id(t) is None])
+    if bos_token:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A $B", special_tokens=[(bos_token, tok.token_to_id(bos_token))]
+        )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token=bos_token,
+        additional_special_tokens=[t for t in special_tokens if t != "<|endoftext|>"],
+    )
+    if chat_template:
+        wrapped.chat_template = chat_template
+    return wrapped
+
+
+def _text_config_kwargs(tokenizer, hidden: int, layers: int, heads: int, kv_heads: int,
+                        intermediate: int, max_positions: int, vocab_size: int | None) -> dict:
+    return dict(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def build_tiny_causal_lm(
+    save_dir: str | os.PathLike,
+    *,
+    arch: str = "qwen2",
+    extra_tokens: Sequence[str] = ("ки", "+", "-"),
+    bos_token: str | None = None,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    max_positions: int = 2048,
+    vocab_size: int | None = None,
+    config_extra: dict | None = None,
+    seed: int = 0,
+) -> Path:
+    """A random-weight Qwen2ForCausalLM or LlamaForCausalLM with its tokenizer, saved to save_dir."""
+    tokenizer = build_tokenizer(extra_tokens, bos_token=bos_token)
+    kwargs = _text_config_kwargs(tokenizer, hidden, layers, heads, kv_heads, intermediate, max_positions, vocab_size)
+    if bos_token:
+        kwargs["bos_token_id"] = tokenizer.bos_token_id
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs, **(config_extra or {})))
+    return _save(model, tokenizer, save_dir)
+
+
+def build_tiny_qwen_prm(
+    save_dir: str | os.PathLike,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    max_positions: int = 2048,
+    seed: int = 0,
+) -> Path:
+    """A random-weight Qwen2ForProcessRewardModel laid out as the Qwen2.5-Math-PRM release."""
+    tokenizer = build_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"))
+    torch.manual_seed(seed)
+    config = Qwen2Config(**_text_config_kwargs(tokenizer, hidden, layers, heads, kv_heads, intermediate, max_positions, None))
+    model = Qwen2ForProcessRewardModel(config)
+    return _save(model, tokenizer, save_dir)
+
+
+def _save(model: torch.nn.Module, tokenizer, save_dir: str | os.PathLike) -> Path:
+    path = Path(save_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,26 @@
+"""Tiny checkpoints shared by the tests: built once per session, offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmprm_infer.tiny import build_tiny_causal_lm, build_tiny_qwen_prm
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shepherd_dir(tmp_path_factory):
+    # Llama with a BOS token, like math-shepherd's Mistral tokenizer.
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("shepherd"), arch="llama", bos_token="<s>", seed=1)
+
+
+@pytest.fixture(scope="session")
+def qwen_prm_dir(tmp_path_factory):
+    return build_tiny_qwen_prm(tmp_path_factory.mktemp("qwen_prm"), seed=2)
+
+
+@pytest.fixture(scope="session")
+def custom_dir(tmp_path_factory):
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("custom"), arch="qwen2", extra_tokens=("<step>", "+", "-"), seed=3)

@@ -1,0 +1,68 @@
+"""rerank(): aggregation, strategies and the result object on a real tiny PRM."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmprm_infer import PRM, RerankResult, aggregate, rerank
+
+Q = "What is 6 * 5?"
+CANDS = [
+    "6 * 5 = 30.\n\nThe answer is \\boxed{30}.",
+    "6 * 5 = 11.\n\nThe answer is \\boxed{11}.",
+    "Five sixes make 30.\n\nSo \\boxed{30}.",
+    "6 + 5 = 11, times nothing.\n\nThe answer is \\boxed{11}.\n\nDone.",
+]
+
+
+@pytest.fixture(scope="module")
+def prm(qwen_prm_dir):
+    return PRM.from_pretrained(qwen_prm_dir)
+
+
+@pytest.mark.parametrize("agg", ["min", "last", "mean", "prod", "max", "sum_logprob", "sum_logit", "mean_odd"])
+def test_best_of_n_picks_the_highest_aggregate(prm, agg):
+    res = rerank(Q, CANDS, prm=prm, aggregate=agg)
+    assert isinstance(res, RerankResult)
+    assert len(res.scores) == len(res.step_rewards) == len(res.answers) == len(CANDS)
+    assert [len(r) for r in res.step_rewards] == [2, 2, 2, 3]
+    assert res.scores == pytest.approx([aggregate(r, agg) for r in res.step_rewards])
+    assert res.best_index == max(range(len(CANDS)), key=lambda i: (res.scores[i], -i))
+    assert res.best == CANDS[res.best_index]
+    assert sorted(res.ranking) == list(range(len(CANDS))) and res.ranking[0] == res.best_index
+    assert res.answers == ["30", "11", "30", "11"]
+
+
+def test_weighted_vote_sums_scores_per_answer(prm):
+    res = rerank(Q, CANDS, prm=prm, strategy="weighted_vote", aggregate="mean")
+    total = {"30": res.scores[0] + res.scores[2], "11": res.scores[1] + res.scores[3]}
+    winner = max(total, key=total.get)
+    assert res.answers[res.best_index] == winner
+    same = [i for i, a in enumerate(res.answers) if a == winner]
+    assert res.best_index == max(same, key=lambda i: res.scores[i])
+
+
+def test_majority_vote_needs_no_prm():
+    res = rerank(Q, CANDS[:3], strategy="majority_vote")
+    assert res.scores is None and res.step_rewards is None
+    assert res.answers[res.best_index] == "30" and res.best_index == 0
+
+
+def test_best_of_n_without_prm_is_an_error():
+    with pytest.raises(ValueError, match="needs a PRM"):
+        rerank(Q, CANDS)
+
+
+def test_pre_split_candidates_and_reference_engine_agree(prm):
+    split = [c.split("\n\n") for c in CANDS]
+    fast = rerank(Q, split, prm=prm)
+    ref = rerank(Q, CANDS, prm=prm, engine="reference")
+    for a, b in zip(fast.step_rewards, ref.step_rewards):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert fast.best_index == ref.best_index
+
+
+def test_single_candidate(prm):
+    res = rerank(Q, ["\\boxed{30}"], prm=prm)
+    assert res.best_index == 0 and len(res.step_rewards[0]) == 1
+    assert res.to_dict()["best"] == "\\boxed{30}"

@@ -1,0 +1,1 @@
+"""PRM training: MCTS annotation, datasets, trainer."""
