@@ -1,0 +1,163 @@
+"""The fast engine: each prefix once, all suffixes packed, rewards only at markers.
+
+Per question the shared prefix (longest common token prefix of its
+candidates, cut before any reward position and so that every candidate keeps
+a suffix token) runs once through the text decoder; its per-layer K/V is kept
+once (``shared_prefix.PrefixKV``).  The candidates' suffix tokens are packed
+without padding into one batch-1 sequence, cut by a token budget, with
+position ids continuing after the prefix; every layer's attention is the
+shared-prefix kernel (see ``shared_prefix``).  Only the decoder body runs: the
+hidden rows at marker positions go to the adapter's reward head, so the LM
+head never sees the other tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.base import RewardColumns
+from ..models.adapters import ModelAdapter
+from ..kernels.step_reward import fused_step_rewards
+from .base import EncodedQuestion, Engine, check_finite
+from .shared_prefix import LAYOUT_KWARG, Group, PackedLayout, PrefixKV, shared_prefix_attention_enabled
+
+
+def shared_prefix_length(question: EncodedQuestion) -> int:
+    """Longest common prefix, ending before every reward position and leaving each candidate >= 1 token."""
+    cands = question.candidates
+    # commonprefix works on any sequences; it compares only the lexicographic min and max (fast, in C).
+    common = len(os.path.commonprefix([c.input_ids for c in cands]))
+    first_reward = min((c.reward_positions[0] for c in cands if c.reward_positions), default=common)
+    return max(0, min(common, first_reward, min(len(c.input_ids) for c in cands) - 1))
+
+
+@dataclass
+class _Item:
+    """One candidate waiting in a suffix batch."""
+
+    question: int
+    candidate: int
+    prefix: PrefixKV
+
+
+class FastEngine(Engine):
+    name = "fast"
+
+    def __init__(self, max_batch_tokens: int = 16384):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.max_batch_tokens = max_batch_tokens
+
+    @torch.inference_mode()
+    def score(self, adapter: ModelAdapter, columns: RewardColumns, questions: list[EncodedQuestion]):
+        results: list[list] = [[None] * len(q.candidates) for q in questions]
+        decoder = adapter.decoder
+        with shared_prefix_attention_enabled(decoder):
+            batch: list[_Item] = []
+            batch_tokens = 0
+            for qi, question in enumerate(questions):
+                if not question.candidates:
+                    continue
+                prefix = self._run_prefix(adapter, decoder, question)
+                for ci, cand in enumerate(question.candidates):
+                    n = len(cand.input_ids) - prefix.length
+                    # A candidate longer than the budget still runs, alone.
+                    if batch and batch_tokens + n > self.max_batch_tokens:
+                        self._run_suffixes(adapter, decoder, columns, questions, batch, results)
+                        batch, batch_tokens = [], 0
+                    batch.append(_Item(qi, ci, prefix))
+                    batch_tokens += n
+            if batch:
+                self._run_suffixes(adapter, decoder, columns, questions, batch, results)
+        return results
+
+    # --- passes ------------------------------------------------------------
+    def _embeds(self, adapter: ModelAdapter, question: EncodedQuestion, ids: list[int]) -> torch.Tensor | None:
+        """Image-merged embeddings of a whole candidate (placeholder counts must match), or None for text."""
+        if question.image_features is None:
+            return None
+        tensor = torch.tensor(ids, dtype=torch.long, device=adapter.device)
+        return adapter.merge_image_features(tensor, question.image_features)
+
+    def _forward(self, adapter, decoder, ids: list[int], embeds: torch.Tensor | None, positions: list[int],
+                 layout: PackedLayout) -> torch.Tensor:
+        device = adapter.device
+        pos = torch.tensor(positions, dtype=torch.long, device=device)[None]
+        inputs = ({"inputs_embeds": embeds[None]} if embeds is not None
+                  else {"input_ids": torch.tensor(ids, dtype=torch.long, device=device)[None]})
+        # use_cache=False: no DynamicCache copy of the K/V; the layout carries all attention state.
+        out = decoder(**inputs, position_ids=pos, use_cache=False, **{LAYOUT_KWARG: layout})
+        return out.last_hidden_state[0]
+
+    def _run_prefix(self, adapter, decoder, question: EncodedQuestion) -> PrefixKV:
+        """Run the prefix once, in budget-sized chunks that attend to the K/V stored so far."""
+        prefix = PrefixKV(shared_prefix_length(question))
+        if prefix.length == 0:
+            return prefix
+        ids = question.candidates[0].input_ids
+        embeds = self._embeds(adapter, question, ids)
+        for start in range(0, prefix.length, self.max_batch_tokens):
+            end = min(prefix.length, start + self.max_batch_tokens)
+            layout = PackedLayout([Group(0, end - start, prefix, start, [0, end - start], append=True)])
+            self._forward(adapter, decoder, ids[start:end], None if embeds is None else embeds[start:end],
+                          list(range(start, end)), layout)
+        return prefix
+
+    def _run_suffixes(self, adapter, decoder, columns, questions, batch: list[_Item], results) -> None:
+        ids: list[int] = []
+        positions: list[int] = []
+        image_rows: list[tuple[int, torch.Tensor]] = []  # (packed start, image-merged suffix embeddings)
+        markers: list[int] = []  # packed rows holding a reward position
+        cu_markers = [0]
+        groups: list[Group] = []
+        for item in batch:
+            question = questions[item.question]
+            cand = question.candidates[item.candidate]
+            p = item.prefix.length
+            if not groups or groups[-1].prefix is not item.prefix:
+                groups.append(Group(len(ids), len(ids), item.prefix, p, [0]))
+            markers.extend(len(ids) + r - p for r in cand.reward_positions)
+            cu_markers.append(len(markers))
+            full = self._embeds(adapter, question, cand.input_ids)
+            if full is not None:
+                image_rows.append((len(ids), full[p:]))
+            ids.extend(cand.input_ids[p:])
+            positions.extend(range(p, len(cand.input_ids)))
+            groups[-1].end = len(ids)
+            groups[-1].cu_seqlens.append(groups[-1].end - groups[-1].start)
+        packed_embeds = None
+        if image_rows:  # an image somewhere: the whole batch goes in as embeddings
+            packed_embeds = adapter.embed(torch.tensor(ids, dtype=torch.long, device=adapter.device))
+            for start, rows in image_rows:
+                packed_embeds[start:start + rows.shape[0]] = rows
+        hidden = self._forward(adapter, decoder, ids, packed_embeds, positions, PackedLayout(groups))
+        index = torch.tensor(markers, dtype=torch.long, device=hidden.device)
+        rows = hidden.index_select(0, index)
+        rewards = _marker_rewards(adapter, columns, hidden, index, rows, cu_markers)
+        # One device sync per batch; on failure find and name the first bad candidate.
+        if not (torch.isfinite(rows).all() and torch.isfinite(rewards).all()):
+            for item, a, b in zip(batch, cu_markers, cu_markers[1:]):
+                check_finite(rows[a:b], item.question, item.candidate)
+                check_finite(rewards[a:b], item.question, item.candidate)
+        values = rewards.tolist()
+        for item, a, b in zip(batch, cu_markers, cu_markers[1:]):
+            results[item.question][item.candidate] = values[a:b]
+
+
+_REWARD_METHODS = ("rewards_from_hidden", "reward_logit_diff", "reward_weights")
+
+
+def _marker_rewards(adapter: ModelAdapter, columns: RewardColumns, hidden: torch.Tensor, index: torch.Tensor,
+                    rows: torch.Tensor, cu_markers: list[int]) -> torch.Tensor:
+    """p_good per marker row: the fused two-row kernel for plain LM-head adapters, else the adapter's head."""
+    # Only when no reward method is overridden is the reward exactly two LM-head rows.
+    lm_head_only = all(getattr(type(adapter), m, None) is getattr(ModelAdapter, m, None) for m in _REWARD_METHODS)
+    if lm_head_only and all(b > a for a, b in zip(cu_markers, cu_markers[1:])):
+        w_diff, b_diff = adapter.reward_weights(columns)
+        # hidden is final-normed by the decoder already: no norm weight.
+        rewards, _ = fused_step_rewards(hidden, index, cu_markers, None, 0.0, w_diff, b_diff)
+        return rewards
+    return adapter.rewards_from_hidden(rows, columns).float()

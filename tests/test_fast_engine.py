@@ -1,0 +1,204 @@
+"""The fast engine equals the reference engine, independent of batching, and does only the needed work."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mmprm_infer import PRM, ScoringItem
+from mmprm_infer.engines import NonFiniteRewardError
+from mmprm_infer.engines import shared_prefix as sp
+from mmprm_infer.engines.base import EncodedQuestion
+from mmprm_infer.engines.fast import FastEngine, shared_prefix_length
+from mmprm_infer.engines.reference import ReferenceEngine
+from mmprm_infer.formats import EncodedCandidate
+from mmprm_infer.models.adapters import ModelAdapter
+
+QUESTION = "Janet's ducks lay 16 eggs per day. She eats three and bakes with four. How many are left?"
+WORDS = ("the area is 12 5 = 60 half of so we compute x + y and eggs per day sells remainder market "
+         "triangle angle 30 degrees sum two largest bars apples then multiply divide add count rows").split()
+FORMATS = {"math-shepherd": "shepherd_dir", "qwen2.5-math-prm": "qwen_prm_dir", "custom": "custom_dir"}
+
+
+def _step(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def _candidates(n: int, seed: int = 0) -> list[list[str]]:
+    """Ragged candidates: 1-5 steps; n >= 3 adds a one-step one and a duplicate, n > 3 a long-ish one."""
+    rng = random.Random(seed)
+    # Distinct first words: candidates share nothing but the question (and the format's wrapping).
+    cands = [[f"{WORDS[i % len(WORDS)]} " + _step(rng, rng.randint(1, 12))]
+             + [_step(rng, rng.randint(1, 15)) for _ in range(rng.randint(0, 4))] for i in range(n)]
+    if n >= 3:
+        cands[1] = [_step(rng, 4)]
+        cands[2] = list(cands[0])
+    if n > 3:
+        cands[-1] = [_step(rng, 30) for _ in range(8)]
+    return cands
+
+
+def _close(a, b, tol):
+    assert [len(r) for r in a] == [len(r) for r in b]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=tol)
+
+
+def _same_ranking(ref, fast, margin=1e-3):
+    """Every pair the reference separates clearly (by mean step reward) is ordered the same by fast."""
+    r = [sum(x) / len(x) for x in ref]
+    f = [sum(x) / len(x) for x in fast]
+    for i in range(len(r)):
+        for j in range(len(r)):
+            if r[i] - r[j] > margin:
+                assert f[i] > f[j], (i, j)
+
+
+@pytest.fixture(scope="module")
+def prms(request):
+    return {fmt: PRM.from_pretrained(request.getfixturevalue(d), format=fmt) for fmt, d in FORMATS.items()}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("n", [1, 3, 16])
+def test_fast_matches_reference(prms, fmt, n):
+    prm = prms[fmt]
+    cands = _candidates(n, seed=n)
+    ref = prm.score(QUESTION, cands, engine="reference")
+    fast = prm.score(QUESTION, cands, engine="fast")
+    _close(fast, ref, 1e-4)
+    _same_ranking(ref, fast)
+    if n >= 3:  # the duplicate candidate scores the same
+        _close(fast[2:3], fast[0:1], 1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["math-shepherd", "qwen2.5-math-prm"])
+def test_batch_composition_and_order_do_not_matter(prms, fmt):
+    prm = prms[fmt]
+    items = [ScoringItem(QUESTION, _candidates(5, seed=1)),
+             ScoringItem("What is the area of a 12 by 5 rectangle?", _candidates(3, seed=2)),
+             ScoringItem("Count the apples.", _candidates(4, seed=3))]
+    alone = [prm.score(it.question, it.candidates, engine="fast") for it in items]
+    together = prm.score_batch(items, engine="fast")
+    reordered = prm.score_batch(items[::-1], engine="fast")[::-1]
+    # 7 tokens: prefixes run in chunks, most batches hold one candidate, long ones exceed the budget alone.
+    tiny = prm.score_batch(items, engine=FastEngine(max_batch_tokens=7))
+    mid = prm.score_batch(items, engine=FastEngine(max_batch_tokens=60))
+    for other in (together, reordered, tiny, mid):
+        for a, b in zip(alone, other):
+            _close(b, a, 1e-5)
+    _close(together[0], prm.score(QUESTION, items[0].candidates, engine="reference"), 1e-4)
+
+
+def _lcp_prefix(question: EncodedQuestion) -> int:
+    ids = [c.input_ids for c in question.candidates]
+    p = 0
+    while all(len(x) > p + 1 and x[p] == ids[0][p] and p < c.reward_positions[0] for x, c in zip(ids, question.candidates)):
+        p += 1
+    return p
+
+
+def test_prefix_once_and_no_full_lm_head(prms, monkeypatch):
+    prm = prms["math-shepherd"]
+    cands = _candidates(16, seed=5)
+    encoded = prm.encode(QUESTION, cands)
+    p = _lcp_prefix(encoded)
+    assert p == shared_prefix_length(encoded) and p > 10
+    suffix_tokens = sum(len(c.input_ids) - p for c in encoded.candidates)
+
+    head_rows, layer_tokens, prefix_shapes = [], [], []
+    head = prm.model.get_output_embeddings()
+    decoder = prm.adapter.decoder
+    h1 = head.register_forward_pre_hook(lambda m, args: head_rows.append(args[0].shape[:-1].numel()))
+    h2 = decoder.layers[0].register_forward_pre_hook(lambda m, args: layer_tokens.append(args[0].shape[1]))
+    kernel = sp.shared_prefix_attention
+
+    def spy(q, ks, vs, kp, vp, cu, scale, **kw):
+        prefix_shapes.append(tuple(kp.shape))
+        return kernel(q, ks, vs, kp, vp, cu, scale, **kw)
+
+    monkeypatch.setattr(sp, "shared_prefix_attention", spy)
+    try:
+        prm.score(QUESTION, cands, engine="fast")
+    finally:
+        h1.remove()
+        h2.remove()
+    assert head_rows == []  # rewards read two head rows; the LM head never runs
+    assert layer_tokens == [p, suffix_tokens]  # the prefix once, then every suffix token once
+    hkv = prm.model.config.num_key_value_heads
+    d = prm.model.config.hidden_size // prm.model.config.num_attention_heads
+    layers = prm.model.config.num_hidden_layers
+    # prefix pass sees an empty prefix, the suffix pass the P-token prefix, stored once (not N times)
+    assert prefix_shapes == [(0, hkv, d)] * layers + [(p, hkv, d)] * layers
+    assert decoder.config._attn_implementation != sp.ATTN_IMPLEMENTATION  # restored
+
+
+def test_no_shared_prefix_and_whole_candidate_prefix(prms):
+    """P = 0 (first tokens differ) and a candidate equal to the common prefix still score exactly."""
+    prm = prms["custom"]
+    rng = random.Random(0)
+    tag = prm.tokenizer.convert_tokens_to_ids("<step>")
+    vocab = len(prm.tokenizer) - 10
+
+    def cand(first, steps):
+        ids, pos = [first], []
+        for n in steps:
+            ids += [rng.randrange(5, vocab) for _ in range(n)] + [tag]
+            pos.append(len(ids) - 1)
+        return EncodedCandidate(ids, pos)
+
+    no_prefix = EncodedQuestion([cand(3, [4, 2]), cand(4, [6]), cand(5, [1, 1, 3])])
+    base = cand(7, [5, 3])
+    contained = EncodedQuestion([base, EncodedCandidate(base.input_ids[:7], base.reward_positions[:1])])
+    assert shared_prefix_length(no_prefix) == 0 and shared_prefix_length(contained) == 6
+    ref = ReferenceEngine().score(prm.adapter, prm.columns, [no_prefix, contained])
+    for budget in (16384, 3):
+        fast = FastEngine(max_batch_tokens=budget).score(prm.adapter, prm.columns, [no_prefix, contained])
+        for a, b in zip(fast, ref):
+            _close(a, b, 1e-4)
+
+
+class _PlaceholderImageAdapter(ModelAdapter):
+    """Stand-in vision-language adapter: rows of token `image_id` take the image features."""
+
+    image_id = 9
+
+    def merge_image_features(self, input_ids, image_features):
+        embeds = self.embed(input_ids)
+        if image_features is None:
+            return None
+        mask = input_ids == self.image_id
+        assert int(mask.sum()) == image_features.shape[0], "placeholder count must match the features"
+        embeds = embeds.clone()
+        embeds[mask] = image_features.to(embeds.dtype)
+        return embeds
+
+
+def test_image_features_go_in_as_embeddings(prms):
+    prm = prms["custom"]
+    adapter = _PlaceholderImageAdapter(prm.model)
+    tag = prm.tokenizer.convert_tokens_to_ids("<step>")
+    prompt = [1, 2] + [adapter.image_id] * 6 + [20, 21, 22]
+    torch.manual_seed(0)
+    image = EncodedQuestion(
+        [EncodedCandidate(prompt + [30, 31, tag, 32, tag], [len(prompt) + 2, len(prompt) + 4]),
+         EncodedCandidate(prompt + [33, tag], [len(prompt) + 1])],
+        image_features=torch.randn(6, prm.model.config.hidden_size))
+    text = EncodedQuestion([EncodedCandidate([1, 40, 41, tag], [3]), EncodedCandidate([1, 42, tag], [2])])
+    ref = ReferenceEngine().score(adapter, prm.columns, [image, text])
+    fast = FastEngine().score(adapter, prm.columns, [image, text])
+    for a, b in zip(fast, ref):
+        _close(a, b, 1e-4)
+    plain = FastEngine().score(prm.adapter, prm.columns, [EncodedQuestion(image.candidates)])
+    assert abs(plain[0][0][0] - fast[0][0][0]) > 1e-6  # the features really were used
+
+
+def test_non_finite_names_question_and_candidate(shepherd_dir):
+    prm = PRM.from_pretrained(shepherd_dir, format="math-shepherd")
+    with torch.no_grad():
+        prm.model.get_output_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteRewardError, match="question 0 candidate 0"):
+        prm.score_batch([ScoringItem(QUESTION, [["2 + 3 = 5"]]), ScoringItem("x", [["y"]])], engine="fast")
+    assert prm.adapter.decoder.config._attn_implementation != sp.ATTN_IMPLEMENTATION

@@ -1,0 +1,221 @@
+"""Shared-prefix attention: every backend against the float64 reference.
+
+Triton runs compiled on CUDA, else on the CPU interpreter.  triton 3.9 builds
+triton.language when triton is first imported, so TRITON_INTERPRET=1 is set
+here before that import; if another module imported triton first, the Triton
+tests re-run this file in a subprocess instead.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+if not ON_CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from mmprm_infer.kernels import prefix_attention as pa  # noqa: E402
+
+TRITON_DEVICE = "cuda" if ON_CUDA else "cpu"
+TRITON_READY = pa.triton is not None and (ON_CUDA or pa._interpreter_active())
+needs_triton = pytest.mark.skipif(not TRITON_READY, reason="run by test_triton_in_subprocess (triton was imported before TRITON_INTERPRET=1 could be set)")
+
+# (segment lengths, P, H, Hkv, D)
+CASES = {
+    "ragged_gqa_d40": ([5, 17, 1, 30], 20, 8, 2, 40),
+    "mha_d72": ([9, 33], 50, 4, 4, 72),
+    "n1": ([37], 64, 4, 2, 64),
+    "all_s1": ([1, 1, 1], 10, 2, 1, 16),
+    "p0": ([6, 20], 0, 4, 2, 32),
+    "empty_segment_group3": ([3, 0, 11], 7, 6, 2, 24),
+    "longish": ([200, 150, 130], 300, 8, 2, 64),
+}
+
+
+def make_inputs(name, dtype=torch.float32, layout="contiguous", device="cpu"):
+    lens, p, h, hkv, d = CASES[name]
+    gen = torch.Generator().manual_seed(sorted(CASES).index(name) + 1000 * (dtype == torch.bfloat16))
+    t = sum(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    if layout == "contiguous":
+        q = torch.randn(t, h, d, generator=gen)
+        ks, vs = torch.randn(2, t, hkv, d, generator=gen).unbind(0)
+    elif layout == "head_major":  # [H, T, D] attention inputs seen as [T, H, D], as transformers passes them
+        q = torch.randn(h, t, d, generator=gen).transpose(0, 1)
+        ks, vs = torch.randn(2, hkv, t, d, generator=gen).transpose(1, 2).unbind(0)
+    else:  # "qkv_slices": views into one fused qkv projection
+        qkv = torch.randn(t, (h + 2 * hkv) * d, generator=gen)
+        q = qkv[:, : h * d].view(t, h, d)
+        ks = qkv[:, h * d : (h + hkv) * d].view(t, hkv, d)
+        vs = qkv[:, (h + hkv) * d :].view(t, hkv, d)
+    kp, vp = torch.randn(2, p, hkv, d, generator=gen).unbind(0)
+    tensors = [x.to(device=device, dtype=dtype) for x in (q, ks, vs, kp, vp)]
+    return (*tensors, cu.to(device), d**-0.5)
+
+
+def assert_close_rel(actual, expected, rel):
+    """Elementwise closeness relative to the tensor's magnitude (outputs cross zero)."""
+    expected = expected.double()
+    scale = expected.abs().max().clamp_min(1e-30).item()
+    torch.testing.assert_close(actual.double(), expected, rtol=rel, atol=rel * scale)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Outputs start as NaN so any element a kernel forgets to write fails the comparison."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+
+    monkeypatch.setattr(pa, "_empty", nan_empty)
+
+
+def _device(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def _attend(backend, *args):
+    return pa.shared_prefix_attention(*args, backend=backend)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_matches_reference(name, poison):
+    args = make_inputs(name)
+    ref = _attend("reference", *args)
+    out = _attend("torch", *args)
+    assert out.dtype == torch.float32 and out.shape == args[0].shape
+    assert_close_rel(out, ref, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["ragged_gqa_d40", "mha_d72", "p0"])
+def test_torch_matmul_fallback_matches_reference(name, poison, monkeypatch):
+    # the path taken where ATen has no CPU flash kernel
+    monkeypatch.setattr(pa, "_cpu_flash_op", lambda: None)
+    monkeypatch.setattr(pa, "_PREFIX_SCORE_BUDGET", 256)  # several prefix chunks
+    args = make_inputs(name)
+    assert_close_rel(_attend("torch", *args), _attend("reference", *args), 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_matches_reference(name, poison, monkeypatch):
+    if name == "longish" and not ON_CUDA:  # the interpreter pays per program: fewer, taller tiles
+        monkeypatch.setattr(pa, "BLOCK_M", 128)
+    args = make_inputs(name, device=TRITON_DEVICE)
+    out = _attend("triton", *args)
+    assert out.dtype == torch.float32
+    assert_close_rel(out, _attend("reference", *args), 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_m, block_n", [(16, 32), (128, 16)])
+def test_triton_tile_shapes(block_m, block_n, poison, monkeypatch):
+    # tiles smaller and larger than segments, and BLOCK_M not a multiple of G = 3
+    monkeypatch.setattr(pa, "BLOCK_M", block_m)
+    monkeypatch.setattr(pa, "BLOCK_N", block_n)
+    for name in ("ragged_gqa_d40", "empty_segment_group3"):
+        args = make_inputs(name, device=TRITON_DEVICE)
+        assert_close_rel(_attend("triton", *args), _attend("reference", *args), 1e-5)
+
+
+@pytest.mark.parametrize("layout", ["qkv_slices", "head_major"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_noncontiguous_views(backend, layout, poison):
+    args = make_inputs("ragged_gqa_d40", layout=layout, device=_device(backend))
+    assert not args[0].is_contiguous()
+    assert_close_rel(_attend(backend, *args), _attend("reference", *args), 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("name", ["ragged_gqa_d40", "p0", "all_s1"])
+def test_partials_and_merge(name, backend, poison):
+    q, ks, vs, kp, vp, cu, scale = make_inputs(name, device=_device(backend))
+    pre_ref = pa.prefix_partial(q, kp, vp, scale, backend="reference")
+    suf_ref = pa.suffix_partial(q, ks, vs, cu, scale, backend="reference")
+    pre = pa.prefix_partial(q, kp, vp, scale, backend=backend)
+    suf = pa.suffix_partial(q, ks, vs, cu, scale, backend=backend)
+    for got, want in zip((*pre, *suf), (*pre_ref, *suf_ref)):
+        assert got.dtype == torch.float32
+        if torch.isinf(want).all():  # P = 0: lse is -inf everywhere
+            assert torch.equal(got, want)
+        else:
+            assert_close_rel(got, want, 1e-5)
+    merged = pa.merge_partials(*pre, *suf, backend=backend)
+    assert_close_rel(merged, _attend("reference", q, ks, vs, kp, vp, cu, scale), 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
+def test_merge_handles_missing_keys(backend, poison):
+    gen = torch.Generator().manual_seed(7)
+    out1, out2 = torch.randn(2, 3, 2, 20, generator=gen).unbind(0)
+    lse1 = torch.tensor([[-math.inf, 0.5], [-math.inf, 1.0], [2.0, -3.0]])
+    lse2 = torch.tensor([[-math.inf, -math.inf], [0.3, 1.0], [2.0, 40.0]])
+    dev = _device(backend)
+    got = pa.merge_partials(out1.to(dev), lse1.to(dev), out2.to(dev), lse2.to(dev), backend=backend).cpu()
+    assert torch.equal(got[0, 0], torch.zeros(20))  # no keys on either side
+    torch.testing.assert_close(got[0, 1], out1[0, 1])  # only the first partial has keys
+    torch.testing.assert_close(got[1, 0], out2[1, 0])
+    torch.testing.assert_close(got[1, 1], (out1[1, 1] + out2[1, 1]) / 2)
+    torch.testing.assert_close(got[2, 0], (out1[2, 0] + out2[2, 0]) / 2)
+    torch.testing.assert_close(got[2, 1], out2[2, 1])  # weight e^-43 is below fp32 resolution
+
+
+@pytest.mark.parametrize("name", ["ragged_gqa_d40", "mha_d72", "p0"])
+def test_torch_bf16_inputs(name, poison):
+    args = make_inputs(name, dtype=torch.bfloat16)
+    out = _attend("torch", *args)
+    assert out.dtype == torch.bfloat16
+    assert_close_rel(out, _attend("reference", *args), 2e-2)
+
+
+def test_cu_seqlens_as_list_and_int64(poison):
+    q, ks, vs, kp, vp, cu, scale = make_inputs("ragged_gqa_d40")
+    ref = _attend("torch", q, ks, vs, kp, vp, cu, scale)
+    for cu_alt in (cu.tolist(), cu.long()):
+        assert torch.equal(_attend("torch", q, ks, vs, kp, vp, cu_alt, scale), ref)
+
+
+def test_auto_on_cpu_is_torch():
+    args = make_inputs("n1")
+    assert torch.equal(_attend("auto", *args), _attend("torch", *args))
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: {**a, "q": a["q"][:, :, :-1]}, "head dim"),
+        (lambda a: {**a, "k_suffix": a["k_suffix"][:, :1].repeat(1, 3, 1), "v_suffix": a["v_suffix"][:, :1].repeat(1, 3, 1)}, "multiple of kv heads"),
+        (lambda a: {**a, "v_suffix": a["v_suffix"][:-1]}, "equal shapes"),
+        (lambda a: {**a, "k_suffix": a["k_suffix"][:-1], "v_suffix": a["v_suffix"][:-1]}, "k_suffix has"),
+        (lambda a: {**a, "cu_seqlens": a["cu_seqlens"] + 1}, "start at 0"),
+        (lambda a: {**a, "cu_seqlens": a["cu_seqlens"][:-1]}, "must equal the number of packed"),
+        (lambda a: {**a, "cu_seqlens": torch.tensor([0, 30, 20, 53])}, "non-decreasing"),
+        (lambda a: {**a, "k_prefix": a["k_prefix"].double(), "v_prefix": a["v_prefix"].double()}, "one floating dtype"),
+        (lambda a: {**a, "backend": "cuda"}, "unknown backend"),
+    ],
+)
+def test_bad_arguments_raise(mutate, message):
+    q, ks, vs, kp, vp, cu, scale = make_inputs("ragged_gqa_d40")
+    args = dict(q=q, k_suffix=ks, v_suffix=vs, k_prefix=kp, v_prefix=vp, cu_seqlens=cu, scale=scale)
+    with pytest.raises(ValueError, match=message):
+        pa.shared_prefix_attention(**mutate(args))
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(pa, "_interpreter_active", lambda: False)
+    args = make_inputs("n1")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        _attend("triton", *args)
+
+
+@pytest.mark.skipif(TRITON_READY or pa.triton is None, reason="Triton tests ran in this process")
+def test_triton_in_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # --noconftest: the shared conftest imports transformers (and with it triton) first
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__, "-k", "triton"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
