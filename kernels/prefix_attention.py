@@ -26,15 +26,8 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch paths still work on installs without triton
-
-    triton = None
-
-    class tl:  # noqa: N801 - stands in for the annotations below only
-        constexpr = None
+from . import triton_runtime
+from .triton_runtime import check_triton_usable, tl, triton
 
 
 BACKENDS = ("auto", "triton", "torch", "reference", "flash_attn")
@@ -109,13 +102,6 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
 
 
-def _interpreter_active() -> bool:
-    """True when Triton runs on the CPU interpreter.  triton 3.9 builds triton.language
-    at import, so TRITON_INTERPRET=1 must be set before triton is first imported."""
-    return (
-        triton is not None and bool(triton.knobs.runtime.interpret)
-        and type(tl.zeros).__name__ == "InterpretedFunction"
-    )
 
 
 def _flash_attn_func():
@@ -142,13 +128,7 @@ def _resolve(backend: str, device: torch.device, q: torch.Tensor | None = None) 
             return "flash_attn" if q is not None and _flash_attn_usable(q) else "triton"
         return "torch"
     if backend == "triton":
-        if triton is None:
-            raise ValueError("backend='triton' needs the triton package; use backend='torch'")
-        if device.type != "cuda" and not _interpreter_active():
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got {device}) or the Triton CPU interpreter "
-                "(TRITON_INTERPRET=1 set before triton is first imported); use backend='torch' on CPU"
-            )
+        check_triton_usable(device)
     if backend == "flash_attn" and (q is None or not _flash_attn_usable(q)):
         raise ValueError(
             "backend='flash_attn' needs flash_attn installed, CUDA tensors in fp16/bf16 and D <= 256; "
@@ -520,7 +500,7 @@ def _block_d(d: int) -> int:
 
 def _upcast(x: torch.Tensor) -> bool:
     # fp32 inputs need IEEE dots (TF32 misses 1e-5); the interpreter gets bf16 arithmetic wrong
-    return x.dtype not in (torch.float16, torch.bfloat16) or _interpreter_active()
+    return x.dtype not in (torch.float16, torch.bfloat16) or triton_runtime.interpreter_active()
 
 
 def _tiles(d: int, upcast: bool) -> dict:

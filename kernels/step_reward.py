@@ -11,8 +11,9 @@ are then reduced to one score by a named aggregation.
 
 Each aggregation is data: a per-step transform of p and a reduction.  The
 transform and reduction run in float64 on the fp32 rewards, so scores match
-a Python-float evaluation of the same definitions.  p is clamped to
-[1e-12, 1 - 1e-12] only where a log is taken.
+a Python-float evaluation of the same definitions.  The definitions are
+``mmprm_infer.aggregation``'s table (p clamped into [1e-12, 1 - 1e-12] for
+log, logit and odds; see there), so kernels and the list version cannot drift apart.
 
 Backends: "reference" (plain loops, float64), "torch" (index_select +
 vectorized norm/dot + scatter_reduce), "triton" (a marker kernel and a
@@ -23,32 +24,16 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch paths still work on installs without triton
+from ..aggregation import AGGREGATIONS as _AGG_TABLE
+from ..aggregation import ALIASES, LOG_EPS, REDUCTIONS, TRANSFORMS
 
-    triton = None
-
-    class tl:  # noqa: N801 - stands in for the annotations below only
-        constexpr = None
+from . import triton_runtime
+from .triton_runtime import check_triton_usable, tl, triton
 
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-LOG_EPS = 1e-12
-
-# name -> (transform of p, reduction over a candidate's steps)
-AGGREGATIONS: dict[str, tuple[str, str]] = {
-    "min": ("p", "min"),
-    "max": ("p", "max"),
-    "mean": ("p", "mean"),
-    "last": ("p", "last"),
-    "prod": ("p", "prod"),
-    "sum_logprob": ("log", "sum"),
-    "sum_logit": ("logit", "sum"),
-    "mean_odd": ("odds", "mean"),
-}
-ALIASES = {"average": "mean", "avg": "mean", "product": "prod", "sum_logodds": "sum_logit"}
+# name -> (transform of p, reduction over a candidate's steps), from the one table
+AGGREGATIONS: dict[str, tuple[str, str]] = {name: (a.transform, a.reduce) for name, a in _AGG_TABLE.items()}
 # integer codes the Triton kernel is specialized on
 _TRANSFORM_CODE = {"p": 0, "log": 1, "logit": 2, "odds": 3}
 _REDUCE_CODE = {"min": 0, "max": 1, "sum": 2, "mean": 3, "last": 4, "prod": 5}
@@ -118,13 +103,6 @@ def _check_weights(hidden, norm_weight, w_diff, positions) -> None:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; move it to {hidden.device}")
 
 
-def _interpreter_active() -> bool:
-    """True when Triton runs on the CPU interpreter.  triton 3.9 builds triton.language
-    at import, so TRITON_INTERPRET=1 must be set before triton is first imported."""
-    return (
-        triton is not None and bool(triton.knobs.runtime.interpret)
-        and type(tl.zeros).__name__ == "InterpretedFunction"
-    )
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -132,43 +110,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton is not None else "torch"
-    if backend == "triton" and (triton is None or (device.type != "cuda" and not _interpreter_active())):
-        raise ValueError(
-            f"backend='triton' needs the triton package and CUDA tensors (got {device}) "
-            "or the Triton CPU interpreter (TRITON_INTERPRET=1 set before triton is first imported); "
-            "use backend='torch' on CPU"
-        )
+    if backend == "triton":
+        check_triton_usable(device)
     return backend
 
 
 # --------------------------------------------------------------------------
 # reference: one marker and one candidate at a time, Python floats
 # --------------------------------------------------------------------------
-
-
-def _clamp(p: float) -> float:
-    return min(max(p, LOG_EPS), 1.0 - LOG_EPS)
-
-
-_TRANSFORMS_PY = {
-    "p": lambda p: p,
-    "log": lambda p: math.log(_clamp(p)),
-    "logit": lambda p: math.log(_clamp(p) / (1.0 - _clamp(p))),
-    "odds": lambda p: p / (1.0 - p) if p < 1.0 else math.inf,
-}
-
-
-def _reduce_py(reduce: str, values: list[float]) -> float:
-    if reduce == "min":
-        return min(values)
-    if reduce == "max":
-        return max(values)
-    if reduce == "last":
-        return values[-1]
-    if reduce == "prod":
-        return math.prod(values)
-    total = math.fsum(values)
-    return total / len(values) if reduce == "mean" else total
 
 
 def _rewards_reference(hidden, positions, norm_weight, eps, w_diff, b_diff):
@@ -187,7 +136,7 @@ def _aggregate_reference(rewards, cu: list[int], aggregation: str):
     values = [float(p) for p in rewards.tolist()]
     scores = _empty((len(cu) - 1,), torch.float32, rewards.device)
     for n, (a, b) in enumerate(zip(cu, cu[1:])):
-        scores[n] = _reduce_py(reduce, [_TRANSFORMS_PY[transform](p) for p in values[a:b]])
+        scores[n] = REDUCTIONS[reduce]([TRANSFORMS[transform](p) for p in values[a:b]])
     return scores
 
 
@@ -206,10 +155,10 @@ def _rewards_torch(hidden, positions, norm_weight, eps, w_diff, b_diff):
 def _transform_torch(p: torch.Tensor, transform: str) -> torch.Tensor:
     if transform == "p":
         return p
-    if transform == "odds":
-        return p / (1.0 - p)
+    if transform == "log":
+        return torch.log(p.clamp_min(LOG_EPS))
     c = p.clamp(LOG_EPS, 1.0 - LOG_EPS)
-    return torch.log(c) if transform == "log" else torch.log(c / (1.0 - c))
+    return c / (1.0 - c) if transform == "odds" else torch.log(c / (1.0 - c))
 
 
 _SCATTER_REDUCE = {"min": "amin", "max": "amax", "sum": "sum", "mean": "mean", "prod": "prod"}
@@ -281,12 +230,13 @@ def _segment_aggregate_kernel(R, Cu, Scores, TRANSFORM: tl.constexpr, REDUCE: tl
         if TRANSFORM == 0:
             v = p
         elif TRANSFORM == 1:
-            v = tl.log(tl.minimum(tl.maximum(p, lo), hi))
+            v = tl.log(tl.maximum(p, lo))
         elif TRANSFORM == 2:
             c = tl.minimum(tl.maximum(p, lo), hi)
             v = tl.log(c / (one - c))
         else:
-            v = p / (one - p)
+            c = tl.minimum(tl.maximum(p, lo), hi)
+            v = c / (one - c)
         if REDUCE == 0:
             acc = tl.minimum(acc, v)
         elif REDUCE == 1:

@@ -12,14 +12,15 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-# Where a log is taken, p is clamped so a reward of exactly 0 or 1 gives a
-# large finite score instead of -inf/inf (which would make ties of all bad
+# p is clamped to >= LOG_EPS for log, and into [LOG_EPS, 1 - LOG_EPS] for
+# logit and odds, so a reward of exactly 0 or 1 gives a large finite score
+# instead of -inf/inf (which would make ties of all bad, or all perfect,
 # candidates).
 LOG_EPS = 1e-12
 
 TRANSFORMS: dict[str, Callable[[float], float]] = {
     "p": lambda p: p,
-    "log": lambda p: math.log(min(max(p, LOG_EPS), 1.0)),
+    "log": lambda p: math.log(max(p, LOG_EPS)),
     "logit": lambda p: math.log(_clamp(p) / (1.0 - _clamp(p))),
     "odds": lambda p: _clamp(p) / (1.0 - _clamp(p)),
 }
@@ -30,6 +31,7 @@ REDUCTIONS: dict[str, Callable[[Sequence[float]], float]] = {
     "sum": math.fsum,
     "mean": lambda xs: math.fsum(xs) / len(xs),
     "last": lambda xs: xs[-1],
+    "prod": math.prod,
 }
 
 
@@ -42,7 +44,6 @@ class Aggregation:
     name: str
     transform: str  # key of TRANSFORMS
     reduce: str  # key of REDUCTIONS
-    exp_after: bool = False  # prod = exp(sum(log p)), kept exact in log space
     doc: str = ""
 
     def __call__(self, step_rewards: Sequence[float]) -> float:
@@ -52,8 +53,7 @@ class Aggregation:
                 "every candidate needs at least one step"
             )
         values = [TRANSFORMS[self.transform](float(p)) for p in step_rewards]
-        out = REDUCTIONS[self.reduce](values)
-        return math.exp(out) if self.exp_after else out
+        return REDUCTIONS[self.reduce](values)
 
 
 AGGREGATIONS: dict[str, Aggregation] = {}
@@ -72,7 +72,7 @@ for _agg in (
     Aggregation("last", "p", "last", doc="reward of the final step"),
     Aggregation("mean", "p", "mean", doc="average step reward"),
     Aggregation("max", "p", "max", doc="strongest step"),
-    Aggregation("prod", "log", "sum", exp_after=True, doc="product of step rewards"),
+    Aggregation("prod", "p", "prod", doc="product of step rewards"),
     Aggregation("sum_logprob", "log", "sum", doc="sum of log p"),
     Aggregation("sum_logit", "logit", "sum", doc="sum of log(p / (1 - p))"),
     Aggregation("mean_odd", "odds", "mean", doc="mean of the odds p / (1 - p)"),

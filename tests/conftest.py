@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton picks compiled vs interpreted at its first import (which transformers
+# triggers): without CUDA, the kernels are tested on the CPU interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mmprm_infer.tiny import build_tiny_causal_lm, build_tiny_qwen_prm
 
