@@ -90,8 +90,9 @@ def _process(batch, prm: PRM, args) -> list[dict | RecordError]:
 
 
 def run_jsonl(args) -> int:
+    options = {"max_tiles": args.max_tiles} if args.max_tiles is not None else {}
     prm = PRM.from_pretrained(args.prm, format=args.format, device=args.device, dtype=args.dtype,
-                              engine=args.engine) if args.prm else None
+                              engine=args.engine, **options) if args.prm else None
     in_path = Path(args.input)
     if not in_path.is_file():
         raise SystemExit(f"mmprm: input file {in_path} does not exist")
@@ -154,11 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU)")
         p.add_argument("--batch-questions", type=int, default=8, help="questions scored per engine call")
+        p.add_argument("--max-tiles", type=int, default=None,
+                       help="InternVL formats: dynamic-tiling budget per image (default: the format's)")
         p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                        help="a bad record stops the run (fail) or becomes an error record (skip)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "rerank":
             p.add_argument("--strategy", default="best_of_n", choices=("best_of_n", "weighted_vote", "majority_vote"))
+    conv = sub.add_parser("convert-internvl", help="convert a published InternVL checkpoint (MM-PRM, VisualPRM: "
+                          "InternVLChatModel) to the transformers-native layout, loadable without remote code")
+    conv.add_argument("src", help="folder of the published checkpoint (config.json with InternVLChatModel)")
+    conv.add_argument("dst", help="output folder")
+    conv.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: keep the stored dtype)")
+    conv.add_argument("--format", choices=sorted(FORMATS), help="PRM format to record (default: detected)")
+    conv.add_argument("--trust-remote-code", action="store_true",
+                      help="load the checkpoint's own tokenizer code to convert it / check the converted one")
+    conv.add_argument("--tokenizer-json", default=None, help="take the vocabulary from this tokenizer.json")
+    conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     demo = sub.add_parser("demo", help="build a tiny PRM offline and rerank an example (the built-in default job)")
     demo.add_argument("--workdir", default="runs/demo")
     return parser
@@ -170,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rerank" and args.prm is None and args.strategy != "majority_vote":
             raise SystemExit("mmprm rerank: --prm is required unless --strategy majority_vote")
         return run_jsonl(args)
+    if args.command == "convert-internvl":
+        from .models.convert_internvl import ConversionError, convert_internvl
+
+        try:
+            convert_internvl(args.src, args.dst, dtype=args.dtype, format=args.format,
+                             trust_remote_code=args.trust_remote_code, tokenizer_json=args.tokenizer_json,
+                             overwrite=args.overwrite)
+        except ConversionError as exc:
+            raise SystemExit(f"mmprm convert-internvl: {exc}") from None
+        return 0
     if args.command == "demo":
         from .demo import run_demo
 

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, InternVLForConditionalGeneration
 
-from .formats import FORMATS, MODEL_CAUSAL_LM, MODEL_QWEN2_PRM
+from .formats import FORMATS, MODEL_CAUSAL_LM, MODEL_INTERNVL, MODEL_QWEN2_PRM
+from .formats.internvl_base import detect_internvl_format
+from .models import internvl as _internvl  # noqa: F401  (registers the InternVL adapter)
 from .models.qwen2_prm import Qwen2ForProcessRewardModel
 
 FORMAT_KEY = "mmprm_format"
@@ -29,6 +31,7 @@ FORMAT_DETECTORS: list[Callable[[dict, object], str | None]] = []
 MODEL_LOADERS: dict[str, Callable[[str, torch.dtype], torch.nn.Module]] = {
     MODEL_CAUSAL_LM: lambda path, dtype: AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
     MODEL_QWEN2_PRM: lambda path, dtype: Qwen2ForProcessRewardModel.from_pretrained(path, dtype=dtype),
+    MODEL_INTERNVL: lambda path, dtype: InternVLForConditionalGeneration.from_pretrained(path, dtype=dtype),
 }
 
 
@@ -53,6 +56,7 @@ def _detect_from_config(config: dict, tokenizer) -> str | None:
 
 
 FORMAT_DETECTORS.append(_detect_from_config)
+FORMAT_DETECTORS.append(detect_internvl_format)
 
 
 def detect_format(config: dict, tokenizer) -> str | None:
@@ -76,10 +80,18 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def load_checkpoint(path: str | os.PathLike, format: str | None, dtype, device):
-    """Load (model, tokenizer, format name, format options) from a local directory."""
+def load_checkpoint(path: str | os.PathLike, format: str | None, dtype, device, format_options: dict | None = None):
+    """Load (model, tokenizer, format name, format options) from a local directory.
+
+    ``format_options`` (the caller's) take part in choosing the model class, e.g.
+    ``custom`` with ``model_kind="internvl"``."""
     path = str(path)
     config = read_config(path)
+    if "InternVLChatModel" in (config.get("architectures") or []):
+        raise ValueError(
+            f"{path} is in InternVL's own published layout (InternVLChatModel, remote code); convert it "
+            f"once with `mmprm convert-internvl {path} DST` and load DST"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     name = format or detect_format(config, tokenizer)
     if name is None:
@@ -90,7 +102,10 @@ def load_checkpoint(path: str | os.PathLike, format: str | None, dtype, device):
     if name not in FORMATS:
         raise ValueError(f"unknown PRM format {name!r}; choose one of {sorted(FORMATS)}")
     options = (config.get(FORMAT_OPTIONS_KEY) or {}) if config.get(FORMAT_KEY) == name else {}
-    kind = FORMATS[name](**options).model_kind
+    try:
+        kind = FORMATS[name](**{**options, **(format_options or {})}).model_kind
+    except TypeError as exc:
+        raise ValueError(f"bad options for format {name!r}: {exc}") from None
     device = torch.device(device)
     model = MODEL_LOADERS[kind](path, resolve_dtype(dtype, device))
     model.to(device).eval()

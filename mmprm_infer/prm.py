@@ -49,7 +49,7 @@ class PRM:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, format: str | None = None, device="cpu", dtype=None,
                         engine: str | None = None, **format_options) -> "PRM":
-        model, tokenizer, name, saved_options = load_checkpoint(path, format, dtype, device)
+        model, tokenizer, name, saved_options = load_checkpoint(path, format, dtype, device, format_options)
         return cls(model, tokenizer, name, engine=engine, **{**saved_options, **format_options})
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

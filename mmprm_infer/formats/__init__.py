@@ -15,7 +15,9 @@ from .base import (
 )
 from .custom import CustomFormat
 from .math_shepherd import MathShepherdFormat
+from .mm_prm import MMPRMFormat
 from .qwen_math_prm import QwenMathPRMFormat
+from .visualprm import VisualPRMFormat
 
 FORMATS: dict[str, Callable[..., PRMFormat]] = {}
 
@@ -27,6 +29,8 @@ def register_format(name: str, factory: Callable[..., PRMFormat]) -> None:
 register_format("math-shepherd", MathShepherdFormat)
 register_format("qwen2.5-math-prm", QwenMathPRMFormat)
 register_format("custom", CustomFormat)
+register_format("mm-prm", MMPRMFormat)
+register_format("visualprm", VisualPRMFormat)
 
 
 def get_format(fmt: str | PRMFormat, **options) -> PRMFormat:
@@ -46,5 +50,5 @@ def get_format(fmt: str | PRMFormat, **options) -> PRMFormat:
 __all__ = [
     "FORMATS", "get_format", "register_format", "PRMFormat", "EncodedCandidate", "RewardColumns",
     "FormatError", "MODEL_CAUSAL_LM", "MODEL_QWEN2_PRM", "MODEL_INTERNVL",
-    "CustomFormat", "MathShepherdFormat", "QwenMathPRMFormat",
+    "CustomFormat", "MathShepherdFormat", "QwenMathPRMFormat", "MMPRMFormat", "VisualPRMFormat",
 ]

@@ -1,4 +1,9 @@
-"""custom: any causal LM with a user-given step tag and good/bad token pair."""
+"""custom: any causal LM with a user-given step tag and good/bad token pair.
+
+With ``model_kind="internvl"`` the same format runs on an InternVL model and
+takes images (placed where ``prompt_template`` says ``{images}``), so other
+vision-language PRMs with a tag/token pair use the library unchanged.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .base import (
+    MODEL_CAUSAL_LM,
+    MODEL_INTERNVL,
     EncodedCandidate,
     FormatError,
     PRMFormat,
@@ -16,15 +23,18 @@ from .base import (
     single_token_id,
     split_on_blank_lines,
 )
+from .internvl_base import InternVLImages
 
 
 @dataclass
-class CustomFormat(PRMFormat):
+class CustomFormat(InternVLImages, PRMFormat):
     """Text = prompt_template + step_separator.join(step + step_tag).
 
     ``prompt_template`` may use ``{question}`` and ``{images}`` (the image
     placeholders, for vision-language PRMs).  Reward tokens may be given as
-    strings (each must be one token) or as ids.
+    strings (each must be one token) or as ids.  ``model_kind="internvl"``
+    loads and runs the checkpoint as an InternVL model and accepts images
+    (``max_tiles`` per image, default 6).
     """
 
     step_tag: str = "<step>"
@@ -34,8 +44,20 @@ class CustomFormat(PRMFormat):
     step_separator: str = "\n"
     add_special_tokens: bool = True
     split_on: str | None = None  # None: blank lines
+    model_kind: str = MODEL_CAUSAL_LM
+    max_tiles: int | None = None
 
     name = "custom"
+
+    def __post_init__(self) -> None:
+        if self.model_kind not in (MODEL_CAUSAL_LM, MODEL_INTERNVL):
+            raise ValueError(
+                f"format 'custom': model_kind must be {MODEL_CAUSAL_LM!r} or {MODEL_INTERNVL!r}, got {self.model_kind!r}"
+            )
+
+    @property
+    def supports_images(self) -> bool:
+        return self.model_kind == MODEL_INTERNVL
 
     def split_steps(self, solution: str) -> list[str]:
         if self.split_on is None:
@@ -54,6 +76,8 @@ class CustomFormat(PRMFormat):
     def check_tokenizer(self, tokenizer) -> None:
         self.reward_columns(tokenizer)
         single_token_id(tokenizer, self.step_tag, "step tag", self.name)
+        if self.model_kind == MODEL_INTERNVL:
+            self.check_image_tokens(tokenizer)
 
     def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
         if image_tokens and "{images}" not in self.prompt_template:

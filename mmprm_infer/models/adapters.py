@@ -70,10 +70,17 @@ class ModelAdapter:
         b_diff = float(bias[columns.good] - bias[columns.bad]) if bias is not None else 0.0
         return w_diff, b_diff
 
+    def reward_logit_diff(self, hidden: torch.Tensor, columns: RewardColumns) -> torch.Tensor:
+        """logit_good - logit_bad for final-normed hidden rows [M, d]; differentiable (the trainer's loss)."""
+        head = self.model.get_output_embeddings()
+        w_diff = head.weight[columns.good] - head.weight[columns.bad]
+        bias = getattr(head, "bias", None)
+        b_diff = (bias[columns.good] - bias[columns.bad]).float() if bias is not None else 0.0
+        return hidden.float() @ w_diff.float() + b_diff
+
     def rewards_from_hidden(self, hidden: torch.Tensor, columns: RewardColumns) -> torch.Tensor:
         """p_good for final-normed hidden rows [M, d], reading only two head rows."""
-        w_diff, b_diff = self.reward_weights(columns)
-        return torch.sigmoid(hidden.float() @ w_diff.float() + b_diff)
+        return torch.sigmoid(self.reward_logit_diff(hidden, columns))
 
     # --- full forward (reference) -------------------------------------
     def full_logits(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,10 +102,13 @@ class Qwen2PRMAdapter(ModelAdapter):
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.score(hidden)
 
-    def rewards_from_hidden(self, hidden: torch.Tensor, columns: RewardColumns) -> torch.Tensor:
+    def reward_logit_diff(self, hidden: torch.Tensor, columns: RewardColumns) -> torch.Tensor:
         # The head is a small MLP: run it only on the marker rows.
         logits = self.model.score(hidden).float()
-        return torch.sigmoid(logits[:, columns.good] - logits[:, columns.bad])
+        return logits[:, columns.good] - logits[:, columns.bad]
+
+    def rewards_from_hidden(self, hidden: torch.Tensor, columns: RewardColumns) -> torch.Tensor:
+        return torch.sigmoid(self.reward_logit_diff(hidden, columns))
 
     def reward_weights(self, columns: RewardColumns):
         raise NotImplementedError("the qwen2.5-math-prm head is an MLP, not two LM-head rows")

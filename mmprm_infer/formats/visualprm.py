@@ -1,0 +1,131 @@
+"""visualprm: VisualPRM-8B (InternVL2.5-8B based), one chat turn per step, P("+").
+
+Reproduces ``InternVLRewardModel.generate_steps_with_soft_score_v2`` of the
+VisualPRM release (its remote ``modeling_internvl_chat.py``; the
+``select_best_response(..., max_steps=12, version='soft_v2')`` path used for
+Best-of-N and VisualProcessBench), with the training layout of InternVL's
+``tools/reasoning_data_pipeline/visualprm_data_pipeline_postprocess.py``:
+
+- steps: ``response.split('\\n\\n')``, then merged in runs of
+  ``ceil(len / max_steps)`` consecutive pieces re-joined with ``'\\n\\n'``
+  (``split_response``, max_steps=12 as in its data pipeline and evaluation);
+- with an image and no ``<image>`` in the question:
+  ``question = '<image>\\n' + question`` (the release asserts one
+  placeholder per image);
+- template ``internvl2_5`` with the model's system message (its config's
+  ``system_message``; the training data's ``PRM_SYSTEM_PROMPT``); turn k:
+  user = ``f'### Question:\\n{question}\\n\\n### Solution Process:\\n{step}'``
+  for the first step, the raw step after; assistant = ``'+'`` (the placeholder);
+- ``tokenizer(query)``; the reward of step k is read where the k-th
+  ``<|im_start|>assistant\\n+<|im_end|>\\n`` token run starts, at its
+  header's last token (``find_placeholder_idx``): that position predicts the
+  assistant's answer; reward = softmax(logits[pos][[+, -]])[0]
+  (``str2score = {'+': 1, '-': 0}``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from .base import (
+    MODEL_INTERNVL,
+    EncodedCandidate,
+    FormatError,
+    PRMFormat,
+    RewardColumns,
+    check_steps,
+    single_token_id,
+)
+from .internvl_base import IM_END, IM_START, InternVLImages, find_subsequence_positions, place_images, render_internvl25
+
+# InternVL internvl_chat/tools/reasoning_data_pipeline/utils/constants.py
+VISUALPRM_SYSTEM_PROMPT = """
+You are an advanced AI assistant, designed to serve as a process supervision model. In this task, I will provide a problem statement followed by the first step of the solution process. For each subsequent turn, I will give you a new step in the solution. Your role is to assess whether the solution process is correct up to the current step.
+
+- In the **first round**, I will input the problem and the first step of the solution process.
+- In **each subsequent round**, I will provide the next step in the solution.
+
+For each step, you should:
+
+- Respond with **"+"** if you believe the solution process is correct up to this step.
+- Respond with **"-"** if you detect any issues or errors in the process up to this step.
+
+Please note:
+- Only respond with **"+"** or **"-"**. Do not provide any additional explanations, comments, or justifications.
+
+Your task is to verify the accuracy and correctness of each step in the given solution process.
+""".strip()
+
+
+def split_response(response: str, sep: str = "\n\n", max_steps: int | None = None) -> list[str]:
+    """VisualPRM's step split: on ``sep``, then at most ``max_steps`` evenly merged runs."""
+    steps = response.split(sep)
+    if max_steps is None:
+        return steps
+    run = math.ceil(len(steps) / max_steps)
+    return [sep.join(steps[i:i + run]) for i in range(0, len(steps), run)]
+
+
+@dataclass
+class VisualPRMFormat(InternVLImages, PRMFormat):
+    good_token: str = "+"
+    bad_token: str = "-"
+    placeholder: str = "+"
+    system_prompt: str = VISUALPRM_SYSTEM_PROMPT
+    max_steps: int | None = 12
+    max_tiles: int | None = 12  # InternVL's load_image default (max_num=12)
+
+    name = "visualprm"
+    model_kind = MODEL_INTERNVL
+    supports_images = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if not self.placeholder:
+            raise ValueError("placeholder must be a non-empty string (an empty assistant turn renders as a bare header)")
+
+    def split_steps(self, solution: str) -> list[str]:
+        # Leading/trailing blank lines would give an empty step, which the
+        # release renders as a header-only user turn; they are stripped here.
+        return split_response(solution.strip(), "\n\n", self.max_steps)
+
+    def reward_columns(self, tokenizer) -> RewardColumns:
+        return RewardColumns(
+            good=single_token_id(tokenizer, self.good_token, "reward token", self.name),
+            bad=single_token_id(tokenizer, self.bad_token, "reward token", self.name),
+        )
+
+    def check_tokenizer(self, tokenizer) -> None:
+        self.reward_columns(tokenizer)
+        self.check_image_tokens(tokenizer)
+
+    def build_query(self, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> str:
+        """The release's query string, images already expanded."""
+        question = place_images(question, image_tokens, self.name, exact=True)
+        turns: list[tuple[str, str]] = []
+        for k, step in enumerate(steps):
+            content = f"### Question:\n{question}\n\n### Solution Process:\n{step}" if k == 0 else step
+            turns += [("user", content), ("assistant", self.placeholder)]
+        return render_internvl25(self.system_prompt, turns)
+
+    def reward_positions(self, tokenizer, input_ids: Sequence[int]) -> list[int]:
+        """``find_placeholder_idx``: the last token of each assistant header before the placeholder."""
+        header = tokenizer.encode(f"{IM_START}assistant\n", add_special_tokens=False)
+        target = tokenizer.encode(f"{IM_START}assistant\n{self.placeholder}{IM_END}\n", add_special_tokens=False)
+        return find_subsequence_positions(input_ids, target, len(header) - 1)
+
+    def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
+        check_steps(steps, self.name)
+        ids = tokenizer.encode(self.build_query(question, steps, image_tokens))
+        positions = self.reward_positions(tokenizer, ids)
+        if len(positions) != len(steps):
+            raise FormatError(
+                f"format {self.name!r}: expected {len(steps)} assistant turn(s) "
+                f"'<|im_start|>assistant\\n{self.placeholder}<|im_end|>' but the encoded input has "
+                f"{len(positions)}; a step (or the question) probably contains that text itself: "
+                "remove it before scoring"
+            )
+        return EncodedCandidate(list(ids), positions)

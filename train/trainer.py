@@ -1,0 +1,567 @@
+"""Soft-label PRM training: the loss lives only at step markers.
+
+Every sample is encoded by the PRM's own format (``PRM.encode``, the code path
+scoring takes, images included), so training and scoring see identical
+inputs.  The text decoder runs on the padded (or packed) micro-batch; only
+the final-normed hidden rows at the reward markers are gathered and turned
+into ``d = logit_good - logit_bad`` by the adapter's reward readout
+(``ModelAdapter.reward_logit_diff``: two LM-head rows for math-shepherd /
+custom / mm-prm / visualprm, the 2-label MLP for qwen2.5-math-prm), the same
+function ``rewards_from_hidden`` (scoring) applies a sigmoid to.  The full
+vocabulary logits are never formed.
+
+Loss per step with Monte-Carlo label ``mc``: cross-entropy over the two
+logits (good, bad) with soft target ``[mc, 1 - mc]``, which equals
+``BCEWithLogits(d, mc)``; ``label_mode="hard"`` uses ``mc >= threshold``
+instead.  The loss of an optimizer step is the mean over all its labelled
+steps (micro-batch losses are summed and divided by the step count of the
+whole accumulated batch, so accumulation is exact).
+
+MM-PRM's recipe is the default: AdamW (weight decay 0.05, none on norms and
+biases), cosine schedule with 3 % warmup, gradient clipping 1.0, 3 epochs,
+vision tower frozen, bf16 autocast where asked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmprm_infer.formats import MODEL_QWEN2_PRM, EncodedCandidate
+from mmprm_infer.models.adapters import adapter_for
+from mmprm_infer.prm import PRM
+
+from .collate import TrainExample, as_example, make_layout, place_embeds, place_tokens
+from .evaluate import step_error_f1, step_macro_f1
+
+__all__ = [
+    "LoraSettings", "TrainConfig", "TrainResult", "train_prm", "train_prm_from_checkpoint",
+    "marker_loss", "predict_step_rewards", "evaluate_prm", "default_learning_rate", "freeze_vision_tower",
+]
+
+TRAIN_LOG = "train_log.jsonl"
+EVAL_LOG = "eval_log.jsonl"
+VISION_PREFIXES = ("vision_tower", "vision_model")  # transformers-native / InternVL chat-model layouts
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the text decoder's linear layers (needs ``peft``; merged into the weights before saving).
+
+    For qwen2.5-math-prm the 2-label ``score`` head is trained in full beside
+    the adapters (``train_head``); LM-head formats keep the LM head frozen.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    train_head: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of ``train_prm``; defaults follow MM-PRM's training run."""
+
+    output_dir: str | os.PathLike | None = None  # checkpoint + train_log.jsonl / eval_log.jsonl; None: keep in memory
+    epochs: float = 3.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 4  # samples per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float | None = None  # None: default_learning_rate(model size)
+    weight_decay: float = 0.05  # not applied to norms and biases (parameters with < 2 dims)
+    warmup_ratio: float = 0.03
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    label_mode: str = "soft"  # "soft": target [mc, 1 - mc]; "hard": target 1 if mc >= hard_label_threshold else 0
+    hard_label_threshold: float = 0.5
+    packing: bool = False  # False: right-padded rows + attention mask; True: one packed row, no padding
+    gradient_checkpointing: bool = False
+    bf16: bool = False  # bf16 autocast for the decoder forward (the reward readout and loss stay fp32)
+    freeze_vision: bool = True  # vision tower frozen (MM-PRM); the projector trains if the adapter's image
+    # features carry gradients (InternVLAdapter computes them under inference_mode today: a warning says so)
+    vision_prefixes: tuple[str, ...] = VISION_PREFIXES
+    lora: LoraSettings | None = None
+    seed: int = 0
+    shuffle: bool = True
+    eval_every: int | None = None  # optimizer steps between evaluations (eval always runs at the end)
+    eval_batch_size: int | None = None  # None: 2 * batch_size
+    eval_threshold: float = 0.5  # predicted first error: first step with reward < this
+    eval_label_threshold: float = 0.5  # true first error: first step with label < this
+    save_steps: int | None = None  # also save output_dir/checkpoint-{step} every this many steps
+    save_final: bool = True  # save the trained PRM to output_dir at the end
+    progress: bool = True  # tqdm progress bar
+    device: str | None = None  # move the model here first; None: where it is
+
+    def __post_init__(self) -> None:
+        if self.label_mode not in ("soft", "hard"):
+            raise ValueError(f"label_mode must be 'soft' or 'hard', got {self.label_mode!r}")
+        for name in ("batch_size", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0 (or set max_steps), got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.save_steps is not None and self.lora is not None:
+            raise ValueError("save_steps is not supported with LoRA (the final checkpoint is saved merged); unset one")
+        if self.save_steps is not None and self.output_dir is None:
+            raise ValueError("save_steps needs output_dir")
+        self.adam_betas = tuple(self.adam_betas)
+        self.vision_prefixes = tuple(self.vision_prefixes)
+
+
+@dataclass
+class TrainResult:
+    prm: PRM  # the trained PRM (same object as passed in), in eval mode
+    steps: int  # optimizer steps taken
+    epochs: float  # epochs covered (fractional)
+    learning_rate: float  # peak learning rate used
+    losses: list[float]  # training loss per optimizer step
+    eval_history: list[dict] = field(default_factory=list)
+    checkpoint_dir: Path | None = None
+    log_path: Path | None = None
+    elapsed_s: float = 0.0
+    trainable_params: int = 0
+    frozen_params: int = 0
+    stopped_early: bool = False
+
+
+# --- the marker readout -----------------------------------------------------
+def _encode(prm: PRM, example: TrainExample, index: int) -> tuple[EncodedCandidate, torch.Tensor | None]:
+    """One sample through the scoring path: PRM.encode (format + images)."""
+    try:
+        question = prm.encode(example.question, [example.steps], example.images)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"training sample {index}: {exc}") from None
+    cand = question.candidates[0]
+    if cand.num_steps != len(example.labels):
+        raise ValueError(
+            f"training sample {index}: the format produced {cand.num_steps} step markers for "
+            f"{len(example.labels)} labels"
+        )
+    features = question.image_features
+    if features is not None and features.is_inference():
+        # Computed under inference_mode (the adapter's scoring path): usable, but nothing before the
+        # merge (vision projector) gets a gradient; the text decoder and head still train.
+        warnings.warn(
+            f"{type(prm.adapter).__name__}.image_features returned inference-mode tensors: the vision "
+            "projector is not trained (the text model and reward head are)", stacklevel=2)
+        features = features.clone()
+    return cand, features
+
+
+def _autocast(prm: PRM, bf16: bool):
+    return torch.autocast(prm.adapter.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _marker_logit_diff(prm: PRM, examples: Sequence[TrainExample], indices: Sequence[int], *, packing: bool,
+                       bf16: bool, cache: dict[int, EncodedCandidate] | None = None):
+    """(d = logit_good - logit_bad at every marker [M], cu_markers, marker hidden rows [M, d])."""
+    adapter = prm.adapter
+    device = adapter.device
+    with _autocast(prm, bf16):
+        encoded = []
+        for i in indices:
+            if cache is not None and i in cache:
+                encoded.append((cache[i], None))
+            else:
+                encoded.append(_encode(prm, examples[i], i))
+        cands = [c for c, _ in encoded]
+        layout = make_layout([len(c.input_ids) for c in cands], [c.reward_positions for c in cands], packing, device)
+        if any(f is not None for _, f in encoded):
+            embeds = []
+            for cand, features in encoded:
+                ids = torch.tensor(cand.input_ids, dtype=torch.long, device=device)
+                merged = adapter.merge_image_features(ids, features) if features is not None else None
+                embeds.append(merged if merged is not None else adapter.embed(ids))
+            inputs = {"inputs_embeds": place_embeds(layout, embeds)}
+        else:
+            pad_id = prm.tokenizer.pad_token_id
+            pad_id = pad_id if pad_id is not None else (prm.tokenizer.eos_token_id or 0)
+            inputs = {"input_ids": place_tokens(layout, [c.input_ids for c in cands], pad_id, device)}
+        out = adapter.decoder(**inputs, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
+                              use_cache=False)
+    hidden = out.last_hidden_state
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.marker_index)
+    # Outside autocast: the readout is the scoring formula, in fp32.
+    return adapter.reward_logit_diff(rows, prm.columns), layout.cu_markers, rows
+
+
+def _targets(examples: Sequence[TrainExample], indices: Sequence[int], label_mode: str, threshold: float,
+             device) -> torch.Tensor:
+    labels = [v for i in indices for v in examples[i].labels]
+    t = torch.tensor(labels, dtype=torch.float32, device=device)
+    return (t >= threshold).float() if label_mode == "hard" else t
+
+
+def _step_losses(diff: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-step soft cross-entropy over (good, bad) with target [y, 1 - y] == BCEWithLogits(d, y)."""
+    return F.binary_cross_entropy_with_logits(diff, targets, reduction="none")
+
+
+def marker_loss(prm: PRM, samples: Iterable, *, label_mode: str = "soft", hard_label_threshold: float = 0.5,
+                packing: bool = False, bf16: bool = False) -> torch.Tensor:
+    """Mean marker loss of ``samples`` as one micro-batch (differentiable); the trainer's loss."""
+    examples = [as_example(s, i) for i, s in enumerate(samples)]
+    indices = list(range(len(examples)))
+    diff, _, _ = _marker_logit_diff(prm, examples, indices, packing=packing, bf16=bf16)
+    return _step_losses(diff, _targets(examples, indices, label_mode, hard_label_threshold, diff.device)).mean()
+
+
+def _check_readout(prm: PRM, rows: torch.Tensor, diff: torch.Tensor) -> None:
+    """The loss's logit difference must be the scoring formula (an adapter overriding only one would differ)."""
+    with torch.no_grad():
+        scored = prm.adapter.rewards_from_hidden(rows.detach(), prm.columns).float()
+        trained = torch.sigmoid(diff.detach())
+    if not torch.allclose(scored, trained, atol=1e-4, rtol=1e-3):
+        raise RuntimeError(
+            f"{type(prm.adapter).__name__}.reward_logit_diff disagrees with its rewards_from_hidden "
+            f"(max |dp| = {(scored - trained).abs().max().item():.3g}); an adapter that overrides the reward "
+            "readout must override both so training optimizes what scoring reads"
+        )
+
+
+# --- prediction / evaluation ------------------------------------------------
+def _eval_diffs(prm: PRM, examples: Sequence[TrainExample], batch_size: int, packing: bool, bf16: bool,
+                cache: dict | None = None) -> list[torch.Tensor]:
+    model = prm.model
+    was_training = model.training
+    model.eval()
+    per_sample: list[torch.Tensor] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                indices = list(range(start, min(start + batch_size, len(examples))))
+                diff, cu, _ = _marker_logit_diff(prm, examples, indices, packing=packing, bf16=bf16, cache=cache)
+                diff = diff.float().cpu()
+                per_sample.extend(diff[a:b] for a, b in zip(cu, cu[1:]))
+    finally:
+        model.train(was_training)
+    return per_sample
+
+
+def predict_step_rewards(prm: PRM, samples: Iterable, *, batch_size: int = 8, packing: bool = False,
+                         bf16: bool = False) -> list[list[float]]:
+    """Step rewards p_good of each sample's steps (labels are not needed: dicts/objects with question, steps)."""
+    examples = []
+    for i, s in enumerate(samples):
+        steps = s.get("steps") if isinstance(s, dict) else getattr(s, "steps", None)
+        filled = dict(s) if isinstance(s, dict) else {k: getattr(s, k, None) for k in
+                                                       ("question", "steps", "images", "image_paths", "image", "image_path")}
+        if filled.get("labels") is None:
+            filled["labels"] = [1.0] * len(steps or [])
+        examples.append(as_example(filled, i))
+    return [torch.sigmoid(d).tolist() for d in _eval_diffs(prm, examples, batch_size, packing, bf16)]
+
+
+def evaluate_prm(prm: PRM, samples: Iterable, *, batch_size: int = 8, threshold: float = 0.5,
+                 label_threshold: float = 0.5, label_mode: str = "soft", hard_label_threshold: float = 0.5,
+                 packing: bool = False, bf16: bool = False) -> dict:
+    """Marker loss, ProcessBench first-error metrics (``step_error_f1``) and per-step macro F1
+    (``step_macro_f1``) of ``prm`` on labelled samples; see train/evaluate.py for the definitions."""
+    examples = [as_example(s, i) for i, s in enumerate(samples)]
+    return _evaluate(prm, examples, None, batch_size=batch_size, threshold=threshold,
+                     label_threshold=label_threshold, label_mode=label_mode,
+                     hard_label_threshold=hard_label_threshold, packing=packing, bf16=bf16)
+
+
+def _evaluate(prm: PRM, examples: list[TrainExample], cache: dict | None, *, batch_size: int, threshold: float,
+              label_threshold: float, label_mode: str, hard_label_threshold: float, packing: bool,
+              bf16: bool) -> dict:
+    if not examples:
+        raise ValueError("evaluation set is empty")
+    diffs = _eval_diffs(prm, examples, batch_size, packing, bf16, cache)
+    targets = _targets(examples, range(len(examples)), label_mode, hard_label_threshold, "cpu")
+    loss = _step_losses(torch.cat(diffs), targets).mean().item()
+    rewards = [torch.sigmoid(d).tolist() for d in diffs]
+    labels = [ex.labels for ex in examples]
+    metrics = {"loss": loss}
+    metrics.update(step_error_f1(rewards, labels, threshold, label_threshold))
+    metrics.update(step_macro_f1(rewards, labels, threshold, label_threshold))
+    return metrics
+
+
+# --- model preparation ------------------------------------------------------
+def default_learning_rate(num_params: int, lora: bool = False) -> float:
+    """Peak learning rate by model size.
+
+    Full fine-tuning: 2e-6 from 1B parameters up (MM-PRM's 8B setting),
+    1e-5 from 100M to 1B (interpolated guess, not measured here), 1e-3 below
+    100M (measured on the tiny math-shepherd test model, batch 4, mean loss
+    over steps 26-50: 1e-4 0.54, 3e-4 0.39, 1e-3 0.28, 3e-3 0.25; all reach
+    the ~0.2 floor of the synthetic task's soft labels by step 200 except
+    1e-4 at 0.28).
+    LoRA: 1e-4 from 100M up (the usual LoRA rate, not measured here), 3e-3
+    below (measured on the tiny models: 1e-3 reaches loss 0.42 in 60 steps,
+    3e-3 the 0.31 floor).
+    """
+    if lora:
+        return 1e-4 if num_params >= 100_000_000 else 3e-3
+    if num_params >= 1_000_000_000:
+        return 2e-6
+    if num_params >= 100_000_000:
+        return 1e-5
+    return 1e-3
+
+
+def freeze_vision_tower(prm: PRM, prefixes: Sequence[str] = VISION_PREFIXES) -> int:
+    """Freeze the vision tower (the adapter's ``vision_tower`` if it has one, else parameters under
+    ``prefixes`` at the top level or below ``model.``); returns how many parameters it froze."""
+    frozen = 0
+    tower = getattr(prm.adapter, "vision_tower", None)
+    if isinstance(tower, nn.Module):
+        for p in tower.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen += p.numel()
+    for name, p in prm.model.named_parameters():
+        parts = name.split(".")
+        if parts[0] in prefixes or (len(parts) > 1 and parts[0] == "model" and parts[1] in prefixes):
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen += p.numel()
+    return frozen
+
+
+def _apply_lora(prm: PRM, settings: LoraSettings):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ImportError(
+            "TrainConfig.lora needs the peft package (pip install 'peft>=0.13'); or set lora=None for full "
+            "fine-tuning"
+        ) from exc
+    model = prm.model
+    decoder_modules = {id(m) for m in prm.adapter.decoder.modules()}
+    names = [n for n, m in model.named_modules()
+             if id(m) in decoder_modules and isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in settings.target_modules]
+    if not names:
+        raise ValueError(f"LoRA found no linear layers named {settings.target_modules} in the text decoder")
+    to_save = ["score"] if settings.train_head and prm.format.model_kind == MODEL_QWEN2_PRM else None
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=names, modules_to_save=to_save, bias="none")
+    return get_peft_model(model, config)
+
+
+def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n.lower()]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "norm" not in n.lower())]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+# --- the loop ---------------------------------------------------------------
+def _optimizer_batches(n: int, config: TrainConfig) -> Iterator[tuple[float, list[list[int]]]]:
+    """(epoch position, micro-batches of sample indices) per optimizer step, epoch after epoch."""
+    generator = torch.Generator().manual_seed(config.seed)
+    per_step = config.batch_size * config.grad_accum_steps
+    epoch = 0
+    while True:
+        order = torch.randperm(n, generator=generator).tolist() if config.shuffle else list(range(n))
+        for start in range(0, n, per_step):
+            chunk = order[start:start + per_step]
+            micro = [chunk[i:i + config.batch_size] for i in range(0, len(chunk), config.batch_size)]
+            yield epoch + min(start + per_step, n) / n, micro
+        epoch += 1
+
+
+def _accumulate(prm: PRM, examples, cache, micro_batches: list[list[int]], config: TrainConfig,
+                check: bool) -> float:
+    """Forward/backward of one optimizer step; gradients of the mean step loss accumulate in .grad."""
+    total_markers = sum(len(examples[i].labels) for micro in micro_batches for i in micro)
+    loss_value = 0.0
+    for micro in micro_batches:
+        diff, _, rows = _marker_logit_diff(prm, examples, micro, packing=config.packing, bf16=config.bf16,
+                                           cache=cache)
+        if check:
+            _check_readout(prm, rows, diff)
+            check = False
+        targets = _targets(examples, micro, config.label_mode, config.hard_label_threshold, diff.device)
+        loss = _step_losses(diff, targets).sum() / total_markers
+        loss.backward()
+        loss_value += loss.item()
+    return loss_value
+
+
+def _write(handle, record: dict) -> None:
+    if handle is not None:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = None,
+              eval_samples: Iterable | None = None, *,
+              callbacks: Sequence[Callable[[dict], Any]] = ()) -> TrainResult:
+    """Train ``prm`` in place on labelled step samples; returns a ``TrainResult``.
+
+    ``train_samples``: objects with ``question``, ``steps`` (list of str),
+    ``labels`` (one MC value in [0, 1] per step) and optional image(s)
+    (``image``/``images``/``image_path``/``image_paths``), or dicts with those
+    keys.  Each callback gets every log record (``record["event"]`` is
+    "train_step" or "eval"); one returning True stops training after that step.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    config = config or TrainConfig()
+    started = time.perf_counter()
+    examples = [as_example(s, i) for i, s in enumerate(train_samples)]
+    if not examples:
+        raise ValueError("train_samples is empty: give at least one labelled sample")
+    eval_examples = [as_example(s, i) for i, s in enumerate(eval_samples)] if eval_samples is not None else []
+    torch.manual_seed(config.seed)
+
+    model = prm.model
+    if config.device is not None:
+        model.to(config.device)
+    if next(model.parameters()).dtype in (torch.bfloat16, torch.float16):
+        warnings.warn(
+            "training half-precision weights directly: small updates (lr ~1e-6) vanish in bf16/fp16; load the "
+            "checkpoint in float32 and set TrainConfig(bf16=True) for bf16 compute", stacklevel=2)
+    # Text samples are encoded once, up front: bad data fails here, before the model is touched.
+    # (Samples with images are encoded at each step: their image features must see the current weights.)
+    cache = {i: _encode(prm, ex, i)[0] for i, ex in enumerate(examples) if ex.images is None}
+    eval_cache = {i: _encode(prm, ex, i)[0] for i, ex in enumerate(eval_examples) if ex.images is None}
+    requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    frozen = freeze_vision_tower(prm, config.vision_prefixes) if config.freeze_vision else 0
+    num_params = sum(p.numel() for p in model.parameters())
+    peft_model = _apply_lora(prm, config.lora) if config.lora is not None else None
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (all frozen)")
+    lr = config.learning_rate or default_learning_rate(num_params, lora=config.lora is not None)
+    optimizer = torch.optim.AdamW(_param_groups(trainable, config.weight_decay), lr=lr, betas=config.adam_betas,
+                                  eps=config.adam_eps)
+
+    steps_per_epoch = math.ceil(len(examples) / (config.batch_size * config.grad_accum_steps))
+    total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+
+    enabled_checkpointing = False
+    if config.gradient_checkpointing and not getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enabled_checkpointing = True
+
+    out_dir = Path(config.output_dir) if config.output_dir is not None else None
+    train_log = eval_log = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(
+            {**config_dict(config), "resolved_learning_rate": lr, "total_steps": total_steps}, indent=2))
+        train_log = open(out_dir / TRAIN_LOG, "w")
+        eval_log = open(out_dir / EVAL_LOG, "w") if eval_examples else None
+
+    params = [p for _, p in trainable]
+    losses: list[float] = []
+    history: list[dict] = []
+    stop = False
+    step = 0
+    epoch = 0.0
+    eval_batch = config.eval_batch_size or 2 * config.batch_size
+
+    def run_eval() -> None:
+        nonlocal stop
+        metrics = _evaluate(prm, eval_examples, eval_cache, batch_size=eval_batch, threshold=config.eval_threshold,
+                            label_threshold=config.eval_label_threshold, label_mode=config.label_mode,
+                            hard_label_threshold=config.hard_label_threshold, packing=config.packing,
+                            bf16=config.bf16)
+        record = {"event": "eval", "step": step, "epoch": round(epoch, 4), **metrics}
+        history.append(record)
+        _write(eval_log, record)
+        stop = any([callback(record) is True for callback in callbacks]) or stop
+
+    model.train()
+    bar = tqdm(total=total_steps, desc="train PRM", disable=not config.progress, dynamic_ncols=True)
+    try:
+        batches = _optimizer_batches(len(examples), config)
+        while step < total_steps and not stop:
+            epoch, micro_batches = next(batches)
+            loss = _accumulate(prm, examples, cache, micro_batches, config, check=step == 0)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss} at step {step + 1}; lower the learning rate, or train in "
+                    "float32 / with bf16 autocast instead of fp16")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf).item()
+            lr_now = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss)
+            record = {"event": "train_step", "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr_now,
+                      "grad_norm": grad_norm, "samples": sum(len(m) for m in micro_batches),
+                      "markers": sum(len(examples[i].labels) for m in micro_batches for i in m),
+                      "elapsed_s": round(time.perf_counter() - started, 3)}
+            _write(train_log, record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}")
+            stop = any([callback(record) is True for callback in callbacks])
+            if eval_examples and config.eval_every and step % config.eval_every == 0:
+                run_eval()
+            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                model.eval()
+                prm.save_pretrained(out_dir / f"checkpoint-{step}")
+                model.train()
+        if eval_examples and (not history or history[-1]["step"] != step):
+            run_eval()
+    finally:
+        bar.close()
+        for handle in (train_log, eval_log):
+            if handle is not None:
+                handle.close()
+        if enabled_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.eval()
+        if peft_model is None:  # as it was before training (the vision tower was frozen for training only)
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad_before.get(name, True))
+
+    trainable_count = sum(p.numel() for p in params)
+    if peft_model is not None:
+        prm.model = peft_model.merge_and_unload().eval()  # plain weights: from_pretrained needs no peft
+        prm.adapter = adapter_for(prm.model, prm.format.model_kind)
+        for name, p in prm.model.named_parameters():
+            p.requires_grad_(requires_grad_before.get(name, True))
+    checkpoint = None
+    if out_dir is not None and config.save_final:
+        prm.save_pretrained(out_dir)
+        checkpoint = out_dir
+    return TrainResult(
+        prm=prm, steps=step, epochs=epoch, learning_rate=lr, losses=losses, eval_history=history,
+        checkpoint_dir=checkpoint, log_path=out_dir / TRAIN_LOG if out_dir is not None else None,
+        elapsed_s=time.perf_counter() - started, trainable_params=trainable_count, frozen_params=frozen,
+        stopped_early=stop and step < total_steps,
+    )
+
+
+def train_prm_from_checkpoint(path: str | os.PathLike, train_samples: Iterable, config: TrainConfig | None = None,
+                              eval_samples: Iterable | None = None, *, format: str | None = None,
+                              dtype="float32", device: str = "cpu", callbacks: Sequence[Callable[[dict], Any]] = (),
+                              **format_options) -> TrainResult:
+    """Load ``PRM.from_pretrained(path, ...)`` (float32 weights by default: use ``bf16=True`` for bf16
+    compute) and train it; with ``config.output_dir`` the result loads with ``PRM.from_pretrained(output_dir)``."""
+    prm = PRM.from_pretrained(path, format=format, device=device, dtype=dtype, **format_options)
+    return train_prm(prm, train_samples, config, eval_samples, callbacks=callbacks)
+
+
+def config_dict(config: TrainConfig) -> dict:
+    """The config as plain JSON-able data (for logs)."""
+    return json.loads(json.dumps(asdict(config), default=str))
