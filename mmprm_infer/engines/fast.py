@@ -147,17 +147,12 @@ class FastEngine(Engine):
             results[item.question][item.candidate] = values[a:b]
 
 
-_REWARD_METHODS = ("rewards_from_hidden", "reward_logit_diff", "reward_weights")
-
-
 def _marker_rewards(adapter: ModelAdapter, columns: RewardColumns, hidden: torch.Tensor, index: torch.Tensor,
                     rows: torch.Tensor, cu_markers: list[int]) -> torch.Tensor:
-    """p_good per marker row: the fused two-row kernel for plain LM-head adapters, else the adapter's head."""
-    # Only when no reward method is overridden is the reward exactly two LM-head rows.
-    lm_head_only = all(getattr(type(adapter), m, None) is getattr(ModelAdapter, m, None) for m in _REWARD_METHODS)
-    if lm_head_only and all(b > a for a, b in zip(cu_markers, cu_markers[1:])):
+    """p_good per marker row: the fused two-row kernel for LM-head rewards, else the adapter's head."""
+    if adapter.two_row_head and all(b > a for a, b in zip(cu_markers, cu_markers[1:])):
         w_diff, b_diff = adapter.reward_weights(columns)
         # hidden is final-normed by the decoder already: no norm weight.
-        rewards, _ = fused_step_rewards(hidden, index, cu_markers, None, 0.0, w_diff, b_diff)
+        rewards, _ = fused_step_rewards(hidden, index, cu_markers, None, 0.0, w_diff, float(b_diff))
         return rewards
     return adapter.rewards_from_hidden(rows, columns).float()

@@ -17,6 +17,8 @@ class ModelAdapter:
     """Causal LM whose LM head gives the reward logits (math-shepherd, custom, ...)."""
 
     kind = MODEL_CAUSAL_LM
+    # reward = sigmoid(h . (W[good] - W[bad]) + db): engines may use the fused two-row kernel.
+    two_row_head = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -62,20 +64,17 @@ class ModelAdapter:
         """Full output logits for final-normed hidden states (the reference path)."""
         return self.model.get_output_embeddings()(hidden)
 
-    def reward_weights(self, columns: RewardColumns) -> tuple[torch.Tensor, float]:
-        """(W[good] - W[bad], b[good] - b[bad]): the two LM-head rows the reward needs."""
-        head = self.model.get_output_embeddings()
-        w_diff = head.weight[columns.good] - head.weight[columns.bad]
-        bias = getattr(head, "bias", None)
-        b_diff = float(bias[columns.good] - bias[columns.bad]) if bias is not None else 0.0
-        return w_diff, b_diff
-
-    def reward_logit_diff(self, hidden: torch.Tensor, columns: RewardColumns) -> torch.Tensor:
-        """logit_good - logit_bad for final-normed hidden rows [M, d]; differentiable (the trainer's loss)."""
+    def reward_weights(self, columns: RewardColumns) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """(W[good] - W[bad], b[good] - b[bad]): the two LM-head rows the reward needs (differentiable)."""
         head = self.model.get_output_embeddings()
         w_diff = head.weight[columns.good] - head.weight[columns.bad]
         bias = getattr(head, "bias", None)
         b_diff = (bias[columns.good] - bias[columns.bad]).float() if bias is not None else 0.0
+        return w_diff, b_diff
+
+    def reward_logit_diff(self, hidden: torch.Tensor, columns: RewardColumns) -> torch.Tensor:
+        """logit_good - logit_bad for final-normed hidden rows [M, d]; differentiable (the trainer's loss)."""
+        w_diff, b_diff = self.reward_weights(columns)
         return hidden.float() @ w_diff.float() + b_diff
 
     def rewards_from_hidden(self, hidden: torch.Tensor, columns: RewardColumns) -> torch.Tensor:
@@ -94,6 +93,7 @@ class Qwen2PRMAdapter(ModelAdapter):
     """Qwen2 body + 2-label score head (qwen2.5-math-prm)."""
 
     kind = MODEL_QWEN2_PRM
+    two_row_head = False
 
     @property
     def decoder(self) -> nn.Module:
@@ -106,9 +106,6 @@ class Qwen2PRMAdapter(ModelAdapter):
         # The head is a small MLP: run it only on the marker rows.
         logits = self.model.score(hidden).float()
         return logits[:, columns.good] - logits[:, columns.bad]
-
-    def rewards_from_hidden(self, hidden: torch.Tensor, columns: RewardColumns) -> torch.Tensor:
-        return torch.sigmoid(self.reward_logit_diff(hidden, columns))
 
     def reward_weights(self, columns: RewardColumns):
         raise NotImplementedError("the qwen2.5-math-prm head is an MLP, not two LM-head rows")
