@@ -48,15 +48,21 @@ def build_tokenizer(
     special_tokens: Sequence[str] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
     *,
     bos_token: str | None = None,
+    eos_token: str = "<|endoftext|>",
+    pad_token: str = "<|endoftext|>",
     vocab_size: int = 600,
     chat_template: str | None = CHATML_TEMPLATE,
     corpus: Iterable[str] | None = None,
+    single_token_words: Sequence[str] = (),
+    **tokenizer_kwargs,
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (like Qwen's) carrying the given tokens.
 
     ``extra_tokens`` become single, non-special tokens (tags such as "ки",
     reward words such as "Yes"); ``bos_token`` makes encode() prepend it, as
-    Llama/Mistral tokenizers do.
+    Llama/Mistral tokenizers do; ``single_token_words`` are checked to come
+    out of training as one token each; ``tokenizer_kwargs`` go to the
+    transformers wrapper (e.g. named image tokens).
     """
     specials = list(dict.fromkeys([*special_tokens, *([bos_token] if bos_token else [])]))
     tok = Tokenizer(models.BPE())
@@ -74,18 +80,24 @@ def build_tokenizer(
         )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+        eos_token=eos_token,
+        pad_token=pad_token,
         bos_token=bos_token,
-        additional_special_tokens=[t for t in special_tokens if t != "<|endoftext|>"],
+        additional_special_tokens=[t for t in specials if t not in (eos_token, pad_token, bos_token)],
+        **tokenizer_kwargs,
     )
     if chat_template:
         wrapped.chat_template = chat_template
+    for word in single_token_words:
+        ids = wrapped.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise RuntimeError(f"tiny tokenizer splits {word!r} into {ids}; enlarge the training corpus")
     return wrapped
 
 
-def _text_config_kwargs(tokenizer, hidden: int, layers: int, heads: int, kv_heads: int,
-                        intermediate: int, max_positions: int, vocab_size: int | None) -> dict:
+def text_config_kwargs(tokenizer, *, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+                       max_positions: int, vocab_size: int | None = None, tie_word_embeddings: bool = False) -> dict:
+    """Qwen2Config/LlamaConfig arguments for a tiny text model over ``tokenizer``."""
     return dict(
         vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden,
@@ -94,7 +106,7 @@ def _text_config_kwargs(tokenizer, hidden: int, layers: int, heads: int, kv_head
         num_key_value_heads=kv_heads,
         intermediate_size=intermediate,
         max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -118,7 +130,8 @@ def build_tiny_causal_lm(
 ) -> Path:
     """A random-weight Qwen2ForCausalLM or LlamaForCausalLM with its tokenizer, saved to save_dir."""
     tokenizer = build_tokenizer(extra_tokens, bos_token=bos_token)
-    kwargs = _text_config_kwargs(tokenizer, hidden, layers, heads, kv_heads, intermediate, max_positions, vocab_size)
+    kwargs = text_config_kwargs(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
+                                intermediate=intermediate, max_positions=max_positions, vocab_size=vocab_size)
     if bos_token:
         kwargs["bos_token_id"] = tokenizer.bos_token_id
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
@@ -141,7 +154,8 @@ def build_tiny_qwen_prm(
     """A random-weight Qwen2ForProcessRewardModel laid out as the Qwen2.5-Math-PRM release."""
     tokenizer = build_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"))
     torch.manual_seed(seed)
-    config = Qwen2Config(**_text_config_kwargs(tokenizer, hidden, layers, heads, kv_heads, intermediate, max_positions, None))
+    config = Qwen2Config(**text_config_kwargs(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
+                                              intermediate=intermediate, max_positions=max_positions))
     model = Qwen2ForProcessRewardModel(config)
     return _save(model, tokenizer, save_dir)
 

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+from . import tiny
 from .vision import IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
 IM_START = "<|im_start|>"
@@ -91,41 +90,24 @@ def build_tokenizer(
     *,
     vocab_size: int = 1000,
 ):
-    """An offline byte-level BPE tokenizer (transformers ``TokenizersBackend``)
-    carrying InternVL's special tokens, ``extra_special_tokens`` and the
-    InternVL2.5 chat template."""
-    from transformers import PreTrainedTokenizerFast
-
+    """An offline byte-level BPE tokenizer carrying InternVL's special tokens,
+    ``extra_special_tokens`` and the InternVL2.5 chat template."""
     specials = [PAD_TOKEN, IM_START, IM_END, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, VIDEO_TOKEN]
-    extras = [t for t in extra_special_tokens if t not in specials]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials + extras,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_training_corpus(), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
+    return tiny.build_tokenizer(
+        special_tokens=specials + [t for t in extra_special_tokens if t not in specials],
         eos_token=IM_END,
         pad_token=PAD_TOKEN,
+        vocab_size=vocab_size,
+        chat_template=INTERNVL25_CHAT_TEMPLATE,
+        corpus=_training_corpus(),
+        single_token_words=SINGLE_TOKEN_WORDS,
         # Named image tokens: transformers' InternVLProcessor reads these.
         start_image_token=IMG_START_TOKEN,
         end_image_token=IMG_END_TOKEN,
         context_image_token=IMG_CONTEXT_TOKEN,
         video_token=VIDEO_TOKEN,
-        extra_special_tokens=extras,
-        chat_template=INTERNVL25_CHAT_TEMPLATE,
         model_max_length=32768,
     )
-    for word in SINGLE_TOKEN_WORDS:
-        ids = tokenizer.encode(word, add_special_tokens=False)
-        if len(ids) != 1:
-            raise RuntimeError(f"tiny tokenizer splits {word!r} into {ids}; enlarge the training corpus")
-    return tokenizer
 
 
 def build_tiny_internvl(
@@ -181,16 +163,9 @@ def build_tiny_internvl(
         raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({n_tokens} tokens)")
 
     text_config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=text_hidden,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=32768,
-        tie_word_embeddings=tie_word_embeddings,
-        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        pad_token_id=tokenizer.pad_token_id,
+        **tiny.text_config_kwargs(tokenizer, hidden=text_hidden, layers=text_layers, heads=heads, kv_heads=kv_heads,
+                                  intermediate=intermediate, max_positions=32768, vocab_size=vocab_size,
+                                  tie_word_embeddings=tie_word_embeddings),
         bos_token_id=None,
     )
     vision_config = InternVLVisionConfig(
