@@ -20,14 +20,12 @@ vectorized norm/dot + scatter_reduce), "triton" (a marker kernel and a
 per-candidate reduction kernel), "auto" (Triton on CUDA, torch elsewhere).
 """
 
-import math
 
 import torch
 
 from ..aggregation import AGGREGATIONS as _AGG_TABLE
 from ..aggregation import ALIASES, LOG_EPS, REDUCTIONS, TRANSFORMS
 
-from . import triton_runtime
 from .triton_runtime import check_triton_usable, tl, triton
 
 

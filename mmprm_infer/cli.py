@@ -172,6 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="load the checkpoint's own tokenizer code to convert it / check the converted one")
     conv.add_argument("--tokenizer-json", default=None, help="take the vocabulary from this tokenizer.json")
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    serve = sub.add_parser("serve", help="OpenAI-compatible reranking server in front of a policy server "
+                           "(needs the 'serve' extra: fastapi, uvicorn, httpx)")
+    serve.add_argument("--policy-url", required=True, help="the policy's OpenAI API root, e.g. http://127.0.0.1:8000/v1")
+    serve.add_argument("--policy-model", default=None, help="model name to ask the policy for (default: its first)")
+    serve.add_argument("--api-key", default=None, help="Bearer token for the policy (or $MMPRM_POLICY_API_KEY)")
+    serve.add_argument("--prm", required=True, help="PRM checkpoint directory")
+    serve.add_argument("--format", choices=sorted(FORMATS), help="PRM format (default: read from the checkpoint)")
+    serve.add_argument("--engine", default=None, help="scoring engine (default: fast)")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU)")
+    serve.add_argument("--max-tiles", type=int, default=None, help="InternVL formats: tiles per image")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--n", type=int, default=8, help="samples drawn from the policy per request")
+    serve.add_argument("--aggregate", default="min", choices=sorted([*AGGREGATIONS, *ALIASES]))
+    serve.add_argument("--strategy", default="best_of_n", choices=("best_of_n", "weighted_vote", "majority_vote"))
+    serve.add_argument("--max-queue", type=int, default=256, help="requests admitted at once; more get HTTP 503")
+    serve.add_argument("--batch-window-ms", type=float, default=10.0,
+                       help="how long the scorer waits to batch concurrent requests into one PRM pass")
+    serve.add_argument("--upstream-timeout", type=float, default=60.0, help="seconds per policy request attempt")
+    serve.add_argument("--retries", type=int, default=2, help="retries toward the policy (errors, 429, 5xx, timeouts)")
+    serve.add_argument("--image-root", default=None, help="only read local image paths under this folder")
+    serve.add_argument("--ignore-images", action="store_true", help="text-only PRM: score image requests on text")
+    serve.add_argument("--log-level", default="info")
     demo = sub.add_parser("demo", help="build a tiny PRM offline and rerank an example (the built-in default job)")
     demo.add_argument("--workdir", default="runs/demo")
     return parser
@@ -193,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         except ConversionError as exc:
             raise SystemExit(f"mmprm convert-internvl: {exc}") from None
         return 0
+    if args.command == "serve":
+        from .integrations.server import serve_main
+
+        return serve_main(args)
     if args.command == "demo":
         from .demo import run_demo
 

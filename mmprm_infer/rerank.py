@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from .aggregation import aggregate as aggregate_steps
 from .aggregation import get_aggregation

@@ -11,10 +11,11 @@ import torch
 
 ON_CUDA = torch.cuda.is_available()
 
-from mmprm_infer.kernels import step_reward as sr  # noqa: E402
+from mmprm_infer.kernels import step_reward as sr
+from mmprm_infer.kernels import triton_runtime  # noqa: E402
 
 TRITON_DEVICE = "cuda" if ON_CUDA else "cpu"
-TRITON_READY = sr.triton is not None and (ON_CUDA or sr.triton_runtime.interpreter_active())
+TRITON_READY = sr.triton is not None and (ON_CUDA or triton_runtime.interpreter_active())
 if not TRITON_READY:  # a hard failure, not a skip: the Triton checks must run
     raise RuntimeError("Triton cannot run here: install triton, and on CPU set TRITON_INTERPRET=1 before triton is imported (tests/conftest.py does)")
 BACKENDS = ["torch", "triton"]
@@ -155,7 +156,7 @@ def test_bad_arguments_raise(mutate, message):
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    monkeypatch.setattr(sr.triton_runtime, "interpreter_active", lambda: False)
+    monkeypatch.setattr(triton_runtime, "interpreter_active", lambda: False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         sr.fused_step_rewards(**make_inputs("one_marker"), backend="triton")
 

@@ -103,6 +103,15 @@ def single_token_id(tokenizer, text: str, role: str, fmt: str) -> int:
     return int(token_id)
 
 
+def reward_token_columns(tokenizer, good: str | int, bad: str | int, fmt: str) -> RewardColumns:
+    """Columns of a good/bad token pair, each given as a single-token string or an id."""
+
+    def column(token: str | int, role: str) -> int:
+        return int(token) if isinstance(token, int) else single_token_id(tokenizer, token, role, fmt)
+
+    return RewardColumns(good=column(good, "good token"), bad=column(bad, "bad token"))
+
+
 def positions_of(input_ids: Sequence[int], token_id: int) -> list[int]:
     return [i for i, t in enumerate(input_ids) if t == token_id]
 

@@ -20,6 +20,7 @@ from .base import (
     check_marker_count,
     check_steps,
     positions_of,
+    reward_token_columns,
     single_token_id,
     split_on_blank_lines,
 )
@@ -64,14 +65,8 @@ class CustomFormat(InternVLImages, PRMFormat):
             return split_on_blank_lines(solution)
         return [s.strip() for s in solution.split(self.split_on) if s.strip()]
 
-    def _token(self, tokenizer, token: str | int, role: str) -> int:
-        return int(token) if isinstance(token, int) else single_token_id(tokenizer, token, role, self.name)
-
     def reward_columns(self, tokenizer) -> RewardColumns:
-        return RewardColumns(
-            good=self._token(tokenizer, self.good_token, "good token"),
-            bad=self._token(tokenizer, self.bad_token, "bad token"),
-        )
+        return reward_token_columns(tokenizer, self.good_token, self.bad_token, self.name)
 
     def check_tokenizer(self, tokenizer) -> None:
         self.reward_columns(tokenizer)

@@ -33,6 +33,7 @@ from .base import (
     positions_of,
     single_token_id,
     split_on_blank_lines,
+    reward_token_columns,
 )
 from .internvl_base import (
     IM_END,
@@ -68,10 +69,7 @@ class MMPRMFormat(InternVLImages, PRMFormat):
         return split_on_blank_lines(solution)
 
     def reward_columns(self, tokenizer) -> RewardColumns:
-        return RewardColumns(
-            good=single_token_id(tokenizer, self.good_token, "reward token", self.name),
-            bad=single_token_id(tokenizer, self.bad_token, "reward token", self.name),
-        )
+        return reward_token_columns(tokenizer, self.good_token, self.bad_token, self.name)
 
     def check_tokenizer(self, tokenizer) -> None:
         self.reward_columns(tokenizer)

@@ -36,7 +36,7 @@ from .base import (
     PRMFormat,
     RewardColumns,
     check_steps,
-    single_token_id,
+    reward_token_columns,
 )
 from .internvl_base import IM_END, IM_START, InternVLImages, find_subsequence_positions, place_images, render_internvl25
 
@@ -93,10 +93,7 @@ class VisualPRMFormat(InternVLImages, PRMFormat):
         return split_response(solution.strip(), "\n\n", self.max_steps)
 
     def reward_columns(self, tokenizer) -> RewardColumns:
-        return RewardColumns(
-            good=single_token_id(tokenizer, self.good_token, "reward token", self.name),
-            bad=single_token_id(tokenizer, self.bad_token, "reward token", self.name),
-        )
+        return reward_token_columns(tokenizer, self.good_token, self.bad_token, self.name)
 
     def check_tokenizer(self, tokenizer) -> None:
         self.reward_columns(tokenizer)
