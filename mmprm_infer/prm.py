@@ -116,7 +116,7 @@ class PRM:
             return name
         key = name or self.default_engine
         if key not in self._engines:
-            self._engines[key] = get_engine(key, max_batch_tokens=self.max_batch_tokens) if key != "reference" else get_engine(key)
+            self._engines[key] = get_engine(key, max_batch_tokens=self.max_batch_tokens)
         return self._engines[key]
 
     def score(self, question: str, candidates: Sequence[Candidate], image=None, engine: str | None = None) -> list[list[float]]:

@@ -15,6 +15,10 @@ from .base import EncodedQuestion, Engine, check_finite
 class ReferenceEngine(Engine):
     name = "reference"
 
+    def __init__(self, max_batch_tokens: int | None = None):
+        # Accepted so every engine is built the same way; the oracle runs one candidate at a time.
+        del max_batch_tokens
+
     @torch.inference_mode()
     def score(self, adapter: ModelAdapter, columns: RewardColumns, questions: list[EncodedQuestion]):
         results = []
