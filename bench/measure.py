@@ -1,0 +1,269 @@
+"""Measurements: wall time, peak RSS increase, FLOPs of the unique tokens, matmul rate.
+
+Memory.  torch's CPU allocations do not show in tracemalloc, so the peak is
+read from the kernel: before each call the process' high-water mark is reset
+(``echo 5 > /proc/<pid>/clear_refs`` sets VmHWM to the current VmRSS) and
+after the call ``VmHWM - VmRSS(before)`` is the call's peak RSS increase.
+glibc keeps freed memory, which would hide a later call's allocations, so
+``malloc_trim(0)`` runs first.  If clear_refs is not writable a sampling
+thread reads VmRSS every 2 ms instead (the report says which method ran).
+The same works for another process (vLLM's engine core) by pid.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+# ---------------------------------------------------------------------------
+# memory
+
+
+def _status_kb(pid: int | str, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
+def _reset_hwm(pid: int | str) -> bool:
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+_libc = None
+
+
+def release_free_memory() -> None:
+    """Garbage-collect and hand glibc's free pages back, so RSS(before) is not inflated."""
+    global _libc
+    gc.collect()
+    try:
+        _libc = _libc or ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (scan of /proc; vLLM's engine core and its workers)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out
+
+
+class PeakRSS:
+    """Peak RSS increase (MB) of ``pids`` (summed) over a with-block."""
+
+    def __init__(self, pids: Sequence[int | str] = ("self",), interval: float = 0.002):
+        self.pids = list(pids)
+        self.interval = interval
+        self.method = ""
+        self.peak_mb: float | None = None
+
+    def __enter__(self):
+        if self.pids == ["self"]:
+            release_free_memory()
+        self.before = {p: _status_kb(p, "VmRSS") or 0 for p in self.pids}
+        if all(_reset_hwm(p) for p in self.pids):
+            self.method = "VmHWM after clear_refs reset"
+            self._thread = None
+        else:
+            self.method = f"VmRSS sampled every {self.interval * 1000:.0f} ms"
+            self._stop = threading.Event()
+            self._max = dict(self.before)
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for p in self.pids:
+                self._max[p] = max(self._max[p], _status_kb(p, "VmRSS") or 0)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        if self._thread is None:
+            peak = {p: _status_kb(p, "VmHWM") or 0 for p in self.pids}
+        else:
+            self._stop.set()
+            self._thread.join()
+            for p in self.pids:
+                self._max[p] = max(self._max[p], _status_kb(p, "VmRSS") or 0)
+            peak = self._max
+        self.peak_mb = sum(max(0, peak[p] - self.before[p]) for p in self.pids) / 1024
+        return False
+
+
+# ---------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class Timing:
+    times: list[float] = field(default_factory=list)  # timed calls
+    peak_mb: list[float] = field(default_factory=list)  # timed calls
+    warmup_peak_mb: list[float] = field(default_factory=list)  # warm-up calls (first touch, lazy init)
+    memory_method: str = ""
+    result: object = None
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+
+def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1,
+              memory_pids: Callable[[], Sequence[int | str]] | None = None) -> Timing:
+    """``warmup`` untimed calls, then ``repeats`` timed ones; the peak RSS increase of every call."""
+    out = Timing()
+    for i in range(warmup + repeats):
+        pids = memory_pids() if memory_pids else ["self"]
+        with PeakRSS(pids) as mem:
+            t0 = time.perf_counter()
+            out.result = fn()
+            dt = time.perf_counter() - t0
+        out.memory_method = mem.method
+        if i >= warmup:
+            out.times.append(dt)
+            out.peak_mb.append(mem.peak_mb)
+        else:
+            out.warmup_peak_mb.append(mem.peak_mb)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# FLOPs of the unique tokens
+
+
+def text_flops(cfg, prefix: int, suffixes: Sequence[int], markers: int) -> dict:
+    """Multiply-add FLOPs (2 per MAC) a prefix-sharing engine cannot avoid, for a Qwen2/Llama decoder.
+
+    Per layer and token: q/k/v/o projections and the gated MLP (3 matrices);
+    attention scores + weighted values, 2 * 2 * L * heads * head_dim for a
+    token seeing L keys: prefix token i sees i + 1 keys (causal), suffix token
+    j of a candidate sees prefix + j + 1 keys.  Plus the reward readout: one
+    d-vector dot (W[good] - W[bad]) per marker.  Norms, RoPE, activations and
+    softmax (O(d) per token) are left out, as is the LM head over the vocabulary
+    (a PRM only needs two of its rows).
+    """
+    h = cfg.hidden_size
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    d = getattr(cfg, "head_dim", None) or h // heads
+    inter = cfg.intermediate_size
+    layers = cfg.num_hidden_layers
+    tokens = prefix + sum(suffixes)
+    linear_per_token = 2 * h * (heads * d + 2 * kv * d) + 2 * heads * d * h + 3 * 2 * h * inter
+    keys = prefix * (prefix + 1) // 2  # sum over prefix tokens of keys seen
+    for s in suffixes:
+        keys += s * prefix + s * (s + 1) // 2
+    attention = 4 * heads * d * keys
+    linear = linear_per_token * tokens
+    readout = 2 * h * markers
+    return {
+        "tokens": tokens,
+        "linear": layers * linear,
+        "attention": layers * attention,
+        "readout": readout,
+        "total": layers * (linear + attention) + readout,
+    }
+
+
+_CPU_SDPA_REGISTERED = False
+
+
+def _register_cpu_sdpa() -> None:
+    """FlopCounterMode counts the CUDA SDPA kernels but not the CPU flash kernel: count it the same way
+    (full, non-causal q x k: right for the vision tower's bidirectional attention)."""
+    global _CPU_SDPA_REGISTERED
+    if _CPU_SDPA_REGISTERED:
+        return
+    import torch.utils.flop_counter as fc
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None and op.default not in fc.flop_registry:
+        fc.register_flop_formula(op)(
+            lambda q, k, v, *args, out_shape=None, **kwargs: fc.sdpa_flop_count(q, k, v))
+    _CPU_SDPA_REGISTERED = True
+
+
+def counted_flops(fn: Callable[[], object]) -> int:
+    """FLOPs torch's FlopCounterMode sees for ``fn`` (used for the vision tower, run once per question):
+    matmuls, convolutions and attention; elementwise ops are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------
+# matmul rate
+
+
+def linear_shapes(cfg) -> list[tuple[int, int]]:
+    """(in, out) of every Linear in one decoder layer."""
+    h = cfg.hidden_size
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    d = getattr(cfg, "head_dim", None) or h // heads
+    inter = cfg.intermediate_size
+    return [(h, heads * d), (h, kv * d), (h, kv * d), (heads * d, h), (h, inter), (h, inter), (inter, h)]
+
+
+def matmul_rate(cfg, rows: int, repeats: int = 5, dtype=torch.float32) -> dict:
+    """fp32 GEMM rate (FLOP/s) on the model's linear shapes with ``rows`` tokens, best of ``repeats``.
+
+    One pass = every linear of one layer once (F.linear, as nn.Linear runs);
+    rate = FLOPs of the pass / best pass time, with torch's current thread count.
+    """
+    gen = torch.Generator().manual_seed(0)
+    shapes = linear_shapes(cfg)
+    x = {k: torch.randn(rows, k, generator=gen, dtype=dtype) for k in {k for k, _ in shapes}}
+    ws = [torch.randn(n, k, generator=gen, dtype=dtype) for k, n in shapes]
+    flops = sum(2 * rows * k * n for k, n in shapes)
+
+    def one_pass():
+        for (k, _), w in zip(shapes, ws):
+            torch.nn.functional.linear(x[k], w)
+
+    with torch.inference_mode():
+        one_pass()  # warm-up
+        best, n, start = float("inf"), 0, time.perf_counter()
+        # at least `repeats` passes, more (up to 200) while under 1 s: tiny shapes need many to find the best
+        while n < repeats or (n < 200 and time.perf_counter() - start < 1.0):
+            t0 = time.perf_counter()
+            one_pass()
+            best = min(best, time.perf_counter() - t0)
+            n += 1
+    return {"rows": rows, "flops_per_pass": flops, "best_pass_s": best, "passes": n, "flop_per_s": flops / best,
+            "threads": torch.get_num_threads(), "shapes": shapes}

