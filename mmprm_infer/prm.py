@@ -34,7 +34,7 @@ class PRM:
     """
 
     def __init__(self, model, tokenizer, format: str | PRMFormat, *, engine: str | Engine | None = None,
-                 max_batch_tokens: int = 16384, **format_options):
+                 max_batch_tokens: int | None = None, **format_options):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.format = get_format(format, **format_options)
