@@ -307,7 +307,7 @@ def test_accepts_step_sample_objects_and_evaluates(prms):
 
 
 def test_accepts_the_datasets_step_sample(prms):
-    datasets = pytest.importorskip("mmprm_infer.train.datasets")
+    from mmprm_infer.train import datasets
     prm = prms("shepherd")
     samples = [datasets.StepSample(s["question"], s["steps"], s["labels"]) for s in make_samples(4, seed=19)]
     result = train_prm(prm, samples, TrainConfig(max_steps=2, batch_size=2, progress=False), samples)

@@ -1,0 +1,220 @@
+"""Synthetic task (problems, checker, splits, images) and the synthetic policy."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mmprm_infer.answers import extract_answer
+from mmprm_infer.integrations.policy import Policy, PolicyPrompt, split_steps
+from mmprm_infer.train.synthetic_policy import ErrorRates, SyntheticPolicy, policy_report
+from mmprm_infer.train.synthetic_task import (
+    TEMPLATES,
+    make_problem,
+    make_problems,
+    parse_step,
+    problem_from_image,
+    problem_seeds,
+)
+
+NO_ERRORS = ErrorRates(misread=0, trap_range=(0, 0), wrong_line=0, slip=0, drop_term=0, dup_term=0, skip_op=0,
+                       dup_op=0)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return make_problems(60, "train", seed=0)
+
+
+# --------------------------------------------------------------------------
+# problems and checker
+# --------------------------------------------------------------------------
+
+
+def test_every_template_and_gold_solution_checks(problems):
+    assert {p.template for p in problems} == set(TEMPLATES)
+    for p in problems:
+        steps = p.gold_steps
+        assert 5 <= len(steps) <= 7
+        assert p.first_error(steps) is None
+        assert p.is_correct_solution(p.gold_solution)
+        assert all(p.check_step(steps[:k], steps[k]) for k in range(len(steps)))
+        assert extract_answer(p.gold_solution) == p.answer == str(p.answer_value)
+        assert steps[-1] == f"The answer is \\boxed{{{p.answer}}}."
+
+
+def test_gold_steps_are_short_and_regular(problems):
+    pattern = re.compile(r"^(Row \d|Column [A-C]|Bar [A-E]|-?\d+ [-+*] |The answer is \\boxed)")
+    for p in problems:
+        for s in p.gold_steps:
+            assert pattern.match(s), s
+            assert len(s.split()) <= 12
+
+
+def _grid_problem(template="grid_sum_times_cell"):
+    return next(p for p in make_problems(40, "train", 3) if p.template == template)
+
+
+def test_checker_finds_misread_slip_dropped_term_and_carries_errors():
+    p = _grid_problem()
+    gold = p.gold_steps  # Row r is a, b, c. / a + b + c = s. / Row x, column Y is v. / s * v = t. / answer
+    row = parse_step(gold[0])
+    a, b, c = row.values
+    wrong_a = a + 1 if a < 9 else a - 1
+    misread = [gold[0].replace(f"is {a},", f"is {wrong_a},", 1)]
+    carried_sum = wrong_a + b + c
+    misread.append(f"{wrong_a} + {b} + {c} = {carried_sum}.")
+    assert p.first_error(misread) == 0
+    verdict = p.check_step([], misread[0])
+    assert not verdict and "misread" in verdict.reason
+    # the next step is arithmetically fine given the misread, but on a wrong path
+    later = p.check_step(misread[:1], misread[1])
+    assert not later and "earlier step" in later.reason
+    assert p.step_labels(misread) == [False, False]
+
+    slip = gold[:1] + [f"{a} + {b} + {c} = {a + b + c + 1}."]
+    assert p.first_error(slip) == 1 and "slip" in p.check_step(slip[:1], slip[1]).reason
+    dropped = gold[:1] + [f"{a} + {b} = {a + b}."]
+    assert p.first_error(dropped) == 1
+    doubled = gold[:1] + [f"{a} + {b} + {b} + {c} = {a + 2 * b + c}."]
+    assert p.first_error(doubled) == 1
+    early = gold[:2] + [f"The answer is \\boxed{{{a + b + c}}}."]
+    assert p.first_error(early) == 2 and "before finishing" in p.check_step(early[:2], early[2]).reason
+    extra = gold[:4] + [gold[3].split(" = ")[1].rstrip(".") + " * 2 = 0."]
+    assert p.first_error(extra) == 4
+    wrong_answer = gold[:4] + [f"The answer is \\boxed{{{p.answer_value + 1}}}."]
+    assert p.first_error(wrong_answer) == 4
+    assert p.first_error(gold[:2] + ["Let me think about this."]) == 2
+    assert p.first_error(gold[:3]) is None  # a correct unfinished prefix
+    assert not p.is_correct_solution(gold[:3])
+    # reading something the question does not need
+    other_row = 1 if parse_step(gold[0]).target.row != 1 else 2
+    assert p.first_error([f"Row {other_row} is {', '.join(map(str, p.values[other_row - 1]))}."]) == 0
+
+
+def test_checker_on_bars_and_column_questions():
+    for template in ("bars_pair_times_bar", "bars_triple_minus_bar", "grid_row_minus_col",
+                     "grid_cell_product_plus_row"):
+        p = _grid_problem(template)
+        gold = p.gold_steps
+        for k, step in enumerate(gold):
+            parsed = parse_step(step)
+            if parsed.kind == "read":
+                bad = step.replace(str(parsed.values[-1]) + ".", str(parsed.values[-1] % 9 + 1) + ".")
+                assert p.first_error(gold[:k] + [bad]) == k, (template, bad)
+            elif parsed.kind == "arith":
+                bad = step.replace(f"= {parsed.result}.", f"= {parsed.result + 2}.")
+                assert p.first_error(gold[:k] + [bad]) == k
+
+
+def test_splits_are_disjoint_and_deterministic():
+    train, test = problem_seeds(300, "train", 0), problem_seeds(300, "test", 0)
+    assert not set(train) & set(test)
+    tr, te = make_problems(300, "train", 0), make_problems(300, "test", 0)
+    assert {p.id for p in tr}.isdisjoint({p.id for p in te})
+    assert all(p.split == "train" for p in tr) and all(p.split == "test" for p in te)
+    again = make_problems(5, "test", 0)
+    assert [(p.question, p.values) for p in again] == [(p.question, p.values) for p in te[:5]]
+    assert make_problems(3, "train", 1)[0].seed not in train
+    with pytest.raises(ValueError, match="split"):
+        problem_seeds(3, "dev")
+
+
+def test_image_text_and_self_describing_png(tmp_path):
+    for template in ("grid_sum_times_cell", "bars_pair_times_bar"):
+        p = _grid_problem(template)
+        img = p.image
+        assert img.mode == "RGB" and 150 <= img.width <= 300 and 150 <= img.height <= 300
+        assert len(img.getcolors(1 << 16)) > 2  # something drawn
+        for r, row in enumerate(p.values, 1):
+            line = ", ".join(map(str, row))
+            assert (f"Row {r}: {line}" if p.kind == "grid" else "\n".join(
+                f"Bar {'ABCDE'[c]}: {v}" for c, v in enumerate(row))) in p.image_text
+        assert p.prompt_question(text_only=True).startswith(p.image_text)
+        assert p.prompt_question(text_only=False) == p.question
+        path = tmp_path / f"{p.id}.png"
+        p.save_image(path)
+        back = problem_from_image(str(path))
+        assert back is not None and back.gold_steps == p.gold_steps and back.id == p.id
+        assert problem_from_image(p.image).values == p.values
+    assert make_problem(7, template="bars_triple_minus_bar").template == "bars_triple_minus_bar"
+
+
+# --------------------------------------------------------------------------
+# synthetic policy
+# --------------------------------------------------------------------------
+
+
+def _prompts(problems, text_only=False):
+    return [PolicyPrompt(p.prompt_question(text_only), [] if text_only else [p.image]) for p in problems]
+
+
+def test_policy_protocol_and_determinism(problems):
+    pol = SyntheticPolicy(problems, seed=3)
+    assert isinstance(pol, Policy)
+    a = pol.generate(_prompts(problems[:10]), n=8)
+    b = SyntheticPolicy(problems, seed=3).generate(_prompts(problems[:10]), n=8)
+    c = SyntheticPolicy(problems, seed=4).generate(_prompts(problems[:10]), n=8)
+    assert a == b and a != c
+    assert len(a) == 10 and all(len(x) == 8 for x in a)
+    # asking again gives fresh samples, reproducibly
+    assert pol.generate(_prompts(problems[:10]), n=8) != a
+    # order-independent: one question alone gets the same samples as in a batch
+    assert SyntheticPolicy(problems, seed=3).generate(_prompts(problems[4:5]), n=8)[0] == a[4]
+    # text-only prompts resolve through the known problems
+    t = SyntheticPolicy(problems, seed=3).generate(_prompts(problems[:3], text_only=True), n=4)
+    assert all(extract_answer(s) is not None for row in t for s in row)
+    with pytest.raises(ValueError, match="unknown problem"):
+        SyntheticPolicy().generate([PolicyPrompt("What is 2 + 2?")], n=1)
+
+
+def test_temperature_zero_is_the_reference(problems):
+    pol = SyntheticPolicy(problems, seed=0)
+    out = pol.generate(_prompts(problems[:20]), n=2, temperature=0.0)
+    for p, sols in zip(problems, out):
+        assert sols == [p.gold_solution] * 2
+
+
+def test_continues_partial_solutions(problems):
+    pol = SyntheticPolicy(problems, rates=NO_ERRORS, seed=0)
+    for p in problems[:15]:
+        for k in range(len(p.gold_steps)):
+            prompt = PolicyPrompt(p.question, [p.image], p.gold_steps[:k])
+            (cont,) = pol.generate([prompt], n=1)[0:1][0]
+            assert split_steps(cont) == p.gold_steps[k:]
+        done = PolicyPrompt(p.question, [p.image], p.gold_steps)
+        assert pol.generate([done], n=2) == [["", ""]]
+
+
+def test_errors_carry_into_later_steps_and_answer(problems):
+    pol = SyntheticPolicy(problems, seed=1)
+    for p in [q for q in problems if q.template == "grid_sum_times_cell"][:5]:
+        row = parse_step(p.gold_steps[0])
+        vals = list(row.values)
+        vals[1] = vals[1] % 9 + 1
+        partial = [f"{row.target.describe()} is {', '.join(map(str, vals))}."]
+        conts = pol.generate([PolicyPrompt(p.question, [p.image], partial)], n=16)[0]
+        for cont in conts:
+            steps = split_steps(cont)
+            full = partial + steps
+            assert p.first_error(full) == 0
+            assert extract_answer(cont) != p.answer  # never lucky
+            nxt = parse_step(steps[0])
+            if nxt.kind == "arith" and len(nxt.values) == 3:  # no dropped / doubled term
+                assert list(nxt.values) == vals  # the sum uses the misread values
+        # a correct prefix can still end right
+        good = pol.generate([PolicyPrompt(p.question, [p.image], p.gold_steps[:2])], n=16)[0]
+        assert any(extract_answer(s) == p.answer for s in good)
+
+
+def test_error_mix_accuracy_and_majority_vote():
+    probs = make_problems(120, "test", 0)
+    rep = policy_report(probs, SyntheticPolicy(probs, seed=0), n=16)
+    acc, maj = rep["accuracy"], rep["majority@16"]
+    assert 0.33 <= acc <= 0.55, rep
+    assert acc + 0.1 <= maj <= 0.8, rep  # majority helps but is clearly imperfect
+    assert rep["pass@16"] >= 0.95  # a good PRM has something to pick
+    assert rep["problems_with_agreeing_wrong_answers"] >= 0.25  # wrong answers that agree with each other
+    assert set(rep["first_error_kinds"]) == {"misread", "arithmetic slip", "dropped/doubled term", "skipped operation",
+                                             "duplicated operation"}, rep

@@ -1,0 +1,122 @@
+"""Command line: MCTS-annotate synthetic problems (``mmprm annotate``).
+
+    python -m mmprm_infer.train.annotate --num-problems 100 --out-dir runs/ann \\
+        --k 16 --rollout-budget 200 --max-search-count 20
+
+Writes one OmegaPRM tree per question under ``OUT_DIR/trees`` (see
+``mmprm_infer.train.mcts.annotate``); rerunning the same command after a
+kill finishes the remaining questions.  ``--export FILE`` also writes the
+labelled training samples (``--export-format``: mm-prm, visualprm,
+stepwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Sequence
+
+__all__ = ["annotate_main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .mcts import MCTSConfig
+    from .synthetic_policy import ErrorRates
+
+    cfg, rates = MCTSConfig(), ErrorRates()
+    p = argparse.ArgumentParser(
+        prog="mmprm annotate",
+        description="OmegaPRM (MM-PRM) MCTS step annotation of synthetic multimodal problems with the "
+                    "synthetic policy; resumable.",
+    )
+    g = p.add_argument_group("problems")
+    g.add_argument("--num-problems", type=int, default=100, help="number of problems (default 100)")
+    g.add_argument("--seed", type=int, default=0, help="problem seed (default 0)")
+    g.add_argument("--split", choices=("train", "test"), default="train", help="problem split (disjoint seeds)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--text-only", action="store_true", help="questions carry the picture as text, no images")
+    mode.add_argument("--image", dest="text_only", action="store_false", help="questions with images (default)")
+    g.add_argument("--out-dir", required=True, help="output folder (trees/, images/, run.json)")
+
+    s = p.add_argument_group("search (MM-PRM defaults)")
+    s.add_argument("--k", "--num-rollouts", dest="num_rollouts", type=int, default=cfg.num_rollouts,
+                   help=f"rollouts per MC estimate (default {cfg.num_rollouts})")
+    s.add_argument("--rollout-budget", type=int, default=cfg.rollout_budget)
+    s.add_argument("--max-search-count", type=int, default=cfg.max_search_count)
+    s.add_argument("--c-puct", type=float, default=cfg.c_puct)
+    s.add_argument("--alpha", type=float, default=cfg.alpha)
+    s.add_argument("--beta", type=float, default=cfg.beta)
+    s.add_argument("--length-scale", type=float, default=cfg.length_scale, help="L in beta^(words / L)")
+    s.add_argument("--temperature", type=float, default=cfg.temperature)
+    s.add_argument("--top-p", type=float, default=cfg.top_p)
+    s.add_argument("--top-k", type=int, default=cfg.top_k)
+
+    e = p.add_argument_group("synthetic policy")
+    e.add_argument("--policy-seed", type=int, default=0)
+    e.add_argument("--misread-rate", type=float, default=rates.misread, help="per value read")
+    e.add_argument("--trap-range", type=float, nargs=2, default=list(rates.trap_range), metavar=("LOW", "HIGH"),
+                   help="per-problem probability range of misreading its one hard value")
+    e.add_argument("--wrong-line-rate", type=float, default=rates.wrong_line, help="per reading step")
+    e.add_argument("--slip-rate", type=float, default=rates.slip, help="arithmetic slip, per calculation")
+    e.add_argument("--drop-term-rate", type=float, default=rates.drop_term)
+    e.add_argument("--dup-term-rate", type=float, default=rates.dup_term)
+    e.add_argument("--skip-op-rate", type=float, default=rates.skip_op)
+    e.add_argument("--dup-op-rate", type=float, default=rates.dup_op)
+    e.add_argument("--policy-latency", type=float, default=0.0,
+                   help="seconds to sleep per policy call (simulates a slow policy)")
+
+    o = p.add_argument_group("run")
+    o.add_argument("--workers", type=int, default=1, help="questions annotated at once (threads)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--export", default=None, help="also write labelled samples to this file")
+    o.add_argument("--export-format", choices=("mm-prm", "visualprm", "stepwise"), default="mm-prm")
+    o.add_argument("--granularity", choices=("node", "step"), default="node",
+                   help="labels per tree node (MM-PRM) or per step")
+    o.add_argument("--threshold", type=float, default=0.0, help="MC <= threshold is a negative (default 0)")
+    o.add_argument("--hard-labels", action="store_true", help="export 1/0 labels (MC > threshold) instead of MC")
+    return p
+
+
+def annotate_main(argv: Sequence[str] | None = None) -> int:
+    from .datasets import save_samples
+    from .labels import LabelConfig, label_stats, trees_to_samples
+    from .mcts import MCTSConfig, annotate, load_trees
+    from .synthetic_policy import ErrorRates, SyntheticPolicy
+    from .synthetic_task import make_problems
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        config = MCTSConfig(num_rollouts=args.num_rollouts, c_puct=args.c_puct, alpha=args.alpha, beta=args.beta,
+                            length_scale=args.length_scale, rollout_budget=args.rollout_budget,
+                            max_search_count=args.max_search_count, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k)
+        rates = ErrorRates(misread=args.misread_rate, trap_range=tuple(args.trap_range),
+                           wrong_line=args.wrong_line_rate, slip=args.slip_rate, drop_term=args.drop_term_rate,
+                           dup_term=args.dup_term_rate, skip_op=args.skip_op_rate, dup_op=args.dup_op_rate)
+        problems = make_problems(args.num_problems, args.split, args.seed)
+    except ValueError as e:
+        print(f"mmprm annotate: {e}", file=sys.stderr)
+        return 2
+    policy = SyntheticPolicy(problems, rates=rates, seed=args.policy_seed, latency_s=args.policy_latency)
+    stats = annotate(problems, policy, args.out_dir, config, text_only=args.text_only,
+                     progress=not args.no_progress, workers=args.workers)
+    summary = {
+        "questions": stats.questions, "skipped": stats.skipped, "annotated": stats.annotated,
+        "failed": stats.failed, "rollouts": stats.rollouts, "seconds": round(stats.seconds, 3),
+        "rollouts_per_s": round(stats.rollouts_per_s, 1), "policy_rates": dataclasses.asdict(rates),
+    }
+    if args.export:
+        samples = trees_to_samples(load_trees(args.out_dir), LabelConfig(
+            granularity=args.granularity, threshold=args.threshold, hard_labels=args.hard_labels))
+        save_samples(samples, args.export, args.export_format)
+        summary.update(label_stats(samples, args.threshold))
+    print(json.dumps(summary))
+    return 1 if stats.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(annotate_main())

@@ -1,0 +1,528 @@
+"""MCTS step annotation, OmegaPRM-style, as MM-PRM runs it.
+
+For one question, ``OmegaPRMSearch`` builds a tree of partial solutions whose
+nodes carry Monte Carlo (MC) estimates: the fraction of ``k`` policy rollouts
+from that partial solution that reach the reference answer.
+
+1. MC-estimate the question (root).  Each correct rollout becomes a child
+   (MC 1); each distinct incorrect rollout of a node with MC > 0 joins the
+   candidate pool.
+2. Selection: pop the (node, incorrect rollout) pair with the largest
+   ``Q + U``, ``Q = alpha^(1 - MC) * beta^(words / L)`` (``words`` of the
+   rollout), ``U = c_puct * sqrt(total visits) / (1 + visits)``.
+3. Binary search along that rollout for its first error: the prefix up to
+   the middle step becomes a child and gets its own MC estimate; MC == 0 puts
+   the error in the left half (search again from the same node), MC > 0 in
+   the right half (search from the new child).  A prefix that ends the
+   rollout is judged directly (MC 1 or 0) without rollouts.
+4. Maintenance: the selected node's visit count += 1.
+Repeat until ``max_search_count`` searches, ``rollout_budget`` rollouts (the
+budget is checked between searches, so a search may overrun it, as in
+MM-PRM) or an empty pool.
+
+Tree JSON (MM-PRM's layout; extra keys ``id``, ``search_count``,
+``total_rollouts``, ``config`` are ours)::
+
+    {question, answer, image_path, mc_value, visit_count, correct_rollouts,
+     incorrect_rollouts, children: [{partial_solution, mc_value, visit_count,
+     correct_rollouts, incorrect_rollouts, children}, ...], ...}
+
+``partial_solution`` is the list of steps a node adds to its parent's
+prefix; a rollout is the list of steps a policy wrote after the node's
+prefix.  Unlike MM-PRM, the rollout lists keep repeats, so everywhere
+``mc_value == len(correct_rollouts) / (len(correct_rollouts) +
+len(incorrect_rollouts))``; a node judged directly (a complete solution)
+records that one check as a rollout with no steps (``[]``).
+
+``annotate`` runs the search over many questions and writes one tree file
+per question, atomically, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from mmprm_infer.answers import AnswerVerifier
+from mmprm_infer.integrations.policy import Policy, PolicyPrompt, join_steps, split_steps
+
+__all__ = [
+    "MCTSConfig",
+    "Node",
+    "OmegaPRMSearch",
+    "AnnotationItem",
+    "AnnotationStats",
+    "annotate",
+    "as_annotation_item",
+    "tree_path",
+    "load_tree",
+    "load_trees",
+    "iter_nodes",
+    "write_json_atomic",
+]
+
+logger = logging.getLogger(__name__)
+
+Verifier = Callable[[str, str], bool]
+
+
+@dataclass
+class MCTSConfig:
+    """OmegaPRM search settings; defaults are MM-PRM's (its run script used
+    L 2000, budget 1000, max search count 200 for the released data)."""
+
+    num_rollouts: int = 16  # k rollouts per MC estimate
+    c_puct: float = 0.125
+    alpha: float = 0.5
+    beta: float = 0.9
+    length_scale: float = 500  # L
+    rollout_budget: int = 200
+    max_search_count: int = 20
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 50
+    max_new_tokens: int = 1024
+
+    def __post_init__(self):
+        if self.num_rollouts < 1:
+            raise ValueError(f"num_rollouts must be >= 1, got {self.num_rollouts}")
+        if self.rollout_budget < 0 or self.max_search_count < 0:
+            raise ValueError("rollout_budget and max_search_count must be >= 0")
+        if self.length_scale <= 0:
+            raise ValueError(f"length_scale must be > 0, got {self.length_scale}")
+        if not (0 < self.alpha <= 1 and 0 < self.beta <= 1):
+            raise ValueError(f"alpha and beta must lie in (0, 1], got {self.alpha}, {self.beta}")
+
+    def sampling(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass(eq=False)
+class Node:
+    """A partial solution: ``partial_solution`` = the steps it adds to its parent's."""
+
+    partial_solution: list[str]
+    parent: "Node | None" = None
+    mc_value: float | None = None
+    visit_count: int = 0
+    correct_rollouts: list[list[str]] = field(default_factory=list)
+    incorrect_rollouts: list[list[str]] = field(default_factory=list)
+    children: list["Node"] = field(default_factory=list)
+    pending: list[tuple[str, ...]] = field(default_factory=list)  # incorrect rollouts not yet searched
+
+    def prefix(self) -> list[str]:
+        steps: list[str] = []
+        node: Node | None = self
+        chain = []
+        while node is not None:
+            chain.append(node.partial_solution)
+            node = node.parent
+        for part in reversed(chain):
+            steps.extend(part)
+        return steps
+
+    def add_child(self, steps: Sequence[str]) -> "Node":
+        child = Node(list(steps), parent=self)
+        self.children.append(child)
+        return child
+
+    def set_mc(self) -> None:
+        total = len(self.correct_rollouts) + len(self.incorrect_rollouts)
+        self.mc_value = len(self.correct_rollouts) / total if total else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "partial_solution": list(self.partial_solution),
+            "mc_value": self.mc_value,
+            "visit_count": self.visit_count,
+            "correct_rollouts": [list(r) for r in self.correct_rollouts],
+            "incorrect_rollouts": [list(r) for r in self.incorrect_rollouts],
+            "children": [c.to_json() for c in self.children],
+        }
+
+
+class OmegaPRMSearch:
+    """The OmegaPRM search for one question (see the module docstring).
+
+    ``verifier(solution_text, reference) -> bool`` judges a finished
+    solution; the default is ``AnswerVerifier()`` (last ``\\boxed{}`` /
+    "The answer is", math-verify equivalence).  Pass
+    ``AnswerVerifier(judge=...)`` or any callable to change the judge.
+    """
+
+    def __init__(self, question: str, answer: str, policy: Policy, config: MCTSConfig | None = None, *,
+                 images: Sequence[Any] = (), verifier: Verifier | None = None):
+        self.question = question
+        self.answer = answer
+        self.policy = policy
+        self.config = config or MCTSConfig()
+        self.images = list(images)
+        self.verifier = verifier or AnswerVerifier()
+        self.root = Node([])
+        self.search_count = 0
+        self.total_rollouts = 0
+        self._order: dict[tuple[int, tuple[str, ...]], int] = {}
+
+    # --- pieces ----------------------------------------------------------
+    def is_correct(self, steps: Sequence[str]) -> bool:
+        return bool(self.verifier(join_steps(steps), self.answer))
+
+    def rollouts(self, node: Node) -> list[tuple[str, ...]]:
+        """k continuations of the node's prefix, as step tuples."""
+        prompt = PolicyPrompt(self.question, list(self.images), node.prefix())
+        texts = self.policy.generate([prompt], self.config.num_rollouts, **self.config.sampling())[0]
+        self.total_rollouts += len(texts)
+        return [tuple(split_steps(t)) for t in texts]
+
+    def monte_carlo_estimation(self, node: Node) -> None:
+        prefix = node.prefix()
+        for rollout in self.rollouts(node):
+            if self.is_correct(prefix + list(rollout)):
+                if list(rollout) not in node.correct_rollouts:
+                    child = node.add_child(rollout)
+                    child.correct_rollouts.append([])  # the direct check of a complete solution
+                    child.set_mc()
+                node.correct_rollouts.append(list(rollout))
+            else:
+                if rollout and rollout not in node.pending and list(rollout) not in node.incorrect_rollouts:
+                    node.pending.append(rollout)
+                    self._order.setdefault((id(node), rollout), len(self._order))
+                node.incorrect_rollouts.append(list(rollout))
+        node.set_mc()
+
+    def judge_directly(self, node: Node) -> None:
+        """MC of a complete solution: one check, no rollouts."""
+        (node.correct_rollouts if self.is_correct(node.prefix()) else node.incorrect_rollouts).append([])
+        node.set_mc()
+
+    def q_value(self, node: Node, rollout: Sequence[str]) -> float:
+        words = len("\n".join(rollout).split())
+        c = self.config
+        return c.alpha ** (1 - node.mc_value) * c.beta ** (words / c.length_scale)
+
+    def u_value(self, node: Node, total_visits: int) -> float:
+        return self.config.c_puct * math.sqrt(total_visits) / (1 + node.visit_count)
+
+    def candidates(self) -> list[tuple[Node, tuple[str, ...]]]:
+        return [(n, r) for n in iter_node_objects(self.root) if n.mc_value and n.mc_value > 0 for r in n.pending]
+
+    def select(self) -> tuple[Node, tuple[str, ...]] | None:
+        pool = self.candidates()
+        if not pool:
+            return None
+        total = sum(n.visit_count for n in iter_node_objects(self.root))
+        node, rollout = max(pool, key=lambda nr: (self.q_value(nr[0], nr[1]) + self.u_value(nr[0], total),
+                                                  -self._order[(id(nr[0]), nr[1])]))
+        node.pending.remove(rollout)
+        return node, rollout
+
+    def binary_search(self, node: Node, rollout: Sequence[str], left: int, right: int) -> None:
+        """Locate the first error of ``rollout`` (continuing ``node``) in ``[left, right]``."""
+        while left <= right:
+            mid = (left + right) // 2
+            child = node.add_child(rollout[left:mid + 1])
+            if mid == len(rollout) - 1:
+                self.judge_directly(child)
+            else:
+                self.monte_carlo_estimation(child)
+            if child.mc_value == 0:
+                right = mid - 1
+            else:
+                node, left = child, mid + 1
+
+    # --- the search --------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.monte_carlo_estimation(self.root)
+        c = self.config
+        while self.search_count < c.max_search_count and self.total_rollouts < c.rollout_budget:
+            picked = self.select()
+            if picked is None:
+                break
+            node, rollout = picked
+            self.binary_search(node, rollout, 0, len(rollout) - 1)
+            node.visit_count += 1
+            self.search_count += 1
+        return self.tree()
+
+    def tree(self) -> dict[str, Any]:
+        data = self.root.to_json()
+        del data["partial_solution"]
+        return {"question": self.question, "answer": self.answer, "image_path": None, **data,
+                "search_count": self.search_count, "total_rollouts": self.total_rollouts}
+
+
+def iter_node_objects(root: Node) -> Iterable[Node]:
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(reversed(n.children))
+
+
+def iter_nodes(tree: dict[str, Any], prefix: Sequence[str] = ()) -> Iterable[tuple[dict[str, Any], list[str]]]:
+    """(node, full prefix) for every node of a tree JSON, root first, depth first."""
+    stack = [(tree, list(prefix))]
+    while stack:
+        node, pre = stack.pop()
+        yield node, pre
+        for child in reversed(node.get("children", [])):
+            stack.append((child, pre + list(child.get("partial_solution", []))))
+
+
+# --------------------------------------------------------------------------
+# Many questions: files, resume, progress
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class AnnotationItem:
+    """A question to annotate: ``image`` is a PIL image or a path (or None)."""
+
+    id: str
+    question: str
+    answer: str
+    image: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AnnotationStats:
+    questions: int = 0
+    skipped: int = 0  # trees already on disk (resumed run)
+    annotated: int = 0
+    failed: list[str] = field(default_factory=list)
+    rollouts: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rollouts_per_s(self) -> float:
+        return self.rollouts / self.seconds if self.seconds > 0 else 0.0
+
+
+def as_annotation_item(item: Any, text_only: bool = False) -> AnnotationItem:
+    """A synthetic ``Problem``, an ``AnnotationItem`` or a dict in MM-PRM's
+    input layout (``question``, ``correct_answer`` or ``answer``,
+    ``image_path``, optional ``id``)."""
+    if isinstance(item, AnnotationItem):
+        return item
+    if hasattr(item, "prompt_question") and hasattr(item, "answer"):  # synthetic Problem
+        return AnnotationItem(item.id, item.prompt_question(text_only), str(item.answer),
+                              None if text_only else item.image)
+    if isinstance(item, dict):
+        answer = item.get("correct_answer", item.get("answer"))
+        if answer is None or "question" not in item:
+            raise ValueError(f"a question dict needs 'question' and 'correct_answer' (or 'answer'); got keys "
+                             f"{sorted(item)}")
+        image = None if text_only else item.get("image_path", item.get("image"))
+        qid = item.get("id")
+        if qid is None:
+            qid = hashlib.md5(json.dumps(item, sort_keys=True, default=str).encode()).hexdigest()
+        extra = {k: v for k, v in item.items() if k not in ("question", "correct_answer", "answer", "image_path",
+                                                             "image", "id")}
+        return AnnotationItem(str(qid), item["question"], str(answer), image, extra)
+    raise TypeError(f"cannot annotate a {type(item).__name__}: give a Problem, an AnnotationItem or a dict")
+
+
+_SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _file_stem(qid: str) -> str:
+    stem = _SAFE_RE.sub("_", qid).strip("._") or "q"
+    if stem != qid:  # keep distinct ids distinct after sanitizing
+        stem += "-" + hashlib.md5(qid.encode()).hexdigest()[:8]
+    return stem
+
+
+def tree_path(out_dir: str | os.PathLike, qid: str) -> Path:
+    return Path(out_dir) / "trees" / f"{_file_stem(qid)}.json"
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to a temp file beside ``path``, fsync, then os.replace: readers
+    see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_tree(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A finished tree file, or None when missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "children" in data and "mc_value" in data else None
+
+
+def load_trees(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every finished tree under ``out_dir/trees`` (sorted by file name)."""
+    trees = []
+    for p in sorted((Path(out_dir) / "trees").glob("*.json")):
+        t = load_tree(p)
+        if t is not None:
+            trees.append(t)
+    return trees
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Temp files left by a killed run (its pid no longer runs)."""
+    for tmp in folder.glob(".*.tmp-*"):
+        m = re.search(r"\.tmp-(\d+)-", tmp.name)
+        if m and not _pid_alive(int(m.group(1))):
+            tmp.unlink(missing_ok=True)
+
+
+def _save_image(item: AnnotationItem, out_dir: Path) -> str | None:
+    """Save the item's image under out_dir/images; the path the tree records."""
+    image = item.image
+    if image is None:
+        return None
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    path = out_dir / "images" / f"{_file_stem(item.id)}.png"
+    if not path.exists():
+        from PIL.PngImagePlugin import PngInfo
+
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        info = PngInfo()  # keep text metadata (a synthetic image carries its problem spec)
+        for key, value in getattr(image, "info", {}).items():
+            if isinstance(key, str) and isinstance(value, str):
+                info.add_text(key, value)
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def annotate(problems: Iterable[Any], policy: Policy, out_dir: str | os.PathLike, config: MCTSConfig | None = None,
+             *, verifier: Verifier | None = None, text_only: bool = False, progress: bool = True,
+             workers: int = 1) -> AnnotationStats:
+    """Annotate every question with an OmegaPRM tree under ``out_dir``.
+
+    Layout: ``out_dir/trees/<id>.json`` (one finished tree per question,
+    written atomically), ``out_dir/images/<id>.png`` (each in-memory image,
+    saved so ``image_path`` names a real file; path images are recorded as
+    given), ``out_dir/run.json`` (the settings of the last run).
+
+    Resuming: questions whose tree file exists (for the same question text and
+    answer) are skipped, so rerunning the same command after a kill finishes
+    the rest and redoes nothing; a tree left by another question under the
+    same id is redone, with a warning.
+    ``problems``: synthetic ``Problem``s, ``AnnotationItem``s or dicts in
+    MM-PRM's input layout (``id``, ``question``, ``image_path``,
+    ``correct_answer``).  ``text_only``: questions without images (synthetic
+    problems put the picture's content in the question text).
+    ``workers`` > 1 annotates that many questions at once (threads; useful
+    with an HTTP policy).  A question that raises is logged and listed in
+    ``stats.failed``; the others go on.
+    """
+    config = config or MCTSConfig()
+    out = Path(out_dir)
+    (out / "trees").mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(out / "trees")
+    _remove_stale_temp_files(out / "images")
+    items = [as_annotation_item(p, text_only) for p in problems]
+    seen: dict[str, int] = {}
+    for i, it in enumerate(items):
+        if _file_stem(it.id) in seen:
+            raise ValueError(f"questions {seen[_file_stem(it.id)]} and {i} share the id {it.id!r}; ids must be unique")
+        seen[_file_stem(it.id)] = i
+    run = {"config": dataclasses.asdict(config), "text_only": text_only, "questions": len(items)}
+    try:
+        before = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        before = None
+    if before and (before.get("config") != run["config"] or before.get("text_only") != text_only):
+        logger.warning("%s holds trees annotated with other settings (%s); finished questions are kept as they are",
+                       out, before)
+    write_json_atomic(out / "run.json", run)
+
+    stats = AnnotationStats(questions=len(items))
+    todo = []
+    for it in items:
+        tree = load_tree(tree_path(out, it.id))
+        if tree is not None and (tree.get("question") != it.question or str(tree.get("answer")) != it.answer):
+            logger.warning("%s holds a tree for another question or answer; annotating %s again",
+                           tree_path(out, it.id), it.id)
+            tree = None
+        if tree is None:
+            todo.append(it)
+    stats.skipped = len(items) - len(todo)
+    start = time.perf_counter()
+    lock = threading.Lock()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), initial=stats.skipped, unit="q", desc="annotate", disable=not progress,
+               dynamic_ncols=True)
+
+    def one(item: AnnotationItem) -> int:
+        image_path = _save_image(item, out)
+        policy_image = image_path if image_path is not None else None
+        search = OmegaPRMSearch(item.question, item.answer, policy, config,
+                                images=[policy_image] if policy_image else [], verifier=verifier)
+        tree = search.run()
+        tree["image_path"] = image_path
+        tree = {"id": item.id, **tree, "config": dataclasses.asdict(config), **item.extra}
+        write_json_atomic(tree_path(out, item.id), tree)
+        return search.total_rollouts
+
+    def done(item: AnnotationItem, rollouts: int | None, error: BaseException | None) -> None:
+        with lock:
+            if error is not None:
+                logger.error("annotating %s failed: %s", item.id, error)
+                stats.failed.append(item.id)
+            else:
+                stats.annotated += 1
+                stats.rollouts += rollouts
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(rollouts=stats.rollouts, rollouts_per_s=f"{stats.rollouts / max(elapsed, 1e-9):.1f}",
+                            failed=len(stats.failed), refresh=False)
+
+    try:
+        if workers <= 1:
+            for it in todo:
+                try:
+                    r = one(it)
+                except Exception as e:  # noqa: BLE001 - one bad question must not stop the run
+                    done(it, None, e)
+                else:
+                    done(it, r, None)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as ex:
+                futures = {ex.submit(one, it): it for it in todo}
+                for fut in as_completed(futures):
+                    err = fut.exception()
+                    done(futures[fut], None if err else fut.result(), err)
+    finally:
+        bar.close()
+        stats.seconds = time.perf_counter() - start
+    return stats
