@@ -1,0 +1,504 @@
+"""The whole PRM pipeline, end to end, on the synthetic multimodal task.
+
+    mmprm pipeline --preset demo --run-dir runs/pipeline-demo
+    mmprm pipeline --preset full --run-dir runs/pipeline-full
+
+1. make train problems (3x3 digit tables / bar charts) and annotate them with
+   OmegaPRM MCTS, the synthetic policy writing the rollouts (``mcts.annotate``);
+2. trees -> step-labelled samples (``labels.trees_to_samples``; per-step
+   labels, hard 1/0 by MC > 0 by default);
+3. build a small PRM (``prm_init.build_task_prm``: tiny InternVL, mm-prm
+   format, the image included; its question also carries the picture as text,
+   see prm_init) and train it (``trainer.train_prm``);
+4. on held-out test problems (the disjoint test split) sample N = 16
+   candidates per problem from the same policy, score them all once with the
+   trained PRM (``PRM.score_batch``, the fast engine) and report
+   - ProcessBench step-error metrics (acc on wrong cases, acc on right cases,
+     F1) against the checker's true first errors (``Problem.first_error``);
+   - Best-of-N accuracy for every aggregation, PRM-weighted vote, majority
+     vote, random (expected accuracy of a uniform pick) and pass@N for N in
+     1, 2, 4, 8, 16 (each N averaged over the 16 / N disjoint groups of
+     candidates);
+   - ``report.json`` and ``accuracy_vs_n.png`` in the run directory.
+
+Everything is seeded: the same config gives the same report (up to
+floating-point nondeterminism of multi-threaded CPU kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["PipelineConfig", "PRESETS", "preset_config", "run_pipeline", "pipeline_main", "rerank_example",
+           "AGGREGATIONS"]
+
+AGGREGATIONS = ("min", "last", "mean", "prod", "max", "sum_logprob", "sum_logit", "mean_odd")
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/pipeline"
+    preset: str = "custom"
+    seed: int = 0  # problem seed (train and test splits have disjoint problem seeds)
+    policy_seed: int = 0
+    # (a) annotation
+    train_problems: int = 300
+    num_rollouts: int = 16
+    rollout_budget: int = 200
+    max_search_count: int = 20
+    # (b) labels
+    granularity: str = "step"
+    hard_labels: bool = True  # labels 1/0 by MC > 0 (the checker's notion of a wrong step)
+    # (c) model
+    model_kind: str = "internvl"  # "internvl" (mm-prm, images) | "text" (custom format, text-only task)
+    with_image_text: bool = True  # the PRM's question carries the picture as text too (see prm_init)
+    hidden: int = 64
+    layers: int = 3
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 192
+    image_size: int = 112
+    pretrain_steps: int = 0  # next-token pretraining on facts + reference solutions first (prm_init.pretrain_reading)
+    max_steps: int = 600
+    batch_size: int = 8
+    learning_rate: float | None = 2e-3
+    warmup_ratio: float = 0.05
+    eval_fraction: float = 0.05  # of the labelled samples held out for the trainer's eval log
+    # (d) evaluation
+    test_problems: int = 50
+    n_candidates: int = 16
+    ns: tuple[int, ...] = (1, 2, 4, 8, 16)
+    aggregations: tuple[str, ...] = AGGREGATIONS
+    vote_aggregation: str = "min"  # scores summed per answer by the PRM-weighted vote
+    threshold: float = 0.5  # predicted first error: first step with reward < threshold
+    score_batch_questions: int = 8
+    example: bool = True  # print a reranking example at the end
+    progress: bool = True
+    threads: int | None = 1  # torch threads; tiny models run best on one (measured: 2 threads on a shared
+    # 2-core machine was 5x slower per step than 1); None leaves torch's default
+
+    def __post_init__(self):
+        self.ns = tuple(int(n) for n in self.ns)
+        bad = [n for n in self.ns if n < 1 or self.n_candidates % n]
+        if bad:
+            raise ValueError(f"every N must divide n_candidates={self.n_candidates}; got {bad}")
+        if self.model_kind not in ("internvl", "text"):
+            raise ValueError(f"model_kind must be 'internvl' or 'text', got {self.model_kind!r}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # a few minutes on 2 CPU cores
+    "demo": dict(train_problems=300, max_steps=600, test_problems=50),
+    # >= 200 held-out problems
+    "full": dict(train_problems=1200, max_steps=3000, test_problems=300, layers=4, learning_rate=3e-3),
+    # for tests: seconds
+    "tiny": dict(train_problems=12, rollout_budget=48, max_search_count=6, max_steps=4, batch_size=4,
+                 hidden=32, layers=1, intermediate=64, test_problems=4, example=False, progress=False),
+}
+
+
+def preset_config(name: str, **overrides) -> PipelineConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PipelineConfig(preset=name, **{**PRESETS[name], **overrides})
+
+
+# --------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------
+def _groups(n_candidates: int, n: int) -> list[list[int]]:
+    return [list(range(g * n, (g + 1) * n)) for g in range(n_candidates // n)]
+
+
+def _best_of_n(scores: Sequence[float], idx: Sequence[int]) -> int:
+    return max(idx, key=lambda i: (scores[i], -i))
+
+
+def _vote(answers, correct, weights, idx) -> float:
+    """Expected correctness of the answer with the highest total weight (ties split evenly)."""
+    totals: dict[str, float] = defaultdict(float)
+    for i in idx:
+        if answers[i] is not None:
+            totals[answers[i]] += weights[i]
+    if not totals:
+        return sum(correct[i] for i in idx) / len(idx)  # nothing answered: a uniform pick
+    top = max(totals.values())
+    winners = [a for a, w in totals.items() if math.isclose(w, top, rel_tol=1e-12, abs_tol=1e-12)]
+    truth = {answers[i] for i in idx if correct[i]}
+    return sum(a in truth for a in winners) / len(winners)
+
+
+def selection_metrics(cases: list[dict], ns: Sequence[int], aggregations: Sequence[str], n_candidates: int,
+                      vote_aggregation: str = "min") -> dict[str, dict[str, float]]:
+    """accuracy[method][str(N)] over cases; each case has answers, correct, scores[agg]."""
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for n in ns:
+        groups = _groups(n_candidates, n)
+        acc: dict[str, float] = defaultdict(float)
+        for case in cases:
+            correct, answers = case["correct"], case["answers"]
+            for idx in groups:
+                w = 1.0 / (len(groups) * len(cases))
+                acc["random"] += w * sum(correct[i] for i in idx) / len(idx)
+                acc["pass"] += w * any(correct[i] for i in idx)
+                acc["majority_vote"] += w * _vote(answers, correct, [1.0] * len(correct), idx)
+                for agg in aggregations:
+                    acc[f"prm_best_of_n/{agg}"] += w * correct[_best_of_n(case["scores"][agg], idx)]
+                vote_w = [max(s, 0.0) for s in case["scores"][vote_aggregation]]
+                acc["prm_weighted_vote"] += w * _vote(answers, correct, vote_w, idx)
+        for k, v in acc.items():
+            out[k][str(n)] = v
+    return dict(out)
+
+
+# --------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------
+def _log(msg: str) -> None:
+    print(f"[pipeline] {msg}", flush=True)
+
+
+def _build_samples(config: PipelineConfig, problems, ann_dir: Path):
+    from .labels import LabelConfig, label_stats, trees_to_samples
+    from .mcts import load_trees
+    from .prm_init import prm_question
+
+    by_id = {p.id: p for p in problems}
+    trees = [t for t in load_trees(ann_dir) if str(t.get("id")) in by_id]
+    samples = trees_to_samples(trees, LabelConfig(granularity=config.granularity, hard_labels=config.hard_labels,
+                                                  seed=config.seed))
+    for s in samples:  # the PRM's question: with the picture's text when asked (prm_init.prm_question)
+        s.question = prm_question(by_id[s.id], config.with_image_text)
+        if config.model_kind == "text":
+            s.images = []
+    return trees, samples, label_stats(samples)
+
+
+def _score_cases(prm, problems, candidates, config: PipelineConfig) -> list[list[list[float]]]:
+    from tqdm.auto import tqdm
+
+    from mmprm_infer.prm import ScoringItem
+
+    from .prm_init import prm_question
+
+    rewards: list[list[list[float]]] = []
+    bs = config.score_batch_questions
+    for start in tqdm(range(0, len(problems), bs), desc="score candidates", disable=not config.progress,
+                      dynamic_ncols=True):
+        items = [ScoringItem(prm_question(p, config.with_image_text), cands,
+                             None if config.model_kind == "text" else p.image)
+                 for p, cands in zip(problems[start:start + bs], candidates[start:start + bs])]
+        rewards.extend(prm.score_batch(items))
+    return rewards
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    """Annotate, label, train and evaluate; writes ``report.json`` and ``accuracy_vs_n.png`` under
+    ``config.run_dir`` and returns the report."""
+    import torch
+
+    from mmprm_infer.answers import extract_answer
+    from mmprm_infer.aggregation import aggregate
+    from mmprm_infer.integrations.policy import PolicyPrompt
+    from mmprm_infer.prm import PRM
+
+    from .evaluate import step_error_f1
+    from .mcts import MCTSConfig, annotate
+    from .prm_init import build_task_prm
+    from .synthetic_policy import SyntheticPolicy
+    from .synthetic_task import make_problems
+    from .trainer import TrainConfig, train_prm
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    # (a) annotate
+    t0 = time.perf_counter()
+    train_problems = make_problems(config.train_problems, "train", config.seed)
+    test_problems = make_problems(config.test_problems, "test", config.seed)
+    assert not {p.seed for p in train_problems} & {p.seed for p in test_problems}
+    policy = SyntheticPolicy(train_problems + test_problems, seed=config.policy_seed)
+    mcts = MCTSConfig(num_rollouts=config.num_rollouts, rollout_budget=config.rollout_budget,
+                      max_search_count=config.max_search_count)
+    _log(f"(a) annotating {len(train_problems)} train problems with MCTS (k={config.num_rollouts}, "
+         f"budget {config.rollout_budget})")
+    ann = annotate(train_problems, policy, run_dir / "annotation", mcts, text_only=config.model_kind == "text",
+                   progress=config.progress)
+    timings["annotate_s"] = time.perf_counter() - t0
+
+    # (b) labelled samples
+    t0 = time.perf_counter()
+    trees, samples, stats = _build_samples(config, train_problems, run_dir / "annotation")
+    if not samples:
+        raise RuntimeError("MCTS produced no labelled samples; annotate more problems")
+    rng = random.Random(config.seed)
+    ids = sorted({s.id for s in samples})
+    rng.shuffle(ids)
+    n_eval = max(1, int(len(ids) * config.eval_fraction)) if len(ids) > 1 else 0
+    eval_ids = set(ids[:n_eval])
+    train_samples = [s for s in samples if s.id not in eval_ids]
+    eval_samples = [s for s in samples if s.id in eval_ids] or None
+    from .datasets import save_samples
+
+    save_samples(samples, run_dir / "samples.jsonl", "stepwise")
+    timings["labels_s"] = time.perf_counter() - t0
+    _log(f"(b) {len(trees)} trees -> {stats['samples']} samples ({stats['negatives']} negatives, "
+         f"{stats['labelled_steps']} labelled steps); {len(train_samples)} train / "
+         f"{len(eval_samples or [])} eval samples")
+
+    # (c) build + train
+    t0 = time.perf_counter()
+    init_dir, fmt, fmt_options = build_task_prm(run_dir / "init", kind=config.model_kind, hidden=config.hidden,
+                                                layers=config.layers, heads=config.heads, kv_heads=config.kv_heads,
+                                                intermediate=config.intermediate, image_size=config.image_size,
+                                                seed=config.seed)
+    prm = PRM.from_pretrained(init_dir, format=fmt, dtype="float32", **fmt_options)
+    n_params = sum(p.numel() for p in prm.model.parameters())
+    pretrain_losses: list[float] = []
+    if config.pretrain_steps:
+        from .prm_init import pretrain_reading
+
+        _log(f"(c) pretraining the text model on {len(train_problems)} reference solutions, "
+             f"{config.pretrain_steps} steps (next-token loss)")
+        pretrain_losses = pretrain_reading(prm, train_problems, steps=config.pretrain_steps,
+                                           batch_size=config.batch_size * 2, with_image_text=config.with_image_text,
+                                           seed=config.seed, progress=config.progress)
+    model_desc = (f"tiny InternVL (Qwen2 text {config.layers}x{config.hidden}, 1-layer ViT at {config.image_size}px), "
+                  f"format mm-prm, image + {'picture as text + ' if config.with_image_text else ''}question"
+                  if config.model_kind == "internvl" else
+                  f"tiny Qwen2 causal LM {config.layers}x{config.hidden}, format custom, text-only task")
+    _log(f"(c) training {model_desc}: {n_params / 1e6:.2f}M parameters, {config.max_steps} steps")
+    train_cfg = TrainConfig(output_dir=run_dir / "prm", max_steps=config.max_steps, batch_size=config.batch_size,
+                            learning_rate=config.learning_rate, warmup_ratio=config.warmup_ratio, seed=config.seed,
+                            eval_every=max(1, config.max_steps // 4), progress=config.progress)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*inference-mode tensors.*")
+        result = train_prm(prm, train_samples, train_cfg, eval_samples)
+    timings["train_s"] = time.perf_counter() - t0
+    prm = PRM.from_pretrained(run_dir / "prm")  # what a user gets: the saved checkpoint, no arguments
+
+    # (d) evaluate on held-out problems
+    t0 = time.perf_counter()
+    _log(f"(d) sampling {config.n_candidates} candidates for {len(test_problems)} held-out problems")
+    prompts = [PolicyPrompt(p.prompt_question(config.model_kind == "text"),
+                            [] if config.model_kind == "text" else [p.image]) for p in test_problems]
+    candidates = policy.generate(prompts, n=config.n_candidates)
+    step_lists = [[[s.strip() for s in c.split("\n\n") if s.strip()] for c in cands] for cands in candidates]
+    rewards = _score_cases(prm, test_problems, step_lists, config)
+    timings["score_s"] = time.perf_counter() - t0
+    cases, preds, truths = [], [], []
+    for p, cands, steps_list, rw in zip(test_problems, candidates, step_lists, rewards):
+        answers = [extract_answer(c) for c in cands]
+        correct = [a == p.answer for a in answers]
+        scores = {agg: [aggregate(r, agg) for r in rw] for agg in config.aggregations}
+        if config.vote_aggregation not in scores:
+            scores[config.vote_aggregation] = [aggregate(r, config.vote_aggregation) for r in rw]
+        cases.append({"id": p.id, "answers": answers, "correct": correct, "scores": scores})
+        for steps, r in zip(steps_list, rw):
+            fe = p.first_error(steps)
+            preds.append(r)
+            truths.append(-1 if fe is None else fe)
+    f1 = step_error_f1(preds, truths, threshold=config.threshold)
+    accuracy = selection_metrics(cases, config.ns, config.aggregations, config.n_candidates, config.vote_aggregation)
+    n_max = str(max(config.ns))
+    best_agg = max(config.aggregations, key=lambda a: accuracy[f"prm_best_of_n/{a}"][n_max])
+    timings["total_s"] = time.perf_counter() - started
+    report = {
+        "preset": config.preset,
+        "config": asdict(config),
+        "model": {"kind": config.model_kind, "format": fmt, "format_options": fmt_options, "description": model_desc,
+                  "inputs": ("image + picture-as-text + question" if config.model_kind == "internvl" and
+                             config.with_image_text else "image + question" if config.model_kind == "internvl"
+                             else "text-only (picture as text)"),
+                  "parameters": n_params, "checkpoint": str(run_dir / "prm")},
+        "annotation": {"questions": ann.questions, "annotated": ann.annotated, "skipped": ann.skipped,
+                       "rollouts": ann.rollouts, "rollouts_per_s": round(ann.rollouts_per_s, 1),
+                       "trees": len(trees)},
+        "labels": stats,
+        "training": {"pretrain_steps": config.pretrain_steps,
+                     "pretrain_final_loss": (sum(pretrain_losses[-10:]) / len(pretrain_losses[-10:])
+                                             if pretrain_losses else None),
+                     "steps": result.steps, "epochs": result.epochs, "learning_rate": result.learning_rate,
+                     "first_loss": result.losses[0], "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
+                     "train_samples": len(train_samples), "eval_samples": len(eval_samples or []),
+                     "eval_history": result.eval_history},
+        "test": {"problems": len(test_problems), "candidates_per_problem": config.n_candidates,
+                 "candidates": sum(len(c) for c in candidates), "split": "test"},
+        "step_error": f1,
+        "accuracy": accuracy,
+        "best_aggregation": best_agg,
+        "summary": {
+            "f1": f1["f1"], "acc_error": f1["acc_error"], "acc_correct": f1["acc_correct"],
+            **{f"prm_best_of_{n_max}/{a}": accuracy[f"prm_best_of_n/{a}"][n_max] for a in config.aggregations},
+            f"prm_weighted_vote@{n_max}": accuracy["prm_weighted_vote"][n_max],
+            f"majority@{n_max}": accuracy["majority_vote"][n_max],
+            "random": accuracy["random"][n_max],
+            f"pass@{n_max}": accuracy["pass"][n_max],
+        },
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    }
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (run_dir / "test_cases.jsonl").write_text("".join(
+        json.dumps({**c, "rewards": rw}) + "\n" for c, rw in zip(cases, rewards)))
+    plot_accuracy(report, run_dir / "accuracy_vs_n.png")
+    _print_summary(report)
+    if config.example:
+        rerank_example(prm, test_problems, step_lists, config, aggregate=best_agg)
+    return report
+
+
+def plot_accuracy(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = report["accuracy"]
+    ns = sorted(int(n) for n in acc["random"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    best = report["best_aggregation"]
+    styles = [("pass", "pass@N", "k:"), (f"prm_best_of_n/{best}", f"PRM best-of-N ({best})", "C0-o"),
+              ("prm_best_of_n/min", "PRM best-of-N (min)", "C4--"), ("prm_weighted_vote", "PRM-weighted vote", "C1-s"),
+              ("majority_vote", "majority vote", "C2-^"), ("random", "random", "C3-x")]
+    seen = set()
+    for key, label, style in styles:
+        if key in acc and key not in seen:
+            seen.add(key)
+            ax.plot(ns, [100 * acc[key][str(n)] for n in ns], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N (candidates per problem)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"Synthetic task, {report['test']['problems']} held-out problems, F1 {report['step_error']['f1']:.2f}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _print_summary(report: dict) -> None:
+    s, acc = report["summary"], report["accuracy"]
+    ns = sorted(int(n) for n in acc["random"])
+    print(f"\n=== held-out evaluation: {report['test']['problems']} problems x "
+          f"{report['test']['candidates_per_problem']} candidates ({report['model']['inputs']}) ===")
+    print(f"step-error (ProcessBench): F1 {s['f1']:.3f}  acc on wrong {s['acc_error']:.3f}  "
+          f"acc on right {s['acc_correct']:.3f}")
+    print("accuracy (%)".ljust(28) + "".join(f"N={n}".rjust(8) for n in ns))
+    for key in ["pass", *[k for k in acc if k.startswith("prm_best")], "prm_weighted_vote", "majority_vote", "random"]:
+        print(key.ljust(28) + "".join(f"{100 * acc[key][str(n)]:8.1f}" for n in ns))
+    print(f"wall time {report['timings_s']['total_s']:.0f} s; report: {Path(report['model']['checkpoint']).parent}"
+          "/report.json\n", flush=True)
+
+
+def rerank_example(prm, problems, step_lists, config: PipelineConfig, aggregate: str | None = None) -> dict:
+    """Print one held-out question, its candidates with step rewards, and the chosen answer
+    (``rerank_batch``); prefers a question where majority vote and the PRM disagree."""
+    from mmprm_infer.prm import ScoringItem
+    from mmprm_infer.rerank import rerank_batch
+
+    from .prm_init import prm_question
+
+    aggregate = aggregate or "min"
+    k = min(8, config.n_candidates)
+    chosen = 0
+    for i, (p, sl) in enumerate(zip(problems, step_lists)):  # a question with several distinct answers
+        if len({s[-1] for s in sl[:k]}) >= 2:
+            chosen = i
+            break
+    p, cands = problems[chosen], step_lists[chosen][:k]
+    image = None if config.model_kind == "text" else p.image
+    item = ScoringItem(prm_question(p, config.with_image_text), cands, image)
+    res = rerank_batch([item], prm, aggregate=aggregate, strategy="best_of_n")[0]
+    maj = rerank_batch([item], None, strategy="majority_vote")[0]
+    print("=== reranking example (a held-out problem; the PRM sees the picture"
+          f"{' and its text rendering' if config.with_image_text else ''}) ===")
+    print(item.question)
+    print(f"(reference answer {p.answer}; the picture: {'a 3x3 table' if p.kind == 'grid' else 'a bar chart'})\n")
+    for i, (steps, rw, score, ans) in enumerate(zip(cands, res.step_rewards, res.scores, res.answers)):
+        mark = "right" if ans == p.answer else "WRONG"
+        print(f"Candidate {i}: answer {ans} ({mark}), score ({aggregate}) {score:.3f}")
+        for s, r in zip(steps, rw):
+            print(f"    {r:.3f}  {s}")
+    print(f"\nPRM best-of-{k} ({aggregate}) chose candidate {res.best_index}: answer {res.answers[res.best_index]} "
+          f"({'right' if res.answers[res.best_index] == p.answer else 'wrong'}); majority vote: "
+          f"{maj.answers[maj.best_index]}; reference {p.answer}", flush=True)
+    return res.to_dict()
+
+
+# --------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmprm pipeline", description="Annotate (MCTS) -> label -> train a small PRM -> "
+                                "evaluate Best-of-N and step-error F1 on held-out synthetic multimodal problems")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    p.add_argument("--run-dir", default=None, help="output folder (default runs/pipeline-<preset>)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--train-problems", type=int, default=None)
+    p.add_argument("--test-problems", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="next-token pretraining steps on picture facts + reference solutions before PRM training")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--model-kind", choices=("internvl", "text"), default=None)
+    p.add_argument("--no-image-text", action="store_true",
+                   help="the PRM's question carries no text rendering of the picture (image only)")
+    p.add_argument("--soft-labels", action="store_true", help="train on MC values instead of 1/0 labels")
+    p.add_argument("--granularity", choices=("node", "step"), default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--no-example", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def pipeline_main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    overrides = {k: v for k, v in {
+        "seed": args.seed, "train_problems": args.train_problems, "test_problems": args.test_problems,
+        "max_steps": args.max_steps, "learning_rate": args.learning_rate, "hidden": args.hidden,
+        "layers": args.layers, "pretrain_steps": args.pretrain_steps, "model_kind": args.model_kind, "granularity": args.granularity,
+        "threads": args.threads}.items() if v is not None}
+    if args.no_image_text:
+        overrides["with_image_text"] = False
+    if args.soft_labels:
+        overrides["hard_labels"] = False
+    if args.no_example:
+        overrides["example"] = False
+    if args.no_progress:
+        overrides["progress"] = False
+    overrides["run_dir"] = args.run_dir or f"runs/pipeline-{args.preset}"
+    try:
+        config = preset_config(args.preset, **overrides)
+    except ValueError as e:
+        print(f"mmprm pipeline: {e}", file=sys.stderr)
+        return 2
+    run_pipeline(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(pipeline_main())

@@ -1,0 +1,174 @@
+"""Small PRMs to train on the synthetic task, built offline.
+
+``build_task_prm`` writes a tiny InternVL checkpoint (mm-prm format, images
+included) -- or, with ``kind="text"``, a tiny Qwen2 causal LM for the
+``custom`` format on the text version of the task -- whose tokenizer is
+trained on the task's own text, with every integer from ``NUMBER_RANGE`` in
+the corpus (bare and after a space) so that each number the task writes is
+one token: a tiny model then compares "Row 2 is 4, 7, 2." with the picture's
+values token by token instead of digit pieces.
+
+``prm_question(problem, with_image_text)`` is the question the PRM reads:
+with ``with_image_text`` (the default of the pipeline) a text rendering of
+the picture (``picture_facts``: every row, column, cell or bar worded as the
+task's reading steps word them) precedes the question, *in addition to* the
+image.  A randomly initialised vision tower that is frozen
+during training (MM-PRM's recipe; the projector does not train either, see
+train/trainer.py) cannot learn to read digits in a few CPU minutes, so the
+text rendering is what lets a tiny PRM check reading steps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from mmprm_infer import tiny, tiny_internvl
+
+__all__ = ["NUMBER_RANGE", "task_corpus", "build_task_tokenizer", "build_task_prm", "prm_question",
+           "MMPRM_FORMAT_OPTIONS", "picture_facts"]
+
+NUMBER_RANGE = range(-60, 1000)  # every number the task and the policy's errors write, and more
+# mm-prm on the tiny model: one 112 px tile (16 image tokens), no dynamic tiling.
+MMPRM_FORMAT_OPTIONS = {"max_tiles": 1}
+
+
+def picture_facts(problem) -> str:
+    """The picture as a list of facts worded exactly like the task's reading steps: every row,
+    column and cell of a table ("Row 2 is 4, 7, 2.", "Column C is 3, 2, 9.", "Row 2, column C is 2."),
+    every bar of a chart ("Bar B is 7.").  A right reading step then appears verbatim above it --
+    checking it is a copy task that a two-layer transformer learns (induction heads)."""
+    from .synthetic_task import Target, format_read
+
+    targets = []
+    if problem.kind == "grid":
+        rows, cols = len(problem.values), len(problem.values[0])
+        targets += [Target("row", r) for r in range(1, rows + 1)]
+        targets += [Target("col", col=c) for c in range(1, cols + 1)]
+        targets += [Target("cell", r, c) for r in range(1, rows + 1) for c in range(1, cols + 1)]
+    else:
+        targets += [Target("bar", col=c) for c in range(1, len(problem.values[0]) + 1)]
+    return " ".join(format_read(t, problem.read(t)) for t in targets)
+
+
+def prm_question(problem, with_image_text: bool = True) -> str:
+    """The question text the PRM is trained and evaluated on (see the module docstring): with
+    ``with_image_text``, ``picture_facts`` (the picture as text) then the question."""
+    if not with_image_text:
+        return problem.question
+    return f"Picture: {picture_facts(problem)}\n{problem.question}"
+
+
+def task_corpus(num_problems: int = 200, seed: int = 12345) -> list[str]:
+    """Text of the synthetic task (questions, picture renderings, solutions) and every number."""
+    from .synthetic_task import make_problems
+
+    lines: list[str] = []
+    for p in make_problems(num_problems, "train", seed):
+        lines.append(prm_question(p, True))
+        lines.extend(p.gold_steps)
+    for n in NUMBER_RANGE:  # " 13" (after a space) and "13" (after "{" or at a line start)
+        lines.append(f"{n} = {n}, {n} + {n} - {n} * {n}. {{{n}}}")
+    lines.append(tiny_internvl.INTERNVL25_SYSTEM_MESSAGE)
+    lines.extend(tiny_internvl._training_corpus())
+    return lines * 2
+
+
+def build_task_tokenizer(extra_special_tokens: Sequence[str] = ("<prm>",), *, internvl: bool = True,
+                         vocab_size: int = 4000):
+    """Byte-level BPE over ``task_corpus`` (numbers one token each), with InternVL's specials."""
+    corpus = task_corpus()
+    if internvl:
+        specials = [tiny_internvl.PAD_TOKEN, tiny_internvl.IM_START, tiny_internvl.IM_END,
+                    tiny_internvl.IMG_START_TOKEN, tiny_internvl.IMG_END_TOKEN, tiny_internvl.IMG_CONTEXT_TOKEN,
+                    tiny_internvl.VIDEO_TOKEN]
+        return tiny.build_tokenizer(
+            special_tokens=specials + [t for t in extra_special_tokens if t not in specials],
+            eos_token=tiny_internvl.IM_END, pad_token=tiny_internvl.PAD_TOKEN, vocab_size=vocab_size,
+            chat_template=tiny_internvl.INTERNVL25_CHAT_TEMPLATE, corpus=corpus,
+            single_token_words=tiny_internvl.SINGLE_TOKEN_WORDS,
+            start_image_token=tiny_internvl.IMG_START_TOKEN, end_image_token=tiny_internvl.IMG_END_TOKEN,
+            context_image_token=tiny_internvl.IMG_CONTEXT_TOKEN, video_token=tiny_internvl.VIDEO_TOKEN,
+            model_max_length=32768,
+        )
+    return tiny.build_tokenizer(("+", "-"), special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<step>"),
+                                vocab_size=vocab_size, corpus=corpus, single_token_words=("+", "-"))
+
+
+def build_task_prm(save_dir: str | os.PathLike, *, kind: str = "internvl", hidden: int = 128, layers: int = 4,
+                   heads: int = 4, kv_heads: int = 2, intermediate: int = 256, image_size: int = 112,
+                   seed: int = 0) -> tuple[Path, str, dict]:
+    """Write a random-weight PRM for the task; returns (path, format name, format options).
+
+    ``kind="internvl"``: InternVLForConditionalGeneration (Qwen2 text model,
+    one-layer vision tower, ``image_size`` px tiles), format mm-prm.
+    ``kind="text"``: Qwen2ForCausalLM, format custom (``<step>`` tag, ``+``/``-``).
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    save_dir = Path(save_dir)
+    if kind == "internvl":
+        tok = build_task_tokenizer(internvl=True)
+        # build_tiny_internvl trains its own tokenizer over the same specials (same ids, in the same
+        # order); the model is sized for ours, and ours replaces its files.
+        tiny_internvl.build_tiny_internvl(save_dir, text_hidden=hidden, text_layers=layers, heads=heads,
+                                          kv_heads=kv_heads, intermediate=intermediate, vocab_size=len(tok),
+                                          image_size=image_size, seed=seed)
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(save_dir)
+        ctx = tok.convert_tokens_to_ids(tiny_internvl.IMG_CONTEXT_TOKEN)
+        if cfg.image_token_id != ctx or cfg.text_config.pad_token_id != tok.pad_token_id:
+            raise RuntimeError("task tokenizer's special-token ids differ from the tiny InternVL's")
+        tok.save_pretrained(save_dir)
+        return save_dir, "mm-prm", dict(MMPRM_FORMAT_OPTIONS)
+    if kind != "text":
+        raise ValueError(f"kind must be 'internvl' or 'text', got {kind!r}")
+    tok = build_task_tokenizer(internvl=False)
+    kwargs = tiny.text_config_kwargs(tok, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
+                                     intermediate=intermediate, max_positions=2048)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    tiny._save(model, tok, save_dir)
+    return save_dir, "custom", {}
+
+
+def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, lr: float = 3e-3,
+                     with_image_text: bool = True, seed: int = 0, progress: bool = True) -> list[float]:
+    """Next-token pretraining of the PRM's text model on "picture facts + question + reference
+    solution" (no labels, no images): reading steps become copies of the facts above them, which
+    grows the copy (induction) circuit a reward signal at step markers alone is slow to find.
+    Returns the loss per step.  Uses the LM head the checkpoint already has."""
+    import random as _random
+
+    import torch
+    from tqdm.auto import tqdm
+
+    tok = prm.tokenizer
+    model = prm.model
+    texts = [f"Question: {prm_question(p, with_image_text)}\nProcess: " + "\n\n".join(p.gold_steps)
+             for p in problems]
+    rng = _random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    losses: list[float] = []
+    model.train()
+    for _ in tqdm(range(steps), desc="pretrain reading", disable=not progress, dynamic_ncols=True):
+        batch = [tok.encode(t) for t in rng.sample(texts, min(batch_size, len(texts)))]
+        n = max(len(b) for b in batch)
+        ids = torch.tensor([b + [pad] * (n - len(b)) for b in batch])
+        mask = torch.tensor([[1] * len(b) + [0] * (n - len(b)) for b in batch])
+        labels = ids.masked_fill(mask == 0, -100)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+    model.eval()
+    return losses
