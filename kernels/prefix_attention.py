@@ -27,7 +27,7 @@ import math
 import torch
 
 from . import triton_runtime
-from .triton_runtime import check_triton_usable, tl, triton
+from .triton_runtime import check_triton_usable, jit_lazily as _jit, tl, triton
 
 
 BACKENDS = ("auto", "triton", "torch", "reference", "flash_attn")
@@ -483,15 +483,6 @@ def _merge_kernel(O1, L1, O2, L2, Out, n_rows, D, BLOCK_R: tl.constexpr, BLOCK_D
     tl.store(Out + rows[:, None] * D + d[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
-_JITTED: dict = {}
-
-
-def _jit(fn):
-    """triton.jit picks compiled vs interpreted when it wraps, so wrap on first use, per mode."""
-    key = (fn.__name__, bool(triton.knobs.runtime.interpret))
-    if key not in _JITTED:
-        _JITTED[key] = triton.jit(fn)
-    return _JITTED[key]
 
 
 def _block_d(d: int) -> int:

@@ -26,7 +26,7 @@ import torch
 from ..aggregation import AGGREGATIONS as _AGG_TABLE
 from ..aggregation import ALIASES, LOG_EPS, REDUCTIONS, TRANSFORMS
 
-from .triton_runtime import check_triton_usable, tl, triton
+from .triton_runtime import check_triton_usable, jit_lazily as _jit, tl, triton
 
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -250,15 +250,6 @@ def _segment_aggregate_kernel(R, Cu, Scores, TRANSFORM: tl.constexpr, REDUCE: tl
     tl.store(Scores + n, acc.to(tl.float32))
 
 
-_JITTED: dict = {}
-
-
-def _jit(fn):
-    """triton.jit picks compiled vs interpreted when it wraps, so wrap on first use, per mode."""
-    key = (fn.__name__, bool(triton.knobs.runtime.interpret))
-    if key not in _JITTED:
-        _JITTED[key] = triton.jit(fn)
-    return _JITTED[key]
 
 
 def _rewards_triton(hidden, positions, norm_weight, eps, w_diff, b_diff, block_m=16, block_d=None):

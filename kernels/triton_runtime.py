@@ -35,3 +35,14 @@ def check_triton_usable(device: torch.device) -> None:
             f"backend='triton' needs CUDA tensors (got {device}) or the Triton CPU interpreter "
             "(TRITON_INTERPRET=1 set before triton is first imported); use backend='torch' on CPU"
         )
+
+
+_JITTED: dict = {}
+
+
+def jit_lazily(fn):
+    """triton.jit picks compiled vs interpreted when it wraps, so wrap on first use, per mode."""
+    key = (fn.__module__, fn.__qualname__, bool(triton.knobs.runtime.interpret))
+    if key not in _JITTED:
+        _JITTED[key] = triton.jit(fn)
+    return _JITTED[key]
