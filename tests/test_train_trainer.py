@@ -416,10 +416,9 @@ def test_mm_prm_training_freezes_vision_tower(tmp_path):
         expected, abs=1e-5)
 
 
-# --- LoRA (only where peft is installed) ---------------------------------------------
+# --- LoRA (peft comes with the dev extra, so these always run in the suite) --------
 @pytest.mark.parametrize("which", ["custom", "qwen"])
 def test_lora_trains_and_saves_merged(prms, tmp_path, which):
-    pytest.importorskip("peft")
     prm = prms(which)
     train, held_out = make_samples(32, seed=16), make_samples(8, seed=17)
     config = TrainConfig(output_dir=tmp_path, max_steps=60, batch_size=4, lora=LoraSettings(r=8, alpha=16, dropout=0.0),
