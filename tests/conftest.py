@@ -31,3 +31,22 @@ def qwen_prm_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def custom_dir(tmp_path_factory):
     return build_tiny_causal_lm(tmp_path_factory.mktemp("custom"), arch="qwen2", extra_tokens=("<step>", "+", "-"), seed=3)
+
+
+@pytest.fixture(scope="session")
+def image_sensitive_mm_prm(tmp_path_factory):
+    """A tiny mm-prm InternVL PRM whose rewards move visibly with the image (1 tile per image)."""
+    from transformers import InternVLForConditionalGeneration
+
+    from mmprm_infer import PRM
+    from mmprm_infer.tiny_internvl import build_tiny_internvl
+
+    path = build_tiny_internvl(tmp_path_factory.mktemp("mm_prm_images"), extra_special_tokens=("<prm>",), seed=5)
+    model = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():  # stronger layers, so the image moves the rewards
+        for name, param in model.model.language_model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.mul_(12.0)
+        model.model.multi_modal_projector.linear_2.weight.mul_(20.0)
+    model.save_pretrained(path)
+    return PRM.from_pretrained(path, format="mm-prm", max_tiles=1)

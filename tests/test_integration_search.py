@@ -136,21 +136,9 @@ def _noise_image(width, height, seed):
     return Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8"))
 
 
-def test_tree_cache_keys_images(tmp_path):
+def test_tree_cache_keys_images(image_sensitive_mm_prm):
     """Same text, different images: separate trees, each equal to the reference."""
-    from transformers import InternVLForConditionalGeneration
-
-    from mmprm_infer.tiny_internvl import build_tiny_internvl
-
-    path = build_tiny_internvl(tmp_path / "ivl", extra_special_tokens=("<prm>",), seed=5)
-    model = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():  # stronger layers, so the image moves the rewards
-        for name, param in model.model.language_model.named_parameters():
-            if param.dim() == 2 and "embed" not in name:
-                param.mul_(12.0)
-        model.model.multi_modal_projector.linear_2.weight.mul_(20.0)
-    model.save_pretrained(path)
-    mm = PRM.from_pretrained(path, format="mm-prm", max_tiles=1)
+    mm = image_sensitive_mm_prm
     engine = TreeCacheEngine()
     cands = [["The base is 6.", "Area is 12."], ["The base is 6.", "Area is 24."]]
     results = []

@@ -412,20 +412,8 @@ def test_serve_cli_arguments():
 
 
 @pytest.fixture(scope="module")
-def mm_prm(tmp_path_factory):
-    from transformers import InternVLForConditionalGeneration
-
-    from mmprm_infer.tiny_internvl import build_tiny_internvl
-
-    path = build_tiny_internvl(tmp_path_factory.mktemp("srv_ivl"), extra_special_tokens=("<prm>",), seed=5)
-    model = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():  # stronger layers, so the image moves the rewards
-        for name, param in model.model.language_model.named_parameters():
-            if param.dim() == 2 and "embed" not in name:
-                param.mul_(12.0)
-        model.model.multi_modal_projector.linear_2.weight.mul_(20.0)
-    model.save_pretrained(path)
-    return PRM.from_pretrained(path, format="mm-prm", max_tiles=1)
+def mm_prm(image_sensitive_mm_prm):
+    return image_sensitive_mm_prm
 
 
 def test_images_go_to_the_prm(mm_prm, policy, tmp_path):

@@ -210,22 +210,11 @@ def test_reranking_llm_with_a_stand_in(fake_vllm, shepherd):
     assert outs[0].question == "1 2 3"
 
 
-def test_reranking_llm_images_reach_the_prm(fake_vllm, tmp_path):
+def test_reranking_llm_images_reach_the_prm(fake_vllm, image_sensitive_mm_prm):
     """multi_modal_data's image is the PRM's image: scores equal mm-prm's own with that image."""
-    from transformers import InternVLForConditionalGeneration
-
     from mmprm_infer.integrations.vllm_reranking import RerankingLLM
-    from mmprm_infer.tiny_internvl import build_tiny_internvl
 
-    path = build_tiny_internvl(tmp_path / "ivl", extra_special_tokens=("<prm>",), seed=5)
-    model = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.model.language_model.named_parameters():
-            if param.dim() == 2 and "embed" not in name:
-                param.mul_(12.0)
-        model.model.multi_modal_projector.linear_2.weight.mul_(20.0)
-    model.save_pretrained(path)
-    mm = PRM.from_pretrained(path, format="mm-prm", max_tiles=1)
+    mm = image_sensitive_mm_prm
     rng = np.random.RandomState(0)
     images = [Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")) for _ in range(2)]
     llm = FakeLLM(lambda p, j, sp: (f"the base is {j + 2}\n\nthe area is {j * 3}", "stop", None))
