@@ -1,10 +1,12 @@
-"""The `mmprm` command line: score and rerank JSONL files, run the demo.
+"""The `mmprm` command line: score and rerank JSONL/Parquet files, run the demo.
 
 Input records: {"question": str, "candidates": [str | [str, ...]], "image":
-optional path or list of paths relative to the JSONL file, "id": optional}.
-Output: one JSONL record per input line, in input order.  A bad line is an
-error naming its line number; with --on-error skip it becomes an
+optional path or list of paths relative to the input file, "id": optional}.
+Output: one JSONL record per input line (Parquet: row), in input order.  A bad
+line is an error naming its line number; with --on-error skip it becomes an
 {"line": N, "error": ...} record instead, so nothing is dropped silently.
+``--ray [ADDRESS]`` runs the same job on a Ray cluster (integrations/ray_scoring.py)
+with identical output.
 """
 
 from __future__ import annotations
@@ -12,133 +14,64 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Iterator, TextIO
 
 from tqdm.auto import tqdm
 
 from .aggregation import AGGREGATIONS, ALIASES
 from .formats import FORMATS
-from .prm import PRM, ScoringItem
+from .prm import PRM
+from .records import ResultWriter, ScoringOptions, candidates_in, plan_windows, process_window, read_windows
 
 
-class RecordError(ValueError):
-    def __init__(self, line: int, message: str):
-        super().__init__(f"line {line}: {message}")
-        self.line = line
+def load_prm(args) -> PRM | None:
+    options = {"max_tiles": args.max_tiles} if args.max_tiles is not None else {}
+    if not args.prm:
+        return None
+    return PRM.from_pretrained(args.prm, format=args.format, device=args.device, dtype=args.dtype,
+                               engine=args.engine, **options)
 
 
-def parse_record(raw: str, line: int, base_dir: Path) -> tuple[dict, ScoringItem]:
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise RecordError(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise RecordError(line, "each line must be a JSON object with 'question' and 'candidates'")
-    missing = [k for k in ("question", "candidates") if k not in record]
-    if missing:
-        raise RecordError(line, f"missing field(s) {missing}; each record needs 'question' and 'candidates'")
-    if not isinstance(record["candidates"], list) or not record["candidates"]:
-        raise RecordError(line, "'candidates' must be a non-empty list of solutions")
-    image = record.get("image", record.get("images"))
-    if image is not None:
-        paths = image if isinstance(image, list) else [image]
-        resolved = [p if Path(p).is_absolute() else str(base_dir / p) for p in paths]
-        for p in resolved:
-            if not Path(p).is_file():
-                raise RecordError(line, f"image file {p} does not exist (paths are relative to the JSONL file)")
-        image = resolved if isinstance(image, list) else resolved[0]
-    return record, ScoringItem(record["question"], record["candidates"], image)
-
-
-def iter_lines(handle: TextIO) -> Iterator[tuple[int, str]]:
-    for number, raw in enumerate(handle, 1):
-        if raw.strip():
-            yield number, raw
-
-
-def _result_record(record: dict, line: int, step_rewards, rerank_result, args) -> dict:
-    out = {"line": line}
-    if "id" in record:
-        out["id"] = record["id"]
-    if rerank_result is None:
-        from .aggregation import aggregate
-
-        out["step_rewards"] = step_rewards
-        out["scores"] = [aggregate(r, args.aggregate) for r in step_rewards]
-        out["aggregate"] = args.aggregate
-    else:
-        out.update(rerank_result.to_dict())
-    return out
-
-
-def _process(batch, prm: PRM, args) -> list[dict | RecordError]:
-    """Score a batch of parsed records; if it fails, retry one by one so only the bad record fails."""
-    from .rerank import rerank_batch
-
-    items = [item for _, _, item in batch]
-    try:
-        if args.command == "rerank":
-            results = rerank_batch(items, prm, args.aggregate, args.strategy, args.engine)
-            return [_result_record(rec, ln, None, res, args) for (ln, rec, _), res in zip(batch, results)]
-        rewards = prm.score_batch(items, engine=args.engine)
-        return [_result_record(rec, ln, r, None, args) for (ln, rec, _), r in zip(batch, rewards)]
-    except Exception as exc:
-        if len(batch) == 1:
-            return [RecordError(batch[0][0], f"{type(exc).__name__}: {exc}")]
-        return [out for entry in batch for out in _process([entry], prm, args)]
+def scoring_options(args) -> ScoringOptions:
+    return ScoringOptions(command=args.command, aggregate=args.aggregate,
+                          strategy=getattr(args, "strategy", "best_of_n"), engine=args.engine)
 
 
 def run_jsonl(args) -> int:
-    options = {"max_tiles": args.max_tiles} if args.max_tiles is not None else {}
-    prm = PRM.from_pretrained(args.prm, format=args.format, device=args.device, dtype=args.dtype,
-                              engine=args.engine, **options) if args.prm else None
+    """Score/rerank a JSONL or Parquet file window by window (see records.py), on this machine."""
     in_path = Path(args.input)
     if not in_path.is_file():
         raise SystemExit(f"mmprm: input file {in_path} does not exist")
-    total = sum(1 for raw in in_path.open(encoding="utf-8") if raw.strip())
-    errors = 0
-    with in_path.open(encoding="utf-8") as src, open(args.output, "w", encoding="utf-8") as dst, \
-            tqdm(total=total, desc=f"mmprm {args.command}", unit="q", disable=args.quiet) as bar:
+    if args.threads:
+        import torch
 
-        def emit(records):
-            for rec in records:
-                dst.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            bar.update(len(records))
-
-        def handle_error(exc: RecordError):
-            nonlocal errors
-            if args.on_error == "fail":
-                raise SystemExit(f"mmprm: {exc} (use --on-error skip to write an error record and go on)")
-            errors += 1
-            tqdm.write(f"mmprm: skipped {exc}", file=sys.stderr)
-            emit([{"line": exc.line, "error": str(exc)}])
-
-        batch: list = []
-
-        def flush():
-            # Records are written in input order; a failing one becomes its error record.
-            for out in _process(batch, prm, args) if batch else []:
-                if isinstance(out, RecordError):
-                    handle_error(out)
-                else:
-                    emit([out])
-            batch.clear()
-
-        for line, raw in iter_lines(src):
-            try:
-                record, item = parse_record(raw, line, in_path.parent)
-            except RecordError as exc:
-                flush()
-                handle_error(exc)
-                continue
-            batch.append((line, record, item))
-            if len(batch) >= args.batch_questions:
-                flush()
-        flush()
-    if errors:
-        print(f"mmprm: {errors} record(s) failed; see the 'error' records in {args.output}", file=sys.stderr)
+        torch.set_num_threads(args.threads)
+    prm = load_prm(args)
+    options = scoring_options(args)
+    plan = plan_windows(in_path, args.batch_questions)
+    with open(args.output, "w", encoding="utf-8") as dst, \
+            tqdm(total=len(plan) - 1, desc=f"mmprm {args.command}", unit="window", disable=args.quiet) as bar:
+        writer, candidates, start = ResultWriter(dst, args.on_error), 0, time.perf_counter()
+        for window in read_windows(in_path, plan, args.batch_questions, 0, len(plan) - 1):
+            writer.write(process_window(window, prm, options, in_path.parent))
+            candidates += candidates_in(window)
+            bar.set_postfix(questions=writer.written, candidates_per_s=f"{candidates / (time.perf_counter() - start):.1f}",
+                            refresh=False)
+            bar.update(1)
+    if writer.errors:
+        print(f"mmprm: {writer.errors} record(s) failed; see the 'error' records in {args.output}", file=sys.stderr)
     return 0
+
+
+def add_ray_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("Ray (needs the 'ray' extra)")
+    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: ADDRESS (ray://host:10001 or host:6379), or none to join "
+                        "$RAY_ADDRESS / a running local cluster, else start one on this machine")
+    g.add_argument("--ray-actors", type=int, default=None, help=f"number of actors ({what}; default: fill the cluster)")
+    g.add_argument("--ray-actor-cpus", type=int, default=1, help="CPUs (torch threads) per CPU actor (default 1)")
+    g.add_argument("--ray-actor-gpus", type=float, default=1.0, help="GPUs per actor on a GPU cluster (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,14 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("score", "step rewards for every candidate"), ("rerank", "pick the best candidate")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--prm", required=name == "score", help="PRM checkpoint directory")
-        p.add_argument("--input", "-i", required=True, help="input JSONL")
+        p.add_argument("--input", "-i", required=True, help="input JSONL, or Parquet (*.parquet)")
         p.add_argument("--output", "-o", required=True, help="output JSONL (one record per input line)")
         p.add_argument("--format", choices=sorted(FORMATS), help="PRM format (default: read from the checkpoint)")
         p.add_argument("--engine", default=None, help="scoring engine (default: fast; 'reference' for the oracle)")
         p.add_argument("--aggregate", default="min", choices=sorted([*AGGREGATIONS, *ALIASES]))
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU)")
-        p.add_argument("--batch-questions", type=int, default=8, help="questions scored per engine call")
+        p.add_argument("--batch-questions", type=int, default=8,
+                       help="questions (input lines) scored per engine call: the unit of work, also on Ray")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's; on Ray: --ray-actor-cpus)")
         p.add_argument("--max-tiles", type=int, default=None,
                        help="InternVL formats: dynamic-tiling budget per image (default: the format's)")
         p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
@@ -162,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "rerank":
             p.add_argument("--strategy", default="best_of_n", choices=("best_of_n", "weighted_vote", "majority_vote"))
+        add_ray_arguments(p, "PRM actors: one per GPU when the cluster has GPUs, else CPU actors")
     conv = sub.add_parser("convert-internvl", help="convert a published InternVL checkpoint (MM-PRM, VisualPRM: "
                           "InternVLChatModel) to the transformers-native layout, loadable without remote code")
     conv.add_argument("src", help="folder of the published checkpoint (config.json with InternVLChatModel)")
@@ -222,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("score", "rerank"):
         if args.command == "rerank" and args.prm is None and args.strategy != "majority_vote":
             raise SystemExit("mmprm rerank: --prm is required unless --strategy majority_vote")
+        if args.ray is not None:
+            from .integrations.ray_scoring import ray_run_jsonl
+
+            return ray_run_jsonl(args)
         return run_jsonl(args)
     if args.command == "convert-internvl":
         from .models.convert_internvl import ConversionError, convert_internvl

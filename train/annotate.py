@@ -68,8 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--policy-latency", type=float, default=0.0,
                    help="seconds to sleep per policy call (simulates a slow policy)")
 
+    r = p.add_argument_group("policy (default: the synthetic policy above)")
+    r.add_argument("--policy-url", default=None,
+                   help="rollouts from an OpenAI-compatible server instead (e.g. http://127.0.0.1:8000/v1)")
+    r.add_argument("--policy-model", default=None, help="model name at --policy-url, or the model --policy-vllm loads")
+    r.add_argument("--policy-vllm", action="store_true",
+                   help="with --ray: a vLLM engine inside each worker loads --policy-model")
+    r.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM policy (--policy-vllm)")
+    r.add_argument("--max-tokens", type=int, default=1024, help="per rollout, for --policy-url / --policy-vllm")
+
     o = p.add_argument_group("run")
-    o.add_argument("--workers", type=int, default=1, help="questions annotated at once (threads)")
+    o.add_argument("--workers", type=int, default=None,
+                   help="questions annotated at once (threads, default 1; with --ray: Ray workers, default: fill "
+                        "the cluster)")
+    o.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="spread questions over a Ray cluster (needs the 'ray' extra): ADDRESS, or none to join "
+                        "$RAY_ADDRESS / a running local cluster, else start one here")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--export", default=None, help="also write labelled samples to this file")
     o.add_argument("--export-format", choices=("mm-prm", "visualprm", "stepwise"), default="mm-prm")
@@ -80,11 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def policy_factory(args, rates):
+    """A picklable callable that builds the policy (in this process, or in each Ray worker)."""
+    from ..integrations import ray_annotate as factories
+
+    if args.policy_vllm:
+        if args.ray is None or not args.policy_model:
+            raise SystemExit("mmprm annotate: --policy-vllm needs --ray and --policy-model")
+        # tensor parallel > 1: vLLM places its own shards on the cluster through Ray
+        extra = {"distributed_executor_backend": "ray"} if args.tensor_parallel_size > 1 else {}
+        return factories.vllm_policy_factory(args.policy_model, args.tensor_parallel_size, **extra)
+    if args.policy_url:
+        if not args.policy_model:
+            raise SystemExit("mmprm annotate: --policy-url needs --policy-model")
+        return factories.openai_policy_factory(args.policy_url, args.policy_model, max_tokens=args.max_tokens)
+    return factories.synthetic_policy_factory(args.num_problems, args.split, args.seed, rates, args.policy_seed,
+                                              args.policy_latency)
+
+
 def annotate_main(argv: Sequence[str] | None = None) -> int:
     from .datasets import save_samples
     from .labels import LabelConfig, label_stats, trees_to_samples
     from .mcts import MCTSConfig, annotate, load_trees
-    from .synthetic_policy import ErrorRates, SyntheticPolicy
+    from .synthetic_policy import ErrorRates
     from .synthetic_task import make_problems
 
     args = build_parser().parse_args(argv)
@@ -101,9 +133,18 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"mmprm annotate: {e}", file=sys.stderr)
         return 2
-    policy = SyntheticPolicy(problems, rates=rates, seed=args.policy_seed, latency_s=args.policy_latency)
-    stats = annotate(problems, policy, args.out_dir, config, text_only=args.text_only,
-                     progress=not args.no_progress, workers=args.workers)
+    factory = policy_factory(args, rates)
+    if args.ray is not None:
+        from ..integrations.ray_annotate import ray_annotate
+
+        # a vLLM worker holds its GPU; with tensor parallelism vLLM's own Ray workers hold them instead
+        worker_gpus = 1 if args.policy_vllm and args.tensor_parallel_size == 1 else 0
+        stats = ray_annotate(problems, factory, args.out_dir, config, text_only=args.text_only,
+                             progress=not args.no_progress, address=args.ray, workers=args.workers,
+                             worker_gpus=worker_gpus)
+    else:
+        stats = annotate(problems, factory(), args.out_dir, config, text_only=args.text_only,
+                         progress=not args.no_progress, workers=args.workers or 1)
     summary = {
         "questions": stats.questions, "skipped": stats.skipped, "annotated": stats.annotated,
         "failed": stats.failed, "rollouts": stats.rollouts, "seconds": round(stats.seconds, 3),

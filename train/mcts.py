@@ -64,6 +64,11 @@ __all__ = [
     "AnnotationItem",
     "AnnotationStats",
     "annotate",
+    "AnnotationRun",
+    "prepare_annotation",
+    "with_saved_image",
+    "search_question",
+    "AnnotationProgress",
     "as_annotation_item",
     "tree_path",
     "load_tree",
@@ -420,29 +425,19 @@ def _save_image(item: AnnotationItem, out_dir: Path) -> str | None:
     return str(path)
 
 
-def annotate(problems: Iterable[Any], policy: Policy, out_dir: str | os.PathLike, config: MCTSConfig | None = None,
-             *, verifier: Verifier | None = None, text_only: bool = False, progress: bool = True,
-             workers: int = 1) -> AnnotationStats:
-    """Annotate every question with an OmegaPRM tree under ``out_dir``.
+@dataclass
+class AnnotationRun:
+    """The questions still to annotate under ``out`` (what ``prepare_annotation`` found)."""
 
-    Layout: ``out_dir/trees/<id>.json`` (one finished tree per question,
-    written atomically), ``out_dir/images/<id>.png`` (each in-memory image,
-    saved so ``image_path`` names a real file; path images are recorded as
-    given), ``out_dir/run.json`` (the settings of the last run).
+    out: Path
+    todo: list[AnnotationItem]
+    stats: AnnotationStats
 
-    Resuming: questions whose tree file exists (for the same question text and
-    answer) are skipped, so rerunning the same command after a kill finishes
-    the rest and redoes nothing; a tree left by another question under the
-    same id is redone, with a warning.
-    ``problems``: synthetic ``Problem``s, ``AnnotationItem``s or dicts in
-    MM-PRM's input layout (``id``, ``question``, ``image_path``,
-    ``correct_answer``).  ``text_only``: questions without images (synthetic
-    problems put the picture's content in the question text).
-    ``workers`` > 1 annotates that many questions at once (threads; useful
-    with an HTTP policy).  A question that raises is logged and listed in
-    ``stats.failed``; the others go on.
-    """
-    config = config or MCTSConfig()
+
+def prepare_annotation(problems: Iterable[Any], out_dir: str | os.PathLike, config: MCTSConfig,
+                       text_only: bool = False) -> AnnotationRun:
+    """Folders, stale temp files, unique ids, run.json, and which questions are
+    already finished (skipped: their tree file exists for the same question and answer)."""
     out = Path(out_dir)
     (out / "trees").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -463,8 +458,6 @@ def annotate(problems: Iterable[Any], policy: Policy, out_dir: str | os.PathLike
         logger.warning("%s holds trees annotated with other settings (%s); finished questions are kept as they are",
                        out, before)
     write_json_atomic(out / "run.json", run)
-
-    stats = AnnotationStats(questions=len(items))
     todo = []
     for it in items:
         tree = load_tree(tree_path(out, it.id))
@@ -474,55 +467,102 @@ def annotate(problems: Iterable[Any], policy: Policy, out_dir: str | os.PathLike
             tree = None
         if tree is None:
             todo.append(it)
-    stats.skipped = len(items) - len(todo)
-    start = time.perf_counter()
-    lock = threading.Lock()
+    return AnnotationRun(out, todo, AnnotationStats(questions=len(items), skipped=len(items) - len(todo)))
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(items), initial=stats.skipped, unit="q", desc="annotate", disable=not progress,
-               dynamic_ncols=True)
+def with_saved_image(item: AnnotationItem, out: Path) -> AnnotationItem:
+    """The item with its in-memory image saved under out/images and replaced by that path."""
+    return dataclasses.replace(item, image=_save_image(item, out))
+
+
+def search_question(item: AnnotationItem, policy: Policy, config: MCTSConfig,
+                    verifier: Verifier | None = None) -> tuple[dict[str, Any], int]:
+    """One question's finished tree (MM-PRM layout + id, config, extras) and its rollout count;
+    ``item.image`` is a path (``with_saved_image``) or None."""
+    search = OmegaPRMSearch(item.question, item.answer, policy, config,
+                            images=[item.image] if item.image else [], verifier=verifier)
+    tree = search.run()
+    tree["image_path"] = item.image
+    return {"id": item.id, **tree, "config": dataclasses.asdict(config), **item.extra}, search.total_rollouts
+
+
+class AnnotationProgress:
+    """Counts finished/failed questions and rollouts (thread-safe) behind one progress bar."""
+
+    def __init__(self, run: AnnotationRun, progress: bool, desc: str = "annotate"):
+        from tqdm.auto import tqdm
+
+        self.stats, self.lock, self.start = run.stats, threading.Lock(), time.perf_counter()
+        self.bar = tqdm(total=run.stats.questions, initial=run.stats.skipped, unit="q", desc=desc,
+                        disable=not progress, dynamic_ncols=True)
+
+    def done(self, qid: str, rollouts: int | None, error: BaseException | str | None) -> None:
+        with self.lock:
+            if error is not None:
+                logger.error("annotating %s failed: %s", qid, error)
+                self.stats.failed.append(qid)
+            else:
+                self.stats.annotated += 1
+                self.stats.rollouts += rollouts
+            elapsed = time.perf_counter() - self.start
+            self.bar.update(1)
+            self.bar.set_postfix(rollouts=self.stats.rollouts,
+                                 rollouts_per_s=f"{self.stats.rollouts / max(elapsed, 1e-9):.1f}",
+                                 failed=len(self.stats.failed), refresh=False)
+
+    def close(self) -> AnnotationStats:
+        self.bar.close()
+        self.stats.seconds = time.perf_counter() - self.start
+        return self.stats
+
+
+def annotate(problems: Iterable[Any], policy: Policy, out_dir: str | os.PathLike, config: MCTSConfig | None = None,
+             *, verifier: Verifier | None = None, text_only: bool = False, progress: bool = True,
+             workers: int = 1) -> AnnotationStats:
+    """Annotate every question with an OmegaPRM tree under ``out_dir``.
+
+    Layout: ``out_dir/trees/<id>.json`` (one finished tree per question,
+    written atomically), ``out_dir/images/<id>.png`` (each in-memory image,
+    saved so ``image_path`` names a real file; path images are recorded as
+    given), ``out_dir/run.json`` (the settings of the last run).
+
+    Resuming: questions whose tree file exists (for the same question text and
+    answer) are skipped, so rerunning the same command after a kill finishes
+    the rest and redoes nothing; a tree left by another question under the
+    same id is redone, with a warning.
+    ``problems``: synthetic ``Problem``s, ``AnnotationItem``s or dicts in
+    MM-PRM's input layout (``id``, ``question``, ``image_path``,
+    ``correct_answer``).  ``text_only``: questions without images (synthetic
+    problems put the picture's content in the question text).
+    ``workers`` > 1 annotates that many questions at once (threads; useful
+    with an HTTP policy).  A question that raises is logged and listed in
+    ``stats.failed``; the others go on.  ``integrations.ray_annotate`` runs the
+    same on a Ray cluster.
+    """
+    config = config or MCTSConfig()
+    run = prepare_annotation(problems, out_dir, config, text_only)
+    tracker = AnnotationProgress(run, progress)
 
     def one(item: AnnotationItem) -> int:
-        image_path = _save_image(item, out)
-        policy_image = image_path if image_path is not None else None
-        search = OmegaPRMSearch(item.question, item.answer, policy, config,
-                                images=[policy_image] if policy_image else [], verifier=verifier)
-        tree = search.run()
-        tree["image_path"] = image_path
-        tree = {"id": item.id, **tree, "config": dataclasses.asdict(config), **item.extra}
-        write_json_atomic(tree_path(out, item.id), tree)
-        return search.total_rollouts
-
-    def done(item: AnnotationItem, rollouts: int | None, error: BaseException | None) -> None:
-        with lock:
-            if error is not None:
-                logger.error("annotating %s failed: %s", item.id, error)
-                stats.failed.append(item.id)
-            else:
-                stats.annotated += 1
-                stats.rollouts += rollouts
-            elapsed = time.perf_counter() - start
-            bar.update(1)
-            bar.set_postfix(rollouts=stats.rollouts, rollouts_per_s=f"{stats.rollouts / max(elapsed, 1e-9):.1f}",
-                            failed=len(stats.failed), refresh=False)
+        tree, rollouts = search_question(with_saved_image(item, run.out), policy, config, verifier)
+        write_json_atomic(tree_path(run.out, item.id), tree)
+        return rollouts
 
     try:
         if workers <= 1:
-            for it in todo:
+            for it in run.todo:
                 try:
                     r = one(it)
                 except Exception as e:  # noqa: BLE001 - one bad question must not stop the run
-                    done(it, None, e)
+                    tracker.done(it.id, None, e)
                 else:
-                    done(it, r, None)
+                    tracker.done(it.id, r, None)
         else:
             with ThreadPoolExecutor(max_workers=workers) as ex:
-                futures = {ex.submit(one, it): it for it in todo}
+                futures = {ex.submit(one, it): it for it in run.todo}
                 for fut in as_completed(futures):
                     err = fut.exception()
-                    done(futures[fut], None if err else fut.result(), err)
+                    tracker.done(futures[fut].id, None if err else fut.result(), err)
     finally:
-        bar.close()
-        stats.seconds = time.perf_counter() - start
+        stats = tracker.close()
     return stats

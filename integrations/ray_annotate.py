@@ -1,0 +1,142 @@
+"""MCTS annotation on Ray: `mmprm annotate --ray [ADDRESS]`.
+
+The driver decides what is left to do (``train.mcts.prepare_annotation``:
+finished trees on disk are skipped, so a killed driver resumes with the same
+command), saves the question images, and streams the questions through Ray
+Data to a pool of annotation actors.  Each actor builds its own policy once
+from a picklable factory (the synthetic policy, an OpenAI-compatible endpoint,
+or an in-actor vLLM engine with its own tensor parallelism) and runs the
+OmegaPRM search of one question at a time.  Finished trees come back to the
+driver, which writes each one once, atomically: a lost worker costs only its
+question in flight, which Ray retries on a restarted actor.
+
+Paths: images are saved under ``OUT_DIR/images`` by the driver; on a
+multi-node cluster OUT_DIR must be on storage every node reads (the policy
+gets the image path).
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from typing import Any, Callable, Iterable
+
+from ..train.mcts import (AnnotationProgress, AnnotationStats, MCTSConfig, prepare_annotation, search_question,
+                          tree_path, with_saved_image, write_json_atomic)
+from .policy import Policy
+from .ray_cluster import connect, require_ray
+
+__all__ = ["ray_annotate", "synthetic_policy_factory", "openai_policy_factory", "vllm_policy_factory"]
+
+
+class AnnotationWorker:
+    """A Ray Data actor: one policy, one question per call."""
+
+    def __init__(self, policy_factory: Callable[[], Policy], config: MCTSConfig, verifier=None):
+        self.policy, self.config, self.verifier = policy_factory(), config, verifier
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {"id": [], "tree": [], "rollouts": [], "error": []}
+        for payload in batch["item"]:
+            item = pickle.loads(payload)
+            try:
+                tree, rollouts = search_question(item, self.policy, self.config, self.verifier)
+            except Exception as exc:  # noqa: BLE001 - the question fails, the run goes on
+                tree, rollouts, error = None, 0, f"{type(exc).__name__}: {exc}"
+            else:
+                error = ""
+            out["id"].append(item.id)
+            out["tree"].append(pickle.dumps(tree))
+            out["rollouts"].append(rollouts)
+            out["error"].append(error)
+        return out
+
+
+def ray_annotate(problems: Iterable[Any], policy_factory: Callable[[], Policy], out_dir, config: MCTSConfig | None = None,
+                 *, verifier=None, text_only: bool = False, progress: bool = True, address: str | None = "auto",
+                 workers: int | None = None, worker_cpus: float = 1, worker_gpus: float = 0) -> AnnotationStats:
+    """``train.mcts.annotate`` on a Ray cluster: same trees, same files, same resumption.
+
+    ``policy_factory``: a picklable callable building the policy inside each
+    worker (see the ``*_policy_factory`` helpers).  ``workers``: questions in
+    flight (default: the cluster's CPUs / ``worker_cpus``; with
+    ``worker_gpus`` > 0, its GPUs / ``worker_gpus``)."""
+    config = config or MCTSConfig()
+    run = prepare_annotation(problems, out_dir, config, text_only)
+    todo = [with_saved_image(item, run.out) for item in run.todo]
+    if not todo:
+        return AnnotationProgress(run, False).close()
+    ray = connect(address)
+    resources = ray.cluster_resources()
+    if workers is None:
+        workers = int(resources.get("GPU", 0) // worker_gpus) if worker_gpus else int(resources.get("CPU", 1) // worker_cpus)
+    workers = max(1, min(workers, len(todo)))
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = False  # write each tree as soon as it is done
+    ctx.enable_progress_bars = False
+    ds = ray.data.from_items([{"item": pickle.dumps(it)} for it in todo], override_num_blocks=len(todo))
+    from ray.data import ActorPoolStrategy
+
+    trees = ds.map_batches(AnnotationWorker, batch_size=1, compute=ActorPoolStrategy(size=workers),
+                           fn_constructor_kwargs={"policy_factory": policy_factory, "config": config,
+                                                  "verifier": verifier},
+                           num_cpus=worker_cpus, num_gpus=worker_gpus)
+    tracker = AnnotationProgress(run, progress, desc=f"annotate (ray x{workers})")
+    written: set[str] = set()
+    try:
+        for row in trees.iter_rows():
+            qid = row["id"]
+            if qid in written:  # a retried question that had already come back: keep the first
+                continue
+            if row["error"]:
+                tracker.done(qid, None, row["error"])
+                continue
+            write_json_atomic(tree_path(run.out, qid), pickle.loads(row["tree"]))
+            written.add(qid)
+            tracker.done(qid, int(row["rollouts"]), None)
+    finally:
+        stats = tracker.close()
+    return stats
+
+
+# --------------------------------------------------------------------------
+# policy factories (module-level functions + partial: picklable for the workers)
+# --------------------------------------------------------------------------
+def _synthetic_policy(num_problems: int, split: str, seed: int, rates, policy_seed: int, latency_s: float) -> Policy:
+    from ..train.synthetic_policy import SyntheticPolicy
+    from ..train.synthetic_task import make_problems
+
+    return SyntheticPolicy(make_problems(num_problems, split, seed), rates=rates, seed=policy_seed,
+                           latency_s=latency_s)
+
+
+def synthetic_policy_factory(num_problems: int, split: str, seed: int, rates, policy_seed: int = 0,
+                             latency_s: float = 0.0) -> Callable[[], Policy]:
+    """The synthetic policy over the same problem set, rebuilt in each worker (its samples depend
+    only on the seed, the problem and the partial solution, so a worker gives the same trees)."""
+    return functools.partial(_synthetic_policy, num_problems, split, seed, rates, policy_seed, latency_s)
+
+
+def _openai_policy(base_url: str, model: str, api_key: str | None, sampling: dict) -> Policy:
+    from .policy import OpenAIPolicy
+
+    return OpenAIPolicy(base_url, model, api_key, **sampling)
+
+
+def openai_policy_factory(base_url: str, model: str, api_key: str | None = None, **sampling) -> Callable[[], Policy]:
+    """Rollouts from an OpenAI-compatible server (e.g. `vllm serve`) reachable from every node."""
+    return functools.partial(_openai_policy, base_url, model, api_key, sampling)
+
+
+def _vllm_policy(model: str, tensor_parallel_size: int, llm_kwargs: dict) -> Policy:
+    import vllm
+
+    from .vllm_policy import VLLMPolicy
+
+    return VLLMPolicy(vllm.LLM(model=model, tensor_parallel_size=tensor_parallel_size, **llm_kwargs))
+
+
+def vllm_policy_factory(model: str, tensor_parallel_size: int = 1, **llm_kwargs) -> Callable[[], Policy]:
+    """A vLLM engine inside each worker (give the worker ``tensor_parallel_size`` GPUs;
+    vLLM spreads its own shards over them)."""
+    return functools.partial(_vllm_policy, model, tensor_parallel_size, llm_kwargs)

@@ -1,0 +1,76 @@
+"""Joining a Ray cluster and sizing actor pools (shared by Ray scoring and annotation).
+
+Ray is optional (``pip install 'mmprm-infer[ray]'``); everything here imports
+it lazily and says how to install it when it is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["require_ray", "connect", "ActorPlan", "plan_actors"]
+
+logger = logging.getLogger(__name__)
+
+
+def require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit("mmprm: --ray needs Ray; install it with: pip install 'mmprm-infer[ray]'") from None
+    return ray
+
+
+def connect(address: str | None = "auto", *, num_cpus: int | None = None) -> Any:
+    """Join the cluster at ``address`` (``"auto"``: $RAY_ADDRESS or a cluster
+    already running on this machine, else start a local one with ``num_cpus``)."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return ray
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if address not in (None, "", "auto"):
+        ray.init(address=address, **quiet)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+    else:
+        try:
+            ray.init(address="auto", **quiet)
+        except (ConnectionError, RuntimeError):
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+    resources = ray.cluster_resources()
+    logger.info("Ray cluster: %s CPUs, %s GPUs, %d node(s)", resources.get("CPU", 0), resources.get("GPU", 0),
+                len([n for n in ray.nodes() if n.get("Alive")]))
+    return ray
+
+
+@dataclass
+class ActorPlan:
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    device: str  # where each actor puts its model
+
+    def remote_args(self) -> dict[str, float]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+
+def plan_actors(actors: int | None = None, actor_cpus: int = 1, actor_gpus: float = 1.0,
+                device: str = "cpu") -> ActorPlan:
+    """One actor per ``actor_gpus`` GPUs when the cluster has GPUs (and the
+    caller did not pin ``device="cpu"`` explicitly with ``actor_gpus=0``),
+    else ``actor_cpus``-CPU actors filling the cluster's CPUs."""
+    ray = require_ray()
+    if actors is not None and actors < 1:
+        raise ValueError(f"--ray-actors must be >= 1, got {actors}")
+    if actor_cpus < 1:
+        raise ValueError(f"--ray-actor-cpus must be >= 1, got {actor_cpus}")
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+    if gpus > 0 and actor_gpus > 0:
+        n = actors or max(1, int(gpus // actor_gpus))
+        return ActorPlan(n, 1, actor_gpus, "cuda" if device == "cpu" else device)
+    n = actors or max(1, int(cpus // actor_cpus))
+    return ActorPlan(n, actor_cpus, 0, device)

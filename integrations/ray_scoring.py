@@ -1,0 +1,232 @@
+"""Dataset-scale scoring on Ray: `mmprm score|rerank --ray [ADDRESS]`.
+
+The input (JSONL or Parquet) is cut into the same windows as the
+single-machine run (``mmprm_infer.records``): Ray Data streams the window
+indices to a pool of PRM actors that read their windows (one per GPU, or CPU actors) scores each window
+with the fast engine in one call, so a question and all its candidates stay
+on one actor with their shared prefix, and the driver writes the results in
+input order.  The engine calls are exactly the single-machine ones, so the
+output file is identical to the one `mmprm score|rerank` writes without
+``--ray``.
+
+Faults: Ray Data restarts an actor that dies and retries its window; the
+result of a window reaches the output once, whichever try produced it.
+
+From Python::
+
+    from mmprm_infer.integrations.ray_scoring import score_file
+    score_file("cands.jsonl", "scores.jsonl", prm="ckpt/", command="rerank", address="auto")
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from ..records import (RecordError, ResultWriter, ScoringOptions, candidates_in, plan_windows, process_window,
+                       read_windows)
+from .ray_cluster import ActorPlan, connect, plan_actors, require_ray
+
+__all__ = ["PRMSpec", "RayScoringStats", "score_file", "score_items", "ray_run_jsonl"]
+
+MAX_BLOCKS = 4096
+
+
+@dataclass
+class RayScoringStats:
+    windows: int = 0
+    questions: int = 0  # records written (results and error records)
+    candidates: int = 0
+    errors: int = 0  # error records (on_error="skip")
+    actors: int = 0
+    seconds: float = 0.0  # the whole job, actor start-up included
+    first_window_s: float = 0.0  # until the first window came back (start-up + one window)
+
+    @property
+    def candidates_per_s(self) -> float:
+        return self.candidates / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class PRMSpec:
+    """How each actor loads its PRM (``PRM.from_pretrained`` arguments)."""
+
+    path: str
+    format: str | None = None
+    dtype: str | None = None
+    engine: str | None = None
+    max_tiles: int | None = None
+
+    def load(self, device: str, threads: int):
+        import torch
+
+        from ..prm import PRM
+
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        options = {"max_tiles": self.max_tiles} if self.max_tiles is not None else {}
+        return PRM.from_pretrained(self.path, format=self.format, device=device, dtype=self.dtype,
+                                   engine=self.engine, **options)
+
+
+# --------------------------------------------------------------------------
+# Ray Data stages
+# --------------------------------------------------------------------------
+class _PRMActor:
+    def __init__(self, spec: PRMSpec, device: str, threads: int):
+        self.prm = spec.load(device, threads)
+
+
+class WindowScorer(_PRMActor):
+    """Reads and scores file windows: one result (or RecordError) per row.
+
+    The actor reads its windows itself (a seek and a short read, or one Parquet
+    row group): a separate Ray read stage would start extra worker processes
+    for no gain, as the input must be on storage every node reads anyway, like
+    the images it names."""
+
+    def __init__(self, spec: PRMSpec, device: str, threads: int, options: ScoringOptions, path: str,
+                 plan: list[int], window: int):
+        super().__init__(spec, device, threads)
+        self.options, self.path, self.plan, self.window = options, Path(path), plan, window
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {"window": [], "results": [], "candidates": []}
+        for k in batch["window"]:
+            (window,) = read_windows(self.path, self.plan, self.window, int(k), int(k) + 1)
+            results = process_window(window, self.prm, self.options, self.path.parent)
+            out["window"].append(int(k))
+            out["results"].append(pickle.dumps(results))
+            out["candidates"].append(candidates_in(window))
+        return out
+
+
+class ItemScorer(_PRMActor):
+    """Scores in-memory ScoringItems, one ``PRM.score_batch`` call per window."""
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {"window": [], "rewards": []}
+        for k, payload in zip(batch["window"], batch["items"]):
+            out["window"].append(int(k))
+            out["rewards"].append(pickle.dumps(self.prm.score_batch(pickle.loads(payload))))
+        return out
+
+
+def _ordered_stream(ds, n_windows: int, progress: bool, desc: str):
+    """Rows of ``ds`` in window order (Ray Data keeps order when asked), with a progress bar."""
+    seen = 0
+    with tqdm(total=n_windows, desc=desc, unit="window", disable=not progress, dynamic_ncols=True) as bar:
+        for row in ds.iter_rows():
+            if int(row["window"]) != seen:  # would mean a lost or repeated window
+                raise RuntimeError(f"Ray returned window {row['window']} where window {seen} was due")
+            seen += 1
+            yield row, bar
+            bar.update(1)
+    if seen != n_windows:
+        raise RuntimeError(f"Ray returned {seen} of {n_windows} windows")
+
+
+def _ordered_context(ray):
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # ours shows windows and candidates/s
+    ctx.print_on_execution_start = False
+    return ctx
+
+
+def _map_to_actors(ds, actor_cls, plan: ActorPlan, constructor_kwargs: dict, threads: int):
+    return ds.map_batches(actor_cls, batch_size=1, compute=_actor_pool(plan), fn_constructor_kwargs={
+        **constructor_kwargs, "device": plan.device, "threads": threads}, **plan.remote_args())
+
+
+def _actor_pool(plan: ActorPlan):
+    from ray.data import ActorPoolStrategy
+
+    return ActorPoolStrategy(size=plan.actors)
+
+
+# --------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------
+def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, command: str = "score",
+               aggregate: str = "min", strategy: str = "best_of_n", batch_questions: int = 8,
+               on_error: str = "fail", address: str | None = "auto", actors: int | None = None,
+               actor_cpus: int = 1, actor_gpus: float = 1.0, device: str = "cpu",
+               progress: bool = True) -> RayScoringStats:
+    """Score or rerank a JSONL/Parquet file on Ray; writes ``output`` in input order (error
+    records with ``on_error="skip"``) and returns counts and timings."""
+    spec = prm if isinstance(prm, PRMSpec) else PRMSpec(str(prm))
+    in_path = Path(input).resolve()
+    if not in_path.is_file():
+        raise SystemExit(f"mmprm: input file {in_path} does not exist")
+    plan = plan_windows(in_path, batch_questions)
+    n_windows = len(plan) - 1
+    ray = connect(address)
+    _ordered_context(ray)
+    actor_plan = plan_actors(actors, actor_cpus, actor_gpus, device)
+    options = ScoringOptions(command=command, aggregate=aggregate, strategy=strategy, engine=spec.engine)
+    # from_items, not ray.data.range: a range read needs a CPU slot, which a pool filling the cluster never frees
+    # one block per window (up to a cap): windows are balanced over the actors and retried one by one;
+    # from_items, not ray.data.range, whose read task needs a CPU that a pool filling the cluster never frees
+    windows = ray.data.from_items([{"window": k} for k in range(n_windows)],
+                                  override_num_blocks=max(1, min(n_windows, MAX_BLOCKS)))
+    scored = _map_to_actors(windows, WindowScorer, actor_plan, {"spec": spec, "options": options, "path": str(in_path),
+                                                                "plan": plan, "window": batch_questions}, actor_cpus)
+    stats, start = RayScoringStats(windows=n_windows, actors=actor_plan.actors), time.perf_counter()
+    with open(output, "w", encoding="utf-8") as dst:
+        writer = ResultWriter(dst, on_error)
+        for row, bar in _ordered_stream(scored, n_windows, progress, f"mmprm {command} (ray x{actor_plan.actors})"):
+            results: list[dict | RecordError] = pickle.loads(row["results"])
+            writer.write(results)
+            stats.candidates += int(row["candidates"])
+            stats.first_window_s = stats.first_window_s or time.perf_counter() - start
+            bar.set_postfix(questions=writer.written,
+                            candidates_per_s=f"{stats.candidates / (time.perf_counter() - start):.1f}", refresh=False)
+    stats.seconds, stats.questions, stats.errors = time.perf_counter() - start, writer.written, writer.errors
+    return stats
+
+
+def score_items(items: Sequence[Any], prm: str | PRMSpec, *, batch_questions: int = 8,
+                address: str | None = "auto", actors: int | None = None, actor_cpus: int = 1,
+                actor_gpus: float = 1.0, device: str = "cpu", progress: bool = True) -> list[list[list[float]]]:
+    """``PRM.score_batch`` over many ScoringItems on Ray actors, ``batch_questions``
+    items per call; same result, in the same order, as calling it window by window here."""
+    spec = prm if isinstance(prm, PRMSpec) else PRMSpec(str(prm))
+    items = list(items)
+    ray = connect(address)
+    _ordered_context(ray)
+    actor_plan = plan_actors(actors, actor_cpus, actor_gpus, device)
+    windows = [{"window": k, "items": pickle.dumps(items[s:s + batch_questions])}
+               for k, s in enumerate(range(0, len(items), batch_questions))]
+    if not windows:
+        return []
+    ds = ray.data.from_items(windows, override_num_blocks=max(1, min(len(windows), MAX_BLOCKS)))
+    scored = _map_to_actors(ds, ItemScorer, actor_plan, {"spec": spec}, actor_cpus)
+    rewards: list[list[list[float]]] = []
+    for row, _ in _ordered_stream(scored, len(windows), progress, f"score (ray x{actor_plan.actors})"):
+        rewards.extend(pickle.loads(row["rewards"]))
+    return rewards
+
+
+def ray_run_jsonl(args) -> int:
+    """`mmprm score|rerank --ray`: the CLI's options mapped onto ``score_file``."""
+    if args.prm is None:
+        raise SystemExit("mmprm: --ray needs --prm (majority_vote without a PRM needs no cluster)")
+    spec = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine, max_tiles=args.max_tiles)
+    stats = score_file(args.input, args.output, spec, command=args.command, aggregate=args.aggregate,
+                        strategy=getattr(args, "strategy", "best_of_n"), batch_questions=args.batch_questions,
+                        on_error=args.on_error, address=args.ray, actors=args.ray_actors,
+                        actor_cpus=args.ray_actor_cpus, actor_gpus=args.ray_actor_gpus, device=args.device,
+                        progress=not args.quiet)
+    if stats.errors:
+        print(f"mmprm: {stats.errors} record(s) failed; see the 'error' records in {args.output}", file=sys.stderr)
+    if not args.quiet:
+        print(f"mmprm: {stats.questions} records, {stats.candidates} candidates in {stats.seconds:.1f} s on "
+              f"{stats.actors} actor(s): {stats.candidates_per_s:.1f} candidates/s", file=sys.stderr)
+    return 0

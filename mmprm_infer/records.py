@@ -1,0 +1,254 @@
+"""Input records of `mmprm score|rerank`: read in fixed windows, parse, score, write in input order.
+
+A record is {"question": str, "candidates": [str | [str, ...]], "image":
+optional path or list of paths relative to the input file, "id": optional},
+one per JSONL line or one per Parquet row.
+
+Inputs are cut into *windows* of ``window`` consecutive lines (Parquet: rows):
+window k holds lines k*window+1 .. (k+1)*window.  A window is the unit of
+work everywhere: the single-machine loop scores one window per engine call,
+and the Ray path (``integrations.ray_scoring``) hands whole windows to its
+actors.  Both therefore make the same engine calls on the same inputs, so
+their outputs are identical, and one question's candidates never leave the
+actor that holds their shared prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tqdm.auto import tqdm
+
+from .prm import ScoringItem
+
+__all__ = ["RecordError", "Window", "ScoringOptions", "parse_record", "input_kind", "plan_windows",
+           "read_windows", "iter_windows", "process_window", "ResultWriter"]
+
+
+class RecordError(ValueError):
+    def __init__(self, line: int, message: str):
+        super().__init__(f"line {line}: {message}")
+        self.line = line
+        self.message = message
+
+    def __reduce__(self):  # picklable, so it can travel from a worker process
+        return RecordError, (self.line, self.message)
+
+
+@dataclass
+class Window:
+    index: int
+    rows: list[tuple[int, str]]  # (line number, or Parquet row number from 1; the record as JSON text)
+
+
+@dataclass
+class ScoringOptions:
+    command: str = "score"  # "score" | "rerank"
+    aggregate: str = "min"
+    strategy: str = "best_of_n"
+    engine: str | None = None
+
+
+def parse_record(raw: str, line: int, base_dir: Path) -> tuple[dict, ScoringItem]:
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RecordError(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise RecordError(line, "each line must be a JSON object with 'question' and 'candidates'")
+    missing = [k for k in ("question", "candidates") if k not in record]
+    if missing:
+        raise RecordError(line, f"missing field(s) {missing}; each record needs 'question' and 'candidates'")
+    if not isinstance(record["candidates"], list) or not record["candidates"]:
+        raise RecordError(line, "'candidates' must be a non-empty list of solutions")
+    image = record.get("image", record.get("images"))
+    if image is not None:
+        paths = image if isinstance(image, list) else [image]
+        resolved = [p if Path(p).is_absolute() else str(base_dir / p) for p in paths]
+        for p in resolved:
+            if not Path(p).is_file():
+                raise RecordError(line, f"image file {p} does not exist (paths are relative to the input file)")
+        image = resolved if isinstance(image, list) else resolved[0]
+    return record, ScoringItem(record["question"], record["candidates"], image)
+
+
+# --------------------------------------------------------------------------
+# reading windows
+# --------------------------------------------------------------------------
+def input_kind(path: str | Path) -> str:
+    return "parquet" if str(path).endswith((".parquet", ".pq")) else "jsonl"
+
+
+def _jsonl_window_offsets(path: Path, window: int) -> list[int]:
+    """Byte offsets where each window starts, plus the file size (one pass, no parsing)."""
+    offsets, line, pos = [0], 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            start = 0
+            while (nl := chunk.find(b"\n", start)) >= 0:
+                line += 1
+                if line % window == 0:
+                    offsets.append(pos + nl + 1)
+                start = nl + 1
+            pos += len(chunk)
+    if offsets[-1] != pos:
+        offsets.append(pos)
+    return offsets
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def plan_windows(path: str | Path, window: int) -> list[int]:
+    """The plan ``read_windows`` reads from: JSONL byte offsets of every window
+    boundary, or for Parquet [0, window, 2*window, ..., rows]."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    if input_kind(path) == "parquet":
+        rows = _parquet_rows(path)
+        return [*range(0, rows, window), rows] if rows else [0]
+    return _jsonl_window_offsets(path, window)
+
+
+def read_windows(path: str | Path, plan: list[int], window: int, first: int, last: int) -> Iterator[Window]:
+    """Windows ``first`` .. ``last - 1`` of the plan; blank JSONL lines are left out (but counted)."""
+    path = Path(path)
+    if input_kind(path) == "parquet":
+        yield from _read_parquet_windows(path, plan, first, last)
+        return
+    with open(path, "rb") as f:
+        for k in range(first, last):
+            f.seek(plan[k])
+            data = f.read(plan[k + 1] - plan[k]).decode("utf-8")
+            lines = data.split("\n")
+            if data.endswith("\n"):
+                lines.pop()
+            rows = [(k * window + i + 1, raw) for i, raw in enumerate(lines) if raw.strip()]
+            yield Window(k, rows)
+
+
+def _read_parquet_windows(path: Path, plan: list[int], first: int, last: int) -> Iterator[Window]:
+    """Reads only the row groups that hold rows plan[first] .. plan[last] - 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if last <= first:
+        return
+    lo, hi = plan[first], plan[last]
+    parquet = pq.ParquetFile(path)
+    groups, start, group_starts = [], 0, []
+    for g in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(g).num_rows
+        if start < hi and start + rows > lo:
+            groups.append(g)
+            group_starts.append(start)
+        start += rows
+    table = parquet.read_row_groups(groups) if groups else pa.table({})
+    records = table.slice(lo - group_starts[0], hi - lo).to_pylist() if groups else []
+    for k in range(first, last):
+        chunk = records[plan[k] - lo: plan[k + 1] - lo]
+        yield Window(k, [(plan[k] + i + 1, json.dumps(r, ensure_ascii=False, default=str)) for i, r in
+                         enumerate(chunk)])
+
+
+def iter_windows(path: str | Path, window: int) -> Iterator[Window]:
+    plan = plan_windows(path, window)
+    yield from read_windows(path, plan, window, 0, len(plan) - 1)
+
+
+# --------------------------------------------------------------------------
+# scoring a window
+# --------------------------------------------------------------------------
+def _result_record(record: dict, line: int, step_rewards, rerank_result, aggregate: str) -> dict:
+    out = {"line": line}
+    if "id" in record:
+        out["id"] = record["id"]
+    if rerank_result is None:
+        from .aggregation import aggregate as reduce_steps
+
+        out["step_rewards"] = step_rewards
+        out["scores"] = [reduce_steps(r, aggregate) for r in step_rewards]
+        out["aggregate"] = aggregate
+    else:
+        out.update(rerank_result.to_dict())
+    return out
+
+
+def _score(batch: list[tuple[int, dict, ScoringItem]], prm, options: ScoringOptions) -> list[dict | RecordError]:
+    """Score parsed records in one engine call; if it fails, one by one so only the bad record fails."""
+    from .rerank import rerank_batch
+
+    items = [item for _, _, item in batch]
+    try:
+        if options.command == "rerank":
+            results = rerank_batch(items, prm, options.aggregate, options.strategy, options.engine)
+            return [_result_record(rec, ln, None, res, options.aggregate) for (ln, rec, _), res in zip(batch, results)]
+        rewards = prm.score_batch(items, engine=options.engine)
+        return [_result_record(rec, ln, r, None, options.aggregate) for (ln, rec, _), r in zip(batch, rewards)]
+    except Exception as exc:
+        if len(batch) == 1:
+            return [RecordError(batch[0][0], f"{type(exc).__name__}: {exc}")]
+        return [out for entry in batch for out in _score([entry], prm, options)]
+
+
+def process_window(window: Window, prm, options: ScoringOptions, base_dir: Path) -> list[dict | RecordError]:
+    """One result (or RecordError) per row of the window, in row order."""
+    parsed, results = [], {}
+    for line, raw in window.rows:
+        try:
+            record, item = parse_record(raw, line, base_dir)
+        except RecordError as exc:
+            results[line] = exc
+        else:
+            parsed.append((line, record, item))
+    if parsed:
+        for (line, _, _), out in zip(parsed, _score(parsed, prm, options)):
+            results[line] = out
+    return [results[line] for line, _ in window.rows]
+
+
+def candidates_in(window: Window) -> int:
+    """Candidates a window holds (for throughput), counting unparsable lines as none."""
+    total = 0
+    for _, raw in window.rows:
+        try:
+            total += len(json.loads(raw).get("candidates", []))
+        except (ValueError, AttributeError, TypeError):
+            pass
+    return total
+
+
+# --------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------
+@dataclass
+class ResultWriter:
+    """Writes results in input order; a RecordError stops the run (on_error="fail")
+    or becomes an {"line", "error"} record (on_error="skip")."""
+
+    handle: object
+    on_error: str = "fail"
+    prog: str = "mmprm"
+    errors: int = 0
+    written: int = 0
+
+    def write(self, results: Iterable[dict | RecordError]) -> None:
+        for out in results:
+            if isinstance(out, RecordError):
+                if self.on_error == "fail":
+                    raise SystemExit(f"{self.prog}: {out} (use --on-error skip to write an error record and go on)")
+                self.errors += 1
+                tqdm.write(f"{self.prog}: skipped {out}", file=sys.stderr)
+                out = {"line": out.line, "error": str(out)}
+            self.handle.write(json.dumps(out, ensure_ascii=False) + "\n")
+            self.written += 1

@@ -1,0 +1,229 @@
+"""Ray scale-out on a local 2-CPU Ray cluster: same outputs as one machine, killed actors, killed drivers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import ray  # in the dev extra: a missing Ray fails here rather than skipping
+import torch
+
+from mmprm_infer.cli import main
+from mmprm_infer.integrations.ray_scoring import PRMSpec, score_file, score_items
+from mmprm_infer.prm import PRM, ScoringItem
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # the kill test's PRM wrapper below is defined here, so workers must get it by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield ray
+    ray.shutdown()
+
+
+def _records(n_questions: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n_questions):
+        cands = []
+        for _ in range(rng.randint(1, 9)):
+            steps = [f"{i}+{k}={i + k}" for k in range(rng.randint(1, 4))] + [f"\\boxed{{{i + rng.randint(0, 3)}}}"]
+            cands.append("\n\n".join(steps))
+        out.append({"id": f"q{i}", "question": f"What is {i}+{i % 7}?", "candidates": cands})
+    return out
+
+
+def _write_jsonl(path: Path, records: list[dict], extra_lines: dict[int, str] = ()) -> Path:
+    lines = [json.dumps(r) for r in records]
+    for at, raw in sorted(dict(extra_lines).items(), reverse=True):
+        lines.insert(at, raw)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _single_machine(command: str, prm_dir, src: Path, dst: Path, *extra: str) -> str:
+    try:
+        assert main([command, "--prm", str(prm_dir), "-i", str(src), "-o", str(dst), "--quiet", "--threads", "1",
+                     *extra]) == 0
+    finally:
+        torch.set_num_threads(2)  # conftest's setting for the other tests
+    return dst.read_text()
+
+
+def test_score_and_rerank_match_single_machine(cluster, qwen_prm_dir, tmp_path):
+    records = _records(70)
+    assert sum(len(r["candidates"]) for r in records) >= 300
+    src = _write_jsonl(tmp_path / "in.jsonl", records, {10: "", 33: "{not json", 50: json.dumps({"question": "x"})})
+    for command, extra in (("score", ["--aggregate", "mean"]), ("rerank", ["--strategy", "weighted_vote"])):
+        want = _single_machine(command, qwen_prm_dir, src, tmp_path / f"{command}-one.jsonl", "--on-error", "skip",
+                               *extra)
+        assert main([command, "--prm", str(qwen_prm_dir), "-i", str(src), "-o", str(tmp_path / f"{command}-ray.jsonl"),
+                     "--quiet", "--on-error", "skip", "--ray", "--ray-actors", "2", *extra]) == 0
+        got = (tmp_path / f"{command}-ray.jsonl").read_text()
+        assert got == want
+        out = [json.loads(line) for line in got.splitlines()]
+        assert len(out) == len(records) + 2  # the blank line has no record; the two bad ones have error records
+        assert [o.get("id") for o in out if "error" not in o] == [r["id"] for r in records]
+        assert [o["line"] for o in out if "error" in o] == [35, 53]  # lines after the inserted ones
+
+
+def test_bad_record_fails_the_ray_run_naming_its_line(cluster, qwen_prm_dir, tmp_path):
+    src = _write_jsonl(tmp_path / "in.jsonl", _records(12), {5: "[1, 2]"})
+    with pytest.raises(SystemExit, match="line 6"):
+        score_file(src, tmp_path / "out.jsonl", str(qwen_prm_dir), actors=1, progress=False)
+
+
+def test_parquet_input_matches_single_machine(cluster, qwen_prm_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = _records(30, seed=1)
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(records), src, row_group_size=7)
+    want = _single_machine("score", qwen_prm_dir, src, tmp_path / "one.jsonl")
+    score_file(src, tmp_path / "ray.jsonl", str(qwen_prm_dir), actors=2, progress=False)
+    assert (tmp_path / "ray.jsonl").read_text() == want
+    assert [json.loads(line)["id"] for line in want.splitlines()] == [r["id"] for r in records]
+
+
+def test_images_through_ray(cluster, image_sensitive_mm_prm, tmp_path):
+    from PIL import Image
+
+    prm_dir = tmp_path / "mm-prm"
+    image_sensitive_mm_prm.save_pretrained(prm_dir)
+    for i, color in enumerate(["red", "navy", "yellow"]):
+        Image.new("RGB", (40 + 10 * i, 30), color).save(tmp_path / f"img{i}.png")
+    records = [{"id": f"m{i}", "question": "What is shown?", "image": f"img{i % 3}.png",
+                "candidates": ["It is a square.\n\n\\boxed{1}", "Two shapes.\n\n\\boxed{2}"]} for i in range(6)]
+    src = _write_jsonl(tmp_path / "in.jsonl", records)
+    want = _single_machine("rerank", prm_dir, src, tmp_path / "one.jsonl", "--batch-questions", "4", "--max-tiles", "1")
+    score_file(src, tmp_path / "ray.jsonl", PRMSpec(str(prm_dir), max_tiles=1), command="rerank", batch_questions=4,
+               actors=2, progress=False)
+    got = (tmp_path / "ray.jsonl").read_text()
+    assert got == want
+    scores = [json.loads(line)["scores"] for line in got.splitlines()]
+    assert scores[0] != scores[1]  # the images reached the model
+
+
+class _SlowPRM:
+    """The real PRM, slowed down, with a file named after the actor's pid while it scores."""
+
+    def __init__(self, prm, busy_dir: str):
+        self.prm, self.busy = prm, Path(busy_dir)
+
+    def score_batch(self, items, engine=None):
+        marker = self.busy / str(os.getpid())
+        marker.write_text("scoring")
+        time.sleep(0.3)
+        rewards = self.prm.score_batch(items, engine=engine)
+        marker.unlink()
+        return rewards
+
+
+@dataclass
+class _SlowSpec(PRMSpec):
+    busy_dir: str = ""
+
+    def load(self, device, threads):
+        return _SlowPRM(super().load(device, threads), self.busy_dir)
+
+
+def test_killed_actor_is_restarted_and_every_record_written_once(cluster, qwen_prm_dir, tmp_path):
+    records = _records(48, seed=2)
+    src = _write_jsonl(tmp_path / "in.jsonl", records)
+    want = _single_machine("score", qwen_prm_dir, src, tmp_path / "one.jsonl", "--batch-questions", "2")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    killed: list[int] = []
+
+    def kill_one_actor_mid_batch():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            for marker in busy.iterdir():
+                pid = int(marker.name)
+                os.kill(pid, signal.SIGKILL)  # while it is inside score_batch
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_actor_mid_batch, daemon=True)
+    killer.start()
+    score_file(src, tmp_path / "ray.jsonl", _SlowSpec(str(qwen_prm_dir), busy_dir=str(busy)), batch_questions=2,
+               actors=2, progress=False)
+    killer.join(timeout=5)
+    assert killed, "no actor was killed"
+    got = (tmp_path / "ray.jsonl").read_text()
+    assert got == want  # nothing lost, nothing twice, same order and scores
+    assert [json.loads(line)["id"] for line in got.splitlines()] == [r["id"] for r in records]
+
+
+def test_score_items_matches_score_batch(cluster, qwen_prm_dir):
+    records = _records(20, seed=3)
+    items = [ScoringItem(r["question"], r["candidates"]) for r in records]
+    prm = PRM.from_pretrained(qwen_prm_dir)
+    want = [r for s in range(0, len(items), 3) for r in prm.score_batch(items[s:s + 3])]
+    got = score_items(items, str(qwen_prm_dir), batch_questions=3, actors=2, progress=False)
+    assert len(got) == len(items)
+    for g, w in zip(got, want):
+        assert [len(x) for x in g] == [len(x) for x in w]
+        for gx, wx in zip(g, w):
+            assert gx == pytest.approx(wx, abs=1e-6)
+
+
+# --------------------------------------------------------------------------
+# annotation
+# --------------------------------------------------------------------------
+ANNOTATE = ["--num-problems", "8", "--k", "8", "--rollout-budget", "40", "--no-progress"]
+
+
+def _annotate_cmd(out_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mmprm_infer.cli", "annotate", *ANNOTATE, "--out-dir", str(out_dir), *extra]
+
+
+def _trees(out_dir: Path) -> dict[str, dict]:
+    trees = {}
+    for p in sorted((out_dir / "trees").glob("*.json")):
+        tree = json.loads(p.read_text())
+        tree.pop("image_path")  # the folder differs between the two runs
+        trees[p.name] = tree
+    return trees
+
+
+def test_ray_annotation_matches_single_machine_and_resumes_after_a_killed_driver(cluster, tmp_path):
+    one = tmp_path / "one"
+    subprocess.run(_annotate_cmd(one), check=True, capture_output=True, timeout=300)
+    want = _trees(one)
+    assert len(want) == 8
+
+    out = tmp_path / "ray"
+    # slow policy calls so the driver is killed with some questions done and some not
+    first = subprocess.Popen(_annotate_cmd(out, "--ray", "--workers", "2", "--policy-latency", "0.05"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((out / "trees").glob("*.json"))) < 2 and first.poll() is None:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    done_before = {p.name: p.stat().st_mtime_ns for p in (out / "trees").glob("*.json")}
+    assert 2 <= len(done_before) < 8, f"the driver was not killed mid-run ({len(done_before)} trees)"
+
+    second = subprocess.run(_annotate_cmd(out, "--ray", "--workers", "2"), check=True, capture_output=True,
+                            text=True, timeout=300)
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["skipped"] == len(done_before) and summary["annotated"] == 8 - len(done_before)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "trees").glob("*.json")
+            if p.name in done_before} == done_before  # finished questions were not redone
+    assert _trees(out) == want
+    assert not list((out / "trees").glob(".*tmp*"))
