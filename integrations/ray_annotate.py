@@ -128,15 +128,16 @@ def openai_policy_factory(base_url: str, model: str, api_key: str | None = None,
     return functools.partial(_openai_policy, base_url, model, api_key, sampling)
 
 
-def _vllm_policy(model: str, tensor_parallel_size: int, llm_kwargs: dict) -> Policy:
+def _vllm_policy(model: str, tensor_parallel_size: int, llm_kwargs: dict, sampling: dict) -> Policy:
     import vllm
 
     from .vllm_policy import VLLMPolicy
 
-    return VLLMPolicy(vllm.LLM(model=model, tensor_parallel_size=tensor_parallel_size, **llm_kwargs))
+    return VLLMPolicy(vllm.LLM(model=model, tensor_parallel_size=tensor_parallel_size, **llm_kwargs), **sampling)
 
 
-def vllm_policy_factory(model: str, tensor_parallel_size: int = 1, **llm_kwargs) -> Callable[[], Policy]:
-    """A vLLM engine inside each worker (give the worker ``tensor_parallel_size`` GPUs;
-    vLLM spreads its own shards over them)."""
-    return functools.partial(_vllm_policy, model, tensor_parallel_size, llm_kwargs)
+def vllm_policy_factory(model: str, tensor_parallel_size: int = 1, llm_kwargs: dict | None = None,
+                        **sampling) -> Callable[[], Policy]:
+    """A vLLM engine inside each worker: with ``tensor_parallel_size`` 1 give the worker one GPU;
+    above that, vLLM places its own shards through Ray (``distributed_executor_backend="ray"``)."""
+    return functools.partial(_vllm_policy, model, tensor_parallel_size, dict(llm_kwargs or {}), sampling)

@@ -227,3 +227,69 @@ def test_ray_annotation_matches_single_machine_and_resumes_after_a_killed_driver
             if p.name in done_before} == done_before  # finished questions were not redone
     assert _trees(out) == want
     assert not list((out / "trees").glob(".*tmp*"))
+
+
+def test_ray_annotation_with_rollouts_from_an_openai_endpoint(cluster, tmp_path):
+    """Workers send their rollouts to an OpenAI-compatible server (here: the synthetic policy behind
+    a stdlib chat-completions endpoint)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mmprm_infer.integrations.policy import PolicyPrompt, split_steps
+    from mmprm_infer.integrations.ray_annotate import openai_policy_factory, ray_annotate
+    from mmprm_infer.train.mcts import MCTSConfig
+    from mmprm_infer.train.synthetic_policy import SyntheticPolicy
+    from mmprm_infer.train.synthetic_task import make_problems
+
+    problems = make_problems(4, "train", 7)
+    policy = SyntheticPolicy(problems)
+    requests: list[int] = []
+
+    class ChatCompletions(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            by_role = {m["role"]: m["content"] for m in body["messages"]}
+            partial = split_steps(by_role["assistant"]) if "assistant" in by_role else []
+            texts = policy.generate([PolicyPrompt(by_role["user"], [], partial)], n=body.get("n", 1))[0]
+            requests.append(os.getpid())
+            data = json.dumps({"choices": [{"index": i, "message": {"role": "assistant", "content": t}}
+                                           for i, t in enumerate(texts)]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatCompletions)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        factory = openai_policy_factory(f"http://127.0.0.1:{server.server_port}/v1", "synthetic", max_new_tokens=256)
+        stats = ray_annotate([p for p in problems], factory, tmp_path / "ann", MCTSConfig(num_rollouts=4, rollout_budget=16),
+                             text_only=True, progress=False, workers=2)
+    finally:
+        server.shutdown()
+    assert stats.annotated == 4 and not stats.failed and stats.rollouts > 0
+    assert len(requests) > 0
+    trees = [json.loads(p.read_text()) for p in sorted((tmp_path / "ann" / "trees").glob("*.json"))]
+    assert len(trees) == 4
+    assert all(0.0 <= t["mc_value"] <= 1.0 and t["answer"] for t in trees)
+
+
+def test_annotate_cli_builds_the_policy_it_is_asked_for():
+    from mmprm_infer.train.annotate import build_parser, policy_factory
+    from mmprm_infer.train.synthetic_policy import ErrorRates
+
+    def factory(*argv):
+        return policy_factory(build_parser().parse_args(["--out-dir", "x", *argv]), ErrorRates())
+
+    vllm = factory("--ray", "--policy-vllm", "--policy-model", "M", "--tensor-parallel-size", "2")
+    assert vllm.args == ("M", 2, {"distributed_executor_backend": "ray"}, {"max_new_tokens": 1024})
+    http = factory("--policy-url", "http://h:8000/v1", "--policy-model", "M", "--max-new-tokens", "64")
+    assert http().url == "http://h:8000/v1/chat/completions" and http().sampling["max_new_tokens"] == 64
+    assert factory("--num-problems", "3")().resolve  # the synthetic policy by default
+    with pytest.raises(SystemExit, match="--policy-vllm needs --ray"):
+        factory("--policy-vllm", "--policy-model", "M")
+    with pytest.raises(SystemExit, match="--policy-url needs --policy-model"):
+        factory("--policy-url", "http://h:8000/v1")

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--policy-vllm", action="store_true",
                    help="with --ray: a vLLM engine inside each worker loads --policy-model")
     r.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM policy (--policy-vllm)")
-    r.add_argument("--max-tokens", type=int, default=1024, help="per rollout, for --policy-url / --policy-vllm")
+    r.add_argument("--max-new-tokens", type=int, default=1024, help="per rollout, for --policy-url / --policy-vllm")
 
     o = p.add_argument_group("run")
     o.add_argument("--workers", type=int, default=None,
@@ -103,11 +103,12 @@ def policy_factory(args, rates):
             raise SystemExit("mmprm annotate: --policy-vllm needs --ray and --policy-model")
         # tensor parallel > 1: vLLM places its own shards on the cluster through Ray
         extra = {"distributed_executor_backend": "ray"} if args.tensor_parallel_size > 1 else {}
-        return factories.vllm_policy_factory(args.policy_model, args.tensor_parallel_size, **extra)
+        return factories.vllm_policy_factory(args.policy_model, args.tensor_parallel_size, llm_kwargs=extra,
+                                             max_new_tokens=args.max_new_tokens)
     if args.policy_url:
         if not args.policy_model:
             raise SystemExit("mmprm annotate: --policy-url needs --policy-model")
-        return factories.openai_policy_factory(args.policy_url, args.policy_model, max_tokens=args.max_tokens)
+        return factories.openai_policy_factory(args.policy_url, args.policy_model, max_new_tokens=args.max_new_tokens)
     return factories.synthetic_policy_factory(args.num_problems, args.split, args.seed, rates, args.policy_seed,
                                               args.policy_latency)
 
