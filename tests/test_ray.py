@@ -293,3 +293,15 @@ def test_annotate_cli_builds_the_policy_it_is_asked_for():
         factory("--policy-vllm", "--policy-model", "M")
     with pytest.raises(SystemExit, match="--policy-url needs --policy-model"):
         factory("--policy-url", "http://h:8000/v1")
+
+
+def test_pipeline_evaluation_on_ray_matches_one_machine(cluster, tmp_path):
+    from mmprm_infer.train.pipeline import preset_config, run_pipeline
+
+    try:
+        here = run_pipeline(preset_config("tiny", run_dir=str(tmp_path / "one")))
+        there = run_pipeline(preset_config("tiny", run_dir=str(tmp_path / "ray"), ray="auto"))
+    finally:
+        torch.set_num_threads(2)
+    assert there["summary"] == here["summary"]
+    assert (tmp_path / "ray" / "test_cases.jsonl").read_text() == (tmp_path / "one" / "test_cases.jsonl").read_text()

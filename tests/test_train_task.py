@@ -218,3 +218,21 @@ def test_error_mix_accuracy_and_majority_vote():
     assert rep["problems_with_agreeing_wrong_answers"] >= 0.25  # wrong answers that agree with each other
     assert set(rep["first_error_kinds"]) == {"misread", "arithmetic slip", "dropped/doubled term", "skipped operation",
                                              "duplicated operation"}, rep
+
+
+# --------------------------------------------------------------------------
+def test_prm_question_facts_and_reading_drills_are_true_readings(problems):
+    import random
+
+    from mmprm_infer.train.prm_init import picture_facts, prm_question, reading_drill
+
+    for p in problems[:20]:
+        facts = picture_facts(p).split("\n")
+        assert len(facts) == (15 if p.kind == "grid" else 5)
+        for line in facts:  # worded exactly like a reading step, with the picture's values
+            step = parse_step(line)
+            assert step.kind == "read" and step.values == p.read(step.target)
+        assert prm_question(p).startswith("Picture:\nRow " if p.kind == "grid" else "Picture:\nBar ")
+        assert prm_question(p).endswith(p.question) and prm_question(p, False) == p.question
+        drill = reading_drill(p, random.Random(p.seed))
+        assert len(drill) == min(8, len(facts)) and len(set(drill)) == len(drill) and set(drill) <= set(facts)

@@ -28,6 +28,7 @@ from mmprm_infer.train.trainer import (
     default_learning_rate,
     evaluate_prm,
     marker_loss,
+    position_balance_weights,
     predict_step_rewards,
     train_prm,
     train_prm_from_checkpoint,
@@ -177,6 +178,43 @@ def test_save_and_reload_two_label_head(prms, tmp_path):
             got = loaded.score(s["question"], [s["steps"]], engine=engine)[0]
             assert got == pytest.approx(expected, abs=1e-5)
         assert prm.score(s["question"], [s["steps"]], engine="reference")[0] == pytest.approx(expected, abs=1e-5)
+
+
+# --- (c2) per-position label balancing ------------------------------------------
+def test_position_balance_weights_give_every_index_the_overall_mix():
+    # 11 steps, 4 bad overall; index 0: 4 good / 1 bad; index 1: 2 / 2; index 2: 1 / 1
+    labels = [[1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0], [0.0], [1.0, 1.0, 0.0]]
+    w = position_balance_weights(labels)
+    assert [len(x) for x in w] == [len(x) for x in labels]
+    for k in range(3):
+        at_k = [(wi[k], li[k]) for wi, li in zip(w, labels) if len(li) > k]
+        bad = sum(x for x, y in at_k if y < 0.5)
+        total = sum(x for x, _ in at_k)
+        assert total == pytest.approx(len(at_k))  # the total weight of an index is unchanged
+        assert bad / total == pytest.approx(4 / 11)  # ... and its bad share is the overall one
+    # one class only at an index: weight 1 there
+    assert position_balance_weights([[1.0, 1.0], [0.0]])[0][1] == 1.0
+    # soft labels are classed by the threshold: 0.7 good, 0.2 bad, one of each at index 0
+    assert position_balance_weights([[0.7], [0.2]], threshold=0.5) == [[1.0], [1.0]]
+
+
+def test_balanced_loss_is_the_weighted_mean(prms):
+    prm = prms("shepherd")
+    samples = make_samples(4, seed=5)
+    examples = [as_example(s, i) for i, s in enumerate(samples)]
+    cache = {i: _encode(prm, ex, i)[0] for i, ex in enumerate(examples)}
+    weights = position_balance_weights([ex.labels for ex in examples])
+    prm.model.zero_grad(set_to_none=True)
+    loss = _accumulate(prm, examples, cache, [[0, 1], [2, 3]], TrainConfig(), check=False, weights=weights)
+    prm.model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        rewards = predict_step_rewards(prm, samples)
+    w = torch.tensor([x for ws in weights for x in ws])
+    p = torch.tensor([x for r in rewards for x in r]).clamp(1e-7, 1 - 1e-7)
+    y = torch.tensor([x for ex in examples for x in ex.labels])
+    expected = (w * -(y * p.log() + (1 - y) * (1 - p).log())).sum() / w.sum()
+    assert loss == pytest.approx(expected.item(), rel=1e-4)
+    assert not all(x == 1.0 for ws in weights for x in ws)  # the check above would not see unit weights
 
 
 # --- (d) gradient accumulation -------------------------------------------------

@@ -9,7 +9,11 @@
    labels, hard 1/0 by MC > 0 by default);
 3. build a small PRM (``prm_init.build_task_prm``: tiny InternVL, mm-prm
    format, the image included; its question also carries the picture as text,
-   see prm_init) and train it (``trainer.train_prm``);
+   see prm_init), optionally pretrain it on reference solutions and reading
+   drills (``prm_init.pretrain_reading``), and train it (``trainer.train_prm``;
+   ``balance_positions`` weights the loss so the step index alone predicts
+   nothing: MCTS paths end at their first error, so later steps are more
+   often wrong and a tiny PRM otherwise learns that prior instead of reading);
 4. on held-out test problems (the disjoint test split) sample N = 16
    candidates per problem from the same policy, score them all once with the
    trained PRM (``PRM.score_batch``, the fast engine) and report
@@ -68,6 +72,7 @@ class PipelineConfig:
     kv_heads: int = 2
     intermediate: int = 192
     image_size: int = 112
+    balance_positions: bool = False  # loss weights: good/bad labels weigh the same at every step index (trainer)
     pretrain_steps: int = 0  # next-token pretraining on facts + reference solutions first (prm_init.pretrain_reading)
     max_steps: int = 600
     batch_size: int = 8
@@ -84,6 +89,7 @@ class PipelineConfig:
     score_batch_questions: int = 8
     example: bool = True  # print a reranking example at the end
     progress: bool = True
+    ray: str | None = None  # score the held-out candidates on a Ray cluster ("auto" or an address; ray_scoring)
     threads: int | None = 1  # torch threads; tiny models run best on one (measured: 2 threads on a shared
     # 2-core machine was 5x slower per step than 1); None leaves torch's default
 
@@ -100,7 +106,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a few minutes on 2 CPU cores
     "demo": dict(train_problems=300, max_steps=600, test_problems=50),
     # >= 200 held-out problems
-    "full": dict(train_problems=1200, max_steps=3000, test_problems=300, layers=4, learning_rate=3e-3),
+    # ~20 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
+    # picture's text; the PRM stage then runs at a lower rate so as not to erase it, on a position-balanced loss
+    "full": dict(train_problems=2400, pretrain_steps=4000, max_steps=3000, test_problems=300, layers=4,
+                 learning_rate=1e-3, balance_positions=True),
     # for tests: seconds
     "tiny": dict(train_problems=12, rollout_budget=48, max_search_count=6, max_steps=4, batch_size=4,
                  hidden=32, layers=1, intermediate=64, test_problems=4, example=False, progress=False),
@@ -184,21 +193,26 @@ def _build_samples(config: PipelineConfig, problems, ann_dir: Path):
     return trees, samples, label_stats(samples)
 
 
-def _score_cases(prm, problems, candidates, config: PipelineConfig) -> list[list[list[float]]]:
+def _score_cases(prm, problems, candidates, config: PipelineConfig, checkpoint: Path) -> list[list[list[float]]]:
+    """Step rewards of every candidate, ``score_batch_questions`` problems per engine call
+    (with ``config.ray``: the same calls on Ray actors that load ``checkpoint``)."""
     from tqdm.auto import tqdm
 
     from mmprm_infer.prm import ScoringItem
 
     from .prm_init import prm_question
 
-    rewards: list[list[list[float]]] = []
+    items = [ScoringItem(prm_question(p, config.with_image_text), cands,
+                         None if config.model_kind == "text" else p.image) for p, cands in zip(problems, candidates)]
     bs = config.score_batch_questions
-    for start in tqdm(range(0, len(problems), bs), desc="score candidates", disable=not config.progress,
+    if config.ray is not None:
+        from mmprm_infer.integrations.ray_scoring import score_items
+
+        return score_items(items, str(checkpoint), batch_questions=bs, address=config.ray, progress=config.progress)
+    rewards: list[list[list[float]]] = []
+    for start in tqdm(range(0, len(items), bs), desc="score candidates", disable=not config.progress,
                       dynamic_ncols=True):
-        items = [ScoringItem(prm_question(p, config.with_image_text), cands,
-                             None if config.model_kind == "text" else p.image)
-                 for p, cands in zip(problems[start:start + bs], candidates[start:start + bs])]
-        rewards.extend(prm.score_batch(items))
+        rewards.extend(prm.score_batch(items[start:start + bs]))
     return rewards
 
 
@@ -275,10 +289,10 @@ def run_pipeline(config: PipelineConfig) -> dict:
     if config.pretrain_steps:
         from .prm_init import pretrain_reading
 
-        _log(f"(c) pretraining the text model on {len(train_problems)} reference solutions, "
+        _log(f"(c) pretraining the text model on {len(train_problems)} reference solutions and reading drills, "
              f"{config.pretrain_steps} steps (next-token loss)")
         pretrain_losses = pretrain_reading(prm, train_problems, steps=config.pretrain_steps,
-                                           batch_size=config.batch_size * 2, with_image_text=config.with_image_text,
+                                           batch_size=config.batch_size, with_image_text=config.with_image_text,
                                            seed=config.seed, progress=config.progress)
     model_desc = (f"tiny InternVL (Qwen2 text {config.layers}x{config.hidden}, 1-layer ViT at {config.image_size}px), "
                   f"format mm-prm, image + {'picture as text + ' if config.with_image_text else ''}question"
@@ -287,6 +301,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     _log(f"(c) training {model_desc}: {n_params / 1e6:.2f}M parameters, {config.max_steps} steps")
     train_cfg = TrainConfig(output_dir=run_dir / "prm", max_steps=config.max_steps, batch_size=config.batch_size,
                             learning_rate=config.learning_rate, warmup_ratio=config.warmup_ratio, seed=config.seed,
+                            balance_positions=config.balance_positions,
                             eval_every=max(1, config.max_steps // 4), progress=config.progress)
     import warnings
 
@@ -303,7 +318,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
                             [] if config.model_kind == "text" else [p.image]) for p in test_problems]
     candidates = policy.generate(prompts, n=config.n_candidates)
     step_lists = [[[s.strip() for s in c.split("\n\n") if s.strip()] for c in cands] for cands in candidates]
-    rewards = _score_cases(prm, test_problems, step_lists, config)
+    rewards = _score_cases(prm, test_problems, step_lists, config, run_dir / "prm")
     timings["score_s"] = time.perf_counter() - t0
     cases, preds, truths = [], [], []
     for p, cands, steps_list, rw in zip(test_problems, candidates, step_lists, rewards):
@@ -334,7 +349,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
                        "rollouts": ann.rollouts, "rollouts_per_s": round(ann.rollouts_per_s, 1),
                        "trees": len(trees)},
         "labels": stats,
-        "training": {"pretrain_steps": config.pretrain_steps,
+        "training": {"pretrain_steps": config.pretrain_steps, "balance_positions": config.balance_positions,
                      "pretrain_final_loss": (sum(pretrain_losses[-10:]) / len(pretrain_losses[-10:])
                                              if pretrain_losses else None),
                      "steps": result.steps, "epochs": result.epochs, "learning_rate": result.learning_rate,
@@ -461,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="next-token pretraining steps on picture facts + reference solutions before PRM training")
+    p.add_argument("--balance-positions", action="store_true",
+                   help="weight the loss so every step index has the overall good/bad label mix")
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--model-kind", choices=("internvl", "text"), default=None)
@@ -469,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soft-labels", action="store_true", help="train on MC values instead of 1/0 labels")
     p.add_argument("--granularity", choices=("node", "step"), default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="score the held-out candidates on a Ray cluster (the 'ray' extra)")
     p.add_argument("--no-example", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -481,9 +500,11 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
         "seed": args.seed, "train_problems": args.train_problems, "test_problems": args.test_problems,
         "max_steps": args.max_steps, "learning_rate": args.learning_rate, "hidden": args.hidden,
         "layers": args.layers, "pretrain_steps": args.pretrain_steps, "model_kind": args.model_kind, "granularity": args.granularity,
-        "threads": args.threads}.items() if v is not None}
+        "threads": args.threads, "ray": args.ray}.items() if v is not None}
     if args.no_image_text:
         overrides["with_image_text"] = False
+    if args.balance_positions:
+        overrides["balance_positions"] = True
     if args.soft_labels:
         overrides["hard_labels"] = False
     if args.no_example:

@@ -48,6 +48,7 @@ from .evaluate import step_error_f1, step_macro_f1
 __all__ = [
     "LoraSettings", "TrainConfig", "TrainResult", "train_prm", "train_prm_from_checkpoint",
     "marker_loss", "predict_step_rewards", "evaluate_prm", "default_learning_rate", "freeze_vision_tower",
+    "position_balance_weights",
 ]
 
 TRAIN_LOG = "train_log.jsonl"
@@ -88,6 +89,9 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # None: no clipping
     label_mode: str = "soft"  # "soft": target [mc, 1 - mc]; "hard": target 1 if mc >= hard_label_threshold else 0
     hard_label_threshold: float = 0.5
+    balance_positions: bool = False  # weight steps so every step index has the overall good/bad mix
+    # (position_balance_weights): MCTS paths end at their first error, so the step index alone predicts the
+    # label well and a small PRM learns that prior instead of reading the step
     packing: bool = False  # False: right-padded rows + attention mask; True: one packed row, no padding
     gradient_checkpointing: bool = False
     bf16: bool = False  # bf16 autocast for the decoder forward (the reward readout and loss stay fp32)
@@ -210,6 +214,22 @@ def _targets(examples: Sequence[TrainExample], indices: Sequence[int], label_mod
     labels = [v for i in indices for v in examples[i].labels]
     t = torch.tensor(labels, dtype=torch.float32, device=device)
     return (t >= threshold).float() if label_mode == "hard" else t
+
+
+def position_balance_weights(label_lists: Sequence[Sequence[float]], threshold: float = 0.5) -> list[list[float]]:
+    """Per-step loss weights that give every step index k the overall mix of good (label >= threshold)
+    and bad steps: w = n_k * P(class) / n_{k,class}.  The weighted loss then gains nothing from guessing
+    by position (only the step's content helps), while the overall prior -- and so the meaning of a
+    0.5 threshold -- is kept.  The total weight at each index stays n_k; an index with one class only
+    keeps weight 1."""
+    counts: dict[int, list[int]] = {}
+    for labels in label_lists:
+        for k, y in enumerate(labels):
+            counts.setdefault(k, [0, 0])[int(y >= threshold)] += 1
+    total = [sum(c[j] for c in counts.values()) for j in (0, 1)]
+    prior = [t / max(1, sum(total)) for t in total]
+    weight = {k: [sum(c) * prior[j] / c[j] if all(c) else 1.0 for j in (0, 1)] for k, c in counts.items()}
+    return [[weight[k][int(y >= threshold)] for k, y in enumerate(labels)] for labels in label_lists]
 
 
 def _step_losses(diff: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -384,9 +404,12 @@ def _optimizer_batches(n: int, config: TrainConfig) -> Iterator[tuple[float, lis
 
 
 def _accumulate(prm: PRM, examples, cache, micro_batches: list[list[int]], config: TrainConfig,
-                check: bool) -> float:
-    """Forward/backward of one optimizer step; gradients of the mean step loss accumulate in .grad."""
-    total_markers = sum(len(examples[i].labels) for micro in micro_batches for i in micro)
+                check: bool, weights: Sequence[Sequence[float]] | None = None) -> float:
+    """Forward/backward of one optimizer step; gradients of the (weighted) mean step loss accumulate in .grad."""
+    def step_weights(micro):
+        return [w for i in micro for w in (weights[i] if weights is not None else [1.0] * len(examples[i].labels))]
+
+    total_weight = sum(sum(step_weights(micro)) for micro in micro_batches)
     loss_value = 0.0
     for micro in micro_batches:
         diff, _, rows = _marker_logit_diff(prm, examples, micro, packing=config.packing, bf16=config.bf16,
@@ -395,7 +418,8 @@ def _accumulate(prm: PRM, examples, cache, micro_batches: list[list[int]], confi
             _check_readout(prm, rows, diff)
             check = False
         targets = _targets(examples, micro, config.label_mode, config.hard_label_threshold, diff.device)
-        loss = _step_losses(diff, targets).sum() / total_markers
+        w = torch.tensor(step_weights(micro), dtype=diff.dtype, device=diff.device)
+        loss = (w * _step_losses(diff, targets)).sum() / total_weight
         loss.backward()
         loss_value += loss.item()
     return loss_value
@@ -470,6 +494,8 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         eval_log = open(out_dir / EVAL_LOG, "w") if eval_examples else None
 
     params = [p for _, p in trainable]
+    weights = (position_balance_weights([ex.labels for ex in examples], config.hard_label_threshold)
+               if config.balance_positions else None)
     losses: list[float] = []
     history: list[dict] = []
     stop = False
@@ -494,7 +520,7 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         batches = _optimizer_batches(len(examples), config)
         while step < total_steps and not stop:
             epoch, micro_batches = next(batches)
-            loss = _accumulate(prm, examples, cache, micro_batches, config, check=step == 0)
+            loss = _accumulate(prm, examples, cache, micro_batches, config, check=step == 0, weights=weights)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss} at step {step + 1}; lower the learning rate, or train in "
