@@ -167,6 +167,9 @@ def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, com
         raise SystemExit(f"mmprm: input file {in_path} does not exist")
     plan = plan_windows(in_path, batch_questions)
     n_windows = len(plan) - 1
+    if n_windows == 0:  # an empty input: an empty output, no cluster needed
+        Path(output).write_text("", encoding="utf-8")
+        return RayScoringStats()
     ray = connect(address)
     _ordered_context(ray)
     actor_plan = plan_actors(actors, actor_cpus, actor_gpus, device)
@@ -199,13 +202,13 @@ def score_items(items: Sequence[Any], prm: str | PRMSpec, *, batch_questions: in
     items per call; same result, in the same order, as calling it window by window here."""
     spec = prm if isinstance(prm, PRMSpec) else PRMSpec(str(prm))
     items = list(items)
+    if not items:
+        return []
     ray = connect(address)
     _ordered_context(ray)
     actor_plan = plan_actors(actors, actor_cpus, actor_gpus, device)
     windows = [{"window": k, "items": pickle.dumps(items[s:s + batch_questions])}
                for k, s in enumerate(range(0, len(items), batch_questions))]
-    if not windows:
-        return []
     ds = ray.data.from_items(windows, override_num_blocks=max(1, min(len(windows), MAX_BLOCKS)))
     scored = _map_to_actors(ds, ItemScorer, actor_plan, {"spec": spec}, actor_cpus)
     rewards: list[list[list[float]]] = []

@@ -305,3 +305,9 @@ def test_pipeline_evaluation_on_ray_matches_one_machine(cluster, tmp_path):
         torch.set_num_threads(2)
     assert there["summary"] == here["summary"]
     assert (tmp_path / "ray" / "test_cases.jsonl").read_text() == (tmp_path / "one" / "test_cases.jsonl").read_text()
+
+
+def test_empty_input_gives_an_empty_output_without_a_cluster(tmp_path):
+    (tmp_path / "in.jsonl").write_text("")
+    stats = score_file(tmp_path / "in.jsonl", tmp_path / "out.jsonl", "no-checkpoint-needed", progress=False)
+    assert (tmp_path / "out.jsonl").read_text() == "" and stats.questions == 0
