@@ -229,14 +229,12 @@ def test_ray_annotation_matches_single_machine_and_resumes_after_a_killed_driver
     assert not list((out / "trees").glob(".*tmp*"))
 
 
-def test_ray_annotation_with_rollouts_from_an_openai_endpoint(cluster, tmp_path):
-    """Workers send their rollouts to an OpenAI-compatible server (here: the synthetic policy behind
-    a stdlib chat-completions endpoint)."""
+@pytest.fixture()
+def synthetic_endpoint():
+    """The synthetic policy behind a stdlib chat-completions endpoint: (base url, problems, request log)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from mmprm_infer.integrations.policy import PolicyPrompt, split_steps
-    from mmprm_infer.integrations.ray_annotate import openai_policy_factory, ray_annotate
-    from mmprm_infer.train.mcts import MCTSConfig
     from mmprm_infer.train.synthetic_policy import SyntheticPolicy
     from mmprm_infer.train.synthetic_task import make_problems
 
@@ -250,7 +248,7 @@ def test_ray_annotation_with_rollouts_from_an_openai_endpoint(cluster, tmp_path)
             by_role = {m["role"]: m["content"] for m in body["messages"]}
             partial = split_steps(by_role["assistant"]) if "assistant" in by_role else []
             texts = policy.generate([PolicyPrompt(by_role["user"], [], partial)], n=body.get("n", 1))[0]
-            requests.append(os.getpid())
+            requests.append(1)
             data = json.dumps({"choices": [{"index": i, "message": {"role": "assistant", "content": t}}
                                            for i, t in enumerate(texts)]}).encode()
             self.send_response(200)
@@ -264,17 +262,44 @@ def test_ray_annotation_with_rollouts_from_an_openai_endpoint(cluster, tmp_path)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), ChatCompletions)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        factory = openai_policy_factory(f"http://127.0.0.1:{server.server_port}/v1", "synthetic", max_new_tokens=256)
-        stats = ray_annotate([p for p in problems], factory, tmp_path / "ann", MCTSConfig(num_rollouts=4, rollout_budget=16),
-                             text_only=True, progress=False, workers=2)
-    finally:
-        server.shutdown()
+    yield f"http://127.0.0.1:{server.server_port}/v1", problems, requests
+    server.shutdown()
+
+
+def _check_trees(out_dir: Path, n: int) -> None:
+    trees = [json.loads(p.read_text()) for p in sorted((out_dir / "trees").glob("*.json"))]
+    assert len(trees) == n
+    assert all(0.0 <= t["mc_value"] <= 1.0 and t["answer"] and "children" in t for t in trees)
+
+
+def test_ray_annotation_with_rollouts_from_an_openai_endpoint(cluster, synthetic_endpoint, tmp_path):
+    from mmprm_infer.integrations.ray_annotate import openai_policy_factory, ray_annotate
+    from mmprm_infer.train.mcts import MCTSConfig
+
+    url, problems, requests = synthetic_endpoint
+    factory = openai_policy_factory(url, "synthetic", max_new_tokens=256)
+    stats = ray_annotate(problems, factory, tmp_path / "ann", MCTSConfig(num_rollouts=4, rollout_budget=16),
+                         text_only=True, progress=False, workers=2)
     assert stats.annotated == 4 and not stats.failed and stats.rollouts > 0
     assert len(requests) > 0
-    trees = [json.loads(p.read_text()) for p in sorted((tmp_path / "ann" / "trees").glob("*.json"))]
-    assert len(trees) == 4
-    assert all(0.0 <= t["mc_value"] <= 1.0 and t["answer"] for t in trees)
+    _check_trees(tmp_path / "ann", 4)
+
+
+def test_annotate_cli_on_your_own_questions_through_an_endpoint(cluster, synthetic_endpoint, tmp_path):
+    url, problems, requests = synthetic_endpoint
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"id": p.id, "question": p.prompt_question(True),
+                                             "correct_answer": str(p.answer)}) + "\n" for p in problems))
+    out = subprocess.run([sys.executable, "-m", "mmprm_infer.cli", "annotate", "--questions", str(questions),
+                          "--out-dir", str(tmp_path / "ann"), "--policy-url", url, "--policy-model", "synthetic",
+                          "--k", "4", "--rollout-budget", "16", "--no-progress", "--ray", "--workers", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["annotated"] == 4
+    _check_trees(tmp_path / "ann", 4)
+    bad = subprocess.run([sys.executable, "-m", "mmprm_infer.cli", "annotate", "--questions", str(questions),
+                          "--out-dir", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--questions needs a policy" in bad.stderr
 
 
 def test_annotate_cli_builds_the_policy_it_is_asked_for():

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--text-only", action="store_true", help="questions carry the picture as text, no images")
     mode.add_argument("--image", dest="text_only", action="store_false", help="questions with images (default)")
     g.add_argument("--out-dir", required=True, help="output folder (trees/, images/, run.json)")
+    g.add_argument("--questions", default=None, metavar="JSONL",
+                   help="annotate your own questions instead of synthetic ones: one JSON object a line in MM-PRM's "
+                        "input layout (question, correct_answer, optional image_path relative to the file, id); "
+                        "needs --policy-url or --policy-vllm")
 
     s = p.add_argument_group("search (MM-PRM defaults)")
     s.add_argument("--k", "--num-rollouts", dest="num_rollouts", type=int, default=cfg.num_rollouts,
@@ -94,6 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_questions(path: str) -> list[dict]:
+    """Question dicts from a JSONL file (image paths made relative to it); errors name the line."""
+    from pathlib import Path
+
+    base, questions = Path(path).parent, []
+    with open(path, encoding="utf-8") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                q = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(q, dict) or "question" not in q or not ({"correct_answer", "answer"} & set(q)):
+                raise ValueError(f"{path} line {number}: needs 'question' and 'correct_answer' (or 'answer')")
+            if q.get("image_path") and not Path(q["image_path"]).is_absolute():
+                q["image_path"] = str(base / q["image_path"])
+            questions.append(q)
+    return questions
+
+
 def policy_factory(args, rates):
     """A picklable callable that builds the policy (in this process, or in each Ray worker)."""
     from ..integrations import ray_annotate as factories
@@ -109,6 +134,8 @@ def policy_factory(args, rates):
         if not args.policy_model:
             raise SystemExit("mmprm annotate: --policy-url needs --policy-model")
         return factories.openai_policy_factory(args.policy_url, args.policy_model, max_new_tokens=args.max_new_tokens)
+    if args.questions:
+        raise SystemExit("mmprm annotate: --questions needs a policy that can answer them: --policy-url or --policy-vllm")
     return factories.synthetic_policy_factory(args.num_problems, args.split, args.seed, rates, args.policy_seed,
                                               args.policy_latency)
 
@@ -130,8 +157,9 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
         rates = ErrorRates(misread=args.misread_rate, trap_range=tuple(args.trap_range),
                            wrong_line=args.wrong_line_rate, slip=args.slip_rate, drop_term=args.drop_term_rate,
                            dup_term=args.dup_term_rate, skip_op=args.skip_op_rate, dup_op=args.dup_op_rate)
-        problems = make_problems(args.num_problems, args.split, args.seed)
-    except ValueError as e:
+        problems = (load_questions(args.questions) if args.questions
+                    else make_problems(args.num_problems, args.split, args.seed))
+    except (ValueError, OSError) as e:
         print(f"mmprm annotate: {e}", file=sys.stderr)
         return 2
     factory = policy_factory(args, rates)
