@@ -17,6 +17,7 @@ gets the image path).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pickle
 from typing import Any, Callable, Iterable
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterable
 from ..train.mcts import (AnnotationProgress, AnnotationStats, MCTSConfig, prepare_annotation, search_question,
                           tree_path, with_saved_image, write_json_atomic)
 from .policy import Policy
-from .ray_cluster import connect, require_ray
+from .ray_cluster import connect, data_context, map_to_actors, plan_actors
 
 __all__ = ["ray_annotate", "synthetic_policy_factory", "openai_policy_factory", "vllm_policy_factory"]
 
@@ -60,28 +61,21 @@ def ray_annotate(problems: Iterable[Any], policy_factory: Callable[[], Policy], 
     ``policy_factory``: a picklable callable building the policy inside each
     worker (see the ``*_policy_factory`` helpers).  ``workers``: questions in
     flight (default: the cluster's CPUs / ``worker_cpus``; with
-    ``worker_gpus`` > 0, its GPUs / ``worker_gpus``)."""
+    ``worker_gpus`` > 0 on a cluster with GPUs, its GPUs / ``worker_gpus``:
+    ``ray_cluster.plan_actors``)."""
     config = config or MCTSConfig()
     run = prepare_annotation(problems, out_dir, config, text_only)
     todo = [with_saved_image(item, run.out) for item in run.todo]
     if not todo:
         return AnnotationProgress(run, False).close()
     ray = connect(address)
-    resources = ray.cluster_resources()
-    if workers is None:
-        workers = int(resources.get("GPU", 0) // worker_gpus) if worker_gpus else int(resources.get("CPU", 1) // worker_cpus)
-    workers = max(1, min(workers, len(todo)))
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = False  # write each tree as soon as it is done
-    ctx.enable_progress_bars = False
+    data_context(ray, preserve_order=False)  # write each tree as soon as it is done
+    plan = plan_actors(None if workers is None else max(1, workers), worker_cpus, worker_gpus)
+    plan = dataclasses.replace(plan, actors=min(plan.actors, len(todo)))  # no idle actors
     ds = ray.data.from_items([{"item": pickle.dumps(it)} for it in todo], override_num_blocks=len(todo))
-    from ray.data import ActorPoolStrategy
-
-    trees = ds.map_batches(AnnotationWorker, batch_size=1, compute=ActorPoolStrategy(size=workers),
-                           fn_constructor_kwargs={"policy_factory": policy_factory, "config": config,
-                                                  "verifier": verifier},
-                           num_cpus=worker_cpus, num_gpus=worker_gpus)
-    tracker = AnnotationProgress(run, progress, desc=f"annotate (ray x{workers})")
+    trees = map_to_actors(ds, AnnotationWorker, plan, {"policy_factory": policy_factory, "config": config,
+                                                        "verifier": verifier})
+    tracker = AnnotationProgress(run, progress, desc=f"annotate (ray x{plan.actors})")
     written: set[str] = set()
     try:
         for row in trees.iter_rows():

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["require_ray", "connect", "ActorPlan", "plan_actors"]
+__all__ = ["require_ray", "connect", "ActorPlan", "plan_actors", "data_context", "map_to_actors"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ActorPlan:
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
 
 
-def plan_actors(actors: int | None = None, actor_cpus: int = 1, actor_gpus: float = 1.0,
+def plan_actors(actors: int | None = None, actor_cpus: float = 1, actor_gpus: float = 1.0,
                 device: str = "cpu") -> ActorPlan:
     """One actor per ``actor_gpus`` GPUs when the cluster has GPUs (and the
     caller did not pin ``device="cpu"`` explicitly with ``actor_gpus=0``),
@@ -65,8 +65,8 @@ def plan_actors(actors: int | None = None, actor_cpus: int = 1, actor_gpus: floa
     ray = require_ray()
     if actors is not None and actors < 1:
         raise ValueError(f"--ray-actors must be >= 1, got {actors}")
-    if actor_cpus < 1:
-        raise ValueError(f"--ray-actor-cpus must be >= 1, got {actor_cpus}")
+    if actor_cpus <= 0:
+        raise ValueError(f"CPUs per actor must be > 0, got {actor_cpus}")
     resources = ray.cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     if gpus > 0 and actor_gpus > 0:
@@ -74,3 +74,21 @@ def plan_actors(actors: int | None = None, actor_cpus: int = 1, actor_gpus: floa
         return ActorPlan(n, 1, actor_gpus, "cuda" if device == "cpu" else device)
     n = actors or max(1, int(cpus // actor_cpus))
     return ActorPlan(n, actor_cpus, 0, device)
+
+
+def data_context(ray, preserve_order: bool):
+    """Ray Data settings for our jobs: our own progress bar instead of Ray Data's."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = preserve_order
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ctx
+
+
+def map_to_actors(ds, actor_cls, plan: ActorPlan, constructor_kwargs: dict):
+    """``ds`` through a pool of ``plan.actors`` actors of ``actor_cls``, one row per call
+    (Ray Data restarts an actor that dies and retries its row)."""
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(actor_cls, batch_size=1, compute=ActorPoolStrategy(size=plan.actors),
+                          fn_constructor_kwargs=constructor_kwargs, **plan.remote_args())

@@ -29,9 +29,8 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from ..records import (RecordError, ResultWriter, ScoringOptions, candidates_in, plan_windows, process_window,
-                       read_windows)
-from .ray_cluster import ActorPlan, connect, plan_actors, require_ray
+from ..records import PRMSpec, ResultWriter, ScoringOptions, WindowResult, plan_windows, process_window, read_windows
+from .ray_cluster import ActorPlan, connect, data_context, map_to_actors, plan_actors
 
 __all__ = ["PRMSpec", "RayScoringStats", "score_file", "score_items", "ray_run_jsonl"]
 
@@ -51,28 +50,6 @@ class RayScoringStats:
     @property
     def candidates_per_s(self) -> float:
         return self.candidates / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class PRMSpec:
-    """How each actor loads its PRM (``PRM.from_pretrained`` arguments)."""
-
-    path: str
-    format: str | None = None
-    dtype: str | None = None
-    engine: str | None = None
-    max_tiles: int | None = None
-
-    def load(self, device: str, threads: int):
-        import torch
-
-        from ..prm import PRM
-
-        if device == "cpu":
-            torch.set_num_threads(threads)
-        options = {"max_tiles": self.max_tiles} if self.max_tiles is not None else {}
-        return PRM.from_pretrained(self.path, format=self.format, device=device, dtype=self.dtype,
-                                   engine=self.engine, **options)
 
 
 # --------------------------------------------------------------------------
@@ -97,13 +74,11 @@ class WindowScorer(_PRMActor):
         self.options, self.path, self.plan, self.window = options, Path(path), plan, window
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {"window": [], "results": [], "candidates": []}
+        out: dict[str, list] = {"window": [], "result": []}
         for k in batch["window"]:
             (window,) = read_windows(self.path, self.plan, self.window, int(k), int(k) + 1)
-            results = process_window(window, self.prm, self.options, self.path.parent)
             out["window"].append(int(k))
-            out["results"].append(pickle.dumps(results))
-            out["candidates"].append(candidates_in(window))
+            out["result"].append(pickle.dumps(process_window(window, self.prm, self.options, self.path.parent)))
         return out
 
 
@@ -132,23 +107,19 @@ def _ordered_stream(ds, n_windows: int, progress: bool, desc: str):
         raise RuntimeError(f"Ray returned {seen} of {n_windows} windows")
 
 
-def _ordered_context(ray):
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False  # ours shows windows and candidates/s
-    ctx.print_on_execution_start = False
-    return ctx
+def _start(address: str | None, actors: int | None, actor_cpus: int, actor_gpus: float, device: str):
+    """Join the cluster (ordered Ray Data) and plan the PRM actors; each CPU actor runs
+    ``actor_cpus`` torch threads, so that must be a whole number."""
+    if not isinstance(actor_cpus, int) or actor_cpus < 1:
+        raise ValueError(f"--ray-actor-cpus must be >= 1, got {actor_cpus}")
+    ray = connect(address)
+    data_context(ray, preserve_order=True)
+    return ray, plan_actors(actors, actor_cpus, actor_gpus, device)
 
 
-def _map_to_actors(ds, actor_cls, plan: ActorPlan, constructor_kwargs: dict, threads: int):
-    return ds.map_batches(actor_cls, batch_size=1, compute=_actor_pool(plan), fn_constructor_kwargs={
-        **constructor_kwargs, "device": plan.device, "threads": threads}, **plan.remote_args())
-
-
-def _actor_pool(plan: ActorPlan):
-    from ray.data import ActorPoolStrategy
-
-    return ActorPoolStrategy(size=plan.actors)
+def _prm_actors(ds, actor_cls, actor_plan: ActorPlan, threads: int, /, **constructor_kwargs):
+    return map_to_actors(ds, actor_cls, actor_plan,
+                         {**constructor_kwargs, "device": actor_plan.device, "threads": threads})
 
 
 # --------------------------------------------------------------------------
@@ -170,24 +141,22 @@ def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, com
     if n_windows == 0:  # an empty input: an empty output, no cluster needed
         Path(output).write_text("", encoding="utf-8")
         return RayScoringStats()
-    ray = connect(address)
-    _ordered_context(ray)
-    actor_plan = plan_actors(actors, actor_cpus, actor_gpus, device)
+    ray, actor_plan = _start(address, actors, actor_cpus, actor_gpus, device)
     options = ScoringOptions(command=command, aggregate=aggregate, strategy=strategy, engine=spec.engine)
     # from_items, not ray.data.range: a range read needs a CPU slot, which a pool filling the cluster never frees
     # one block per window (up to a cap): windows are balanced over the actors and retried one by one;
     # from_items, not ray.data.range, whose read task needs a CPU that a pool filling the cluster never frees
     windows = ray.data.from_items([{"window": k} for k in range(n_windows)],
                                   override_num_blocks=max(1, min(n_windows, MAX_BLOCKS)))
-    scored = _map_to_actors(windows, WindowScorer, actor_plan, {"spec": spec, "options": options, "path": str(in_path),
-                                                                "plan": plan, "window": batch_questions}, actor_cpus)
+    scored = _prm_actors(windows, WindowScorer, actor_plan, actor_cpus, spec=spec, options=options, path=str(in_path),
+                         plan=plan, window=batch_questions)
     stats, start = RayScoringStats(windows=n_windows, actors=actor_plan.actors), time.perf_counter()
     with open(output, "w", encoding="utf-8") as dst:
         writer = ResultWriter(dst, on_error)
         for row, bar in _ordered_stream(scored, n_windows, progress, f"mmprm {command} (ray x{actor_plan.actors})"):
-            results: list[dict | RecordError] = pickle.loads(row["results"])
-            writer.write(results)
-            stats.candidates += int(row["candidates"])
+            done: WindowResult = pickle.loads(row["result"])
+            writer.write(done.results)
+            stats.candidates += done.candidates
             stats.first_window_s = stats.first_window_s or time.perf_counter() - start
             bar.set_postfix(questions=writer.written,
                             candidates_per_s=f"{stats.candidates / (time.perf_counter() - start):.1f}", refresh=False)
@@ -204,13 +173,11 @@ def score_items(items: Sequence[Any], prm: str | PRMSpec, *, batch_questions: in
     items = list(items)
     if not items:
         return []
-    ray = connect(address)
-    _ordered_context(ray)
-    actor_plan = plan_actors(actors, actor_cpus, actor_gpus, device)
+    ray, actor_plan = _start(address, actors, actor_cpus, actor_gpus, device)
     windows = [{"window": k, "items": pickle.dumps(items[s:s + batch_questions])}
                for k, s in enumerate(range(0, len(items), batch_questions))]
     ds = ray.data.from_items(windows, override_num_blocks=max(1, min(len(windows), MAX_BLOCKS)))
-    scored = _map_to_actors(ds, ItemScorer, actor_plan, {"spec": spec}, actor_cpus)
+    scored = _prm_actors(ds, ItemScorer, actor_plan, actor_cpus, spec=spec)
     rewards: list[list[list[float]]] = []
     for row, _ in _ordered_stream(scored, len(windows), progress, f"score (ray x{actor_plan.actors})"):
         rewards.extend(pickle.loads(row["rewards"]))

@@ -12,7 +12,6 @@ with identical output.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,21 +20,7 @@ from tqdm.auto import tqdm
 
 from .aggregation import AGGREGATIONS, ALIASES
 from .formats import FORMATS
-from .prm import PRM
-from .records import ResultWriter, ScoringOptions, candidates_in, plan_windows, process_window, read_windows
-
-
-def load_prm(args) -> PRM | None:
-    options = {"max_tiles": args.max_tiles} if args.max_tiles is not None else {}
-    if not args.prm:
-        return None
-    return PRM.from_pretrained(args.prm, format=args.format, device=args.device, dtype=args.dtype,
-                               engine=args.engine, **options)
-
-
-def scoring_options(args) -> ScoringOptions:
-    return ScoringOptions(command=args.command, aggregate=args.aggregate,
-                          strategy=getattr(args, "strategy", "best_of_n"), engine=args.engine)
+from .records import PRMSpec, ResultWriter, ScoringOptions, plan_windows, process_window, read_windows
 
 
 def run_jsonl(args) -> int:
@@ -43,19 +28,18 @@ def run_jsonl(args) -> int:
     in_path = Path(args.input)
     if not in_path.is_file():
         raise SystemExit(f"mmprm: input file {in_path} does not exist")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    prm = load_prm(args)
-    options = scoring_options(args)
+    prm = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine,
+                  max_tiles=args.max_tiles).load(args.device, args.threads) if args.prm else None
+    options = ScoringOptions(command=args.command, aggregate=args.aggregate,
+                             strategy=getattr(args, "strategy", "best_of_n"), engine=args.engine)
     plan = plan_windows(in_path, args.batch_questions)
     with open(args.output, "w", encoding="utf-8") as dst, \
             tqdm(total=len(plan) - 1, desc=f"mmprm {args.command}", unit="window", disable=args.quiet) as bar:
         writer, candidates, start = ResultWriter(dst, args.on_error), 0, time.perf_counter()
         for window in read_windows(in_path, plan, args.batch_questions, 0, len(plan) - 1):
-            writer.write(process_window(window, prm, options, in_path.parent))
-            candidates += candidates_in(window)
+            done = process_window(window, prm, options, in_path.parent)
+            writer.write(done.results)
+            candidates += done.candidates
             bar.set_postfix(questions=writer.written, candidates_per_s=f"{candidates / (time.perf_counter() - start):.1f}",
                             refresh=False)
             bar.update(1)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .prm import ScoringItem
 
-__all__ = ["RecordError", "Window", "ScoringOptions", "parse_record", "input_kind", "plan_windows",
+__all__ = ["RecordError", "Window", "WindowResult", "PRMSpec", "ScoringOptions", "parse_record", "input_kind", "plan_windows",
            "read_windows", "iter_windows", "process_window", "ResultWriter"]
 
 
@@ -43,6 +43,34 @@ class RecordError(ValueError):
 class Window:
     index: int
     rows: list[tuple[int, str]]  # (line number, or Parquet row number from 1; the record as JSON text)
+
+
+@dataclass
+class PRMSpec:
+    """How to load the PRM (``PRM.from_pretrained`` arguments): on this machine or in each Ray actor."""
+
+    path: str
+    format: str | None = None
+    dtype: str | None = None
+    engine: str | None = None
+    max_tiles: int | None = None
+
+    def load(self, device: str = "cpu", threads: int | None = None):
+        import torch
+
+        from .prm import PRM
+
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        options = {"max_tiles": self.max_tiles} if self.max_tiles is not None else {}
+        return PRM.from_pretrained(self.path, format=self.format, device=device, dtype=self.dtype,
+                                   engine=self.engine, **options)
+
+
+@dataclass
+class WindowResult:
+    results: list  # one dict (or RecordError) per row of the window, in row order
+    candidates: int  # candidates of the records that parsed (for throughput)
 
 
 @dataclass
@@ -139,7 +167,6 @@ def read_windows(path: str | Path, plan: list[int], window: int, first: int, las
 
 def _read_parquet_windows(path: Path, plan: list[int], first: int, last: int) -> Iterator[Window]:
     """Reads only the row groups that hold rows plan[first] .. plan[last] - 1."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if last <= first:
@@ -153,8 +180,7 @@ def _read_parquet_windows(path: Path, plan: list[int], first: int, last: int) ->
             groups.append(g)
             group_starts.append(start)
         start += rows
-    table = parquet.read_row_groups(groups) if groups else pa.table({})
-    records = table.slice(lo - group_starts[0], hi - lo).to_pylist() if groups else []
+    records = parquet.read_row_groups(groups).slice(lo - group_starts[0], hi - lo).to_pylist() if groups else []
     for k in range(first, last):
         chunk = records[plan[k] - lo: plan[k + 1] - lo]
         yield Window(k, [(plan[k] + i + 1, json.dumps(r, ensure_ascii=False, default=str)) for i, r in
@@ -201,7 +227,7 @@ def _score(batch: list[tuple[int, dict, ScoringItem]], prm, options: ScoringOpti
         return [out for entry in batch for out in _score([entry], prm, options)]
 
 
-def process_window(window: Window, prm, options: ScoringOptions, base_dir: Path) -> list[dict | RecordError]:
+def process_window(window: Window, prm, options: ScoringOptions, base_dir: Path) -> WindowResult:
     """One result (or RecordError) per row of the window, in row order."""
     parsed, results = [], {}
     for line, raw in window.rows:
@@ -214,18 +240,8 @@ def process_window(window: Window, prm, options: ScoringOptions, base_dir: Path)
     if parsed:
         for (line, _, _), out in zip(parsed, _score(parsed, prm, options)):
             results[line] = out
-    return [results[line] for line, _ in window.rows]
-
-
-def candidates_in(window: Window) -> int:
-    """Candidates a window holds (for throughput), counting unparsable lines as none."""
-    total = 0
-    for _, raw in window.rows:
-        try:
-            total += len(json.loads(raw).get("candidates", []))
-        except (ValueError, AttributeError, TypeError):
-            pass
-    return total
+    return WindowResult([results[line] for line, _ in window.rows],
+                        sum(len(item.candidates) for _, _, item in parsed))
 
 
 # --------------------------------------------------------------------------
