@@ -49,6 +49,7 @@ from typing import Literal
 from mmprm_infer.aggregation import get_aggregation
 from mmprm_infer.formats import FormatError
 from mmprm_infer.prm import PRM, ScoringItem
+from mmprm_infer.records import PRMSpec
 from mmprm_infer.selection import get_strategy
 from mmprm_infer.vision import ImageLoadError, open_rgb
 
@@ -678,12 +679,8 @@ def run_server(prm: PRM, config: ServerConfig, host: str = "127.0.0.1", port: in
 
 def serve_main(args) -> int:
     """``mmprm serve``: load the PRM, start uvicorn."""
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
-    options = {"max_tiles": args.max_tiles} if getattr(args, "max_tiles", None) is not None else {}
-    prm = PRM.from_pretrained(args.prm, format=args.format, device=args.device, dtype=args.dtype, **options)
+    prm = PRMSpec(args.prm, format=args.format, dtype=args.dtype, max_tiles=getattr(args, "max_tiles", None)).load(
+        args.device, getattr(args, "threads", None))
     config = ServerConfig(
         policy_url=args.policy_url, policy_model=args.policy_model, api_key=args.api_key or os.environ.get("MMPRM_POLICY_API_KEY"),
         n=args.n, aggregate=args.aggregate, strategy=args.strategy, max_queue=args.max_queue,

@@ -60,7 +60,7 @@ class PRMSpec:
 
         from .prm import PRM
 
-        if threads and device == "cpu":
+        if threads:
             torch.set_num_threads(threads)
         options = {"max_tiles": self.max_tiles} if self.max_tiles is not None else {}
         return PRM.from_pretrained(self.path, format=self.format, device=device, dtype=self.dtype,
