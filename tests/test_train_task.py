@@ -221,7 +221,7 @@ def test_error_mix_accuracy_and_majority_vote():
 
 
 # --------------------------------------------------------------------------
-def test_prm_question_facts_and_reading_drills_are_true_readings(problems):
+def test_prm_question_facts_and_drills_are_true(problems):
     import random
 
     from mmprm_infer.train.prm_init import picture_facts, prm_question, reading_drill
@@ -236,3 +236,41 @@ def test_prm_question_facts_and_reading_drills_are_true_readings(problems):
         assert prm_question(p).endswith(p.question) and prm_question(p, False) == p.question
         drill = reading_drill(p, random.Random(p.seed))
         assert len(drill) == min(8, len(facts)) and len(set(drill)) == len(drill) and set(drill) <= set(facts)
+    from mmprm_infer.train.prm_init import arithmetic_drill
+    from mmprm_infer.train.synthetic_task import apply_op
+
+    rng = random.Random(0)
+    for _ in range(50):  # true calculations, in the task's wording
+        for line in arithmetic_drill(rng):
+            step = parse_step(line)
+            assert step.kind == "arith" and len(set(step.ops)) == 1
+            assert step.result == apply_op(step.ops[0], step.values) and step.result >= 0
+
+
+def test_task_tokenizer_gives_a_reading_and_its_fact_one_shared_key_token(problems):
+    """A reading step (after the step tag) and the picture fact it must match open with the same single
+    key token and carry the same value tokens, so checking it is a one-hop copy for the tiny PRM."""
+    from mmprm_infer.train.prm_init import build_task_tokenizer, picture_facts, prm_question, reading_keys
+
+    tok = build_task_tokenizer()
+    keys = reading_keys()
+    assert len(keys) == 3 + 3 + 9 + 5 and len(set(keys)) == len(keys)
+    key_ids = {tok.convert_tokens_to_ids(k) for k in keys}
+    assert len(key_ids) == len(keys) and all(len(tok.encode(k, add_special_tokens=False)) == 1 for k in keys)
+    for p in problems[:10]:
+        facts = picture_facts(p).split("\n")
+        ids = tok.encode(f"Question: {prm_question(p)}\nProcess: " + "<prm>".join(p.gold_steps) + "<prm>",
+                         add_special_tokens=False)
+        for step in p.gold_steps:
+            if parse_step(step).kind != "read":
+                continue
+            assert step in facts
+            step_ids = tok.encode("<prm>" + step, add_special_tokens=False)[1:]
+            assert step_ids[0] in key_ids and tok.decode(step_ids) == step
+            fact_ids = tok.encode("\n" + step, add_special_tokens=False)[1:]
+            assert fact_ids == step_ids
+            # both occur in the PRM's input: once among the facts, once as the step
+            n = sum(ids[i:i + len(step_ids)] == step_ids for i in range(len(ids)))
+            assert n >= 2
+    assert tok.decode(tok.encode("Row 2, column C is 5.")) == "Row 2, column C is 5."
+    assert len(build_task_tokenizer(key_tokens=False).encode("Row 2, column C is", add_special_tokens=False)) > 1

@@ -108,7 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # >= 200 held-out problems
     # ~20 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
     # picture's text; the PRM stage then runs at a lower rate so as not to erase it, on a position-balanced loss
-    "full": dict(train_problems=2400, pretrain_steps=4000, max_steps=3000, test_problems=300, layers=4,
+    "full": dict(train_problems=2400, pretrain_steps=4000, max_steps=3000, test_problems=300, layers=6,
                  learning_rate=1e-3, balance_positions=True),
     # for tests: seconds
     "tiny": dict(train_problems=12, rollout_budget=48, max_search_count=6, max_steps=4, batch_size=4,
@@ -289,7 +289,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     if config.pretrain_steps:
         from .prm_init import pretrain_reading
 
-        _log(f"(c) pretraining the text model on {len(train_problems)} reference solutions and reading drills, "
+        _log(f"(c) pretraining the text model on {len(train_problems)} reference solutions, reading and arithmetic drills, "
              f"{config.pretrain_steps} steps (next-token loss)")
         pretrain_losses = pretrain_reading(prm, train_problems, steps=config.pretrain_steps,
                                            batch_size=config.batch_size, with_image_text=config.with_image_text,

@@ -6,7 +6,19 @@ included) -- or, with ``kind="text"``, a tiny Qwen2 causal LM for the
 trained on the task's own text, with every integer from ``NUMBER_RANGE`` in
 the corpus (bare and after a space) so that each number the task writes is
 one token: a tiny model then compares "Row 2 is 4, 7, 2." with the picture's
-values token by token instead of digit pieces.
+values token by token instead of digit pieces.  Each reading's opening words
+("Row 2, column C is", ``reading_keys``) are one token too, so a reading step
+and the picture fact it must agree with share one key token and checking it
+is a one-hop copy.  Measured (4x64 model, next-token pretraining on reference
+solutions and reading drills, batch 16, lr 3e-3, 100 held-out problems): the
+accuracy of predicting the values of reading steps was 56 / 83 / 99.5 % after
+500 / 1000 / 1500 steps with key tokens, and stuck at 21-27 % over the first
+750 steps without them (multi-token keys), at twice the time per step.
+Arithmetic drills (``arithmetic_drill``) lift the accuracy of predicting a
+calculation's result after 2000 steps from 40 % to 62 % (83 % at 3000).  The PRM stage
+does not yet turn either skill into a verdict at the step marker: a held-out
+reading with one value changed scores only slightly lower than the right one
+(see the README's training section).
 
 ``prm_question(problem, with_image_text)`` is the question the PRM reads:
 with ``with_image_text`` (the default of the pipeline) a text rendering of
@@ -27,7 +39,8 @@ from typing import Sequence
 from mmprm_infer import tiny, tiny_internvl
 
 __all__ = ["NUMBER_RANGE", "task_corpus", "build_task_tokenizer", "build_task_prm", "prm_question",
-           "MMPRM_FORMAT_OPTIONS", "picture_facts", "pretrain_reading", "reading_drill"]
+           "MMPRM_FORMAT_OPTIONS", "reading_keys", "picture_facts", "pretrain_reading", "reading_drill",
+           "arithmetic_drill"]
 
 NUMBER_RANGE = range(-60, 1000)  # every number the task and the policy's errors write, and more
 # mm-prm on the tiny model: one 112 px tile (16 image tokens), no dynamic tiling.
@@ -76,10 +89,27 @@ def task_corpus(num_problems: int = 200, seed: int = 12345) -> list[str]:
     return lines * 2
 
 
+def reading_keys() -> list[str]:
+    """Every reading's opening words up to its first value ("Row 2, column C is", "Bar B is"): one
+    token each in the task tokenizer, so a reading step and the picture fact it must match share a
+    single key token and checking the value is a one-hop copy (an induction head: find the earlier
+    occurrence of this token, read the token after it) instead of matching a five-token phrase."""
+    from .synthetic_task import BAR_NAMES, COL_NAMES, GRID_COLS, GRID_ROWS, Target
+
+    targets = [Target("row", r) for r in range(1, GRID_ROWS + 1)]
+    targets += [Target("col", col=c) for c in range(1, GRID_COLS + 1)]
+    targets += [Target("cell", r, c) for r in range(1, GRID_ROWS + 1) for c in range(1, GRID_COLS + 1)]
+    targets += [Target("bar", col=c) for c in range(1, len(BAR_NAMES) + 1)]
+    assert len(COL_NAMES) >= GRID_COLS
+    return [f"{t.describe()} is" for t in targets]
+
+
 def build_task_tokenizer(extra_special_tokens: Sequence[str] = ("<prm>",), *, internvl: bool = True,
-                         vocab_size: int = 4000):
-    """Byte-level BPE over ``task_corpus`` (numbers one token each), with InternVL's specials."""
+                         vocab_size: int = 4000, key_tokens: bool = True):
+    """Byte-level BPE over ``task_corpus`` (numbers one token each), with InternVL's specials;
+    ``key_tokens`` adds ``reading_keys`` as single tokens."""
     corpus = task_corpus()
+    keys = reading_keys() if key_tokens else []
     if internvl:
         specials = [tiny_internvl.PAD_TOKEN, tiny_internvl.IM_START, tiny_internvl.IM_END,
                     tiny_internvl.IMG_START_TOKEN, tiny_internvl.IMG_END_TOKEN, tiny_internvl.IMG_CONTEXT_TOKEN,
@@ -88,18 +118,19 @@ def build_task_tokenizer(extra_special_tokens: Sequence[str] = ("<prm>",), *, in
             special_tokens=specials + [t for t in extra_special_tokens if t not in specials],
             eos_token=tiny_internvl.IM_END, pad_token=tiny_internvl.PAD_TOKEN, vocab_size=vocab_size,
             chat_template=tiny_internvl.INTERNVL25_CHAT_TEMPLATE, corpus=corpus,
-            single_token_words=tiny_internvl.SINGLE_TOKEN_WORDS,
+            extra_tokens=keys, single_token_words=(*tiny_internvl.SINGLE_TOKEN_WORDS, *keys),
             start_image_token=tiny_internvl.IMG_START_TOKEN, end_image_token=tiny_internvl.IMG_END_TOKEN,
             context_image_token=tiny_internvl.IMG_CONTEXT_TOKEN, video_token=tiny_internvl.VIDEO_TOKEN,
             model_max_length=32768,
         )
-    return tiny.build_tokenizer(("+", "-"), special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<step>"),
-                                vocab_size=vocab_size, corpus=corpus, single_token_words=("+", "-"))
+    return tiny.build_tokenizer(("+", "-", *keys),
+                                special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<step>"),
+                                vocab_size=vocab_size, corpus=corpus, single_token_words=("+", "-", *keys))
 
 
 def build_task_prm(save_dir: str | os.PathLike, *, kind: str = "internvl", hidden: int = 128, layers: int = 4,
                    heads: int = 4, kv_heads: int = 2, intermediate: int = 256, image_size: int = 112,
-                   seed: int = 0) -> tuple[Path, str, dict]:
+                   seed: int = 0, key_tokens: bool = True) -> tuple[Path, str, dict]:
     """Write a random-weight PRM for the task; returns (path, format name, format options).
 
     ``kind="internvl"``: InternVLForConditionalGeneration (Qwen2 text model,
@@ -111,7 +142,7 @@ def build_task_prm(save_dir: str | os.PathLike, *, kind: str = "internvl", hidde
 
     save_dir = Path(save_dir)
     if kind == "internvl":
-        tok = build_task_tokenizer(internvl=True)
+        tok = build_task_tokenizer(internvl=True, key_tokens=key_tokens)
         # build_tiny_internvl trains its own tokenizer over the same specials (same ids, in the same
         # order); the model is sized for ours, and ours replaces its files.
         tiny_internvl.build_tiny_internvl(save_dir, text_hidden=hidden, text_layers=layers, heads=heads,
@@ -127,7 +158,7 @@ def build_task_prm(save_dir: str | os.PathLike, *, kind: str = "internvl", hidde
         return save_dir, "mm-prm", dict(MMPRM_FORMAT_OPTIONS)
     if kind != "text":
         raise ValueError(f"kind must be 'internvl' or 'text', got {kind!r}")
-    tok = build_task_tokenizer(internvl=False)
+    tok = build_task_tokenizer(internvl=False, key_tokens=key_tokens)
     kwargs = tiny.text_config_kwargs(tok, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
                                      intermediate=intermediate, max_positions=2048)
     torch.manual_seed(seed)
@@ -143,16 +174,41 @@ def reading_drill(problem, rng, k: int = 8) -> list[str]:
     return rng.sample(facts, min(k, len(facts)))
 
 
+def arithmetic_drill(rng, k: int = 8) -> list[str]:
+    """``k`` true calculations of the shapes the task's plans make (a sum of three digits, a sum times
+    a small digit, a product of two digits, a product plus a row sum, a difference of sums), written
+    as the task writes them: practice for checking a calculation's result, which reference solutions
+    alone show once or twice per problem."""
+    from .synthetic_task import apply_op, format_arith
+
+    out = []
+    for _ in range(k):
+        shape = rng.randrange(5)
+        if shape == 0:
+            op, vals = "+", [rng.randint(1, 9) for _ in range(rng.choice((2, 3)))]
+        elif shape == 1:
+            op, vals = "*", [rng.randint(3, 27), rng.randint(2, 5)]
+        elif shape == 2:
+            op, vals = "*", [rng.randint(1, 9), rng.randint(1, 9)]
+        elif shape == 3:
+            op, vals = "+", [rng.randint(1, 81), rng.randint(3, 27)]
+        else:
+            a = rng.randint(4, 27)
+            op, vals = "-", [a, rng.randint(1, min(a - 1, 27))]
+        out.append(format_arith(op, vals, apply_op(op, vals)))
+    return out
+
+
 def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, lr: float = 3e-3,
                      with_image_text: bool = True, drills: bool = True, seed: int = 0,
                      progress: bool = True) -> list[float]:
     """Next-token pretraining of the PRM's text model on "picture facts + question + reference
     solution" (no labels, no images): reading steps become copies of the facts above them, which
     grows the copy (induction) circuit a reward signal at step markers alone is slow to find.
-    ``drills`` adds one "reading drill" per problem (``reading_drill``).  Measured on the 4x64 model
-    (batch 8, held-out problems): the next-value accuracy of reading steps after 1500 steps was 17 %
-    (chance: ~11 %) with reference solutions alone, a few values to copy per sequence, and 33 % and
-    rising with drills.  Returns the loss per step.  Uses the LM head the checkpoint already has."""
+    ``drills`` adds one "reading drill" per problem (``reading_drill``) and one arithmetic drill
+    (``arithmetic_drill``, after the bare question: no picture to read); see the module docstring
+    for what key tokens and drills do to the next-value accuracy.  Returns the loss per step.  Uses
+    the LM head the checkpoint already has."""
     import random as _random
 
     import torch
@@ -167,6 +223,8 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
     if drills and with_image_text:
         texts += [f"Question: {prm_question(p, True)}\nProcess: " + tag.join(reading_drill(p, rng)) + tag
                   for p in problems]  # (only with the picture's text: a drill copies from it)
+    if drills:
+        texts += [f"Question: {p.question}\nProcess: " + tag.join(arithmetic_drill(rng)) + tag for p in problems]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)))
