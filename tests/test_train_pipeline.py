@@ -114,7 +114,8 @@ def test_cli_annotate_dispatch(tmp_path, capsys):
 
 def test_pretrain_reading_option(tmp_path):
     report = run_pipeline(preset_config("tiny", run_dir=str(tmp_path), train_problems=6, test_problems=2,
-                                        pretrain_steps=2, balance_positions=True))
+                                        pretrain_steps=2, fact_matching_steps=3, balance_positions=True))
     assert report["training"]["pretrain_steps"] == 2 and report["training"]["balance_positions"]
     assert report["training"]["pretrain_final_loss"] > 0
+    assert report["training"]["fact_matching_steps"] == 3 and report["training"]["fact_matching_final_loss"] > 0
     assert PRM.from_pretrained(tmp_path / "prm").format.name == "mm-prm"

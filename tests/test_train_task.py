@@ -274,3 +274,25 @@ def test_task_tokenizer_gives_a_reading_and_its_fact_one_shared_key_token(proble
             assert n >= 2
     assert tok.decode(tok.encode("Row 2, column C is 5.")) == "Row 2, column C is 5."
     assert len(build_task_tokenizer(key_tokens=False).encode("Row 2, column C is", add_special_tokens=False)) > 1
+
+
+def test_fact_matching_examples_match_exactly_when_labelled_so(problems):
+    import random
+
+    from mmprm_infer.train.prm_init import fact_matching_example, picture_facts
+
+    rng = random.Random(0)
+    seen = set()
+    for p in problems[:20]:
+        facts = picture_facts(p).split("\n")
+        for num_facts in (1, 3, 15):
+            question, (statement,), matches = fact_matching_example(p, rng, num_facts)
+            shown = question.removeprefix("Picture:\n").split("\n")
+            assert len(shown) == min(num_facts, len(facts)) and set(shown) <= set(facts)
+            read = parse_step(statement)
+            assert read.kind == "read" and p.has_target(read.target)
+            # a match is one of the facts shown; a mismatch is a shown fact's line with one value changed
+            assert (statement in facts) == matches == (read.values == p.read(read.target))
+            assert any(parse_step(f).target == read.target for f in shown)
+            seen.add(matches)
+    assert seen == {True, False}

@@ -74,6 +74,7 @@ class PipelineConfig:
     image_size: int = 112
     balance_positions: bool = False  # loss weights: good/bad labels weigh the same at every step index (trainer)
     pretrain_steps: int = 0  # next-token pretraining on facts + reference solutions first (prm_init.pretrain_reading)
+    fact_matching_steps: int = 0  # then statement-picture matching at the marker (prm_init.pretrain_fact_matching)
     max_steps: int = 600
     batch_size: int = 8
     learning_rate: float | None = 2e-3
@@ -108,8 +109,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # >= 200 held-out problems
     # ~20 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
     # picture's text; the PRM stage then runs at a lower rate so as not to erase it, on a position-balanced loss
-    "full": dict(train_problems=2400, pretrain_steps=4000, max_steps=3000, test_problems=300, layers=6,
-                 learning_rate=1e-3, balance_positions=True),
+    # statement-picture matching (fact_matching_steps) then gives the marker a comparison to start from
+    "full": dict(train_problems=2400, pretrain_steps=4000, fact_matching_steps=3000, max_steps=3000,
+                 test_problems=300, layers=6, learning_rate=1e-3, balance_positions=True),
     # for tests: seconds
     "tiny": dict(train_problems=12, rollout_budget=48, max_search_count=6, max_steps=4, batch_size=4,
                  hidden=32, layers=1, intermediate=64, test_problems=4, example=False, progress=False),
@@ -286,6 +288,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     prm = PRM.from_pretrained(init_dir, format=fmt, dtype="float32", **fmt_options)
     n_params = sum(p.numel() for p in prm.model.parameters())
     pretrain_losses: list[float] = []
+    matching_losses: list[float] = []
     if config.pretrain_steps:
         from .prm_init import pretrain_reading
 
@@ -294,6 +297,12 @@ def run_pipeline(config: PipelineConfig) -> dict:
         pretrain_losses = pretrain_reading(prm, train_problems, steps=config.pretrain_steps,
                                            batch_size=config.batch_size, with_image_text=config.with_image_text,
                                            seed=config.seed, progress=config.progress)
+    if config.fact_matching_steps:
+        from .prm_init import pretrain_fact_matching
+
+        _log(f"(c) statement-picture matching at the step marker, {config.fact_matching_steps} steps")
+        matching_losses = pretrain_fact_matching(prm, train_problems, steps=config.fact_matching_steps,
+                                                 seed=config.seed, progress=config.progress)
     model_desc = (f"tiny InternVL (Qwen2 text {config.layers}x{config.hidden}, 1-layer ViT at {config.image_size}px), "
                   f"format mm-prm, image + {'picture as text + ' if config.with_image_text else ''}question"
                   if config.model_kind == "internvl" else
@@ -352,6 +361,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
         "training": {"pretrain_steps": config.pretrain_steps, "balance_positions": config.balance_positions,
                      "pretrain_final_loss": (sum(pretrain_losses[-10:]) / len(pretrain_losses[-10:])
                                              if pretrain_losses else None),
+                     "fact_matching_steps": config.fact_matching_steps,
+                     "fact_matching_final_loss": (sum(matching_losses[-50:]) / len(matching_losses[-50:])
+                                                  if matching_losses else None),
                      "steps": result.steps, "epochs": result.epochs, "learning_rate": result.learning_rate,
                      "first_loss": result.losses[0], "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
                      "train_samples": len(train_samples), "eval_samples": len(eval_samples or []),
@@ -476,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="next-token pretraining steps on picture facts + reference solutions before PRM training")
+    p.add_argument("--fact-matching-steps", type=int, default=None,
+                   help="statement-picture matching steps at the step marker after pretraining (prm_init)")
     p.add_argument("--balance-positions", action="store_true",
                    help="weight the loss so every step index has the overall good/bad label mix")
     p.add_argument("--hidden", type=int, default=None)
@@ -499,7 +513,8 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
     overrides = {k: v for k, v in {
         "seed": args.seed, "train_problems": args.train_problems, "test_problems": args.test_problems,
         "max_steps": args.max_steps, "learning_rate": args.learning_rate, "hidden": args.hidden,
-        "layers": args.layers, "pretrain_steps": args.pretrain_steps, "model_kind": args.model_kind, "granularity": args.granularity,
+        "layers": args.layers, "pretrain_steps": args.pretrain_steps, "fact_matching_steps": args.fact_matching_steps,
+        "model_kind": args.model_kind, "granularity": args.granularity,
         "threads": args.threads, "ray": args.ray}.items() if v is not None}
     if args.no_image_text:
         overrides["with_image_text"] = False

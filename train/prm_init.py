@@ -246,3 +246,73 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
         losses.append(out.loss.item())
     model.eval()
     return losses
+
+
+def fact_matching_example(problem, rng, num_facts: int) -> tuple[str, list[str], bool]:
+    """One statement-picture matching example (like image-text matching in VLM pretraining):
+    ``num_facts`` lines of the picture's text and one statement, a fact line itself or the same
+    line with one value changed; returns (question text, [statement], matches)."""
+    from .synthetic_task import format_read, parse_step
+
+    facts = picture_facts(problem).split("\n")
+    fact = rng.choice(facts)
+    shown = [fact] + rng.sample([f for f in facts if f != fact], min(num_facts, len(facts)) - 1)
+    rng.shuffle(shown)
+    matches = rng.random() < 0.5
+    statement = fact
+    if not matches:
+        read = parse_step(fact)
+        values = list(read.values)
+        j = rng.randrange(len(values))
+        values[j] = rng.choice([v for v in range(1, 10) if v != values[j]])
+        statement = format_read(read.target, values)
+    return "Picture:\n" + "\n".join(shown), [statement], matches
+
+
+def pretrain_fact_matching(prm, problems, *, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3,
+                           seed: int = 0, progress: bool = True) -> list[float]:
+    """Statement-picture matching at the step marker, before PRM training: the model reads the PRM
+    format's good/bad verdict after one statement about the picture's text, which either is one of
+    its facts or has one value changed (``fact_matching_example``; no policy, no labels from MCTS or
+    the checker: a perturbation of the picture's own text, as image-text matching in VLM
+    pretraining).  A curriculum: one fact line shown for the first 60 % of the steps (the
+    comparison circuit then forms: on that layout a 4x64 model went from chance to 97 % pair
+    accuracy between steps 1400 and 2800, batch 16, lr 1e-3), then all of them.  Returns the loss
+    per step."""
+    import random as _random
+
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    tok, model, fmt = prm.tokenizer, prm.model, prm.format
+    good, bad = tok.convert_tokens_to_ids(fmt.good_token), tok.convert_tokens_to_ids(fmt.bad_token)
+    tag = tok.convert_tokens_to_ids(fmt.step_tag)
+    rng = _random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    losses: list[float] = []
+    model.train()
+    for step in tqdm(range(steps), desc="fact matching", disable=not progress, dynamic_ncols=True):
+        num_facts = 1 if step < 0.6 * steps else 15
+        batch, targets = [], []
+        for p in rng.sample(problems, min(batch_size, len(problems))):
+            question, statement, matches = fact_matching_example(p, rng, num_facts)
+            batch.append(tok.encode(f"Question: {question}\nProcess: {statement[0]}{fmt.step_tag}"))
+            targets.append(1.0 if matches else 0.0)
+        n = max(len(b) for b in batch)
+        ids = torch.tensor([b + [pad] * (n - len(b)) for b in batch])
+        mask = torch.tensor([[1] * len(b) + [0] * (n - len(b)) for b in batch])
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        last = torch.tensor([len(b) - 1 for b in batch])
+        assert all(b[-1] == tag for b in batch)
+        row = logits[torch.arange(len(batch)), last]
+        loss = F.binary_cross_entropy_with_logits(row[:, good] - row[:, bad], torch.tensor(targets))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
