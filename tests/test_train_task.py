@@ -286,7 +286,7 @@ def test_fact_matching_examples_match_exactly_when_labelled_so(problems):
     for p in problems[:20]:
         facts = picture_facts(p).split("\n")
         for num_facts in (1, 3, 15):
-            question, (statement,), matches = fact_matching_example(p, rng, num_facts)
+            question, statement, matches = fact_matching_example(p, rng, num_facts)
             shown = question.removeprefix("Picture:\n").split("\n")
             assert len(shown) == min(num_facts, len(facts)) and set(shown) <= set(facts)
             read = parse_step(statement)

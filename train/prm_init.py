@@ -199,6 +199,22 @@ def arithmetic_drill(rng, k: int = 8) -> list[str]:
     return out
 
 
+def _bare_text(question: str, steps: Sequence[str], tag: str) -> str:
+    """The format's "Question: ...\nProcess: step<tag>step<tag>" text without its chat wrapper: what
+    the pretraining stages feed the model."""
+    return f"Question: {question}\nProcess: " + tag.join(steps) + tag
+
+
+def _padded(batch: list[list[int]], pad: int):
+    """Right-padded input ids and attention mask of token lists."""
+    import torch
+
+    n = max(len(b) for b in batch)
+    ids = torch.tensor([b + [pad] * (n - len(b)) for b in batch])
+    mask = torch.tensor([[1] * len(b) + [0] * (n - len(b)) for b in batch])
+    return ids, mask
+
+
 def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, lr: float = 3e-3,
                      with_image_text: bool = True, drills: bool = True, seed: int = 0,
                      progress: bool = True) -> list[float]:
@@ -218,13 +234,12 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
     model = prm.model
     tag = getattr(prm.format, "step_tag", "\n\n")  # steps joined as the PRM format joins them: same tokens
     rng = _random.Random(seed)
-    texts = [f"Question: {prm_question(p, with_image_text)}\nProcess: " + tag.join(p.gold_steps) + tag
-             for p in problems]
+    texts = [_bare_text(prm_question(p, with_image_text), p.gold_steps, tag) for p in problems]
     if drills and with_image_text:
-        texts += [f"Question: {prm_question(p, True)}\nProcess: " + tag.join(reading_drill(p, rng)) + tag
+        texts += [_bare_text(prm_question(p, True), reading_drill(p, rng), tag)
                   for p in problems]  # (only with the picture's text: a drill copies from it)
     if drills:
-        texts += [f"Question: {p.question}\nProcess: " + tag.join(arithmetic_drill(rng)) + tag for p in problems]
+        texts += [_bare_text(p.question, arithmetic_drill(rng), tag) for p in problems]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)))
@@ -233,9 +248,7 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
     model.train()
     for _ in tqdm(range(steps), desc="pretrain reading", disable=not progress, dynamic_ncols=True):
         batch = [tok.encode(t) for t in rng.sample(texts, min(batch_size, len(texts)))]
-        n = max(len(b) for b in batch)
-        ids = torch.tensor([b + [pad] * (n - len(b)) for b in batch])
-        mask = torch.tensor([[1] * len(b) + [0] * (n - len(b)) for b in batch])
+        ids, mask = _padded(batch, pad)
         labels = ids.masked_fill(mask == 0, -100)
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
@@ -248,10 +261,10 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
     return losses
 
 
-def fact_matching_example(problem, rng, num_facts: int) -> tuple[str, list[str], bool]:
+def fact_matching_example(problem, rng, num_facts: int) -> tuple[str, str, bool]:
     """One statement-picture matching example (like image-text matching in VLM pretraining):
     ``num_facts`` lines of the picture's text and one statement, a fact line itself or the same
-    line with one value changed; returns (question text, [statement], matches)."""
+    line with one value changed; returns (question text, statement, matches)."""
     from .synthetic_task import format_read, parse_step
 
     facts = picture_facts(problem).split("\n")
@@ -266,7 +279,7 @@ def fact_matching_example(problem, rng, num_facts: int) -> tuple[str, list[str],
         j = rng.randrange(len(values))
         values[j] = rng.choice([v for v in range(1, 10) if v != values[j]])
         statement = format_read(read.target, values)
-    return "Picture:\n" + "\n".join(shown), [statement], matches
+    return "Picture:\n" + "\n".join(shown), statement, matches
 
 
 def pretrain_fact_matching(prm, problems, *, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3,
@@ -299,11 +312,9 @@ def pretrain_fact_matching(prm, problems, *, steps: int = 3000, batch_size: int 
         batch, targets = [], []
         for p in rng.sample(problems, min(batch_size, len(problems))):
             question, statement, matches = fact_matching_example(p, rng, num_facts)
-            batch.append(tok.encode(f"Question: {question}\nProcess: {statement[0]}{fmt.step_tag}"))
+            batch.append(tok.encode(_bare_text(question, [statement], fmt.step_tag)))
             targets.append(1.0 if matches else 0.0)
-        n = max(len(b) for b in batch)
-        ids = torch.tensor([b + [pad] * (n - len(b)) for b in batch])
-        mask = torch.tensor([[1] * len(b) + [0] * (n - len(b)) for b in batch])
+        ids, mask = _padded(batch, pad)
         logits = model(input_ids=ids, attention_mask=mask).logits
         last = torch.tensor([len(b) - 1 for b in batch])
         assert all(b[-1] == tag for b in batch)
