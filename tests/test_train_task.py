@@ -276,23 +276,78 @@ def test_task_tokenizer_gives_a_reading_and_its_fact_one_shared_key_token(proble
     assert len(build_task_tokenizer(key_tokens=False).encode("Row 2, column C is", add_special_tokens=False)) > 1
 
 
-def test_fact_matching_examples_match_exactly_when_labelled_so(problems):
+def test_verification_drills_are_true_exactly_when_labelled_so(problems):
     import random
 
-    from mmprm_infer.train.prm_init import fact_matching_example, picture_facts
+    from mmprm_infer.train.prm_init import picture_facts, prm_question, verification_drill
+    from mmprm_infer.train.synthetic_task import apply_op
 
     rng = random.Random(0)
     seen = set()
     for p in problems[:20]:
         facts = picture_facts(p).split("\n")
-        for num_facts in (1, 3, 15):
-            question, statement, matches = fact_matching_example(p, rng, num_facts)
-            shown = question.removeprefix("Picture:\n").split("\n")
-            assert len(shown) == min(num_facts, len(facts)) and set(shown) <= set(facts)
-            read = parse_step(statement)
-            assert read.kind == "read" and p.has_target(read.target)
-            # a match is one of the facts shown; a mismatch is a shown fact's line with one value changed
-            assert (statement in facts) == matches == (read.values == p.read(read.target))
-            assert any(parse_step(f).target == read.target for f in shown)
-            seen.add(matches)
-    assert seen == {True, False}
+        for layout in ("used", "distractors", "full"):
+            question, statements, labels = verification_drill(p, rng, statements=8, layout=layout,
+                                                              arithmetic_share=0.4)
+            assert len(statements) == len(labels) == 8
+            if layout == "full":
+                assert question == prm_question(p, True)
+                shown = facts
+            else:
+                shown = question.removeprefix("Picture:\n").split("\n")
+                assert set(shown) <= set(facts)
+            for statement, label in zip(statements, labels):
+                step = parse_step(statement)
+                if step.kind == "read":
+                    # a true reading is one of the facts shown; a false one changes one value of a shown fact
+                    assert p.has_target(step.target) and any(parse_step(f).target == step.target for f in shown)
+                    true = step.values == p.read(step.target)
+                    assert true == (statement in facts)
+                    if not true:  # one value changed, or the values of a neighbouring line (a wrong-line read)
+                        changed = sum(a != b for a, b in zip(step.values, p.read(step.target)))
+                        assert changed == 1 or any(step.values == p.read(parse_step(f).target) for f in facts)
+                        seen.add(("changed", changed))
+                else:
+                    assert step.kind == "arith"
+                    true = apply_op(step.ops[0], list(step.values)) == step.result
+                assert label == (1.0 if true else 0.0)
+                seen.add((step.kind, label))
+            if layout == "used":
+                read_targets = {parse_step(s).target for s in statements if parse_step(s).kind == "read"}
+                assert {parse_step(f).target for f in shown} == read_targets
+    assert {("read", 1.0), ("read", 0.0), ("arith", 1.0), ("arith", 0.0), ("changed", 1)} <= seen
+    assert any(kind == "changed" and n > 1 for kind, n in seen)  # wrong-line reads happen too
+    with pytest.raises(ValueError, match="layout"):
+        verification_drill(problems[0], rng, layout="all")
+
+
+def test_step_verification_follows_its_curriculum_and_trains_the_scorers_readout(problems, tmp_path, monkeypatch):
+    import random
+
+    import mmprm_infer.train.prm_init as prm_init
+    from mmprm_infer.prm import PRM, ScoringItem
+
+    path, fmt, opts = prm_init.build_task_prm(tmp_path / "m", hidden=32, layers=1, heads=2, kv_heads=1,
+                                              intermediate=64)
+    prm = PRM.from_pretrained(path, format=fmt, dtype="float32", **opts)
+    calls = []
+    real = prm_init.verification_drill
+
+    def recording(problem, rng, **kw):
+        calls.append((kw["layout"], kw["arithmetic_share"], kw["multi_value_share"]))
+        return real(problem, rng, **kw)
+
+    monkeypatch.setattr(prm_init, "verification_drill", recording)
+    # a fixed drill to check: its rewards through the scorer before and after
+    question, statements, labels = real(problems[0], random.Random(1), statements=6, layout="full",
+                                        arithmetic_share=0.5)
+    item = ScoringItem(question, [statements], problems[0].image)
+    before = prm.score_batch([item])[0][0]
+    losses = prm_init.pretrain_step_verification(prm, problems[:4], steps=10, batch_size=2, lr=1e-2,
+                                                 arithmetic_share=0.5, multi_value_share=0.7, progress=False)
+    assert len(losses) == 10 and all(x > 0 for x in losses)
+    phases = [c for i, c in enumerate(calls) if i % 2 == 0]  # one record per step (batch of 2)
+    # 40 % / 30 % / 30 %: short layout without calculations first, then distractors, then the PRM's question
+    assert phases == [("used", 0.0, None)] * 4 + [("distractors", 0.5, 0.7)] * 3 + [("full", 0.5, 0.7)] * 3
+    after = prm.score_batch([item])[0][0]
+    assert after != before  # the stage moved what the scorer reads at the markers

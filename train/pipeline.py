@@ -10,7 +10,10 @@
 3. build a small PRM (``prm_init.build_task_prm``: tiny InternVL, mm-prm
    format, the image included; its question also carries the picture as text,
    see prm_init), optionally pretrain it on reference solutions and reading
-   drills (``prm_init.pretrain_reading``), and train it (``trainer.train_prm``;
+   drills (``prm_init.pretrain_reading``), teach its step marker to verify
+   true and perturbed readings and calculations (``prm_init.
+   pretrain_step_verification``; ``verification_mix`` also adds such drills to
+   the PRM's training set), and train it (``trainer.train_prm``;
    ``balance_positions`` weights the loss so the step index alone predicts
    nothing: MCTS paths end at their first error, so later steps are more
    often wrong and a tiny PRM otherwise learns that prior instead of reading);
@@ -74,7 +77,10 @@ class PipelineConfig:
     image_size: int = 112
     balance_positions: bool = False  # loss weights: good/bad labels weigh the same at every step index (trainer)
     pretrain_steps: int = 0  # next-token pretraining on facts + reference solutions first (prm_init.pretrain_reading)
-    fact_matching_steps: int = 0  # then statement-picture matching at the marker (prm_init.pretrain_fact_matching)
+    verification_steps: int = 0  # then step verification at the marker (prm_init.pretrain_step_verification)
+    verification_arithmetic: float = 0.0  # share of calculations among the verification statements
+    verification_mix: float = 0.0  # verification drills added to the PRM's training set, per MCTS sample: the
+    # comparison the verification stage grew then keeps being trained in the PRM's own layout (image included)
     max_steps: int = 600
     batch_size: int = 8
     learning_rate: float | None = 2e-3
@@ -101,16 +107,26 @@ class PipelineConfig:
             raise ValueError(f"every N must divide n_candidates={self.n_candidates}; got {bad}")
         if self.model_kind not in ("internvl", "text"):
             raise ValueError(f"model_kind must be 'internvl' or 'text', got {self.model_kind!r}")
+        if not 0.0 <= self.verification_arithmetic <= 1.0:
+            raise ValueError(f"verification_arithmetic is a share in [0, 1], got {self.verification_arithmetic}")
+        if self.verification_mix < 0:
+            raise ValueError(f"verification_mix must be >= 0 (drills per MCTS sample), got {self.verification_mix}")
+        if (self.verification_mix or self.verification_steps) and not self.with_image_text:
+            raise ValueError("step verification checks readings against the picture's text: it needs "
+                             "with_image_text=True (drop --no-image-text, or set verification_steps and "
+                             "verification_mix to 0)")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a few minutes on 2 CPU cores
     "demo": dict(train_problems=300, max_steps=600, test_problems=50),
     # >= 200 held-out problems
-    # ~20 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
+    # ~28 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
     # picture's text; the PRM stage then runs at a lower rate so as not to erase it, on a position-balanced loss
-    # statement-picture matching (fact_matching_steps) then gives the marker a comparison to start from
-    "full": dict(train_problems=2400, pretrain_steps=4000, fact_matching_steps=3000, max_steps=3000,
+    # step verification (verification_steps; its drills also join the PRM's training set, verification_mix)
+    # then gives the marker a comparison to start from
+    "full": dict(train_problems=2400, pretrain_steps=4000, verification_steps=5000, verification_arithmetic=0.3,
+                 verification_mix=0.5, max_steps=3000,
                  test_problems=300, layers=6, learning_rate=1e-3, balance_positions=True),
     # for tests: seconds
     "tiny": dict(train_problems=12, rollout_budget=48, max_search_count=6, max_steps=4, batch_size=4,
@@ -195,6 +211,24 @@ def _build_samples(config: PipelineConfig, problems, ann_dir: Path):
     return trees, samples, label_stats(samples)
 
 
+def _verification_samples(config: PipelineConfig, problems, train_samples, n: int):
+    """``n`` step-verification drills (``prm_init.verification_drill``, the PRM's full question) as
+    labelled samples, over the problems (and with the images) of ``train_samples``."""
+    from .datasets import StepSample
+    from .prm_init import verification_drill
+
+    images = {s.id: s.image_paths for s in train_samples}
+    pool = [p for p in problems if p.id in images]
+    rng = random.Random(f"verification-{config.seed}")
+    out = []
+    for _ in range(n):
+        p = rng.choice(pool)
+        question, statements, labels = verification_drill(p, rng, arithmetic_share=config.verification_arithmetic)
+        out.append(StepSample(question, statements, labels, [] if config.model_kind == "text" else images[p.id],
+                              id=f"verification-{p.id}"))
+    return out
+
+
 def _score_cases(prm, problems, candidates, config: PipelineConfig, checkpoint: Path) -> list[list[list[float]]]:
     """Step rewards of every candidate, ``score_batch_questions`` problems per engine call
     (with ``config.ray``: the same calls on Ray actors that load ``checkpoint``)."""
@@ -271,6 +305,10 @@ def run_pipeline(config: PipelineConfig) -> dict:
     eval_ids = set(ids[:n_eval])
     train_samples = [s for s in samples if s.id not in eval_ids]
     eval_samples = [s for s in samples if s.id in eval_ids] or None
+    drills = (_verification_samples(config, train_problems, train_samples,
+                                    round(config.verification_mix * len(train_samples)))
+              if config.verification_mix else [])
+    train_samples += drills
     from .datasets import save_samples
 
     save_samples(samples, run_dir / "samples.jsonl", "stepwise")
@@ -288,7 +326,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     prm = PRM.from_pretrained(init_dir, format=fmt, dtype="float32", **fmt_options)
     n_params = sum(p.numel() for p in prm.model.parameters())
     pretrain_losses: list[float] = []
-    matching_losses: list[float] = []
+    verification_losses: list[float] = []
     if config.pretrain_steps:
         from .prm_init import pretrain_reading
 
@@ -297,12 +335,14 @@ def run_pipeline(config: PipelineConfig) -> dict:
         pretrain_losses = pretrain_reading(prm, train_problems, steps=config.pretrain_steps,
                                            batch_size=config.batch_size, with_image_text=config.with_image_text,
                                            seed=config.seed, progress=config.progress)
-    if config.fact_matching_steps:
-        from .prm_init import pretrain_fact_matching
+    if config.verification_steps:
+        from .prm_init import pretrain_step_verification
 
-        _log(f"(c) statement-picture matching at the step marker, {config.fact_matching_steps} steps")
-        matching_losses = pretrain_fact_matching(prm, train_problems, steps=config.fact_matching_steps,
-                                                 seed=config.seed, progress=config.progress)
+        _log(f"(c) step verification at the step marker (true and perturbed readings and calculations), "
+             f"{config.verification_steps} steps")
+        verification_losses = pretrain_step_verification(prm, train_problems, steps=config.verification_steps,
+                                                         arithmetic_share=config.verification_arithmetic,
+                                                         seed=config.seed, progress=config.progress)
     model_desc = (f"tiny InternVL (Qwen2 text {config.layers}x{config.hidden}, 1-layer ViT at {config.image_size}px), "
                   f"format mm-prm, image + {'picture as text + ' if config.with_image_text else ''}question"
                   if config.model_kind == "internvl" else
@@ -361,12 +401,13 @@ def run_pipeline(config: PipelineConfig) -> dict:
         "training": {"pretrain_steps": config.pretrain_steps, "balance_positions": config.balance_positions,
                      "pretrain_final_loss": (sum(pretrain_losses[-10:]) / len(pretrain_losses[-10:])
                                              if pretrain_losses else None),
-                     "fact_matching_steps": config.fact_matching_steps,
-                     "fact_matching_final_loss": (sum(matching_losses[-50:]) / len(matching_losses[-50:])
-                                                  if matching_losses else None),
+                     "verification_steps": config.verification_steps,
+                     "verification_final_loss": (sum(verification_losses[-50:]) / len(verification_losses[-50:])
+                                                 if verification_losses else None),
                      "steps": result.steps, "epochs": result.epochs, "learning_rate": result.learning_rate,
                      "first_loss": result.losses[0], "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
-                     "train_samples": len(train_samples), "eval_samples": len(eval_samples or []),
+                     "train_samples": len(train_samples), "verification_samples": len(drills),
+                     "eval_samples": len(eval_samples or []),
                      "eval_history": result.eval_history},
         "test": {"problems": len(test_problems), "candidates_per_problem": config.n_candidates,
                  "candidates": sum(len(c) for c in candidates), "split": "test"},
@@ -488,8 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="next-token pretraining steps on picture facts + reference solutions before PRM training")
-    p.add_argument("--fact-matching-steps", type=int, default=None,
-                   help="statement-picture matching steps at the step marker after pretraining (prm_init)")
+    p.add_argument("--verification-steps", type=int, default=None,
+                   help="step-verification steps at the step marker after pretraining (prm_init)")
+    p.add_argument("--verification-arithmetic", type=float, default=None,
+                   help="share of calculations among the step-verification statements")
+    p.add_argument("--verification-mix", type=float, default=None,
+                   help="step-verification drills added to the PRM's training set, per MCTS sample")
     p.add_argument("--balance-positions", action="store_true",
                    help="weight the loss so every step index has the overall good/bad label mix")
     p.add_argument("--hidden", type=int, default=None)
@@ -513,7 +558,8 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
     overrides = {k: v for k, v in {
         "seed": args.seed, "train_problems": args.train_problems, "test_problems": args.test_problems,
         "max_steps": args.max_steps, "learning_rate": args.learning_rate, "hidden": args.hidden,
-        "layers": args.layers, "pretrain_steps": args.pretrain_steps, "fact_matching_steps": args.fact_matching_steps,
+        "layers": args.layers, "pretrain_steps": args.pretrain_steps, "verification_steps": args.verification_steps,
+        "verification_arithmetic": args.verification_arithmetic, "verification_mix": args.verification_mix,
         "model_kind": args.model_kind, "granularity": args.granularity,
         "threads": args.threads, "ray": args.ray}.items() if v is not None}
     if args.no_image_text:

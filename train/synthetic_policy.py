@@ -63,10 +63,11 @@ from .synthetic_task import (
     problem_from_image,
 )
 
-__all__ = ["ErrorRates", "SyntheticPolicy", "Trap", "policy_report", "error_kind"]
+__all__ = ["ErrorRates", "SyntheticPolicy", "Trap", "policy_report", "error_kind", "LOOKALIKE_DIGITS",
+           "neighbour_target"]
 
 # Digits a reader confuses (look-alikes first, then neighbours).
-_LOOKALIKE = {1: 7, 2: 7, 3: 8, 4: 9, 5: 6, 6: 5, 7: 1, 8: 3, 9: 4}
+LOOKALIKE_DIGITS = {1: 7, 2: 7, 3: 8, 4: 9, 5: 6, 6: 5, 7: 1, 8: 3, 9: 4}
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class SyntheticPolicy:
         stage = rng.choice(reads)
         values = problem.read(problem.plan[stage].target)
         position = rng.randrange(len(values))
-        wrong = _LOOKALIKE[values[position]]
+        wrong = LOOKALIKE_DIGITS[values[position]]
         lo, hi = rates.trap_range
         return Trap(stage, position, wrong, lo + (hi - lo) * rng.random())
 
@@ -266,7 +267,7 @@ class SyntheticPolicy:
               trap: Trap) -> tuple[int, ...]:
         source = target
         if rng.random() < rates.wrong_line:
-            source = _neighbour(problem, target, rng)
+            source = neighbour_target(problem, target, rng)
         values = list(problem.read(source))
         for k, v in enumerate(values):
             if source == target and stage == trap.stage and k == trap.position and rng.random() < trap.probability:
@@ -278,11 +279,11 @@ class SyntheticPolicy:
 
 def _misread(v: int, rng: random.Random) -> int:
     if rng.random() < 0.5:
-        return _LOOKALIKE[v]
+        return LOOKALIKE_DIGITS[v]
     return min(9, v + 1) if v == 1 or (v < 9 and rng.random() < 0.5) else v - 1
 
 
-def _neighbour(problem: Problem, target: Target, rng: random.Random) -> Target:
+def neighbour_target(problem: Problem, target: Target, rng: random.Random) -> Target:
     """The row / column / cell / bar next to ``target`` (what a careless reader sees instead)."""
     if target.kind == "bar":
         n = len(BAR_NAMES)
