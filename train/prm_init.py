@@ -208,10 +208,11 @@ def _bare_text(question: str, steps: Sequence[str], tag: str) -> str:
     return f"Question: {question}\nProcess: " + tag.join(steps) + tag
 
 
-def _padded(batch: list[list[int]], pad: int):
-    """Right-padded input ids and attention mask of token lists."""
+def _padded(batch: list[list[int]], tokenizer):
+    """Right-padded input ids and attention mask of token lists (the tokenizer's pad id, else 0)."""
     import torch
 
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n = max(len(b) for b in batch)
     ids = torch.tensor([b + [pad] * (n - len(b)) for b in batch])
     mask = torch.tensor([[1] * len(b) + [0] * (n - len(b)) for b in batch])
@@ -246,12 +247,11 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     losses: list[float] = []
     model.train()
     for _ in tqdm(range(steps), desc="pretrain reading", disable=not progress, dynamic_ncols=True):
         batch = [tok.encode(t) for t in rng.sample(texts, min(batch_size, len(texts)))]
-        ids, mask = _padded(batch, pad)
+        ids, mask = _padded(batch, tok)
         labels = ids.masked_fill(mask == 0, -100)
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
@@ -309,11 +309,14 @@ def verification_drill(problem, rng, *, statements: int = 6, layout: str = "full
     every fact line alike): one changed value among three is the misread a PRM checks worst
     (measured: 13-36 % of such misreads caught against all of the one-value ones, with facts drawn
     uniformly)."""
+    from .synthetic_task import parse_step
+
     if layout not in ("used", "distractors", "full"):
         raise ValueError(f"layout must be 'used', 'distractors' or 'full', got {layout!r}")
     facts = picture_facts(problem).split("\n")
-    multi = [f for f in facts if "," in f.split(" is ", 1)[1]]
-    single = [f for f in facts if f not in multi]
+    if multi_value_share is not None:
+        multi = [f for f in facts if len(parse_step(f).values) > 1]
+        single = [f for f in facts if f not in multi]
     out: list[str] = []
     labels: list[float] = []
     used: list[str] = []
@@ -377,7 +380,6 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
     rng = _random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     losses: list[float] = []
     model.train()
     for step in tqdm(range(steps), desc="step verification", disable=not progress, dynamic_ncols=True):
@@ -390,7 +392,7 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
                                                          multi_value_share=multi_value_share if phase else None)
             batch.append(tok.encode(_bare_text(question, stmts, fmt.step_tag)))
             targets += labels
-        ids, mask = _padded(batch, pad)
+        ids, mask = _padded(batch, tok)
         hidden = adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         markers = (ids == tag) & (mask == 1)
         diff = adapter.reward_logit_diff(hidden[markers], prm.columns)  # the scorer's readout: two head rows
