@@ -321,6 +321,25 @@ def test_verification_drills_are_true_exactly_when_labelled_so(problems):
         verification_drill(problems[0], rng, layout="all")
 
 
+def test_row_verification_drills_read_only_rows_and_columns_where_a_picture_has_them(problems):
+    import random
+
+    from mmprm_infer.train.prm_init import VerificationPhase, verification_drill
+
+    rng = random.Random(3)
+    kinds = {"grid": set(), "bars": set()}
+    for p in problems[:20]:
+        _, statements, _ = verification_drill(p, rng, statements=8, layout="used", arithmetic_share=0.0,
+                                              multi_value_share=1.0)
+        kinds[p.kind] |= {parse_step(s).target.kind for s in statements}
+    assert kinds["grid"] == {"row", "col"}  # never a cell
+    assert kinds["bars"] <= {"bar"}  # a bar chart keeps its one-value readings
+    with pytest.raises(ValueError, match="layout"):
+        VerificationPhase(0.5, "everything")
+    with pytest.raises(ValueError, match="share"):
+        VerificationPhase(0.0, "used")
+
+
 def test_step_verification_follows_its_curriculum_and_trains_the_scorers_readout(problems, tmp_path, monkeypatch):
     import random
 
@@ -344,10 +363,16 @@ def test_step_verification_follows_its_curriculum_and_trains_the_scorers_readout
     item = ScoringItem(question, [statements], problems[0].image)
     before = prm.score_batch([item])[0][0]
     losses = prm_init.pretrain_step_verification(prm, problems[:4], steps=10, batch_size=2, lr=1e-2,
-                                                 arithmetic_share=0.5, multi_value_share=0.7, progress=False)
+                                                 arithmetic_share=0.5, progress=False)
     assert len(losses) == 10 and all(x > 0 for x in losses)
     phases = [c for i, c in enumerate(calls) if i % 2 == 0]  # one record per step (batch of 2)
     # 40 % / 30 % / 30 %: short layout without calculations first, then distractors, then the PRM's question
-    assert phases == [("used", 0.0, None)] * 4 + [("distractors", 0.5, 0.7)] * 3 + [("full", 0.5, 0.7)] * 3
+    assert phases == [("used", 0.0, None)] * 4 + [("distractors", 0.5, None)] * 3 + [("full", 0.5, None)] * 3
+    calls.clear()
+    prm_init.pretrain_step_verification(prm, problems[:4], steps=9, batch_size=2, arithmetic_share=0.5,
+                                        curriculum=prm_init.ROW_VERIFICATION_CURRICULUM, progress=False)
+    phases = [c for i, c in enumerate(calls) if i % 2 == 0]
+    # the row pass: the same walk, rows and columns only, no calculations
+    assert phases == [("used", 0.0, 1.0)] * 4 + [("distractors", 0.0, 1.0)] * 3 + [("full", 0.0, 1.0)] * 2
     after = prm.score_batch([item])[0][0]
     assert after != before  # the stage moved what the scorer reads at the markers

@@ -12,8 +12,9 @@
    see prm_init), optionally pretrain it on reference solutions and reading
    drills (``prm_init.pretrain_reading``), teach its step marker to verify
    true and perturbed readings and calculations (``prm_init.
-   pretrain_step_verification``; ``verification_mix`` also adds such drills to
-   the PRM's training set), and train it (``trainer.train_prm``;
+   pretrain_step_verification``, then -- ``row_verification_steps`` -- once
+   more on row and column readings only; ``verification_mix`` also adds such
+   drills to the PRM's training set), and train it (``trainer.train_prm``;
    ``balance_positions`` weights the loss so the step index alone predicts
    nothing: MCTS paths end at their first error, so later steps are more
    often wrong and a tiny PRM otherwise learns that prior instead of reading);
@@ -79,6 +80,8 @@ class PipelineConfig:
     pretrain_steps: int = 0  # next-token pretraining on facts + reference solutions first (prm_init.pretrain_reading)
     verification_steps: int = 0  # then step verification at the marker (prm_init.pretrain_step_verification)
     verification_arithmetic: float = 0.0  # share of calculations among the verification statements
+    row_verification_steps: int = 0  # then a second verification stage on row / column readings only
+    # (prm_init.ROW_VERIFICATION_CURRICULUM): after the first, the marker checks only their last value
     verification_mix: float = 0.0  # verification drills added to the PRM's training set, per MCTS sample: the
     # comparison the verification stage grew then keeps being trained in the PRM's own layout (image included)
     max_steps: int = 600
@@ -111,10 +114,14 @@ class PipelineConfig:
             raise ValueError(f"verification_arithmetic is a share in [0, 1], got {self.verification_arithmetic}")
         if self.verification_mix < 0:
             raise ValueError(f"verification_mix must be >= 0 (drills per MCTS sample), got {self.verification_mix}")
-        if (self.verification_mix or self.verification_steps) and not self.with_image_text:
+        for name in ("pretrain_steps", "verification_steps", "row_verification_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (self.verification_mix or self.verification_steps or self.row_verification_steps) \
+                and not self.with_image_text:
             raise ValueError("step verification checks readings against the picture's text: it needs "
-                             "with_image_text=True (drop --no-image-text, or set verification_steps and "
-                             "verification_mix to 0)")
+                             "with_image_text=True (drop --no-image-text, or set verification_steps, "
+                             "row_verification_steps and verification_mix to 0)")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -124,9 +131,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~28 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
     # picture's text; the PRM stage then runs at a lower rate so as not to erase it, on a position-balanced loss
     # step verification (verification_steps; its drills also join the PRM's training set, verification_mix)
-    # then gives the marker a comparison to start from
+    # then gives the marker a comparison to start from, and a second pass on rows and columns
+    # (row_verification_steps) makes it check every value of those
     "full": dict(train_problems=2400, pretrain_steps=4000, verification_steps=5000, verification_arithmetic=0.3,
-                 verification_mix=0.5, max_steps=3000,
+                 row_verification_steps=3000, verification_mix=0.5, max_steps=3000,
                  test_problems=300, layers=6, learning_rate=1e-3, balance_positions=True),
     # for tests: seconds
     "tiny": dict(train_problems=12, rollout_budget=48, max_search_count=6, max_steps=4, batch_size=4,
@@ -209,6 +217,11 @@ def _build_samples(config: PipelineConfig, problems, ann_dir: Path):
         if config.model_kind == "text":
             s.images = []
     return trees, samples, label_stats(samples)
+
+
+def _final_loss(losses: list[float], last: int = 50) -> float | None:
+    """Mean of the last ``last`` losses of a stage (None when it did not run)."""
+    return sum(losses[-last:]) / len(losses[-last:]) if losses else None
 
 
 def _verification_samples(config: PipelineConfig, problems, train_samples, n: int):
@@ -327,6 +340,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     n_params = sum(p.numel() for p in prm.model.parameters())
     pretrain_losses: list[float] = []
     verification_losses: list[float] = []
+    row_verification_losses: list[float] = []
     if config.pretrain_steps:
         from .prm_init import pretrain_reading
 
@@ -343,6 +357,13 @@ def run_pipeline(config: PipelineConfig) -> dict:
         verification_losses = pretrain_step_verification(prm, train_problems, steps=config.verification_steps,
                                                          arithmetic_share=config.verification_arithmetic,
                                                          seed=config.seed, progress=config.progress)
+    if config.row_verification_steps:
+        from .prm_init import ROW_VERIFICATION_CURRICULUM, pretrain_step_verification
+
+        _log(f"(c) step verification on row and column readings only, {config.row_verification_steps} steps")
+        row_verification_losses = pretrain_step_verification(
+            prm, train_problems, steps=config.row_verification_steps, curriculum=ROW_VERIFICATION_CURRICULUM,
+            seed=config.seed + 1, progress=config.progress, desc="row verification")
     model_desc = (f"tiny InternVL (Qwen2 text {config.layers}x{config.hidden}, 1-layer ViT at {config.image_size}px), "
                   f"format mm-prm, image + {'picture as text + ' if config.with_image_text else ''}question"
                   if config.model_kind == "internvl" else
@@ -399,11 +420,11 @@ def run_pipeline(config: PipelineConfig) -> dict:
                        "trees": len(trees)},
         "labels": stats,
         "training": {"pretrain_steps": config.pretrain_steps, "balance_positions": config.balance_positions,
-                     "pretrain_final_loss": (sum(pretrain_losses[-10:]) / len(pretrain_losses[-10:])
-                                             if pretrain_losses else None),
+                     "pretrain_final_loss": _final_loss(pretrain_losses, 10),
                      "verification_steps": config.verification_steps,
-                     "verification_final_loss": (sum(verification_losses[-50:]) / len(verification_losses[-50:])
-                                                 if verification_losses else None),
+                     "verification_final_loss": _final_loss(verification_losses),
+                     "row_verification_steps": config.row_verification_steps,
+                     "row_verification_final_loss": _final_loss(row_verification_losses),
                      "steps": result.steps, "epochs": result.epochs, "learning_rate": result.learning_rate,
                      "first_loss": result.losses[0], "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
                      "train_samples": len(train_samples), "verification_samples": len(drills),
@@ -533,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step-verification steps at the step marker after pretraining (prm_init)")
     p.add_argument("--verification-arithmetic", type=float, default=None,
                    help="share of calculations among the step-verification statements")
+    p.add_argument("--row-verification-steps", type=int, default=None,
+                   help="a second step-verification stage on row and column readings only (prm_init)")
     p.add_argument("--verification-mix", type=float, default=None,
                    help="step-verification drills added to the PRM's training set, per MCTS sample")
     p.add_argument("--balance-positions", action="store_true",
@@ -559,6 +582,7 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
         "seed": args.seed, "train_problems": args.train_problems, "test_problems": args.test_problems,
         "max_steps": args.max_steps, "learning_rate": args.learning_rate, "hidden": args.hidden,
         "layers": args.layers, "pretrain_steps": args.pretrain_steps, "verification_steps": args.verification_steps,
+        "row_verification_steps": args.row_verification_steps,
         "verification_arithmetic": args.verification_arithmetic, "verification_mix": args.verification_mix,
         "model_kind": args.model_kind, "granularity": args.granularity,
         "threads": args.threads, "ray": args.ray}.items() if v is not None}

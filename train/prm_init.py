@@ -35,6 +35,7 @@ text rendering is what lets a tiny PRM check reading steps.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +44,8 @@ from mmprm_infer import tiny, tiny_internvl
 __all__ = ["NUMBER_RANGE", "task_corpus", "build_task_tokenizer", "build_task_prm", "prm_question",
            "MMPRM_FORMAT_OPTIONS", "reading_keys", "picture_facts", "pretrain_reading", "reading_drill",
            "arithmetic_drill", "perturb_reading", "perturb_calculation",
-           "verification_drill", "pretrain_step_verification", "VERIFICATION_CURRICULUM"]
+           "verification_drill", "pretrain_step_verification", "VerificationPhase", "VERIFICATION_CURRICULUM",
+           "ROW_VERIFICATION_CURRICULUM"]
 
 NUMBER_RANGE = range(-60, 1000)  # every number the task and the policy's errors write, and more
 # mm-prm on the tiny model: one 112 px tile (16 image tokens), no dynamic tiling.
@@ -295,6 +297,14 @@ def perturb_calculation(statement: str, rng) -> str:
     return format_arith(calc.ops[0], calc.values, calc.result + rng.choice((-2, -1, 1, 2, 10, -10)))
 
 
+VERIFICATION_LAYOUTS = ("used", "distractors", "full")
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in VERIFICATION_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, VERIFICATION_LAYOUTS))}, got {layout!r}")
+
+
 def verification_drill(problem, rng, *, statements: int = 6, layout: str = "full",
                        arithmetic_share: float = 0.3, distractors: int = 4,
                        multi_value_share: float | None = None) -> tuple[str, list[str], list[float]]:
@@ -306,13 +316,10 @@ def verification_drill(problem, rng, *, statements: int = 6, layout: str = "full
     read, "distractors" those and ``distractors`` other lines, "full" the PRM's own question
     (``prm_question``: every fact line, then the problem's question).  A picture with readings of
     several values (rows, columns) has them read with probability ``multi_value_share`` (``None``:
-    every fact line alike): one changed value among three is the misread a PRM checks worst
-    (measured: 13-36 % of such misreads caught against all of the one-value ones, with facts drawn
-    uniformly)."""
+    every fact line alike; ``ROW_VERIFICATION_CURRICULUM`` draws only those)."""
     from .synthetic_task import parse_step
 
-    if layout not in ("used", "distractors", "full"):
-        raise ValueError(f"layout must be 'used', 'distractors' or 'full', got {layout!r}")
+    _check_layout(layout)
     facts = picture_facts(problem).split("\n")
     if multi_value_share is not None:
         multi = [f for f in facts if len(parse_step(f).values) > 1]
@@ -342,29 +349,53 @@ def verification_drill(problem, rng, *, statements: int = 6, layout: str = "full
     return "Picture:\n" + "\n".join(shown), out, labels
 
 
-# Step-verification curriculum: (share of the steps, layout).  The comparison at the marker forms
-# only on short layouts (measured: with every fact line from the start the loss stayed at chance
-# for 3000 steps; with only the fact lines the statements read it left chance after ~600).
-VERIFICATION_CURRICULUM = ((0.4, "used"), (0.3, "distractors"), (0.3, "full"))
+@dataclass(frozen=True)
+class VerificationPhase:
+    """One phase of a step-verification curriculum (``pretrain_step_verification``)."""
+
+    share: float  # of the stage's steps
+    layout: str  # verification_drill's layout: "used", "distractors" or "full"
+    calculations: bool = True  # statements include calculations (at the stage's arithmetic_share)
+    multi_value_share: float | None = None  # several-value readings drawn this often; None: fact lines alike
+
+    def __post_init__(self):
+        _check_layout(self.layout)
+        if not self.share > 0:
+            raise ValueError(f"a phase's share of the steps must be > 0, got {self.share}")
+
+
+# The comparison at the marker forms only on short layouts (measured: with every fact line from the
+# start the loss stayed at chance for 3000 steps; with only the fact lines the statements read it left
+# chance after ~600), and calculations from the start delayed it (~1000 steps at chance).
+VERIFICATION_CURRICULUM = (
+    VerificationPhase(0.4, "used", calculations=False),
+    VerificationPhase(0.3, "distractors"),
+    VerificationPhase(0.3, "full"),
+)
+# After VERIFICATION_CURRICULUM the marker checks the *last* value of a row or column reading only
+# (measured on held-out gold steps with one value made a look-alike: 61-67 % of last-value misreads
+# caught, 10-25 % of first or middle ones).  The same short-to-full walk again with row and column
+# readings only (bar charts, which have none, keep their one-value readings) teaches it every value.
+ROW_VERIFICATION_CURRICULUM = (
+    VerificationPhase(0.34, "used", calculations=False, multi_value_share=1.0),
+    VerificationPhase(0.33, "distractors", calculations=False, multi_value_share=1.0),
+    VerificationPhase(0.33, "full", calculations=False, multi_value_share=1.0),
+)
 
 
 def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: int = 16, lr: float = 1e-3,
                                statements: int = 6, arithmetic_share: float = 0.3,
-                               multi_value_share: float | None = None,
-                               curriculum: Sequence[tuple[float, str]] = VERIFICATION_CURRICULUM, seed: int = 0,
-                               progress: bool = True) -> list[float]:
+                               curriculum: Sequence[VerificationPhase] = VERIFICATION_CURRICULUM, seed: int = 0,
+                               progress: bool = True, desc: str = "step verification") -> list[float]:
     """Step verification at the marker, before PRM training: the format's good/bad verdict after
     every statement of ``verification_drill`` examples (a true or perturbed reading of the picture's
     text or calculation; no policy and no labels from MCTS or the checker -- perturbations of the
     task's own text, as image-text matching in VLM pretraining), binary cross-entropy on the same
-    logit difference the trainer and the scorer read.  ``curriculum``: (share of steps, layout)
-    phases in order (see ``VERIFICATION_CURRICULUM``).  The first phase reads fact lines drawn
-    alike and no calculations: calculations (``arithmetic_share``) and the extra share of several-
-    value readings (``multi_value_share``) join after it, because either from the start delayed the
-    comparison's forming (calculations: loss at chance for ~1000 steps against ~600 without; three-
-    value readings drawn 60 % of the time: still 0.66 after 3000 steps; drawn so after the first
-    phase, they were not caught more often: ``multi_value_share`` defaults to ``None``).  Returns
-    the loss per step."""
+    logit difference the trainer and the scorer read.  ``curriculum``: ``VerificationPhase`` items
+    in order, each a share of the steps with its layout, whether calculations (``arithmetic_share`` of
+    the statements) join, and how often several-value readings are drawn (see
+    ``VERIFICATION_CURRICULUM`` and ``ROW_VERIFICATION_CURRICULUM`` for what was measured).  Each
+    call has its own optimizer: a second curriculum is a second call.  Returns the loss per step."""
     import random as _random
 
     import torch
@@ -374,22 +405,22 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
     tok, model, fmt, adapter = prm.tokenizer, prm.model, prm.format, prm.adapter
     tag = tok.convert_tokens_to_ids(fmt.step_tag)
     bounds, total = [], 0.0
-    for share, layout in curriculum:
-        total += share
-        bounds.append((total * steps, layout))
+    for phase in curriculum:
+        total += phase.share
+        bounds.append((total * steps, phase))
     rng = _random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses: list[float] = []
     model.train()
-    for step in tqdm(range(steps), desc="step verification", disable=not progress, dynamic_ncols=True):
-        phase = next((k for k, (end, _) in enumerate(bounds) if step < end), len(bounds) - 1)
-        layout = bounds[phase][1]
+    for step in tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True):
+        phase = next((ph for end, ph in bounds if step < end), bounds[-1][1])
         batch, targets = [], []
         for p in rng.sample(problems, min(batch_size, len(problems))):
-            question, stmts, labels = verification_drill(p, rng, statements=statements, layout=layout,
-                                                         arithmetic_share=arithmetic_share if phase else 0.0,
-                                                         multi_value_share=multi_value_share if phase else None)
+            question, stmts, labels = verification_drill(
+                p, rng, statements=statements, layout=phase.layout,
+                arithmetic_share=arithmetic_share if phase.calculations else 0.0,
+                multi_value_share=phase.multi_value_share)
             batch.append(tok.encode(_bare_text(question, stmts, fmt.step_tag)))
             targets += labels
         ids, mask = _padded(batch, tok)
