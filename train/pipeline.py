@@ -128,7 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a few minutes on 2 CPU cores
     "demo": dict(train_problems=300, max_steps=600, test_problems=50),
     # >= 200 held-out problems
-    # ~28 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
+    # ~35 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
     # picture's text; the PRM stage then runs at a lower rate so as not to erase it, on a position-balanced loss
     # step verification (verification_steps; its drills also join the PRM's training set, verification_mix)
     # then gives the marker a comparison to start from, and a second pass on rows and columns

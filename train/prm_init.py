@@ -19,8 +19,10 @@ calculation's result after 2000 steps from 40 % to 62 % (83 % at 3000).  Trainin
 on MCTS labels alone did not turn either skill into a verdict at the step
 marker (a held-out reading with one value changed scored only slightly lower
 than the right one); ``pretrain_step_verification`` does, with dense
-true/perturbed statements and a short-to-full layout curriculum (see the
-README's training section).
+true/perturbed statements and a short-to-full layout curriculum, run twice:
+over all statements (``VERIFICATION_CURRICULUM``), then over row and column
+readings only (``ROW_VERIFICATION_CURRICULUM``), so that every value of those
+is checked, not only the last (see the README's training section).
 
 ``prm_question(problem, with_image_text)`` is the question the PRM reads:
 with ``with_image_text`` (the default of the pipeline) a text rendering of
