@@ -426,7 +426,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
                      "row_verification_steps": config.row_verification_steps,
                      "row_verification_final_loss": _final_loss(row_verification_losses),
                      "steps": result.steps, "epochs": result.epochs, "learning_rate": result.learning_rate,
-                     "first_loss": result.losses[0], "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
+                     "first_loss": result.losses[0], "final_loss": _final_loss(result.losses, 10),
                      "train_samples": len(train_samples), "verification_samples": len(drills),
                      "eval_samples": len(eval_samples or []),
                      "eval_history": result.eval_history},
