@@ -338,6 +338,10 @@ def test_row_verification_drills_read_only_rows_and_columns_where_a_picture_has_
         VerificationPhase(0.5, "everything")
     with pytest.raises(ValueError, match="share"):
         VerificationPhase(0.0, "used")
+    from mmprm_infer.train.prm_init import pretrain_step_verification
+
+    with pytest.raises(ValueError, match="curriculum"):
+        pretrain_step_verification(None, problems, steps=1, curriculum=(), progress=False)
 
 
 def test_step_verification_follows_its_curriculum_and_trains_the_scorers_readout(problems, tmp_path, monkeypatch):

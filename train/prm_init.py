@@ -293,10 +293,11 @@ def perturb_reading(statement: str, rng, problem=None) -> str:
 
 def perturb_calculation(statement: str, rng) -> str:
     """A calculation with its result off by 1, 2 or 10 (the policy's arithmetic slips)."""
+    from .synthetic_policy import SLIP_OFFSETS
     from .synthetic_task import format_arith, parse_step
 
     calc = parse_step(statement)
-    return format_arith(calc.ops[0], calc.values, calc.result + rng.choice((-2, -1, 1, 2, 10, -10)))
+    return format_arith(calc.ops[0], calc.values, calc.result + rng.choice(SLIP_OFFSETS))
 
 
 VERIFICATION_LAYOUTS = ("used", "distractors", "full")
@@ -404,6 +405,8 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    if not curriculum:
+        raise ValueError("curriculum needs at least one VerificationPhase (e.g. VERIFICATION_CURRICULUM)")
     tok, model, fmt, adapter = prm.tokenizer, prm.model, prm.format, prm.adapter
     tag = tok.convert_tokens_to_ids(fmt.step_tag)
     bounds, total = [], 0.0

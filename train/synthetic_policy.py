@@ -64,10 +64,12 @@ from .synthetic_task import (
 )
 
 __all__ = ["ErrorRates", "SyntheticPolicy", "Trap", "policy_report", "error_kind", "LOOKALIKE_DIGITS",
-           "neighbour_target"]
+           "SLIP_OFFSETS", "neighbour_target"]
 
 # Digits a reader confuses (look-alikes first, then neighbours).
 LOOKALIKE_DIGITS = {1: 7, 2: 7, 3: 8, 4: 9, 5: 6, 6: 5, 7: 1, 8: 3, 9: 4}
+# How far an arithmetic slip puts a result off.
+SLIP_OFFSETS = (-2, -1, 1, 2, 10, -10)
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,7 @@ class SyntheticPolicy:
                     ops.insert(j, ops[j])
                 result = apply_op(st.op, ops)
                 if rng.random() < rates.slip:
-                    result += rng.choice((-2, -1, 1, 2, 10, -10))
+                    result += rng.choice(SLIP_OFFSETS)
                 results[i] = result
                 last = result
                 out.append(format_arith(st.op, ops, result))
