@@ -115,12 +115,14 @@ def test_cli_annotate_dispatch(tmp_path, capsys):
 def test_pretrain_reading_option(tmp_path):
     report = run_pipeline(preset_config("tiny", run_dir=str(tmp_path), train_problems=6, test_problems=2,
                                         pretrain_steps=2, verification_steps=3, row_verification_steps=2,
-                                        verification_mix=0.5, balance_positions=True))
+                                        verification_token_verdicts=1.0, verification_mix=0.5,
+                                        balance_positions=True))
     assert report["training"]["pretrain_steps"] == 2 and report["training"]["balance_positions"]
     assert report["training"]["pretrain_final_loss"] > 0
     assert report["training"]["verification_steps"] == 3 and report["training"]["verification_final_loss"] > 0
     assert report["training"]["row_verification_steps"] == 2
     assert report["training"]["row_verification_final_loss"] > 0
+    assert report["training"]["verification_token_verdicts"] == 1.0
     # the drills joined the MCTS samples in the PRM's training set
     assert report["training"]["verification_samples"] > 0
     assert report["training"]["train_samples"] > report["training"]["verification_samples"]
@@ -132,6 +134,8 @@ def test_step_verification_options_are_checked_before_any_work(tmp_path):
         preset_config("tiny", run_dir=str(tmp_path), verification_steps=3, with_image_text=False)
     with pytest.raises(ValueError, match="verification_arithmetic"):
         preset_config("tiny", run_dir=str(tmp_path), verification_arithmetic=1.5)
+    with pytest.raises(ValueError, match="verification_token_verdicts"):
+        preset_config("tiny", run_dir=str(tmp_path), verification_token_verdicts=-1.0)
     with pytest.raises(ValueError, match="verification_mix"):
         preset_config("tiny", run_dir=str(tmp_path), verification_mix=-1)
     with pytest.raises(ValueError, match="with_image_text"):

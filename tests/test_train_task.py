@@ -321,6 +321,50 @@ def test_verification_drills_are_true_exactly_when_labelled_so(problems):
         verification_drill(problems[0], rng, layout="all")
 
 
+def test_prefix_verdicts_mark_each_statement_right_until_it_departs_from_its_true_version(problems):
+    import random
+
+    from mmprm_infer.train.prm_init import _prefix_verdicts, build_task_tokenizer, verification_drill
+
+    tok = build_task_tokenizer()
+    tag = tok.convert_tokens_to_ids("<prm>")
+    rng = random.Random(4)
+    departures = 0
+    for p in problems[:15]:
+        for layout in ("used", "full"):
+            truths: list[str] = []
+            question, statements, labels = verification_drill(p, rng, statements=6, layout=layout,
+                                                              arithmetic_share=0.4, truths=truths)
+            assert len(truths) == len(statements)
+            assert [s == t for s, t in zip(statements, truths)] == [label == 1.0 for label in labels]
+            ids, verdicts = _prefix_verdicts(tok, question, statements, truths, "<prm>", tag)
+            assert len(ids) == len(verdicts)
+            true_ids, true_verdicts = _prefix_verdicts(tok, question, truths, truths, "<prm>", tag)
+            assert set(true_verdicts) == {-1.0, 1.0}
+            markers = [i for i, t in enumerate(ids) if t == tag]
+            true_markers = [i for i, t in enumerate(true_ids) if t == tag]
+            assert len(markers) == len(statements) and all(verdicts[i] == -1.0 for i in markers)
+            # nothing before the first statement is scored; statement k's tokens sit between markers k-1 and k
+            begin = next(i for i, v in enumerate(verdicts) if v != -1.0)
+            assert tok.decode(ids[:begin]).rstrip() == f"Question: {question}\nProcess:"
+            assert tok.decode(ids[begin:markers[0]]).strip() == statements[0]
+            true_begin = begin
+            for k, (end, label) in enumerate(zip(markers, labels)):
+                span = verdicts[begin:end]
+                assert span and -1.0 not in span
+                assert span == sorted(span, reverse=True)  # right so far, then wrong to the marker
+                assert span[-1] == label  # the token before the marker agrees with the marker's label
+                stmt_ids, true_stmt_ids = ids[begin:end], true_ids[true_begin:true_markers[k]]
+                if label == 0.0:
+                    cut = span.index(0.0)
+                    assert stmt_ids[:cut] == true_stmt_ids[:cut] and stmt_ids[cut] != true_stmt_ids[cut]
+                    departures += cut > 1  # a later value of a row, or a calculation's result
+                else:
+                    assert stmt_ids == true_stmt_ids
+                begin, true_begin = end + 1, true_markers[k] + 1
+    assert departures > 0
+
+
 def test_row_verification_drills_read_only_rows_and_columns_where_a_picture_has_them(problems):
     import random
 
@@ -380,3 +424,8 @@ def test_step_verification_follows_its_curriculum_and_trains_the_scorers_readout
     assert phases == [("used", 0.0, 1.0)] * 4 + [("distractors", 0.0, 1.0)] * 3 + [("full", 0.0, 1.0)] * 2
     after = prm.score_batch([item])[0][0]
     assert after != before  # the stage moved what the scorer reads at the markers
+    # with a verdict at every statement token too: the same marker loss is returned, the readout moves
+    losses = prm_init.pretrain_step_verification(prm, problems[:4], steps=3, batch_size=2, lr=1e-2,
+                                                 token_verdicts=1.0, progress=False)
+    assert len(losses) == 3 and all(0 < x < 10 for x in losses)
+    assert prm.score_batch([item])[0][0] != after

@@ -82,6 +82,8 @@ class PipelineConfig:
     verification_arithmetic: float = 0.0  # share of calculations among the verification statements
     row_verification_steps: int = 0  # then a second verification stage on row / column readings only
     # (prm_init.ROW_VERIFICATION_CURRICULUM): after the first, the marker checks only their last value
+    verification_token_verdicts: float = 0.0  # weight of a verdict at every statement token in both stages
+    # (right so far or not; prm_init.pretrain_step_verification's token_verdicts)
     verification_mix: float = 0.0  # verification drills added to the PRM's training set, per MCTS sample: the
     # comparison the verification stage grew then keeps being trained in the PRM's own layout (image included)
     max_steps: int = 600
@@ -112,6 +114,8 @@ class PipelineConfig:
             raise ValueError(f"model_kind must be 'internvl' or 'text', got {self.model_kind!r}")
         if not 0.0 <= self.verification_arithmetic <= 1.0:
             raise ValueError(f"verification_arithmetic is a share in [0, 1], got {self.verification_arithmetic}")
+        if self.verification_token_verdicts < 0:
+            raise ValueError(f"verification_token_verdicts is a loss weight >= 0, got {self.verification_token_verdicts}")
         if self.verification_mix < 0:
             raise ValueError(f"verification_mix must be >= 0 (drills per MCTS sample), got {self.verification_mix}")
         for name in ("pretrain_steps", "verification_steps", "row_verification_steps"):
@@ -134,7 +138,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # then gives the marker a comparison to start from, and a second pass on rows and columns
     # (row_verification_steps) makes it check every value of those
     "full": dict(train_problems=2400, pretrain_steps=4000, verification_steps=5000, verification_arithmetic=0.3,
-                 row_verification_steps=3000, verification_mix=0.5, max_steps=3000,
+                 row_verification_steps=3000, verification_token_verdicts=1.0, verification_mix=0.5, max_steps=3000,
                  test_problems=300, layers=6, learning_rate=1e-3, balance_positions=True),
     # for tests: seconds
     "tiny": dict(train_problems=12, rollout_budget=48, max_search_count=6, max_steps=4, batch_size=4,
@@ -356,6 +360,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
              f"{config.verification_steps} steps")
         verification_losses = pretrain_step_verification(prm, train_problems, steps=config.verification_steps,
                                                          arithmetic_share=config.verification_arithmetic,
+                                                         token_verdicts=config.verification_token_verdicts,
                                                          seed=config.seed, progress=config.progress)
     if config.row_verification_steps:
         from .prm_init import ROW_VERIFICATION_CURRICULUM, pretrain_step_verification
@@ -363,7 +368,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         _log(f"(c) step verification on row and column readings only, {config.row_verification_steps} steps")
         row_verification_losses = pretrain_step_verification(
             prm, train_problems, steps=config.row_verification_steps, curriculum=ROW_VERIFICATION_CURRICULUM,
-            seed=config.seed + 1, progress=config.progress, desc="row verification")
+            token_verdicts=config.verification_token_verdicts, seed=config.seed + 1, progress=config.progress, desc="row verification")
     model_desc = (f"tiny InternVL (Qwen2 text {config.layers}x{config.hidden}, 1-layer ViT at {config.image_size}px), "
                   f"format mm-prm, image + {'picture as text + ' if config.with_image_text else ''}question"
                   if config.model_kind == "internvl" else
@@ -425,6 +430,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
                      "verification_final_loss": _final_loss(verification_losses),
                      "row_verification_steps": config.row_verification_steps,
                      "row_verification_final_loss": _final_loss(row_verification_losses),
+                     "verification_token_verdicts": config.verification_token_verdicts,
                      "steps": result.steps, "epochs": result.epochs, "learning_rate": result.learning_rate,
                      "first_loss": result.losses[0], "final_loss": _final_loss(result.losses, 10),
                      "train_samples": len(train_samples), "verification_samples": len(drills),
@@ -556,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of calculations among the step-verification statements")
     p.add_argument("--row-verification-steps", type=int, default=None,
                    help="a second step-verification stage on row and column readings only (prm_init)")
+    p.add_argument("--verification-token-verdicts", type=float, default=None,
+                   help="weight of a right-so-far verdict at every statement token in the verification stages")
     p.add_argument("--verification-mix", type=float, default=None,
                    help="step-verification drills added to the PRM's training set, per MCTS sample")
     p.add_argument("--balance-positions", action="store_true",
@@ -584,6 +592,7 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
         "layers": args.layers, "pretrain_steps": args.pretrain_steps, "verification_steps": args.verification_steps,
         "row_verification_steps": args.row_verification_steps,
         "verification_arithmetic": args.verification_arithmetic, "verification_mix": args.verification_mix,
+        "verification_token_verdicts": args.verification_token_verdicts,
         "model_kind": args.model_kind, "granularity": args.granularity,
         "threads": args.threads, "ray": args.ray}.items() if v is not None}
     if args.no_image_text:
