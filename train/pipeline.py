@@ -115,7 +115,8 @@ class PipelineConfig:
         if not 0.0 <= self.verification_arithmetic <= 1.0:
             raise ValueError(f"verification_arithmetic is a share in [0, 1], got {self.verification_arithmetic}")
         if self.verification_token_verdicts < 0:
-            raise ValueError(f"verification_token_verdicts is a loss weight >= 0, got {self.verification_token_verdicts}")
+            raise ValueError("verification_token_verdicts is a loss weight >= 0, "
+                             f"got {self.verification_token_verdicts}")
         if self.verification_mix < 0:
             raise ValueError(f"verification_mix must be >= 0 (drills per MCTS sample), got {self.verification_mix}")
         for name in ("pretrain_steps", "verification_steps", "row_verification_steps"):
@@ -368,7 +369,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
         _log(f"(c) step verification on row and column readings only, {config.row_verification_steps} steps")
         row_verification_losses = pretrain_step_verification(
             prm, train_problems, steps=config.row_verification_steps, curriculum=ROW_VERIFICATION_CURRICULUM,
-            token_verdicts=config.verification_token_verdicts, seed=config.seed + 1, progress=config.progress, desc="row verification")
+            token_verdicts=config.verification_token_verdicts, seed=config.seed + 1, progress=config.progress,
+            desc="row verification")
     model_desc = (f"tiny InternVL (Qwen2 text {config.layers}x{config.hidden}, 1-layer ViT at {config.image_size}px), "
                   f"format mm-prm, image + {'picture as text + ' if config.with_image_text else ''}question"
                   if config.model_kind == "internvl" else
