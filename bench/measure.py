@@ -240,22 +240,62 @@ def linear_shapes(cfg) -> list[tuple[int, int]]:
     return [(h, heads * d), (h, kv * d), (h, kv * d), (heads * d, h), (h, inter), (h, inter), (inter, h)]
 
 
-def matmul_rate(cfg, rows: int, repeats: int = 5, dtype=torch.float32) -> dict:
-    """fp32 GEMM rate (FLOP/s) on the model's linear shapes with ``rows`` tokens, best of ``repeats``.
-
-    One pass = every linear of one layer once (F.linear, as nn.Linear runs);
-    rate = FLOPs of the pass / best pass time, with torch's current thread count.
-    """
+def _gemm_inputs(cfg, rows: int, dtype):
+    """A seeded generator, the model's linear shapes, one input per in-dimension, FLOPs of one pass."""
     gen = torch.Generator().manual_seed(0)
     shapes = linear_shapes(cfg)
     x = {k: torch.randn(rows, k, generator=gen, dtype=dtype) for k in {k for k, _ in shapes}}
+    return gen, shapes, x, sum(2 * rows * k * n for k, n in shapes)
+
+
+def matmul_rate(cfg, rows: int, repeats: int = 5, dtype=torch.float32) -> dict:
+    """GEMM rate (FLOP/s, ``dtype``) on the model's linear shapes with ``rows`` tokens, best of ``repeats``.
+
+    One pass = every linear of one layer once (F.linear, as nn.Linear runs: torch's default path);
+    rate = FLOPs of the pass / best pass time, with torch's current thread count.
+    """
+    gen, shapes, x, flops = _gemm_inputs(cfg, rows, dtype)
     ws = [torch.randn(n, k, generator=gen, dtype=dtype) for k, n in shapes]
-    flops = sum(2 * rows * k * n for k, n in shapes)
 
     def one_pass():
         for (k, _), w in zip(shapes, ws):
             torch.nn.functional.linear(x[k], w)
 
+    return _best_pass(one_pass, flops, rows, shapes, repeats)
+
+
+def matmul_rate_onednn(cfg, rows: int, repeats: int = 5) -> dict:
+    """As ``matmul_rate``, through oneDNN with weights packed once (``torch.utils.mkldnn``: the path
+    vLLM's CPU build takes); input and output stay dense tensors, as a model's would."""
+    from torch.utils import mkldnn as mkldnn_utils
+
+    gen, shapes, x, flops = _gemm_inputs(cfg, rows, torch.float32)
+    layers = []
+    for k, n in shapes:
+        lin = torch.nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n, k, generator=gen))
+        layers.append((k, mkldnn_utils.to_mkldnn(lin)))
+
+    def one_pass():
+        for k, lin in layers:
+            lin(x[k])
+
+    return _best_pass(one_pass, flops, rows, shapes, repeats)
+
+
+def best_matmul_rate(cfg, rows: int, repeats: int = 5) -> dict:
+    """The fastest fp32 GEMM path this machine has for the model's linear shapes: torch's default
+    (``F.linear``) and oneDNN with prepacked weights where torch was built with it.  Returns the best
+    path's ``matmul_rate`` dict with ``paths`` (every path's result) and ``best_path``."""
+    paths = {"torch F.linear": matmul_rate(cfg, rows, repeats)}
+    if torch.backends.mkldnn.is_available():
+        paths["oneDNN prepacked"] = matmul_rate_onednn(cfg, rows, repeats)
+    best = max(paths, key=lambda name: paths[name]["flop_per_s"])
+    return {**paths[best], "best_path": best, "paths": paths}
+
+
+def _best_pass(one_pass, flops: int, rows: int, shapes, repeats: int) -> dict:
     with torch.inference_mode():
         one_pass()  # warm-up
         best, n, start = float("inf"), 0, time.perf_counter()

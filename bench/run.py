@@ -50,13 +50,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON path (default bench/results/<workload>[_sweep][_quick].json); the PNG goes next to it")
     p.add_argument("--cache-dir", type=Path, default=REPO / "bench" / ".cache", help="where built models are kept")
     p.add_argument("--vllm-omp-bind", default=None,
-                   help="VLLM_CPU_OMP_THREADS_BIND for vLLM's worker, e.g. 0-1 (default: vLLM's own: on 2 cores "
-                        "1 worker thread, the other core reserved)")
+                   help="VLLM_CPU_OMP_THREADS_BIND for vLLM's worker (default: 0-(threads-1), the cores the library "
+                        "uses, with no core reserved; 'auto' keeps vLLM's own binding, which on 2 cores gives its "
+                        "worker 1 thread and reserves the other core)")
     p.add_argument("--vllm-max-batched-tokens", type=int, default=16384,
                    help="vLLM max_num_batched_tokens (default 16384, the fast engine's max_batch_tokens)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if args.vllm_omp_bind is None:  # a fair peer: the same cores as the in-process engines
+        args.vllm_omp_bind = f"0-{args.threads - 1}"
+    elif args.vllm_omp_bind == "auto":
+        args.vllm_omp_bind = None
     if args.out is None:
         stem = args.workload + ("_sweep" if args.sweep else "") + ("_quick" if args.quick else "")
         args.out = REPO / "bench" / "results" / f"{stem}.json"
@@ -228,15 +233,17 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
     base_tokens = w_result["points"][0]["tokens"]["unique_tokens"]
     rows = min(base_tokens, 16384)
     print(f"   GEMM rate on the model's linear shapes ({rows} rows, {torch.get_num_threads()} threads) ...", flush=True)
-    rate = measure.matmul_rate(text_cfg, rows)
+    rate = measure.best_matmul_rate(text_cfg, rows)
     w_result["matmul_rate"] = rate
-    print(f"   {rate['flop_per_s'] / 1e9:.1f} GFLOP/s fp32")
+    print("   " + ", ".join(f"{path} {r['flop_per_s'] / 1e9:.1f}" for path, r in rate["paths"].items())
+          + f" GFLOP/s fp32; the floor uses the best, {rate['best_path']}")
 
     for point, inputs in zip(w_result["points"], inputs_by_point):
         print(f"\n-- {point['title']}", flush=True)
         point["engines"] = run_in_process(args, prm, point, inputs)
         point["engines"]["floor"] = {"status": "ok", "seconds": point["flops"]["total"] / rate["flop_per_s"],
-                                     "how": "FLOPs of the unique tokens / measured GEMM rate"}
+                                     "how": "FLOPs of the unique tokens / the best measured fp32 GEMM rate "
+                                            f"({rate['best_path']})"}
         point["engines"]["vllm"] = {"status": "skipped", "reason": vllm_reason}
 
     if base.multimodal:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
+from mmprm_infer.progress import progress_bar
 
 from ..records import PRMSpec, ResultWriter, ScoringOptions, WindowResult, plan_windows, process_window, read_windows
 from .ray_cluster import ActorPlan, connect, data_context, map_to_actors, plan_actors
@@ -96,7 +96,7 @@ class ItemScorer(_PRMActor):
 def _ordered_stream(ds, n_windows: int, progress: bool, desc: str):
     """Rows of ``ds`` in window order (Ray Data keeps order when asked), with a progress bar."""
     seen = 0
-    with tqdm(total=n_windows, desc=desc, unit="window", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=n_windows, desc=desc, unit="window", disable=not progress) as bar:
         for row in ds.iter_rows():
             if int(row["window"]) != seen:  # would mean a lost or repeated window
                 raise RuntimeError(f"Ray returned window {row['window']} where window {seen} was due")

@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .aggregation import AGGREGATIONS, ALIASES
 from .formats import FORMATS
+from .progress import progress_bar
 from .records import PRMSpec, ResultWriter, ScoringOptions, plan_windows, process_window, read_windows
 
 
@@ -34,7 +33,7 @@ def run_jsonl(args) -> int:
                              strategy=getattr(args, "strategy", "best_of_n"), engine=args.engine)
     plan = plan_windows(in_path, args.batch_questions)
     with open(args.output, "w", encoding="utf-8") as dst, \
-            tqdm(total=len(plan) - 1, desc=f"mmprm {args.command}", unit="window", disable=args.quiet) as bar:
+            progress_bar(total=len(plan) - 1, desc=f"mmprm {args.command}", unit="window", disable=args.quiet) as bar:
         writer, candidates, start = ResultWriter(dst, args.on_error), 0, time.perf_counter()
         for window in read_windows(in_path, plan, args.batch_questions, 0, len(plan) - 1):
             done = process_window(window, prm, options, in_path.parent)

@@ -28,8 +28,5 @@ from pathlib import Path
 def run_demo(workdir: str | Path = "runs/demo") -> int:
     from .train.pipeline import preset_config, run_pipeline
 
-    config = preset_config("demo", run_dir=str(workdir), example=True)
-    run_pipeline(config)
-    print(f"\nEverything is under {workdir}/: report.json, accuracy_vs_n.png, the trained PRM in prm/ "
-          f"(PRM.from_pretrained('{workdir}/prm')).")
+    run_pipeline(preset_config("demo", run_dir=str(workdir), example=True))
     return 0

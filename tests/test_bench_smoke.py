@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = ("reference", "fast", "vllm", "floor")
@@ -33,7 +34,11 @@ def test_every_engine_column_is_reported(quick_run):
     results, stdout, _ = quick_run
     assert [w["name"] for w in results["workloads"]] == ["W1", "W2"]
     for w in results["workloads"]:
-        assert w["matmul_rate"]["flop_per_s"] > 0
+        rate = w["matmul_rate"]
+        assert rate["flop_per_s"] > 0
+        # the floor is at the fastest GEMM path measured, oneDNN included where torch has it
+        assert rate["flop_per_s"] == max(r["flop_per_s"] for r in rate["paths"].values())
+        assert ("oneDNN prepacked" in rate["paths"]) == torch.backends.mkldnn.is_available()
         for p in w["points"]:
             engines = p["engines"]
             assert set(ENGINES) <= set(engines), (p["title"], sorted(engines))

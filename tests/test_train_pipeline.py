@@ -142,3 +142,34 @@ def test_step_verification_options_are_checked_before_any_work(tmp_path):
         preset_config("tiny", run_dir=str(tmp_path), row_verification_steps=3, with_image_text=False)
     with pytest.raises(ValueError, match="row_verification_steps"):
         preset_config("tiny", run_dir=str(tmp_path), row_verification_steps=-1)
+
+
+def test_summary_is_a_small_table_with_the_paths(tiny_run, capsys):
+    from mmprm_infer.train.pipeline import print_summary
+
+    run_dir, report = tiny_run
+    print_summary(report, run_dir)
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("accuracy (%)"))
+    assert header.split()[2:] == ["N=1", "N=4", "N=16"]  # only these of the measured 1, 2, 4, 8, 16
+    rows = {line[:24].strip(): line[24:].split() for line in out.splitlines() if line[:24].strip() in (
+        "PRM best-of-N (min)", "PRM-weighted vote", "majority vote", "random pick", "pass@N (any right)")}
+    assert len(rows) == 5
+    acc = report["accuracy"]
+    assert [float(v) for v in rows["PRM best-of-N (min)"]] == pytest.approx(
+        [100 * acc["prm_best_of_n/min"][n] for n in ("1", "4", "16")], abs=0.051)
+    assert [float(v) for v in rows["pass@N (any right)"]] == pytest.approx(
+        [100 * acc["pass"][n] for n in ("1", "4", "16")], abs=0.051)
+    for name in ("report.json", "accuracy_vs_n.png", "prm"):
+        assert str(run_dir / name) in out
+
+
+def test_templates_are_checked():
+    from mmprm_infer.train.synthetic_task import TEMPLATES
+
+    with pytest.raises(ValueError, match="templates"):
+        preset_config("tiny", templates=("bars_pair_times_bar", "nope"))
+    with pytest.raises(ValueError, match="templates"):
+        preset_config("tiny", templates=())
+    config = preset_config("tiny", templates=["bars_pair_times_bar"])
+    assert config.templates == ("bars_pair_times_bar",) and set(config.templates) <= set(TEMPLATES)

@@ -490,11 +490,11 @@ class AnnotationProgress:
     """Counts finished/failed questions and rollouts (thread-safe) behind one progress bar."""
 
     def __init__(self, run: AnnotationRun, progress: bool, desc: str = "annotate"):
-        from tqdm.auto import tqdm
+        from mmprm_infer.progress import progress_bar
 
         self.stats, self.lock, self.start = run.stats, threading.Lock(), time.perf_counter()
-        self.bar = tqdm(total=run.stats.questions, initial=run.stats.skipped, unit="q", desc=desc,
-                        disable=not progress, dynamic_ncols=True)
+        self.bar = progress_bar(total=run.stats.questions, initial=run.stats.skipped, unit="q", desc=desc,
+                                disable=not progress)
 
     def done(self, qid: str, rollouts: int | None, error: BaseException | str | None) -> None:
         with self.lock:

@@ -58,6 +58,7 @@ class PipelineConfig:
     run_dir: str = "runs/pipeline"
     preset: str = "custom"
     seed: int = 0  # problem seed (train and test splits have disjoint problem seeds)
+    templates: tuple[str, ...] | None = None  # question types (synthetic_task.TEMPLATES); None: all of them
     policy_seed: int = 0
     # (a) annotation
     train_problems: int = 300
@@ -107,6 +108,14 @@ class PipelineConfig:
 
     def __post_init__(self):
         self.ns = tuple(int(n) for n in self.ns)
+        if self.templates is not None:
+            from .synthetic_task import TEMPLATES
+
+            self.templates = tuple(self.templates)
+            unknown = [t for t in self.templates if t not in TEMPLATES]
+            if unknown or not self.templates:
+                raise ValueError(f"templates must be a non-empty subset of {', '.join(TEMPLATES)}; "
+                                 f"got {list(self.templates)}")
         bad = [n for n in self.ns if n < 1 or self.n_candidates % n]
         if bad:
             raise ValueError(f"every N must divide n_candidates={self.n_candidates}; got {bad}")
@@ -130,8 +139,11 @@ class PipelineConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # a few minutes on 2 CPU cores
-    "demo": dict(train_problems=300, max_steps=600, test_problems=50),
+    # about 4 minutes on one core: the full preset's stages, short (2 layers; 800 pretraining, 1200 + 600
+    # verification and 600 PRM steps); 100 held-out problems.  Time against quality: train/RESULTS.md
+    "demo": dict(train_problems=300, pretrain_steps=800, verification_steps=1200, verification_arithmetic=0.3,
+                 row_verification_steps=600, verification_token_verdicts=1.0, verification_mix=0.5, max_steps=600,
+                 test_problems=100, layers=2, learning_rate=1e-3, balance_positions=True),
     # >= 200 held-out problems
     # ~35 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
     # picture's text; the PRM stage then runs at a lower rate so as not to erase it, on a position-balanced loss
@@ -250,8 +262,7 @@ def _verification_samples(config: PipelineConfig, problems, train_samples, n: in
 def _score_cases(prm, problems, candidates, config: PipelineConfig, checkpoint: Path) -> list[list[list[float]]]:
     """Step rewards of every candidate, ``score_batch_questions`` problems per engine call
     (with ``config.ray``: the same calls on Ray actors that load ``checkpoint``)."""
-    from tqdm.auto import tqdm
-
+    from mmprm_infer.progress import progress_bar
     from mmprm_infer.prm import ScoringItem
 
     from .prm_init import prm_question
@@ -264,8 +275,8 @@ def _score_cases(prm, problems, candidates, config: PipelineConfig, checkpoint: 
 
         return score_items(items, str(checkpoint), batch_questions=bs, address=config.ray, progress=config.progress)
     rewards: list[list[list[float]]] = []
-    for start in tqdm(range(0, len(items), bs), desc="score candidates", disable=not config.progress,
-                      dynamic_ncols=True):
+    for start in progress_bar(range(0, len(items), bs), desc="score candidates", unit="batches",
+                              disable=not config.progress):
         rewards.extend(prm.score_batch(items[start:start + bs]))
     return rewards
 
@@ -278,6 +289,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     from mmprm_infer.answers import extract_answer
     from mmprm_infer.aggregation import aggregate
     from mmprm_infer.integrations.policy import PolicyPrompt
+    from mmprm_infer.progress import quiet_transformers_progress
     from mmprm_infer.prm import PRM
 
     from .evaluate import step_error_f1
@@ -289,6 +301,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    quiet_transformers_progress()
     if config.threads:
         torch.set_num_threads(config.threads)
     run_dir = Path(config.run_dir)
@@ -299,8 +312,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     # (a) annotate
     t0 = time.perf_counter()
-    train_problems = make_problems(config.train_problems, "train", config.seed)
-    test_problems = make_problems(config.test_problems, "test", config.seed)
+    kinds = {} if config.templates is None else {"templates": config.templates}
+    train_problems = make_problems(config.train_problems, "train", config.seed, **kinds)
+    test_problems = make_problems(config.test_problems, "test", config.seed, **kinds)
     assert not {p.seed for p in train_problems} & {p.seed for p in test_problems}
     policy = SyntheticPolicy(train_problems + test_problems, seed=config.policy_seed)
     mcts = MCTSConfig(num_rollouts=config.num_rollouts, rollout_budget=config.rollout_budget,
@@ -457,9 +471,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
     (run_dir / "test_cases.jsonl").write_text("".join(
         json.dumps({**c, "rewards": rw}) + "\n" for c, rw in zip(cases, rewards)))
     plot_accuracy(report, run_dir / "accuracy_vs_n.png")
-    _print_summary(report)
     if config.example:
-        rerank_example(prm, test_problems, step_lists, config, aggregate=best_agg)
+        rerank_example(prm, test_problems, step_lists, config, aggregate=SUMMARY_AGGREGATION)
+    print_summary(report, run_dir)
     return report
 
 
@@ -494,18 +508,31 @@ def plot_accuracy(report: dict, path: Path) -> Path:
     return path
 
 
-def _print_summary(report: dict) -> None:
+SUMMARY_AGGREGATION = "min"  # the aggregation the summary table and the reranking example use
+SUMMARY_NS = (1, 4, 16)
+
+
+def print_summary(report: dict, run_dir: Path) -> None:
+    """The run at a glance: step-error F1, a small accuracy table (PRM best-of-N with ``min``,
+    PRM-weighted vote, majority vote, random, pass@N at N = 1, 4, 16 where measured) and where the
+    report, the plot and the trained PRM are.  Every aggregation and N is in report.json."""
     s, acc = report["summary"], report["accuracy"]
-    ns = sorted(int(n) for n in acc["random"])
+    measured = sorted(int(n) for n in acc["random"])
+    ns = [n for n in measured if n in SUMMARY_NS] or measured
+    agg = SUMMARY_AGGREGATION if f"prm_best_of_n/{SUMMARY_AGGREGATION}" in acc else report["best_aggregation"]
+    rows = [(f"PRM best-of-N ({agg})", f"prm_best_of_n/{agg}"), ("PRM-weighted vote", "prm_weighted_vote"),
+            ("majority vote", "majority_vote"), ("random pick", "random"), ("pass@N (any right)", "pass")]
     print(f"\n=== held-out evaluation: {report['test']['problems']} problems x "
           f"{report['test']['candidates_per_problem']} candidates ({report['model']['inputs']}) ===")
-    print(f"step-error (ProcessBench): F1 {s['f1']:.3f}  acc on wrong {s['acc_error']:.3f}  "
-          f"acc on right {s['acc_correct']:.3f}")
-    print("accuracy (%)".ljust(28) + "".join(f"N={n}".rjust(8) for n in ns))
-    for key in ["pass", *[k for k in acc if k.startswith("prm_best")], "prm_weighted_vote", "majority_vote", "random"]:
-        print(key.ljust(28) + "".join(f"{100 * acc[key][str(n)]:8.1f}" for n in ns))
-    print(f"wall time {report['timings_s']['total_s']:.0f} s; report: {Path(report['model']['checkpoint']).parent}"
-          "/report.json\n", flush=True)
+    print(f"step-error (ProcessBench): F1 {s['f1']:.3f} (acc on wrong {s['acc_error']:.3f}, "
+          f"acc on right {s['acc_correct']:.3f})")
+    print("accuracy (%)".ljust(24) + "".join(f"N={n}".rjust(8) for n in ns))
+    for label, key in rows:
+        print(label.ljust(24) + "".join(f"{100 * acc[key][str(n)]:8.1f}" for n in ns))
+    print(f"wall time {report['timings_s']['total_s']:.0f} s")
+    print(f"report (every aggregation, N = {', '.join(map(str, measured))}): {run_dir / 'report.json'}")
+    print(f"plot: {run_dir / 'accuracy_vs_n.png'}")
+    print(f"trained PRM: {run_dir / 'prm'}  (PRM.from_pretrained('{run_dir / 'prm'}'))", flush=True)
 
 
 def rerank_example(prm, problems, step_lists, config: PipelineConfig, aggregate: str | None = None) -> dict:
@@ -547,11 +574,15 @@ def rerank_example(prm, problems, step_lists, config: PipelineConfig, aggregate:
 # command line
 # --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .synthetic_task import TEMPLATES
+
     p = argparse.ArgumentParser(prog="mmprm pipeline", description="Annotate (MCTS) -> label -> train a small PRM -> "
                                 "evaluate Best-of-N and step-error F1 on held-out synthetic multimodal problems")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--run-dir", default=None, help="output folder (default runs/pipeline-<preset>)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--templates", nargs="+", choices=TEMPLATES, default=None,
+                   help="question types of the synthetic task (default: the preset's; the demo uses the bar charts)")
     p.add_argument("--train-problems", type=int, default=None)
     p.add_argument("--test-problems", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
@@ -595,7 +626,7 @@ def pipeline_main(argv: Sequence[str] | None = None) -> int:
         "row_verification_steps": args.row_verification_steps,
         "verification_arithmetic": args.verification_arithmetic, "verification_mix": args.verification_mix,
         "verification_token_verdicts": args.verification_token_verdicts,
-        "model_kind": args.model_kind, "granularity": args.granularity,
+        "model_kind": args.model_kind, "granularity": args.granularity, "templates": args.templates,
         "threads": args.threads, "ray": args.ray}.items() if v is not None}
     if args.no_image_text:
         overrides["with_image_text"] = False

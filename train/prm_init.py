@@ -237,7 +237,7 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
     import random as _random
 
     import torch
-    from tqdm.auto import tqdm
+    from mmprm_infer.progress import progress_bar
 
     tok = prm.tokenizer
     model = prm.model
@@ -254,7 +254,7 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)))
     losses: list[float] = []
     model.train()
-    for _ in tqdm(range(steps), desc="pretrain reading", disable=not progress, dynamic_ncols=True):
+    for _ in progress_bar(range(steps), desc="pretrain reading", unit="steps", disable=not progress):
         batch = [tok.encode(t) for t in rng.sample(texts, min(batch_size, len(texts)))]
         ids, mask = _padded(batch, tok)
         labels = ids.masked_fill(mask == 0, -100)
@@ -448,7 +448,7 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
 
     import torch
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
+    from mmprm_infer.progress import progress_bar
 
     if not curriculum:
         raise ValueError("curriculum needs at least one VerificationPhase (e.g. VERIFICATION_CURRICULUM)")
@@ -463,7 +463,7 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses: list[float] = []
     model.train()
-    for step in tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True):
+    for step in progress_bar(range(steps), desc=desc, unit="steps", disable=not progress):
         phase = next((ph for end, ph in bounds if step < end), bounds[-1][1])
         batch, targets, verdicts = [], [], []
         for p in rng.sample(problems, min(batch_size, len(problems))):

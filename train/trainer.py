@@ -442,8 +442,9 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
     keys.  Each callback gets every log record (``record["event"]`` is
     "train_step" or "eval"); one returning True stops training after that step.
     """
-    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
+
+    from mmprm_infer.progress import progress_bar
 
     config = config or TrainConfig()
     started = time.perf_counter()
@@ -515,7 +516,7 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         stop = any([callback(record) is True for callback in callbacks]) or stop
 
     model.train()
-    bar = tqdm(total=total_steps, desc="train PRM", disable=not config.progress, dynamic_ncols=True)
+    bar = progress_bar(total=total_steps, desc="train PRM", unit="steps", disable=not config.progress)
     try:
         batches = _optimizer_batches(len(examples), config)
         while step < total_steps and not stop:
