@@ -284,12 +284,13 @@ def matmul_rate_onednn(cfg, rows: int, repeats: int = 5) -> dict:
     return _best_pass(one_pass, flops, rows, shapes, repeats)
 
 
-def best_matmul_rate(cfg, rows: int, repeats: int = 5) -> dict:
-    """The fastest fp32 GEMM path this machine has for the model's linear shapes: torch's default
-    (``F.linear``) and oneDNN with prepacked weights where torch was built with it.  Returns the best
-    path's ``matmul_rate`` dict with ``paths`` (every path's result) and ``best_path``."""
-    paths = {"torch F.linear": matmul_rate(cfg, rows, repeats)}
-    if torch.backends.mkldnn.is_available():
+def best_matmul_rate(cfg, rows: int, repeats: int = 5, dtype=torch.float32) -> dict:
+    """The fastest GEMM path this machine has for the model's linear shapes in ``dtype``: torch's
+    default (``F.linear``; in bf16 it runs oneDNN's avx512_bf16 kernels where the CPU has them) and, in
+    fp32, oneDNN with prepacked weights where torch was built with it.  Returns the best path's
+    ``matmul_rate`` dict with ``paths`` (every path's result) and ``best_path``."""
+    paths = {"torch F.linear": matmul_rate(cfg, rows, repeats, dtype=dtype)}
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
         paths["oneDNN prepacked"] = matmul_rate_onednn(cfg, rows, repeats)
     best = max(paths, key=lambda name: paths[name]["flop_per_s"])
     return {**paths[best], "best_path": best, "paths": paths}

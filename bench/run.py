@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the in-process engines and the GEMM rate")
     p.add_argument("--quick", action="store_true", help="tiny dims and sizes (CI smoke; numbers mean nothing)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of every engine (text workloads); with bfloat16 each engine's rewards are also "
+                        "compared with the fp32 reference, rankings included, and the floor uses the bf16 GEMM rate")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM column")
     p.add_argument("--engines", default="reference,fast", help="in-process engines to run (comma list)")
     p.add_argument("--out", type=Path, default=None,
@@ -62,8 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.vllm_omp_bind = f"0-{args.threads - 1}"
     elif args.vllm_omp_bind == "auto":
         args.vllm_omp_bind = None
+    if args.dtype != "float32" and args.workload != "W1":
+        p.error("--dtype bfloat16 is for the text workload: use --workload W1")
     if args.out is None:
-        stem = args.workload + ("_sweep" if args.sweep else "") + ("_quick" if args.quick else "")
+        stem = args.workload + ("_sweep" if args.sweep else "") + ("_quick" if args.quick else "") + \
+            ("" if args.dtype == "float32" else f"_{args.dtype}")
         args.out = REPO / "bench" / "results" / f"{stem}.json"
     return args
 
@@ -90,18 +96,18 @@ def _meta(args) -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu, "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(), "git_commit": git("rev-parse", "--short", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain")), "loadavg_start": list(os.getloadavg()),
-        "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
+        "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick, "dtype": args.dtype,
         "note": "wall times are best of `repeats` after `warmup` calls; check loadavg_* for a busy machine",
     }
 
 
-def _load(w: workloads.Workload, cache_dir: Path):
+def _load(w: workloads.Workload, cache_dir: Path, dtype: str = "float32"):
     """(prm, path, route, image, image placeholder texts, vision FLOPs)."""
     if not w.multimodal:
         from mmprm_infer import PRM
 
         path = workloads.text_checkpoint(w.model, cache_dir)
-        prm = PRM.from_pretrained(path, format=workloads.TEXT_FORMAT, dtype="float32")
+        prm = PRM.from_pretrained(path, format=workloads.TEXT_FORMAT, dtype=dtype)
         return prm, path, f"format {workloads.TEXT_FORMAT!r} on Qwen2ForCausalLM", None, (), 0
     from bench.mm_support import load_mm_prm
 
@@ -137,6 +143,29 @@ def _spread(rewards) -> dict:
     return {"min": min(flat), "max": max(flat), "mean": sum(flat) / len(flat)}
 
 
+def _fp32_oracle(base: workloads.Workload, cache_dir: Path, points: list[dict], inputs_by_point) -> None:
+    """The fp32 reference engine's rewards per point (untimed): what a lower-precision run is judged by."""
+    prm32 = _load(base, cache_dir, "float32")[0]
+    for point, inputs in zip(points, inputs_by_point):
+        point["_fp32_rewards"] = prm32.score(inputs.question, inputs.candidates, image=inputs.image, engine="reference")
+
+
+def _versus_fp32(point: dict, rewards) -> dict:
+    """max |diff| against the fp32 reference, and whether best-of-N (min) or the order by min changes."""
+    ref = point.get("_fp32_rewards")
+    if ref is None:
+        return {}
+    from mmprm_infer.aggregation import aggregate
+
+    def order(rw):
+        scores = [aggregate(r, "min") for r in rw]
+        return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+    return {"max_abs_diff_vs_fp32_reference": _max_diff(ref, rewards),
+            "best_of_n_same_as_fp32": order(ref)[0] == order(rewards)[0],
+            "ranking_same_as_fp32": order(ref) == order(rewards)}
+
+
 def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
     engines = {}
     ref_rewards = None
@@ -155,6 +184,7 @@ def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
             print(f"   {name}: ERROR {type(exc).__name__}: {exc}")
             continue
         engines[name] = _engine_record(timing, "this process (RSS increase during the call)")
+        engines[name].update(_versus_fp32(point, timing.result))
         if name == "reference":
             ref_rewards = timing.result
             engines[name]["max_abs_diff_vs_reference"] = 0.0
@@ -173,7 +203,7 @@ def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point) -> None:
     print(f"\n-- vLLM: starting engine on {path} (max_model_len {max_model_len}) ...", flush=True)
     t0 = time.perf_counter()
     try:
-        engine = VllmStepPooler(path, prm, max_model_len=max_model_len, threads=args.threads,
+        engine = VllmStepPooler(path, prm, max_model_len=max_model_len, threads=args.threads, dtype=args.dtype,
                                 max_batched_tokens=args.vllm_max_batched_tokens, omp_bind=args.vllm_omp_bind)
     except Exception as exc:
         for p in points:
@@ -196,6 +226,7 @@ def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point) -> None:
                                          "the call; the KV cache it reserves at start-up is not counted")
             ref = p.get("_rewards", {}).get("reference")
             rec["max_abs_diff_vs_reference"] = _max_diff(ref, timing.result) if ref is not None else None
+            rec.update(_versus_fp32(p, timing.result))
             p["engines"]["vllm"] = rec
     finally:
         engine.close()
@@ -209,7 +240,7 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
         if args.sweep:
             print(f"note: --sweep applies to W1 (DESIGN.md); {base.name} runs its base point only")
     print(f"\n######## {base.name}: building/loading model under {args.cache_dir} ...", flush=True)
-    prm, path, route, image, blocks, vision_flops = _load(base, args.cache_dir)
+    prm, path, route, image, blocks, vision_flops = _load(base, args.cache_dir, args.dtype)
     text_cfg = prm.adapter.text_config
     w_result = {"name": base.name, "checkpoint": str(path), "route": route,
                 "model": dataclasses.asdict(base.model),
@@ -233,16 +264,19 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
     base_tokens = w_result["points"][0]["tokens"]["unique_tokens"]
     rows = min(base_tokens, 16384)
     print(f"   GEMM rate on the model's linear shapes ({rows} rows, {torch.get_num_threads()} threads) ...", flush=True)
-    rate = measure.best_matmul_rate(text_cfg, rows)
+    dtype = getattr(torch, args.dtype)
+    rate = measure.best_matmul_rate(text_cfg, rows, dtype=dtype)
     w_result["matmul_rate"] = rate
     print("   " + ", ".join(f"{path} {r['flop_per_s'] / 1e9:.1f}" for path, r in rate["paths"].items())
-          + f" GFLOP/s fp32; the floor uses the best, {rate['best_path']}")
+          + f" GFLOP/s {args.dtype}; the floor uses the best, {rate['best_path']}")
+    if args.dtype != "float32":
+        _fp32_oracle(base, args.cache_dir, w_result["points"], inputs_by_point)
 
     for point, inputs in zip(w_result["points"], inputs_by_point):
         print(f"\n-- {point['title']}", flush=True)
         point["engines"] = run_in_process(args, prm, point, inputs)
         point["engines"]["floor"] = {"status": "ok", "seconds": point["flops"]["total"] / rate["flop_per_s"],
-                                     "how": "FLOPs of the unique tokens / the best measured fp32 GEMM rate "
+                                     "how": f"FLOPs of the unique tokens / the best measured {args.dtype} GEMM rate "
                                             f"({rate['best_path']})"}
         point["engines"]["vllm"] = {"status": "skipped", "reason": vllm_reason}
 
@@ -254,8 +288,9 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
 
     for p in w_result["points"]:
         p.pop("_rewards", None)
+        p.pop("_fp32_rewards", None)
         report.derive(p)
-        p["targets"] = report.check_targets(p) if p["axis"] == "base" else []
+        p["targets"] = report.check_targets(p, args.dtype) if p["axis"] == "base" else []
         print(report.format_point(p, args.quick))
     return w_result
 

@@ -53,7 +53,7 @@ class VllmStepPooler:
     name = "vllm"
 
     def __init__(self, path, prm, *, max_model_len: int, threads: int, max_batched_tokens: int = 16384,
-                 omp_bind: str | None = None, memory_fraction: float = 0.2):
+                 omp_bind: str | None = None, memory_fraction: float = 0.2, dtype: str = "float32"):
         from vllm import LLM
         from vllm.config import PoolerConfig
 
@@ -67,7 +67,7 @@ class VllmStepPooler:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         self.settings = {
-            "runner": "pooling", "convert": "classify", "dtype": "float32", "enforce_eager": True,
+            "runner": "pooling", "convert": "classify", "dtype": dtype, "enforce_eager": True,
             "gpu_memory_utilization": memory_fraction, "max_model_len": max_model_len,
             "max_num_batched_tokens": max(max_batched_tokens, max_model_len),
             "hf_overrides": {"classifier_from_token": [good, bad], "method": "no_post_processing"},
@@ -77,7 +77,7 @@ class VllmStepPooler:
             "harness_threads": threads,
         }
         self.llm = LLM(
-            model=str(path), runner="pooling", convert="classify", dtype="float32", enforce_eager=True,
+            model=str(path), runner="pooling", convert="classify", dtype=dtype, enforce_eager=True,
             gpu_memory_utilization=memory_fraction, max_model_len=max_model_len,
             max_num_batched_tokens=self.settings["max_num_batched_tokens"], seed=0,
             hf_overrides=self.settings["hf_overrides"],

@@ -91,3 +91,21 @@ def test_plot_written(quick_run):
     _, stdout, out = quick_run
     png = out.with_suffix(".png")
     assert png.is_file() and png.stat().st_size > 1000, stdout[-2000:]
+
+
+def test_bf16_run_is_judged_against_the_fp32_reference(tmp_path):
+    out = tmp_path / "bf16.json"
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--no-vllm", "--dtype", "bfloat16", "--repeats", "1",
+           "--warmup", "0", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["meta"]["dtype"] == "bfloat16"
+    point = results["workloads"][0]["points"][0]
+    for name in ("reference", "fast"):
+        e = point["engines"][name]
+        # bf16 rewards differ from fp32 (so the comparison is real) but stay close on this tiny model
+        assert 0 < e["max_abs_diff_vs_fp32_reference"] < 0.05, e
+        assert isinstance(e["ranking_same_as_fp32"], bool) and isinstance(e["best_of_n_same_as_fp32"], bool)
+    assert "vs the fp32 reference" in proc.stdout
+    assert set(results["workloads"][0]["matmul_rate"]["paths"]) == {"torch F.linear"}  # no fp32-only oneDNN path

@@ -156,12 +156,31 @@ def test_merge_handles_missing_keys(backend, poison):
     torch.testing.assert_close(got[2, 1], out2[2, 1])  # weight e^-43 is below fp32 resolution
 
 
-@pytest.mark.parametrize("name", ["ragged_gqa_d40", "mha_d72", "p0"])
-def test_torch_bf16_inputs(name, poison):
-    args = make_inputs(name, dtype=torch.bfloat16)
+# Measured worst case over CASES (relative to the output's magnitude): bf16 5.7e-3, fp16 8.7e-4 -- one
+# rounding of the inputs and the output (bf16 keeps 8 bits: 3.9e-3) plus ATen's half-precision flash path.
+HALF_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF_TOLERANCE, key=str))
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_torch_half_precision_inputs(name, dtype, poison):
+    args = make_inputs(name, dtype=dtype)
     out = _attend("torch", *args)
-    assert out.dtype == torch.bfloat16
-    assert_close_rel(out, _attend("reference", *args), 2e-2)
+    assert out.dtype == dtype
+    assert_close_rel(out, _attend("reference", *args), HALF_TOLERANCE[dtype])
+
+
+def test_cpu_flash_runs_half_precision_as_given(monkeypatch):
+    """bf16 attention on CPU stays bf16 inside ATen's flash op (its matrix units; fp32 accumulation) instead
+    of being upcast to fp32 first; fp32 stays fp32."""
+    assert pa._use_cpu_flash(torch.zeros(1))  # the torch the project pins has ATen's CPU flash op
+    seen = []
+    op = pa._cpu_flash_op()
+    monkeypatch.setattr(pa, "_cpu_flash_op", lambda: lambda q, *a, **k: seen.append(q.dtype) or op(q, *a, **k))
+    for dtype in (torch.bfloat16, torch.float32):
+        seen.clear()
+        _attend("torch", *make_inputs("ragged_gqa_d40", dtype=dtype))
+        assert seen and set(seen) == {dtype}
 
 
 def test_cu_seqlens_as_list_and_int64(poison):
