@@ -103,8 +103,9 @@ class PipelineConfig:
     example: bool = True  # print a reranking example at the end
     progress: bool = True
     ray: str | None = None  # score the held-out candidates on a Ray cluster ("auto" or an address; ray_scoring)
-    threads: int | None = 1  # torch threads; tiny models run best on one (measured: 2 threads on a shared
-    # 2-core machine was 5x slower per step than 1); None leaves torch's default
+    threads: int | None = 1  # torch threads; 1 where runs share the cores (measured: 2 threads on a shared
+    # 2-core machine was 5x slower per step than 1), 2 on an idle 2-core machine (1.5x faster than 1, the demo);
+    # None leaves torch's default
 
     def __post_init__(self):
         self.ns = tuple(int(n) for n in self.ns)
@@ -139,11 +140,12 @@ class PipelineConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # about 4 minutes on one core: the full preset's stages, short (2 layers; 800 pretraining, 1200 + 600
-    # verification and 600 PRM steps); 100 held-out problems.  Time against quality: train/RESULTS.md
+    # about 4 minutes on 2 cores: the full preset's stages, short (2 layers; 800 pretraining, 1200 + 600
+    # verification and 2400 PRM steps; 2 threads: 1.5x faster per step than 1 on an idle machine);
+    # 100 held-out problems.  Time against quality: train/RESULTS.md
     "demo": dict(train_problems=300, pretrain_steps=800, verification_steps=1200, verification_arithmetic=0.3,
-                 row_verification_steps=600, verification_token_verdicts=1.0, verification_mix=0.5, max_steps=600,
-                 test_problems=100, layers=2, learning_rate=1e-3, balance_positions=True),
+                 row_verification_steps=600, verification_token_verdicts=1.0, verification_mix=0.5, max_steps=2400,
+                 test_problems=100, layers=2, learning_rate=1e-3, balance_positions=True, threads=2),
     # >= 200 held-out problems
     # ~35 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
     # picture's text; the PRM stage then runs at a lower rate so as not to erase it, on a position-balanced loss
