@@ -267,7 +267,7 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
     dtype = getattr(torch, args.dtype)
     rate = measure.best_matmul_rate(text_cfg, rows, dtype=dtype)
     w_result["matmul_rate"] = rate
-    print("   " + ", ".join(f"{path} {r['flop_per_s'] / 1e9:.1f}" for path, r in rate["paths"].items())
+    print("   " + ", ".join(f"{name} {r['flop_per_s'] / 1e9:.1f}" for name, r in rate["paths"].items())
           + f" GFLOP/s {args.dtype}; the floor uses the best, {rate['best_path']}")
     if args.dtype != "float32":
         _fp32_oracle(base, args.cache_dir, w_result["points"], inputs_by_point)
