@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from mmprm_infer import PRM, RerankResult, aggregate, rerank
+from mmprm_infer import PRM, RerankResult, rerank
 
 Q = "What is 6 * 5?"
 CANDS = [
@@ -20,13 +22,29 @@ def prm(qwen_prm_dir):
     return PRM.from_pretrained(qwen_prm_dir)
 
 
-@pytest.mark.parametrize("agg", ["min", "last", "mean", "prod", "max", "sum_logprob", "sum_logit", "mean_odd"])
+def _clip(p, eps=1e-12):  # the rewards are far from 0 and 1 here; the clamp only guards logs and odds
+    return min(max(p, eps), 1 - eps)
+
+
+# Each aggregation written out by hand (MM-PRM's comparison, PRM_FORMATS.md), not through aggregate().
+BY_HAND = {
+    "min": min, "last": lambda r: r[-1], "mean": lambda r: sum(r) / len(r), "max": max,
+    "prod": lambda r: math.prod(r),
+    "sum_logprob": lambda r: sum(math.log(_clip(p)) for p in r),
+    "sum_logit": lambda r: sum(math.log(_clip(p) / (1 - _clip(p))) for p in r),
+    "mean_odd": lambda r: sum(_clip(p) / (1 - _clip(p)) for p in r) / len(r),
+}
+
+
+@pytest.mark.parametrize("agg", sorted(BY_HAND))
 def test_best_of_n_picks_the_highest_aggregate(prm, agg):
     res = rerank(Q, CANDS, prm=prm, aggregate=agg)
     assert isinstance(res, RerankResult)
     assert len(res.scores) == len(res.step_rewards) == len(res.answers) == len(CANDS)
     assert [len(r) for r in res.step_rewards] == [2, 2, 2, 3]
-    assert res.scores == pytest.approx([aggregate(r, agg) for r in res.step_rewards])
+    assert res.scores == pytest.approx([BY_HAND[agg](r) for r in res.step_rewards], rel=1e-9)
+    direct = prm.score(Q, CANDS)  # the scores are of the PRM's own rewards
+    assert [x for r in res.step_rewards for x in r] == pytest.approx([x for r in direct for x in r], abs=1e-6)
     assert res.best_index == max(range(len(CANDS)), key=lambda i: (res.scores[i], -i))
     assert res.best == CANDS[res.best_index]
     assert sorted(res.ranking) == list(range(len(CANDS))) and res.ranking[0] == res.best_index
