@@ -161,9 +161,10 @@ def _versus_fp32(point: dict, rewards) -> dict:
         scores = [aggregate(r, "min") for r in rw]
         return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
+    ref_order, got_order = order(ref), order(rewards)
     return {"max_abs_diff_vs_fp32_reference": _max_diff(ref, rewards),
-            "best_of_n_same_as_fp32": order(ref)[0] == order(rewards)[0],
-            "ranking_same_as_fp32": order(ref) == order(rewards)}
+            "best_of_n_same_as_fp32": ref_order[0] == got_order[0],
+            "ranking_same_as_fp32": ref_order == got_order}
 
 
 def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
