@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from mmprm_infer.files import atomic_output, check_output_path
 from mmprm_infer.progress import progress_bar
 
-from ..records import PRMSpec, ResultWriter, ScoringOptions, WindowResult, plan_windows, process_window, read_windows
+from ..records import (PRMSpec, ResultWriter, ScoringOptions, WindowResult, finished, plan_windows, process_window,
+                       read_windows)
 from .ray_cluster import ActorPlan, connect, data_context, map_to_actors, plan_actors
 
 __all__ = ["PRMSpec", "RayScoringStats", "score_file", "score_items", "ray_run_jsonl"]
@@ -127,19 +129,22 @@ def _prm_actors(ds, actor_cls, actor_plan: ActorPlan, threads: int, /, **constru
 # --------------------------------------------------------------------------
 def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, command: str = "score",
                aggregate: str = "min", strategy: str = "best_of_n", batch_questions: int = 8,
-               on_error: str = "fail", address: str | None = "auto", actors: int | None = None,
-               actor_cpus: int = 1, actor_gpus: float = 1.0, device: str = "cpu",
+               on_error: str = "fail", max_errors: int | None = None, address: str | None = "auto",
+               actors: int | None = None, actor_cpus: int = 1, actor_gpus: float = 1.0, device: str = "cpu",
                progress: bool = True) -> RayScoringStats:
     """Score or rerank a JSONL/Parquet file on Ray; writes ``output`` in input order (error
-    records with ``on_error="skip"``) and returns counts and timings."""
+    records with ``on_error="skip"``) and returns counts and timings.  ``output`` appears
+    only when the run finishes (``mmprm_infer.files.atomic_output``)."""
     spec = prm if isinstance(prm, PRMSpec) else PRMSpec(str(prm))
     in_path = Path(input).resolve()
     if not in_path.is_file():
         raise SystemExit(f"mmprm: input file {in_path} does not exist")
+    check_output_path(output, in_path)
     plan = plan_windows(in_path, batch_questions)
     n_windows = len(plan) - 1
     if n_windows == 0:  # an empty input: an empty output, no cluster needed
-        Path(output).write_text("", encoding="utf-8")
+        with atomic_output(output):
+            pass
         return RayScoringStats()
     ray, actor_plan = _start(address, actors, actor_cpus, actor_gpus, device)
     options = ScoringOptions(command=command, aggregate=aggregate, strategy=strategy, engine=spec.engine)
@@ -151,8 +156,8 @@ def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, com
     scored = _prm_actors(windows, WindowScorer, actor_plan, actor_cpus, spec=spec, options=options, path=str(in_path),
                          plan=plan, window=batch_questions)
     stats, start = RayScoringStats(windows=n_windows, actors=actor_plan.actors), time.perf_counter()
-    with open(output, "w", encoding="utf-8") as dst:
-        writer = ResultWriter(dst, on_error)
+    with atomic_output(output) as dst:
+        writer = ResultWriter(dst, on_error, max_errors=max_errors)
         for row, bar in _ordered_stream(scored, n_windows, progress, f"mmprm {command} (ray x{actor_plan.actors})"):
             done: WindowResult = pickle.loads(row["result"])
             writer.write(done.results)
@@ -191,12 +196,10 @@ def ray_run_jsonl(args) -> int:
     spec = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine, max_tiles=args.max_tiles)
     stats = score_file(args.input, args.output, spec, command=args.command, aggregate=args.aggregate,
                         strategy=getattr(args, "strategy", "best_of_n"), batch_questions=args.batch_questions,
-                        on_error=args.on_error, address=args.ray, actors=args.ray_actors,
-                        actor_cpus=args.ray_actor_cpus, actor_gpus=args.ray_actor_gpus, device=args.device,
-                        progress=not args.quiet)
-    if stats.errors:
-        print(f"mmprm: {stats.errors} record(s) failed; see the 'error' records in {args.output}", file=sys.stderr)
+                        on_error=args.on_error, max_errors=args.max_errors, address=args.ray,
+                        actors=args.ray_actors, actor_cpus=args.ray_actor_cpus, actor_gpus=args.ray_actor_gpus,
+                        device=args.device, progress=not args.quiet)
     if not args.quiet:
         print(f"mmprm: {stats.questions} records, {stats.candidates} candidates in {stats.seconds:.1f} s on "
               f"{stats.actors} actor(s): {stats.candidates_per_s:.1f} candidates/s", file=sys.stderr)
-    return 0
+    return finished(stats.errors, stats.questions, args.output)

@@ -19,22 +19,78 @@ from pathlib import Path
 from .aggregation import AGGREGATIONS, ALIASES
 from .formats import FORMATS
 from .progress import progress_bar
-from .records import PRMSpec, ResultWriter, ScoringOptions, plan_windows, process_window, read_windows
+from .files import OutputError, atomic_output, check_output_path
+from .records import (EXIT_RECORDS_FAILED, PRMSpec, ResultWriter, ScoringOptions, finished, plan_windows,
+                      process_window, read_windows)
+
+
+DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def check_scoring_options(args) -> None:
+    """Every option of score/rerank checked before the model loads (minutes for a large PRM)."""
+    prog = f"mmprm {args.command}"
+    if args.max_errors is not None and args.on_error != "skip":
+        raise SystemExit(f"{prog}: --max-errors goes with --on-error skip (with fail, the first bad record stops)")
+    if not Path(args.input).is_file():
+        raise SystemExit(f"{prog}: input file {args.input} does not exist")
+    try:
+        check_output_path(args.output, args.input)
+    except ValueError as exc:
+        raise SystemExit(f"{prog}: {exc}") from None
+    if args.prm is not None and not (Path(args.prm) / "config.json").is_file():
+        raise SystemExit(f"{prog}: --prm {args.prm} is not a checkpoint folder (no config.json in it)")
+    from .engines import ENGINES
+    from .engines import tree_cache  # noqa: F401 - registers its engine
+
+    if args.engine is not None and args.engine not in ENGINES:
+        raise SystemExit(f"{prog}: unknown --engine {args.engine!r}; choose one of {sorted(ENGINES)}")
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"{prog}: unknown --device {args.device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{prog}: --device {args.device}, but this torch sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu")
+
+
+def load_prm(args):
+    spec = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine, max_tiles=args.max_tiles)
+    try:
+        return spec.load(args.device, args.threads)
+    except Exception as exc:  # noqa: BLE001 - a checkpoint can fail in many ways; name it and the cause
+        raise SystemExit(f"mmprm {args.command}: cannot load the PRM from {args.prm}: {type(exc).__name__}: {exc}") \
+            from None
 
 
 def run_jsonl(args) -> int:
-    """Score/rerank a JSONL or Parquet file window by window (see records.py), on this machine."""
+    """Score/rerank a JSONL or Parquet file window by window (see records.py), on this machine.
+    The output appears only when the run finishes (a temp file renamed), so a failed run
+    leaves a previous output as it was."""
     in_path = Path(args.input)
-    if not in_path.is_file():
-        raise SystemExit(f"mmprm: input file {in_path} does not exist")
-    prm = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine,
-                  max_tiles=args.max_tiles).load(args.device, args.threads) if args.prm else None
+    prm = load_prm(args) if args.prm else None
     options = ScoringOptions(command=args.command, aggregate=args.aggregate,
                              strategy=getattr(args, "strategy", "best_of_n"), engine=args.engine)
     plan = plan_windows(in_path, args.batch_questions)
-    with open(args.output, "w", encoding="utf-8") as dst, \
+    with atomic_output(args.output) as dst, \
             progress_bar(total=len(plan) - 1, desc=f"mmprm {args.command}", unit="window", disable=args.quiet) as bar:
-        writer, candidates, start = ResultWriter(dst, args.on_error), 0, time.perf_counter()
+        writer, candidates, start = ResultWriter(dst, args.on_error, max_errors=args.max_errors), 0, time.perf_counter()
         for window in read_windows(in_path, plan, args.batch_questions, 0, len(plan) - 1):
             done = process_window(window, prm, options, in_path.parent)
             writer.write(done.results)
@@ -42,9 +98,7 @@ def run_jsonl(args) -> int:
             bar.set_postfix(questions=writer.written, candidates_per_s=f"{candidates / (time.perf_counter() - start):.1f}",
                             refresh=False)
             bar.update(1)
-    if writer.errors:
-        print(f"mmprm: {writer.errors} record(s) failed; see the 'error' records in {args.output}", file=sys.stderr)
-    return 0
+    return finished(writer.errors, writer.written, args.output)
 
 
 def add_ray_arguments(p: argparse.ArgumentParser, what: str) -> None:
@@ -52,8 +106,8 @@ def add_ray_arguments(p: argparse.ArgumentParser, what: str) -> None:
     g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster: ADDRESS (ray://host:10001 or host:6379), or none to join "
                         "$RAY_ADDRESS / a running local cluster, else start one on this machine")
-    g.add_argument("--ray-actors", type=int, default=None, help=f"number of actors ({what}; default: fill the cluster)")
-    g.add_argument("--ray-actor-cpus", type=int, default=1, help="CPUs (torch threads) per CPU actor (default 1)")
+    g.add_argument("--ray-actors", type=positive_int, default=None, help=f"number of actors ({what}; default: fill the cluster)")
+    g.add_argument("--ray-actor-cpus", type=positive_int, default=1, help="CPUs (torch threads) per CPU actor (default 1)")
     g.add_argument("--ray-actor-gpus", type=float, default=1.0, help="GPUs per actor on a GPU cluster (default 1)")
 
 
@@ -69,15 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--engine", default=None, help="scoring engine (default: fast; 'reference' for the oracle)")
         p.add_argument("--aggregate", default="min", choices=sorted([*AGGREGATIONS, *ALIASES]))
         p.add_argument("--device", default="cpu")
-        p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU)")
-        p.add_argument("--batch-questions", type=int, default=8,
+        p.add_argument("--dtype", default=None, choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
+        p.add_argument("--batch-questions", type=positive_int, default=8,
                        help="questions (input lines) scored per engine call: the unit of work, also on Ray")
-        p.add_argument("--threads", type=int, default=None,
+        p.add_argument("--threads", type=positive_int, default=None,
                        help="torch CPU threads (default: torch's; on Ray: --ray-actor-cpus)")
-        p.add_argument("--max-tiles", type=int, default=None,
+        p.add_argument("--max-tiles", type=positive_int, default=None,
                        help="InternVL formats: dynamic-tiling budget per image (default: the format's)")
         p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                       help="a bad record stops the run (fail) or becomes an error record (skip)")
+                       help="a bad record stops the run, writing nothing (fail), or becomes an error record "
+                            f"and the run goes on, exiting with status {EXIT_RECORDS_FAILED} at the end (skip)")
+        p.add_argument("--max-errors", type=non_negative_int, default=None,
+                       help="with --on-error skip: stop (writing nothing) once more than this many records failed")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "rerank":
             p.add_argument("--strategy", default="best_of_n", choices=("best_of_n", "weighted_vote", "majority_vote"))
@@ -94,30 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     serve = sub.add_parser("serve", help="OpenAI-compatible reranking server in front of a policy server "
                            "(needs the 'serve' extra: fastapi, uvicorn, httpx)")
-    serve.add_argument("--policy-url", required=True, help="the policy's OpenAI API root, e.g. http://127.0.0.1:8000/v1")
-    serve.add_argument("--policy-model", default=None, help="model name to ask the policy for (default: its first)")
-    serve.add_argument("--api-key", default=None, help="Bearer token for the policy (or $MMPRM_POLICY_API_KEY)")
-    serve.add_argument("--prm", required=True, help="PRM checkpoint directory")
-    serve.add_argument("--format", choices=sorted(FORMATS), help="PRM format (default: read from the checkpoint)")
-    serve.add_argument("--engine", default=None, help="scoring engine (default: fast)")
-    serve.add_argument("--device", default="cpu")
-    serve.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU)")
-    serve.add_argument("--max-tiles", type=int, default=None, help="InternVL formats: tiles per image")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--n", type=int, default=8, help="samples drawn from the policy per request")
-    serve.add_argument("--aggregate", default="min", choices=sorted([*AGGREGATIONS, *ALIASES]))
-    serve.add_argument("--strategy", default="best_of_n", choices=("best_of_n", "weighted_vote", "majority_vote"))
-    serve.add_argument("--max-queue", type=int, default=256, help="requests admitted at once; more get HTTP 503")
-    serve.add_argument("--batch-window-ms", type=float, default=10.0,
-                       help="how long the scorer waits to batch concurrent requests into one PRM pass")
-    serve.add_argument("--upstream-timeout", type=float, default=60.0, help="seconds per policy request attempt")
-    serve.add_argument("--retries", type=int, default=2, help="retries toward the policy (errors, 429, 5xx, timeouts)")
-    serve.add_argument("--image-root", default=None, help="only read local image paths under this folder")
-    serve.add_argument("--ignore-images", action="store_true", help="text-only PRM: score image requests on text")
-    serve.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads for the PRM (default: torch's; leave cores to a policy on the same box)")
-    serve.add_argument("--log-level", default="info")
+    from .integrations.server_options import add_serve_arguments  # no fastapi: the serve extra is optional
+
+    add_serve_arguments(serve)
     demo = sub.add_parser("demo", help="the built-in default job: the demo-preset pipeline (MCTS annotation -> train a "
                           "tiny multimodal PRM -> Best-of-N evaluation), then a reranking example")
     demo.add_argument("--workdir", default="runs/demo")
@@ -142,11 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("score", "rerank"):
         if args.command == "rerank" and args.prm is None and args.strategy != "majority_vote":
             raise SystemExit("mmprm rerank: --prm is required unless --strategy majority_vote")
-        if args.ray is not None:
-            from .integrations.ray_scoring import ray_run_jsonl
+        check_scoring_options(args)
+        try:
+            if args.ray is not None:
+                from .integrations.ray_scoring import ray_run_jsonl
 
-            return ray_run_jsonl(args)
-        return run_jsonl(args)
+                return ray_run_jsonl(args)
+            return run_jsonl(args)
+        except OutputError as exc:
+            raise SystemExit(f"mmprm {args.command}: {exc}") from None
+        except KeyboardInterrupt:
+            print(f"mmprm {args.command}: interrupted; nothing was written to {args.output}", file=sys.stderr)
+            return 130
     if args.command == "convert-internvl":
         from .models.convert_internvl import ConversionError, convert_internvl
 

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from .prm import ScoringItem
 
-__all__ = ["RecordError", "Window", "WindowResult", "PRMSpec", "ScoringOptions", "parse_record", "input_kind", "plan_windows",
-           "read_windows", "iter_windows", "process_window", "ResultWriter"]
+__all__ = ["RecordError", "BLANK_LINE", "decode_line", "Window", "WindowResult", "PRMSpec", "ScoringOptions", "parse_record", "input_kind", "plan_windows",
+           "read_windows", "iter_windows", "process_window", "ResultWriter",
+           "EXIT_RECORDS_FAILED", "finished"]
 
 
 class RecordError(ValueError):
@@ -42,7 +43,24 @@ class RecordError(ValueError):
 @dataclass
 class Window:
     index: int
-    rows: list[tuple[int, str]]  # (line number, or Parquet row number from 1; the record as JSON text)
+    # (line number, or Parquet row number from 1; the record as JSON text, or the RecordError
+    # of a line that is not UTF-8)
+    rows: list[tuple[int, str | RecordError]]
+
+
+BLANK_LINE = "blank line"  # the "skipped" value of a blank input line's output record
+
+
+def decode_line(data: bytes, line: int) -> str:
+    """One input line as text: UTF-8 (a byte-order mark before line 1 is dropped), else a
+    RecordError for this line alone, so the lines around it still count."""
+    if line == 1 and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError(line, f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start + 1}); "
+                                "save the file as UTF-8") from None
 
 
 @dataclass
@@ -91,11 +109,16 @@ def parse_record(raw: str, line: int, base_dir: Path) -> tuple[dict, ScoringItem
     missing = [k for k in ("question", "candidates") if k not in record]
     if missing:
         raise RecordError(line, f"missing field(s) {missing}; each record needs 'question' and 'candidates'")
+    if not isinstance(record["question"], str):
+        raise RecordError(line, f"'question' must be a string, got {type(record['question']).__name__}")
     if not isinstance(record["candidates"], list) or not record["candidates"]:
         raise RecordError(line, "'candidates' must be a non-empty list of solutions")
     image = record.get("image", record.get("images"))
     if image is not None:
         paths = image if isinstance(image, list) else [image]
+        if not paths or not all(isinstance(p, str) and p for p in paths):
+            raise RecordError(line, "'image' must be a path or a non-empty list of paths (strings, relative to "
+                                    f"the input file), got {json.dumps(image)[:80]}")
         resolved = [p if Path(p).is_absolute() else str(base_dir / p) for p in paths]
         for p in resolved:
             if not Path(p).is_file():
@@ -149,7 +172,7 @@ def plan_windows(path: str | Path, window: int) -> list[int]:
 
 
 def read_windows(path: str | Path, plan: list[int], window: int, first: int, last: int) -> Iterator[Window]:
-    """Windows ``first`` .. ``last - 1`` of the plan; blank JSONL lines are left out (but counted)."""
+    """Windows ``first`` .. ``last - 1`` of the plan, every line a row (blank ones too)."""
     path = Path(path)
     if input_kind(path) == "parquet":
         yield from _read_parquet_windows(path, plan, first, last)
@@ -157,11 +180,17 @@ def read_windows(path: str | Path, plan: list[int], window: int, first: int, las
     with open(path, "rb") as f:
         for k in range(first, last):
             f.seek(plan[k])
-            data = f.read(plan[k + 1] - plan[k]).decode("utf-8")
-            lines = data.split("\n")
-            if data.endswith("\n"):
+            data = f.read(plan[k + 1] - plan[k])
+            lines = data.split(b"\n")
+            if data.endswith(b"\n"):
                 lines.pop()
-            rows = [(k * window + i + 1, raw) for i, raw in enumerate(lines) if raw.strip()]
+            rows = []
+            for i, raw in enumerate(lines):  # decoded one by one: a bad byte fails its own line only
+                number = k * window + i + 1
+                try:
+                    rows.append((number, decode_line(raw, number)))
+                except RecordError as exc:
+                    rows.append((number, exc))
             yield Window(k, rows)
 
 
@@ -231,10 +260,18 @@ def process_window(window: Window, prm, options: ScoringOptions, base_dir: Path)
     """One result (or RecordError) per row of the window, in row order."""
     parsed, results = [], {}
     for line, raw in window.rows:
+        if isinstance(raw, RecordError):
+            results[line] = raw
+            continue
+        if not raw.strip():  # one output record per input line, so line k of both files match
+            results[line] = {"line": line, "skipped": BLANK_LINE}
+            continue
         try:
             record, item = parse_record(raw, line, base_dir)
         except RecordError as exc:
             results[line] = exc
+        except Exception as exc:  # noqa: BLE001 - whatever the record holds, it fails alone
+            results[line] = RecordError(line, f"{type(exc).__name__}: {exc}")
         else:
             parsed.append((line, record, item))
     if parsed:
@@ -250,21 +287,37 @@ def process_window(window: Window, prm, options: ScoringOptions, base_dir: Path)
 @dataclass
 class ResultWriter:
     """Writes results in input order; a RecordError stops the run (on_error="fail")
-    or becomes an {"line", "error"} record (on_error="skip")."""
+    or becomes an {"line", "error"} record (on_error="skip", up to ``max_errors``)."""
 
     handle: object
     on_error: str = "fail"
     prog: str = "mmprm"
     errors: int = 0
     written: int = 0
+    max_errors: int | None = None  # on_error="skip": more failed records than this stop the run
 
     def write(self, results: Iterable[dict | RecordError]) -> None:
         for out in results:
             if isinstance(out, RecordError):
                 if self.on_error == "fail":
-                    raise SystemExit(f"{self.prog}: {out} (use --on-error skip to write an error record and go on)")
+                    raise SystemExit(f"{self.prog}: {out} (nothing was written; use --on-error skip to write an "
+                                     "error record and go on)")
                 self.errors += 1
+                if self.max_errors is not None and self.errors > self.max_errors:
+                    raise SystemExit(f"{self.prog}: {out}; more than --max-errors {self.max_errors} records failed, "
+                                     "stopping (nothing was written)")
                 tqdm.write(f"{self.prog}: skipped {out}", file=sys.stderr)
                 out = {"line": out.line, "error": str(out)}
             self.handle.write(json.dumps(out, ensure_ascii=False) + "\n")
             self.written += 1
+
+
+EXIT_RECORDS_FAILED = 3  # the run finished, and some records are error records (--on-error skip)
+
+
+def finished(errors: int, written: int, output, prog: str = "mmprm") -> int:
+    """The exit status of a finished run: 0, or EXIT_RECORDS_FAILED when records became error records."""
+    if not errors:
+        return 0
+    print(f"{prog}: {errors} of {written} record(s) failed; see the 'error' records in {output}", file=sys.stderr)
+    return EXIT_RECORDS_FAILED

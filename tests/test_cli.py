@@ -10,6 +10,7 @@ import pytest
 
 from mmprm_infer import PRM
 from mmprm_infer.cli import main
+from mmprm_infer.records import EXIT_RECORDS_FAILED
 
 
 def _write(path, lines):
@@ -70,7 +71,8 @@ def test_on_error_skip_keeps_count_and_order(qwen_prm_dir, tmp_path, records):
              json.dumps({"question": "y"}), json.dumps({"question": "z", "candidates": ["a"], "image": "missing.png"}),
              json.dumps(records[1])]
     _write(src, lines)
-    assert main(["score", "--prm", str(qwen_prm_dir), "-i", str(src), "-o", str(dst), "--quiet", "--on-error", "skip"]) == 0
+    assert main(["score", "--prm", str(qwen_prm_dir), "-i", str(src), "-o", str(dst), "--quiet", "--on-error", "skip"]) \
+        == EXIT_RECORDS_FAILED  # finished, with error records
     out = _read(dst)
     assert [o["line"] for o in out] == [1, 2, 3, 4, 5, 6]
     assert "step_rewards" in out[0] and "step_rewards" in out[5]

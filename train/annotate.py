@@ -102,9 +102,12 @@ def load_questions(path: str) -> list[dict]:
     """Question dicts from a JSONL file (image paths made relative to it); errors name the line."""
     from pathlib import Path
 
+    from mmprm_infer.records import decode_line
+
     base, questions = Path(path).parent, []
-    with open(path, encoding="utf-8") as f:
-        for number, raw in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, data in enumerate(f, 1):
+            raw = decode_line(data, number)
             if not raw.strip():
                 continue
             try:
@@ -140,10 +143,25 @@ def policy_factory(args, rates):
                                               args.policy_latency)
 
 
+def _run(args, problems, factory, config):
+    from .mcts import annotate
+
+    if args.ray is not None:
+        from ..integrations.ray_annotate import ray_annotate
+
+        # a vLLM worker holds its GPU; with tensor parallelism vLLM's own Ray workers hold them instead
+        worker_gpus = 1 if args.policy_vllm and args.tensor_parallel_size == 1 else 0
+        return ray_annotate(problems, factory, args.out_dir, config, text_only=args.text_only,
+                            progress=not args.no_progress, address=args.ray, workers=args.workers,
+                            worker_gpus=worker_gpus)
+    return annotate(problems, factory(), args.out_dir, config, text_only=args.text_only,
+                    progress=not args.no_progress, workers=args.workers or 1)
+
+
 def annotate_main(argv: Sequence[str] | None = None) -> int:
     from .datasets import save_samples
     from .labels import LabelConfig, label_stats, trees_to_samples
-    from .mcts import MCTSConfig, annotate, load_trees
+    from .mcts import MCTSConfig, load_trees
     from .synthetic_policy import ErrorRates
     from .synthetic_task import make_problems
 
@@ -163,17 +181,16 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
         print(f"mmprm annotate: {e}", file=sys.stderr)
         return 2
     factory = policy_factory(args, rates)
-    if args.ray is not None:
-        from ..integrations.ray_annotate import ray_annotate
-
-        # a vLLM worker holds its GPU; with tensor parallelism vLLM's own Ray workers hold them instead
-        worker_gpus = 1 if args.policy_vllm and args.tensor_parallel_size == 1 else 0
-        stats = ray_annotate(problems, factory, args.out_dir, config, text_only=args.text_only,
-                             progress=not args.no_progress, address=args.ray, workers=args.workers,
-                             worker_gpus=worker_gpus)
-    else:
-        stats = annotate(problems, factory(), args.out_dir, config, text_only=args.text_only,
-                         progress=not args.no_progress, workers=args.workers or 1)
+    try:
+        stats = _run(args, problems, factory, config)
+    except KeyboardInterrupt:
+        print(f"mmprm annotate: interrupted; finished questions are kept under {args.out_dir}, "
+              "rerun the same command to annotate the rest", file=sys.stderr)
+        return 130
+    except OSError as e:  # the output folder cannot be created or written (read-only, full disk)
+        print(f"mmprm annotate: cannot write under {args.out_dir}: {e}; finished questions are kept, "
+              "fix the folder (or free space) and rerun the same command to resume", file=sys.stderr)
+        return 1
     summary = {
         "questions": stats.questions, "skipped": stats.skipped, "annotated": stats.annotated,
         "failed": stats.failed, "rollouts": stats.rollouts, "seconds": round(stats.seconds, 3),

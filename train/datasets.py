@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from mmprm_infer.files import atomic_output
+
 __all__ = [
     "StepSample",
     "PRM_TAG",
@@ -264,14 +266,12 @@ def save_samples(samples: Iterable[StepSample], path: str | os.PathLike, format:
             records.append(to_stepwise_record(s, hard_threshold))
         else:
             records.append(to_mmprm_traverse_record(s))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(path) as f:
         if format == "mm-prm-traverse":
             json.dump(records, f, ensure_ascii=False, indent=1)
         else:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return len(records)
 
 

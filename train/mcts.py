@@ -41,6 +41,7 @@ per question, atomically, so a killed run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from mmprm_infer.answers import AnswerVerifier
+from mmprm_infer.files import write_json_atomic
 from mmprm_infer.integrations.policy import Policy, PolicyPrompt, join_steps, split_steps
 
 __all__ = [
@@ -75,6 +77,7 @@ __all__ = [
     "load_trees",
     "iter_nodes",
     "write_json_atomic",
+    "out_of_storage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -354,16 +357,13 @@ def tree_path(out_dir: str | os.PathLike, qid: str) -> Path:
     return Path(out_dir) / "trees" / f"{_file_stem(qid)}.json"
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temp file beside ``path``, fsync, then os.replace: readers
-    see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class _NotStarted(Exception):
+    """A question skipped because an earlier write found the disk full; the rerun does it."""
+
+
+def out_of_storage(error: BaseException | None) -> bool:
+    """A write failed for lack of space or a read-only disk: every later question would fail the same way."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def load_tree(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -543,9 +543,18 @@ def annotate(problems: Iterable[Any], policy: Policy, out_dir: str | os.PathLike
     run = prepare_annotation(problems, out_dir, config, text_only)
     tracker = AnnotationProgress(run, progress)
 
+    storage_failed = threading.Event()  # set by the worker whose write hit a full disk, before others start
+
     def one(item: AnnotationItem) -> int:
+        if storage_failed.is_set():
+            raise _NotStarted
         tree, rollouts = search_question(with_saved_image(item, run.out), policy, config, verifier)
-        write_json_atomic(tree_path(run.out, item.id), tree)
+        try:
+            write_json_atomic(tree_path(run.out, item.id), tree)
+        except OSError as exc:
+            if out_of_storage(exc):
+                storage_failed.set()
+            raise
         return rollouts
 
     try:
@@ -554,15 +563,26 @@ def annotate(problems: Iterable[Any], policy: Policy, out_dir: str | os.PathLike
                 try:
                     r = one(it)
                 except Exception as e:  # noqa: BLE001 - one bad question must not stop the run
+                    if out_of_storage(e):  # ... but a full disk fails every question after it: stop
+                        raise
                     tracker.done(it.id, None, e)
                 else:
                     tracker.done(it.id, r, None)
         else:
-            with ThreadPoolExecutor(max_workers=workers) as ex:
+            ex = ThreadPoolExecutor(max_workers=workers)
+            try:
                 futures = {ex.submit(one, it): it for it in run.todo}
+                first_storage_error = None
                 for fut in as_completed(futures):
                     err = fut.exception()
-                    tracker.done(futures[fut].id, None if err else fut.result(), err)
+                    if out_of_storage(err):
+                        first_storage_error = first_storage_error or err
+                    elif not isinstance(err, _NotStarted):
+                        tracker.done(futures[fut].id, None if err else fut.result(), err)
+                if first_storage_error is not None:
+                    raise first_storage_error
+            finally:  # on a full disk or Ctrl-C, questions not yet started are dropped, not run
+                ex.shutdown(wait=True, cancel_futures=True)
     finally:
         stats = tracker.close()
     return stats
