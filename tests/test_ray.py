@@ -18,6 +18,7 @@ import ray  # in the dev extra: a missing Ray fails here rather than skipping
 import torch
 
 from mmprm_infer.cli import main
+from mmprm_infer.records import EXIT_RECORDS_FAILED
 from mmprm_infer.integrations.ray_scoring import PRMSpec, score_file, score_items
 from mmprm_infer.prm import PRM, ScoringItem
 
@@ -45,18 +46,18 @@ def _records(n_questions: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def _write_jsonl(path: Path, records: list[dict], extra_lines: dict[int, str] = ()) -> Path:
-    lines = [json.dumps(r) for r in records]
+def _write_jsonl(path: Path, records: list[dict], extra_lines: dict[int, str | bytes] = ()) -> Path:
+    lines = [json.dumps(r).encode() for r in records]
     for at, raw in sorted(dict(extra_lines).items(), reverse=True):
-        lines.insert(at, raw)
-    path.write_text("\n".join(lines) + "\n")
+        lines.insert(at, raw if isinstance(raw, bytes) else raw.encode())
+    path.write_bytes(b"\n".join(lines) + b"\n")
     return path
 
 
-def _single_machine(command: str, prm_dir, src: Path, dst: Path, *extra: str) -> str:
+def _single_machine(command: str, prm_dir, src: Path, dst: Path, *extra: str, status: int = 0) -> str:
     try:
         assert main([command, "--prm", str(prm_dir), "-i", str(src), "-o", str(dst), "--quiet", "--threads", "1",
-                     *extra]) == 0
+                     *extra]) == status
     finally:
         torch.set_num_threads(2)  # conftest's setting for the other tests
     return dst.read_text()
@@ -65,18 +66,22 @@ def _single_machine(command: str, prm_dir, src: Path, dst: Path, *extra: str) ->
 def test_score_and_rerank_match_single_machine(cluster, qwen_prm_dir, tmp_path):
     records = _records(70)
     assert sum(len(r["candidates"]) for r in records) >= 300
-    src = _write_jsonl(tmp_path / "in.jsonl", records, {10: "", 33: "{not json", 50: json.dumps({"question": "x"})})
+    not_utf8 = b'{"question": "caf\xe9", "candidates": ["x"]}'  # Latin-1: must fail its own line only (#19)
+    src = _write_jsonl(tmp_path / "in.jsonl", records,
+                       {10: "", 33: "{not json", 50: json.dumps({"question": "x"}), 60: not_utf8})
     for command, extra in (("score", ["--aggregate", "mean"]), ("rerank", ["--strategy", "weighted_vote"])):
         want = _single_machine(command, qwen_prm_dir, src, tmp_path / f"{command}-one.jsonl", "--on-error", "skip",
-                               *extra)
+                               *extra, status=EXIT_RECORDS_FAILED)
         assert main([command, "--prm", str(qwen_prm_dir), "-i", str(src), "-o", str(tmp_path / f"{command}-ray.jsonl"),
-                     "--quiet", "--on-error", "skip", "--ray", "--ray-actors", "2", *extra]) == 0
+                     "--quiet", "--on-error", "skip", "--ray", "--ray-actors", "2", *extra]) == EXIT_RECORDS_FAILED
         got = (tmp_path / f"{command}-ray.jsonl").read_text()
         assert got == want
         out = [json.loads(line) for line in got.splitlines()]
-        assert len(out) == len(records) + 2  # the blank line has no record; the two bad ones have error records
-        assert [o.get("id") for o in out if "error" not in o] == [r["id"] for r in records]
-        assert [o["line"] for o in out if "error" in o] == [35, 53]  # lines after the inserted ones
+        assert len(out) == len(records) + 4  # one record per line: the blank one and the three bad ones too
+        assert [o.get("id") for o in out if "error" not in o and "skipped" not in o] == [r["id"] for r in records]
+        assert [o["line"] for o in out if "skipped" in o] == [11]
+        assert [o["line"] for o in out if "error" in o] == [35, 53, 64]  # lines after the inserted ones
+        assert "not valid UTF-8" in out[63]["error"]
 
 
 def test_bad_record_fails_the_ray_run_naming_its_line(cluster, qwen_prm_dir, tmp_path):
