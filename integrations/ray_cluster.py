@@ -11,9 +11,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["require_ray", "connect", "ActorPlan", "plan_actors", "data_context", "map_to_actors"]
+__all__ = ["ACTOR_MAX_RESTARTS", "require_ray", "connect", "ActorPlan", "plan_actors", "data_context", "map_to_actors"]
 
 logger = logging.getLogger(__name__)
+
+# Ray Data restarts a dead actor forever by default: one whose model load kills it (out of memory)
+# would hang the job; a few restarts cover a lost node, then the job fails with the cause.
+ACTOR_MAX_RESTARTS = 3
 
 
 def require_ray():
@@ -52,13 +56,14 @@ class ActorPlan:
     num_cpus: float
     num_gpus: float
     device: str  # where each actor puts its model
+    max_restarts: int = ACTOR_MAX_RESTARTS
 
     def remote_args(self) -> dict[str, float]:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": self.max_restarts}
 
 
 def plan_actors(actors: int | None = None, actor_cpus: float = 1, actor_gpus: float = 1.0,
-                device: str = "cpu") -> ActorPlan:
+                device: str = "cpu", max_restarts: int = ACTOR_MAX_RESTARTS) -> ActorPlan:
     """One actor per ``actor_gpus`` GPUs when the cluster has GPUs (and the
     caller did not pin ``device="cpu"`` explicitly with ``actor_gpus=0``),
     else ``actor_cpus``-CPU actors filling the cluster's CPUs."""
@@ -71,9 +76,9 @@ def plan_actors(actors: int | None = None, actor_cpus: float = 1, actor_gpus: fl
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
     if gpus > 0 and actor_gpus > 0:
         n = actors or max(1, int(gpus // actor_gpus))
-        return ActorPlan(n, 1, actor_gpus, "cuda" if device == "cpu" else device)
+        return ActorPlan(n, 1, actor_gpus, "cuda" if device == "cpu" else device, max_restarts)
     n = actors or max(1, int(cpus // actor_cpus))
-    return ActorPlan(n, actor_cpus, 0, device)
+    return ActorPlan(n, actor_cpus, 0, device, max_restarts)
 
 
 def data_context(ray, preserve_order: bool):

@@ -32,11 +32,15 @@ from mmprm_infer.progress import progress_bar
 
 from ..records import (PRMSpec, ResultWriter, ScoringOptions, WindowResult, finished, plan_windows, process_window,
                        read_windows)
-from .ray_cluster import ActorPlan, connect, data_context, map_to_actors, plan_actors
+from .ray_cluster import ACTOR_MAX_RESTARTS, ActorPlan, connect, data_context, map_to_actors, plan_actors
 
-__all__ = ["PRMSpec", "RayScoringStats", "score_file", "score_items", "ray_run_jsonl"]
+__all__ = ["PRMSpec", "RayJobError", "RayScoringStats", "score_file", "score_items", "ray_run_jsonl"]
 
 MAX_BLOCKS = 4096
+
+
+class RayJobError(RuntimeError):
+    """The Ray job stopped (actors kept dying, a node was lost); nothing was written."""
 
 
 @dataclass
@@ -97,9 +101,21 @@ class ItemScorer(_PRMActor):
 
 def _ordered_stream(ds, n_windows: int, progress: bool, desc: str):
     """Rows of ``ds`` in window order (Ray Data keeps order when asked), with a progress bar."""
+    import ray
+
     seen = 0
     with progress_bar(total=n_windows, desc=desc, unit="window", disable=not progress) as bar:
-        for row in ds.iter_rows():
+        rows = iter(ds.iter_rows())
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except ray.exceptions.RayError as exc:  # Ray's own traceback is pages long: name the cause
+                cause = str(exc).strip().splitlines()[0][:300]
+                raise RayJobError(f"the Ray job failed after {seen} of {n_windows} windows: {type(exc).__name__}: "
+                                  f"{cause} (an actor that dies loading the PRM, e.g. out of memory, is restarted "
+                                  "a few times, then the job stops)") from exc
             if int(row["window"]) != seen:  # would mean a lost or repeated window
                 raise RuntimeError(f"Ray returned window {row['window']} where window {seen} was due")
             seen += 1
@@ -109,14 +125,15 @@ def _ordered_stream(ds, n_windows: int, progress: bool, desc: str):
         raise RuntimeError(f"Ray returned {seen} of {n_windows} windows")
 
 
-def _start(address: str | None, actors: int | None, actor_cpus: int, actor_gpus: float, device: str):
+def _start(address: str | None, actors: int | None, actor_cpus: int, actor_gpus: float, device: str,
+           max_restarts: int = ACTOR_MAX_RESTARTS):
     """Join the cluster (ordered Ray Data) and plan the PRM actors; each CPU actor runs
     ``actor_cpus`` torch threads, so that must be a whole number."""
     if not isinstance(actor_cpus, int) or actor_cpus < 1:
         raise ValueError(f"--ray-actor-cpus must be >= 1, got {actor_cpus}")
     ray = connect(address)
     data_context(ray, preserve_order=True)
-    return ray, plan_actors(actors, actor_cpus, actor_gpus, device)
+    return ray, plan_actors(actors, actor_cpus, actor_gpus, device, max_restarts)
 
 
 def _prm_actors(ds, actor_cls, actor_plan: ActorPlan, threads: int, /, **constructor_kwargs):
@@ -131,7 +148,7 @@ def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, com
                aggregate: str = "min", strategy: str = "best_of_n", batch_questions: int = 8,
                on_error: str = "fail", max_errors: int | None = None, address: str | None = "auto",
                actors: int | None = None, actor_cpus: int = 1, actor_gpus: float = 1.0, device: str = "cpu",
-               progress: bool = True) -> RayScoringStats:
+               progress: bool = True, actor_max_restarts: int = ACTOR_MAX_RESTARTS) -> RayScoringStats:
     """Score or rerank a JSONL/Parquet file on Ray; writes ``output`` in input order (error
     records with ``on_error="skip"``) and returns counts and timings.  ``output`` appears
     only when the run finishes (``mmprm_infer.files.atomic_output``)."""
@@ -140,13 +157,16 @@ def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, com
     if not in_path.is_file():
         raise SystemExit(f"mmprm: input file {in_path} does not exist")
     check_output_path(output, in_path)
+    if Path(spec.path).is_dir() and not (Path(spec.path) / "config.json").is_file():
+        # checked here, not in every actor: a worker that cannot load the model would only be restarted
+        raise ValueError(f"PRM {spec.path} is not a checkpoint folder (no config.json in it)")
     plan = plan_windows(in_path, batch_questions)
     n_windows = len(plan) - 1
     if n_windows == 0:  # an empty input: an empty output, no cluster needed
         with atomic_output(output):
             pass
         return RayScoringStats()
-    ray, actor_plan = _start(address, actors, actor_cpus, actor_gpus, device)
+    ray, actor_plan = _start(address, actors, actor_cpus, actor_gpus, device, actor_max_restarts)
     options = ScoringOptions(command=command, aggregate=aggregate, strategy=strategy, engine=spec.engine)
     # from_items, not ray.data.range: a range read needs a CPU slot, which a pool filling the cluster never frees
     # one block per window (up to a cap): windows are balanced over the actors and retried one by one;

@@ -181,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         check_scoring_options(args)
         try:
             if args.ray is not None:
-                from .integrations.ray_scoring import ray_run_jsonl
+                from .integrations.ray_scoring import RayJobError, ray_run_jsonl
 
-                return ray_run_jsonl(args)
+                try:
+                    return ray_run_jsonl(args)
+                except RayJobError as exc:
+                    raise SystemExit(f"mmprm {args.command}: {exc}; nothing was written") from None
             return run_jsonl(args)
         except OutputError as exc:
             raise SystemExit(f"mmprm {args.command}: {exc}") from None

@@ -341,3 +341,73 @@ def test_empty_input_gives_an_empty_output_without_a_cluster(tmp_path):
     (tmp_path / "in.jsonl").write_text("")
     stats = score_file(tmp_path / "in.jsonl", tmp_path / "out.jsonl", "no-checkpoint-needed", progress=False)
     assert (tmp_path / "out.jsonl").read_text() == "" and stats.questions == 0
+
+
+@dataclass
+class _DyingSpec(PRMSpec):
+    """A PRM whose load kills its process, as an out-of-memory kill would."""
+
+    def load(self, device, threads):
+        os._exit(1)
+
+
+def test_actors_that_keep_dying_stop_the_job_with_its_cause(cluster, qwen_prm_dir, tmp_path):
+    from mmprm_infer.integrations.ray_scoring import RayJobError
+
+    src = _write_jsonl(tmp_path / "in.jsonl", _records(3))
+    (tmp_path / "out.jsonl").write_text("previous\n")
+    # Ray Data's default restarts a dead actor forever: this job used to hang
+    with pytest.raises(RayJobError, match="the Ray job failed after 0 of 1 windows: ActorDiedError"):
+        score_file(src, tmp_path / "out.jsonl", _DyingSpec(str(qwen_prm_dir)), actors=1, progress=False,
+                   actor_max_restarts=0)
+    assert (tmp_path / "out.jsonl").read_text() == "previous\n"
+
+
+def test_a_folder_that_is_no_checkpoint_is_refused_before_the_actors_start(tmp_path):
+    src = _write_jsonl(tmp_path / "in.jsonl", _records(2))
+    with pytest.raises(ValueError, match="is not a checkpoint folder"):
+        score_file(src, tmp_path / "out.jsonl", str(tmp_path), address=None, progress=False)
+
+
+class _FakeRay:
+    def __init__(self, resources):
+        self.resources = resources
+
+    def cluster_resources(self):
+        return self.resources
+
+
+@pytest.mark.parametrize("resources, kwargs, want", [
+    ({"CPU": 16.0, "GPU": 4.0}, {}, (4, 1, 1.0, "cuda")),  # one actor per GPU
+    ({"CPU": 16.0, "GPU": 4.0}, {"actor_gpus": 2.0}, (2, 1, 2.0, "cuda")),
+    ({"CPU": 16.0, "GPU": 4.0}, {"actor_gpus": 0.0}, (16, 1, 0, "cpu")),  # GPUs declined: CPU actors
+    ({"CPU": 16.0, "GPU": 4.0}, {"device": "cuda:1"}, (4, 1, 1.0, "cuda:1")),
+    ({"CPU": 8.0}, {"actor_cpus": 3}, (2, 3, 0, "cpu")),
+    ({"CPU": 2.0}, {"actor_cpus": 4}, (1, 4, 0, "cpu")),  # at least one actor
+    ({"CPU": 8.0}, {"actors": 3}, (3, 1, 0, "cpu")),
+])
+def test_actor_plan(monkeypatch, resources, kwargs, want):
+    from mmprm_infer.integrations import ray_cluster
+
+    monkeypatch.setattr(ray_cluster, "require_ray", lambda: _FakeRay(resources))
+    plan = ray_cluster.plan_actors(**kwargs)
+    assert (plan.actors, plan.num_cpus, plan.num_gpus, plan.device) == want
+    assert plan.remote_args()["max_restarts"] == ray_cluster.ACTOR_MAX_RESTARTS
+
+
+class _RowsInOrder:
+    def __init__(self, windows):
+        self.windows = windows
+
+    def iter_rows(self):
+        return iter({"window": k} for k in self.windows)
+
+
+@pytest.mark.parametrize("windows, message", [([0, 2, 1], "window 2 where window 1 was due"),
+                                              ([0, 0, 1], "window 0 where window 1 was due"),
+                                              ([0, 1], "returned 2 of 3 windows")])
+def test_a_lost_or_repeated_window_is_an_error_not_a_wrong_file(windows, message):
+    from mmprm_infer.integrations.ray_scoring import _ordered_stream
+
+    with pytest.raises(RuntimeError, match=message):
+        list(_ordered_stream(_RowsInOrder(windows), 3, False, "test"))
