@@ -314,3 +314,18 @@ def test_annotate_questions_with_a_byte_order_mark(tmp_path):
     _lines(path, [json.dumps({"question": "1+1?", "answer": "2"}), b'{"question": "\xff", "answer": "1"}'])
     with pytest.raises(ValueError, match="line 2: not valid UTF-8"):
         load_questions(str(path))
+
+
+# --- #21: the CLI paths that had no test ----------------------------------------------------------------
+def test_a_missing_input_file_is_named(tmp_path, no_model_load):
+    with pytest.raises(SystemExit, match="input file .*nope.jsonl does not exist"):
+        main(["score", "--prm", str(tmp_path), "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl")])
+
+
+def test_rerank_needs_a_prm_unless_majority_vote(tmp_path):
+    src = tmp_path / "in.jsonl"
+    _lines(src, [json.dumps(GOOD)])
+    with pytest.raises(SystemExit, match="--prm is required unless --strategy majority_vote"):
+        main(["rerank", "-i", str(src), "-o", str(tmp_path / "o.jsonl"), "--strategy", "weighted_vote"])
+    with pytest.raises(SystemExit, match="--ray needs --prm"):
+        main(["rerank", "-i", str(src), "-o", str(tmp_path / "o.jsonl"), "--strategy", "majority_vote", "--ray"])
