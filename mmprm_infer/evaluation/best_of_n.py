@@ -1,0 +1,154 @@
+"""Best-of-N accuracy against N, from scored candidates (no model here).
+
+For every question with candidates c_1..c_M, and every n in ``ns`` (n <= M),
+each method picks one candidate from a subset of n candidates; the question's
+accuracy at n is the mean over subsets: every subset when there are at most
+``subsets`` of them (exact), else ``subsets`` random ones (seeded, so reruns
+agree).  Methods, all through the library's own selection
+(``mmprm_infer.selection``, the code `rerank()` runs):
+
+- ``best_of_n/<agg>``: the highest aggregated PRM score (first on ties);
+- ``weighted_vote/<agg>``: the answer group with the largest summed score;
+- ``majority``: the largest answer group (self-consistency);
+- ``random``: the mean correctness of the subset (a uniform pick);
+- ``pass``: any candidate of the subset right (pass@n).
+
+Answer groups come from ``answers.group_answers`` over all M candidates (the
+math-aware equivalence); a candidate is right when its answer matches the gold
+one (``matches_gold``: multiple-choice letters compared as letters).  The
+overall accuracy is the mean over questions, with a 95 % band of
+1.96 x the standard error over questions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..aggregation import aggregate
+from ..answers import answers_equivalent, extract_answer, group_answers
+from ..selection import select
+
+__all__ = ["BonQuestion", "matches_gold", "default_ns", "question_accuracy", "accuracy_curves", "METHODS_WITHOUT_PRM"]
+
+METHODS_WITHOUT_PRM = ("majority", "random", "pass")
+_CHOICE_RE = re.compile(r"^\s*\(?\s*([A-Za-z])\s*\)?\s*(?:[.:)]\s*.*)?$", re.S)
+
+
+def _choice_letter(answer: str | None) -> str | None:
+    """The letter of a multiple-choice answer: "B", "(B)", "B.", "B: 12", "(b) 12"; else None."""
+    if not answer:
+        return None
+    text = re.sub(r"^\\text\{(.*)\}$", r"\1", answer.strip())
+    m = _CHOICE_RE.match(text)
+    return m.group(1).upper() if m else None
+
+
+def matches_gold(answer: str | None, gold: str) -> bool:
+    """Whether a candidate's final answer is the gold answer: for a gold letter (a multiple-choice
+    question) the letters are compared, else ``answers.answers_equivalent``."""
+    gold = str(gold).strip()
+    if re.fullmatch(r"\(?[A-Za-z]\)?", gold):
+        return _choice_letter(answer) == gold.strip("()").upper()
+    return answers_equivalent(answer, gold)
+
+
+@dataclass
+class BonQuestion:
+    """One question's candidates, scored: ``step_rewards[i]`` per candidate."""
+
+    answers: list[str | None]
+    correct: list[bool]
+    step_rewards: list[list[float]] | None = None
+    category: str | None = None
+    group_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_candidates(cls, candidates: Sequence[str | Sequence[str]], gold: str,
+                        step_rewards: list[list[float]] | None = None, category: str | None = None) -> "BonQuestion":
+        texts = [c if isinstance(c, str) else "\n\n".join(c) for c in candidates]
+        answers = [extract_answer(t) for t in texts]
+        return cls(answers, [matches_gold(a, gold) for a in answers], step_rewards, category, group_answers(answers))
+
+
+def default_ns(max_n: int) -> list[int]:
+    """1, 2, 4, ... up to ``max_n``, and ``max_n`` itself."""
+    ns = [1 << k for k in range(max_n.bit_length()) if 1 << k <= max_n]
+    return ns if ns[-1] == max_n else [*ns, max_n]
+
+
+def _subsets(m: int, n: int, count: int, rng: random.Random) -> list[tuple[int, ...]]:
+    if math.comb(m, n) <= count:
+        return list(itertools.combinations(range(m), n))
+    return [tuple(sorted(rng.sample(range(m), n))) for _ in range(count)]
+
+
+def _pick(strategy: str, scores: list[float] | None, q: BonQuestion, idx: tuple[int, ...]) -> bool:
+    chosen = select(strategy, None if scores is None else [scores[i] for i in idx], [q.answers[i] for i in idx],
+                    [q.group_ids[i] for i in idx]).best_index
+    return q.correct[idx[chosen]]
+
+
+def question_accuracy(q: BonQuestion, ns: Sequence[int], aggregations: Sequence[str], subsets: int = 256,
+                      seed: int = 0) -> dict[str, dict[int, float]]:
+    """``{method: {n: accuracy}}`` for one question (see the module docstring)."""
+    m = len(q.correct)
+    scores = {agg: [aggregate(r, agg) for r in q.step_rewards] for agg in aggregations} if q.step_rewards else {}
+    out: dict[str, dict[int, float]] = {}
+    rng = random.Random(seed)
+    for n in ns:
+        if n > m:
+            continue
+        chosen = _subsets(m, n, subsets, rng)
+        hits: dict[str, float] = {"random": 0.0, "pass": 0.0, "majority": 0.0}
+        for idx in chosen:
+            hits["random"] += sum(q.correct[i] for i in idx) / n
+            hits["pass"] += any(q.correct[i] for i in idx)
+            hits["majority"] += _pick("majority_vote", None, q, idx)
+            for agg, s in scores.items():
+                hits[f"best_of_n/{agg}"] = hits.get(f"best_of_n/{agg}", 0.0) + _pick("best_of_n", s, q, idx)
+                if min(s) >= 0:  # a vote needs probability-like scores (not log-probabilities)
+                    hits[f"weighted_vote/{agg}"] = hits.get(f"weighted_vote/{agg}", 0.0) + _pick(
+                        "weighted_vote", s, q, idx)
+        for method, h in hits.items():
+            out.setdefault(method, {})[n] = h / len(chosen)
+    return out
+
+
+def _mean_and_band(values: list[float]) -> tuple[float, float]:
+    mean = math.fsum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    var = math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, 1.96 * math.sqrt(var / len(values))
+
+
+def accuracy_curves(questions: Sequence[BonQuestion], aggregations: Sequence[str], ns: Sequence[int] | None = None,
+                    subsets: int = 256, seed: int = 0) -> dict:
+    """``{"ns", "accuracy": {method: {n: mean}}, "band": {method: {n: half-width}}, "questions",
+    "by_category": {cat: {"accuracy", "band", "questions"}}}``; ``ns`` defaults to
+    ``default_ns`` of the smallest candidate count, so every question counts at every n."""
+    if not questions:
+        raise ValueError("no questions to evaluate")
+    ns = list(ns or default_ns(min(len(q.correct) for q in questions)))
+    per_q = [question_accuracy(q, ns, aggregations, subsets, seed + i) for i, q in enumerate(questions)]
+
+    def summarise(rows: list[dict]) -> dict:
+        acc: dict[str, dict[str, float]] = {}
+        band: dict[str, dict[str, float]] = {}
+        for method in sorted({k for r in rows for k in r}):
+            for n in ns:
+                values = [r[method][n] for r in rows if n in r.get(method, {})]
+                if values:
+                    acc.setdefault(method, {})[str(n)], band.setdefault(method, {})[str(n)] = _mean_and_band(values)
+        return {"accuracy": acc, "band": band, "questions": len(rows)}
+
+    report = {"ns": ns, **summarise(per_q)}
+    categories = sorted({q.category for q in questions if q.category is not None})
+    report["by_category"] = {c: summarise([r for r, q in zip(per_q, questions) if q.category == c])
+                             for c in categories}
+    return report

@@ -1,0 +1,268 @@
+"""`mmprm eval <benchmark>`: a PRM on a benchmark's own files, one command each.
+
+    mmprm eval processbench --prm DIR --data ProcessBench/           # a folder of split files, or one file
+    mmprm eval visualprocessbench --prm DIR --data test.jsonl --image-root images/
+    mmprm eval prmbench --prm DIR --data prmbench_preview.jsonl
+    mmprm eval bon --prm DIR -i candidates.jsonl
+
+Each writes ``--report`` (JSON), prints a table and keeps the step rewards in
+``<report>.rewards.json``: a rerun with another ``--threshold`` or aggregation
+reuses them without loading the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..aggregation import AGGREGATIONS
+from ..files import check_output_path, write_json_atomic
+from ..formats import FORMATS
+from ..progress import quiet_transformers_progress
+from ..prm import ScoringItem
+from ..records import PRMSpec
+from .data import BenchmarkDataError, Record, field, read_records, read_splits
+from .scoring import RewardCache, ScoringFailure, prm_fingerprint, score_with_cache
+
+__all__ = ["eval_main", "build_parser", "resolve_images"]
+
+PROBABILITY_AGGREGATIONS = ("min", "last", "mean", "prod", "max")
+
+
+class EvalError(Exception):
+    """A problem with the command's input; printed as one `mmprm eval: ...` line."""
+
+
+# --------------------------------------------------------------------------
+# shared pieces
+# --------------------------------------------------------------------------
+def resolve_images(record: Record, name: str, base_dir: Path, image_root: Path | None) -> list[str] | None:
+    """The record's image field as existing paths (relative ones under --image-root, else beside the data)."""
+    value = record.data.get(name)
+    if value is None or value == []:
+        return None
+    paths = value if isinstance(value, list) else [value]
+    if not all(isinstance(p, str) and p for p in paths):
+        raise record.error(f"field '{name}' must be a path or a list of paths")
+    out = []
+    for p in paths:
+        full = Path(p) if Path(p).is_absolute() else (image_root or base_dir) / p
+        if not full.is_file():
+            raise record.error(f"image {p} of field '{name}' not found at {full} (give --image-root for the "
+                               "folder the benchmark's image paths are relative to)")
+        out.append(str(full))
+    return out
+
+
+class Collector:
+    """Parses records; a bad one stops the run (fail) or is listed in the report and left out (skip)."""
+
+    def __init__(self, on_error: str):
+        self.on_error, self.errors = on_error, []
+
+    def parse(self, records: list[Record], read: Callable[[Record], object]) -> list:
+        out = []
+        for record in records:
+            try:
+                out.append(read(record))
+            except BenchmarkDataError as exc:
+                self.fail(str(exc))
+        return out
+
+    def fail(self, message: str) -> None:
+        if self.on_error == "fail":
+            raise EvalError(f"{message} (use --on-error skip to leave it out and go on)")
+        print(f"mmprm eval: skipped {message}", file=sys.stderr)
+        self.errors.append(message)
+
+
+def score(args, items: list[ScoringItem], wheres: list[str], collector: Collector, desc: str) -> list:
+    """Rewards per item, or None where the PRM failed on it (listed by the collector)."""
+    spec = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine, max_tiles=args.max_tiles)
+    cache = RewardCache(None if args.no_cache else f"{args.report}.rewards.json", prm_fingerprint(spec))
+    remote = None
+    if args.ray is not None:
+        from ..integrations.ray_scoring import score_items
+
+        def remote(todo):
+            return score_items(todo, spec, batch_questions=args.batch_questions, address=args.ray,
+                               actors=args.ray_actors, device=args.device, progress=not args.quiet)
+    results = score_with_cache(items, lambda: spec.load(args.device, args.threads), cache, args.batch_questions,
+                               args.engine, not args.quiet, desc, remote)
+    out = []
+    for where, r in zip(wheres, results):
+        if isinstance(r, ScoringFailure):
+            collector.fail(f"{where}: the PRM could not score it: {r.message}")
+            out.append(None)
+        else:
+            out.append(r)
+    return out
+
+
+def _pct(x: float) -> str:
+    return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:6.1f}"
+
+
+def finish(args, report: dict, collector: Collector, table: list[str]) -> int:
+    report["errors"] = collector.errors
+    report["settings"] = {k: v for k, v in vars(args).items() if k not in ("func",)}
+    write_json_atomic(args.report, json.loads(json.dumps(report, default=str)))
+    print("\n".join(table))
+    print(f"report: {args.report}")
+    if collector.errors:
+        print(f"mmprm eval: {len(collector.errors)} record(s) left out; listed under 'errors' in the report",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+# --------------------------------------------------------------------------
+# benchmarks
+# --------------------------------------------------------------------------
+def run_processbench(args) -> int:
+    from .processbench import read_case, split_metrics
+
+    collector = Collector(args.on_error)
+    splits = {name: collector.parse(records, read_case) for name, records in read_splits(args.data).items()}
+    cases = [c for name in splits for c in splits[name]]
+    rewards = score(args, [c.item for c in cases], [c.where for c in cases], collector, "processbench")
+    by_case = {id(c): r[0] for c, r in zip(cases, rewards) if r is not None}
+    report: dict = {"benchmark": "processbench", "threshold": args.threshold, "splits": {}}
+    table = [f"ProcessBench, threshold {args.threshold}", f"{'split':<16}{'n':>6}{'acc_error':>11}{'acc_correct':>13}"
+             f"{'F1':>8}"]
+    for name, split_cases in splits.items():
+        scored = [c for c in split_cases if id(c) in by_case]
+        if not scored:
+            continue
+        m = split_metrics(scored, [by_case[id(c)] for c in scored], args.threshold)
+        report["splits"][name] = m
+        table.append(f"{name:<16}{m['n']:>6}{_pct(m['acc_error']):>11}{_pct(m['acc_correct']):>13}{_pct(m['f1']):>8}")
+    f1s = [m["f1"] for m in report["splits"].values()]
+    report["average_f1"] = sum(f1s) / len(f1s) if f1s else math.nan
+    table.append(f"{'average F1':<16}{'':>30}{_pct(report['average_f1']):>8}")
+    return finish(args, report, collector, table)
+
+
+def _bon_question(args, base_dir: Path):
+    def read(record: Record):
+        question = field(record, "question", str)
+        gold = field(record, "answer", (str, int, float))
+        candidates = field(record, "candidates", list)
+        if not candidates or not all(isinstance(c, str) or (isinstance(c, list) and c and all(
+                isinstance(s, str) for s in c)) for c in candidates):
+            raise record.error("field 'candidates' must be a non-empty list of solutions (strings or lists of steps)")
+        category = record.data.get("category")
+        image = resolve_images(record, "image", base_dir, args.image_root)
+        return ScoringItem(question, candidates, image), str(gold), None if category is None else str(category), \
+            record.where
+    return read
+
+
+def run_bon(args) -> int:
+    from .best_of_n import BonQuestion, accuracy_curves
+    from .plot import plot_curves
+
+    collector = Collector(args.on_error)
+    parsed = collector.parse(list(read_records(args.input)), _bon_question(args, Path(args.input).parent))
+    if not parsed:
+        raise EvalError(f"{args.input}: no usable records")
+    rewards = score(args, [p[0] for p in parsed], [p[3] for p in parsed], collector, "best-of-N")
+    questions = [BonQuestion.from_candidates(item.candidates, gold, r, category)
+                 for (item, gold, category, _), r in zip(parsed, rewards) if r is not None]
+    curves = accuracy_curves(questions, args.aggregations, args.ns, args.subsets, args.seed)
+    plot = Path(args.plot or Path(args.report).with_name("accuracy_vs_n.png"))
+    report = {"benchmark": "bon", **curves, "plot": str(plot)}
+    plot_curves(curves, plot, f"{Path(args.input).name}: {curves['questions']} questions")
+    ns, acc, band = curves["ns"], curves["accuracy"], curves["band"]
+    table = [f"Best-of-N accuracy (%), {curves['questions']} questions, mean over subsets, +- 95 % band at the "
+             f"largest N", "method".ljust(22) + "".join(f"N={n}".rjust(8) for n in ns) + "    +-"]
+    for method in [f"best_of_n/{a}" for a in args.aggregations] + [f"weighted_vote/{a}" for a in args.aggregations] + [
+            "majority", "random", "pass"]:
+        if method in acc:
+            row = "".join(_pct(acc[method].get(str(n))).rjust(8) for n in ns)
+            table.append(method.ljust(22) + row + f"{100 * band[method][str(ns[-1])]:6.1f}")
+    return finish(args, report, collector, table)
+
+
+# --------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, default_report: str) -> None:
+    from ..cli import DTYPES, positive_int
+
+    p.add_argument("--prm", required=True, help="PRM checkpoint folder")
+    p.add_argument("--report", default=default_report, help=f"report JSON (default {default_report})")
+    p.add_argument("--format", choices=sorted(FORMATS), help="PRM format (default: read from the checkpoint)")
+    p.add_argument("--engine", default=None, help="scoring engine (default: fast)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=DTYPES)
+    p.add_argument("--max-tiles", type=positive_int, default=None, help="InternVL formats: tiles per image")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--batch-questions", type=positive_int, default=8, help="items per engine call")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="a bad record stops the run (fail) or is left out and listed in the report (skip)")
+    p.add_argument("--no-cache", action="store_true", help="score everything again (no <report>.rewards.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="score on a Ray cluster, as `mmprm score --ray` (a failed item fails the run there)")
+    p.add_argument("--ray-actors", type=positive_int, default=None)
+
+
+def _threshold(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", type=float, default=0.5, help="a step is predicted wrong below this reward")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmprm eval", description="Evaluate a PRM on a benchmark's own files")
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    p = sub.add_parser("processbench", help="ProcessBench: earliest wrong step (acc on error / correct cases, F1)")
+    p.add_argument("--data", required=True, help="a split file (JSONL, JSON, Parquet) or a folder of them")
+    _common(p, "processbench-report.json")
+    _threshold(p)
+    p.set_defaults(func=run_processbench)
+    p = sub.add_parser("bon", help="Best-of-N accuracy versus N on your candidates")
+    p.add_argument("--input", "-i", required=True, help="JSONL: question, answer, candidates, image?, category?")
+    p.add_argument("--image-root", type=Path, default=None, help="folder image paths are relative to "
+                   "(default: the input file's)")
+    p.add_argument("--aggregations", type=lambda s: s.split(","), default=list(PROBABILITY_AGGREGATIONS),
+                   help=f"comma-separated, from {sorted(AGGREGATIONS)} (default {','.join(PROBABILITY_AGGREGATIONS)})")
+    p.add_argument("--ns", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="the N values (default 1, 2, 4, ... up to the smallest candidate count)")
+    p.add_argument("--subsets", type=int, default=256, help="random subsets per question and N (default 256; "
+                   "every subset when there are fewer)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="accuracy-vs-N PNG (default: accuracy_vs_n.png beside the report)")
+    _common(p, "bon-report.json")
+    p.set_defaults(func=run_bon)
+    return parser
+
+
+def _check(args) -> None:
+    data = getattr(args, "data", None) or getattr(args, "input", None)
+    if not Path(data).exists():
+        raise EvalError(f"{data} does not exist")
+    if not (Path(args.prm) / "config.json").is_file():
+        raise EvalError(f"--prm {args.prm} is not a checkpoint folder (no config.json in it)")
+    try:
+        check_output_path(args.report)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    unknown = [a for a in getattr(args, "aggregations", []) if a not in AGGREGATIONS]
+    if unknown:
+        raise EvalError(f"unknown aggregation(s) {unknown}; choose from {sorted(AGGREGATIONS)}")
+    if getattr(args, "image_root", None) is not None and not args.image_root.is_dir():
+        raise EvalError(f"--image-root {args.image_root} is not a folder")
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_transformers_progress()
+    try:
+        _check(args)
+        return args.func(args)
+    except (EvalError, BenchmarkDataError) as exc:
+        raise SystemExit(f"mmprm eval {args.benchmark}: {exc}") from None

@@ -1,0 +1,192 @@
+"""`mmprm eval` (#16): benchmark layouts read as shipped, metrics worked out by hand, the reward cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mmprm_infer import PRM
+from mmprm_infer.cli import main
+from mmprm_infer.evaluation.best_of_n import BonQuestion, accuracy_curves, default_ns, matches_gold, question_accuracy
+from mmprm_infer.evaluation.metrics import step_error_f1
+from mmprm_infer.evaluation.processbench import ProcessBenchCase, split_metrics
+from mmprm_infer.records import PRMSpec
+
+
+# --- ProcessBench --------------------------------------------------------------------------------------
+def test_processbench_metric_by_hand():
+    cases = [ProcessBenchCase(None, label, None, "") for label in (1, 0, 2, -1, -1, -1)]
+    rewards = [[0.9, 0.2, 0.1],   # first below 0.5 at 1 = label 1: hit
+               [0.6, 0.1],        # predicted 1, label 0: miss
+               [0.9, 0.8, 0.4],   # predicted 2 = label 2: hit
+               [0.7, 0.5],        # 0.5 is not below 0.5: predicted -1, hit
+               [0.2, 0.9],        # predicted 0: miss
+               [0.99]]            # hit
+    m = split_metrics(cases, rewards, threshold=0.5)
+    assert (m["n"], m["num_error"], m["num_correct"]) == (6, 3, 3)
+    assert m["acc_error"] == pytest.approx(2 / 3) and m["acc_correct"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    # at 0.65, case 1 becomes a hit (0.6 < 0.65 at step 0 = label 0) and case 3 a miss (0.5 at step 1)
+    m = split_metrics(cases, rewards, threshold=0.65)
+    assert m["acc_error"] == pytest.approx(1.0) and m["acc_correct"] == pytest.approx(1 / 3)
+    assert m["f1"] == pytest.approx(2 * 1.0 * (1 / 3) / (1.0 + 1 / 3))
+
+
+def test_labels_may_be_numpy_integers():
+    rewards = [[0.9, 0.1], [0.9, 0.9]]
+    want = step_error_f1(rewards, [1, -1])
+    assert step_error_f1(rewards, [np.int64(1), np.int64(-1)]) == want
+    with pytest.raises(TypeError, match="label is a bool"):
+        step_error_f1([[0.9]], [np.bool_(True)])
+
+
+def _processbench_rows(n, seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        steps = [f"Step {k}: {i} + {k} = {i + k}" for k in range(int(rng.integers(1, 4)))]
+        rows.append({"id": f"x-{i}", "generator": "tiny", "problem": f"What is {i} plus a few?", "steps": steps,
+                     "final_answer_correct": bool(i % 2), "label": int(rng.integers(-1, len(steps)))})
+    return rows
+
+
+def _by_hand_processbench(rewards, labels, threshold):
+    pred = [next((k for k, r in enumerate(rs) if r < threshold), -1) for rs in rewards]
+    err = [p == y for p, y in zip(pred, labels) if y != -1]
+    cor = [p == -1 for p, y in zip(pred, labels) if y == -1]
+    a1, a2 = sum(err) / len(err), sum(cor) / len(cor)
+    return a1, a2, (2 * a1 * a2 / (a1 + a2) if a1 + a2 else 0.0)
+
+
+def test_processbench_command_on_split_files(qwen_prm_dir, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "ProcessBench"
+    data.mkdir()
+    splits = {"gsm8k": _processbench_rows(9, 0), "math": _processbench_rows(7, 1)}
+    (data / "gsm8k.jsonl").write_text("\n".join(json.dumps(r) for r in splits["gsm8k"]) + "\n")
+    (data / "math.json").write_text(json.dumps(splits["math"]))  # the JSON layout, too
+    report = tmp_path / "pb.json"
+    # a threshold inside the tiny PRM's reward range, so predictions are neither all -1 nor all 0
+    prm = PRM.from_pretrained(qwen_prm_dir)
+    rewards = {k: [prm.score(r["problem"], [r["steps"]])[0] for r in rows] for k, rows in splits.items()}
+    threshold = float(np.median([x for rs in rewards.values() for r in rs for x in r]))
+    args = ["eval", "processbench", "--prm", str(qwen_prm_dir), "--data", str(data), "--report", str(report),
+            "--quiet"]
+    assert main([*args, "--threshold", str(threshold)]) == 0
+    got = json.loads(report.read_text())
+    f1s = []
+    for name, rows in splits.items():
+        a1, a2, f1 = _by_hand_processbench(rewards[name], [r["label"] for r in rows], threshold)
+        s = got["splits"][name]
+        assert (s["acc_error"], s["acc_correct"], s["f1"], s["n"]) == pytest.approx((a1, a2, f1, len(rows)))
+        f1s.append(f1)
+    assert got["average_f1"] == pytest.approx(sum(f1s) / 2)
+    assert "average F1" in capsys.readouterr().out
+
+    # another threshold: the cached rewards are used, the model is not loaded
+    monkeypatch.setattr(PRMSpec, "load", lambda *a, **k: pytest.fail("rescored instead of using the cache"))
+    assert main([*args, "--threshold", "0.3"]) == 0
+    a1, a2, f1 = _by_hand_processbench(rewards["gsm8k"], [r["label"] for r in splits["gsm8k"]], 0.3)
+    assert json.loads(report.read_text())["splits"]["gsm8k"]["f1"] == pytest.approx(f1)
+
+
+def test_processbench_bad_record_named_by_file_line_and_field(qwen_prm_dir, tmp_path):
+    rows = _processbench_rows(3, 0)
+    rows[1]["label"] = 7
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["eval", "processbench", "--prm", str(qwen_prm_dir), "--data", str(data), "--report",
+            str(tmp_path / "r.json"), "--quiet"]
+    with pytest.raises(SystemExit, match=r"gsm8k.jsonl line 2: field 'label' is 7"):
+        main(args)
+    assert main([*args, "--on-error", "skip"]) == 3
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["splits"]["gsm8k"]["n"] == 2 and "line 2" in report["errors"][0]
+
+
+# --- Best-of-N -----------------------------------------------------------------------------------------
+def test_multiple_choice_letters_and_math_answers():
+    assert matches_gold("(B)", "B") and matches_gold("B. 12 cm", "B") and matches_gold("b", "(B)")
+    assert not matches_gold("C", "B") and not matches_gold("12", "B")
+    assert matches_gold("\\frac{1}{2}", "0.5") and not matches_gold("0.4", "0.5")
+
+
+def test_default_ns():
+    assert default_ns(16) == [1, 2, 4, 8, 16] and default_ns(6) == [1, 2, 4, 6] and default_ns(1) == [1]
+
+
+def test_best_of_n_by_hand_on_every_subset():
+    # 3 candidates: answers 5 (right, score .9), 7 (wrong, .8), 7 (wrong, .3); gold 5
+    q = BonQuestion.from_candidates(["\\boxed{5}", "\\boxed{7}", "\\boxed{7}"], "5",
+                                    [[0.9], [0.8], [0.3]])
+    acc = question_accuracy(q, [1, 2, 3], ["min"], subsets=100)  # 3 subsets at most: exact
+    assert acc["random"] == pytest.approx({1: 1 / 3, 2: 1 / 3, 3: 1 / 3})
+    assert acc["pass"] == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
+    # pairs {0,1},{0,2}: 5 has the top score; {1,2}: wrong either way
+    assert acc["best_of_n/min"] == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
+    # majority over pairs: a 1-1 tie goes to the group seen first (candidate 0) -> right in {0,1},{0,2};
+    # over all 3: 7 wins 2-1
+    assert acc["majority"] == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 0.0})
+    # weighted: all 3 -> 5: .9 against 7: 1.1, wrong
+    assert acc["weighted_vote/min"] == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 0.0})
+
+
+def test_curves_average_questions_with_a_band_and_categories():
+    right = BonQuestion.from_candidates(["\\boxed{1}", "\\boxed{1}"], "1", [[0.9], [0.8]], "easy")
+    wrong = BonQuestion.from_candidates(["\\boxed{2}", "\\boxed{3}"], "1", [[0.9], [0.8]], "hard")
+    c = accuracy_curves([right, wrong], ["min"])
+    assert c["ns"] == [1, 2] and c["accuracy"]["pass"]["2"] == pytest.approx(0.5)
+    # per-question values 1 and 0: standard error 0.5, band 1.96 * 0.5
+    assert c["band"]["pass"]["2"] == pytest.approx(1.96 * 0.5)
+    assert c["by_category"]["easy"]["accuracy"]["best_of_n/min"]["1"] == 1.0
+    assert c["by_category"]["hard"]["accuracy"]["random"]["2"] == 0.0
+
+
+def test_random_subsets_are_seeded():
+    q = BonQuestion.from_candidates([f"\\boxed{{{i % 3}}}" for i in range(12)], "0",
+                                    [[((i * 7) % 10) / 10] for i in range(12)])
+    a = question_accuracy(q, [4], ["min"], subsets=50, seed=3)
+    assert a == question_accuracy(q, [4], ["min"], subsets=50, seed=3)
+    assert a["random"][4] == pytest.approx(4 / 12, abs=0.08)  # sampled, near the exact mean
+
+
+def test_bon_command(qwen_prm_dir, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "pic.png")
+    rows = []
+    for i in range(6):
+        cands = [f"{i} + {i} = {2 * i + k}.\n\nThe answer is \\boxed{{{2 * i + k}}}." for k in (0, 1, 0, 2)]
+        rows.append({"question": f"What is {i} + {i}?", "answer": str(2 * i), "candidates": cands,
+                     "category": "even" if i % 2 == 0 else "odd"})
+    src = tmp_path / "cands.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = tmp_path / "bon.json"
+    assert main(["eval", "bon", "--prm", str(qwen_prm_dir), "-i", str(src), "--report", str(report), "--quiet",
+                 "--aggregations", "min,last"]) == 0
+    got = json.loads(report.read_text())
+    assert got["ns"] == [1, 2, 4]
+    acc = got["accuracy"]
+    # every question has 2 right of 4: random 0.5 at every N, pass@4 = 1, pass@2 = 1 - 1/6 (exact over 6 pairs)
+    assert [acc["random"][n] for n in ("1", "2", "4")] == pytest.approx([0.5, 0.5, 0.5])
+    assert acc["pass"]["2"] == pytest.approx(5 / 6) and acc["pass"]["4"] == 1.0
+    assert acc["majority"]["4"] == 1.0  # the right answer holds 2 of 4, the others 1 each
+    # best-of-4 by hand from the model's own rewards
+    prm = PRM.from_pretrained(qwen_prm_dir)
+    hits = []
+    for r in rows:
+        scores = [min(s) for s in prm.score(r["question"], r["candidates"])]
+        hits.append(int(r["candidates"][scores.index(max(scores))].endswith(f"{{{r['answer']}}}.")))
+    assert acc["best_of_n/min"]["4"] == pytest.approx(sum(hits) / len(hits))
+    assert set(got["by_category"]) == {"even", "odd"}
+    assert (tmp_path / "accuracy_vs_n.png").stat().st_size > 1000
+    assert "best_of_n/min" in capsys.readouterr().out
+
+
+def test_bon_missing_image_is_named(qwen_prm_dir, tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"question": "q", "answer": "1", "candidates": ["\\boxed{1}"], "image": "no.png"}) + "\n")
+    with pytest.raises(SystemExit, match="c.jsonl line 1: image no.png of field 'image' not found"):
+        main(["eval", "bon", "--prm", str(qwen_prm_dir), "-i", str(src), "--report", str(tmp_path / "r.json")])
