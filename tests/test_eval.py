@@ -190,3 +190,106 @@ def test_bon_missing_image_is_named(qwen_prm_dir, tmp_path):
     src.write_text(json.dumps({"question": "q", "answer": "1", "candidates": ["\\boxed{1}"], "image": "no.png"}) + "\n")
     with pytest.raises(SystemExit, match="c.jsonl line 1: image no.png of field 'image' not found"):
         main(["eval", "bon", "--prm", str(qwen_prm_dir), "-i", str(src), "--report", str(tmp_path / "r.json")])
+
+
+# --- VisualProcessBench --------------------------------------------------------------------------------
+def _vpb_case(labels, source):
+    from mmprm_infer.evaluation.visualprocessbench import VisualProcessBenchCase
+
+    return VisualProcessBenchCase(None, labels, source, "")
+
+
+def test_visualprocessbench_metric_by_hand():
+    from mmprm_infer.evaluation.visualprocessbench import metrics
+
+    cases = [_vpb_case([1, -1, 0], "A"), _vpb_case([1, 1], "A"), _vpb_case([-1, -1], "B")]
+    rewards = [[0.7, 0.4, 0.1], [0.5, 0.3], [0.9, 0.2]]
+    m = metrics(cases, rewards)
+    # A: TP 2 (0.7, 0.5 counts as right), FN 1, TN 1 -- the neutral step is left out
+    a = m["by_source"]["A"]
+    assert (a["tp"], a["fn"], a["tn"], a["fp"], a["steps"]) == (2, 1, 1, 0, 4)
+    assert a["f1_correct"] == pytest.approx(0.8) and a["f1_incorrect"] == pytest.approx(2 / 3)
+    assert a["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert m["by_source"]["B"]["macro_f1"] == pytest.approx((0 + 2 / 3) / 2)
+    # overall pools the steps (2/3), it is not the mean of the sources (0.533)
+    assert m["overall"]["macro_f1"] == pytest.approx(2 / 3) and m["neutral_steps"] == 1
+
+
+def test_visualprocessbench_command_with_images(image_sensitive_mm_prm, tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, colour in (("red.png", (255, 0, 0)), ("blue.png", (0, 0, 255))):
+        Image.new("RGB", (32, 32), colour).save(images / name)
+    rows = [{"image": ["red.png"], "question": "How many bars?", "answer": "3", "data_source": "chart",
+             "response": {"steps": ["There are 3 bars.", "So the answer is 3."], "process_correctness": [1, 1]}},
+            {"image": ["blue.png"], "question": "How many bars?", "answer": "3", "data_source": "chart",
+             "response": json.dumps({"steps": ["There are 4 bars.", "So 4."], "process_correctness": [-1, 0]})},
+            {"image": ["blue.png"], "question": "What colour?", "answer": "blue", "data_source": "colour",
+             "response": {"steps": ["It is red.", "So red."], "process_correctness": [-1, -1]}}]
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    prm_dir = tmp_path / "mm-prm"
+    image_sensitive_mm_prm.save_pretrained(prm_dir)
+    report = tmp_path / "vpb.json"
+    assert main(["eval", "visualprocessbench", "--prm", str(prm_dir), "--data", str(data),
+                 "--image-root", str(images), "--report", str(report), "--quiet", "--max-tiles", "1"]) == 0
+    got = json.loads(report.read_text())
+    prm = PRM.from_pretrained(prm_dir, max_tiles=1)
+    rewards = [prm.score(r["question"], [json.loads(r["response"])["steps"] if isinstance(r["response"], str)
+                                         else r["response"]["steps"]], image=str(images / r["image"][0]))[0]
+               for r in rows]
+    pairs = [(x, 1) for x in rewards[0]] + [(rewards[1][0], -1)] + [(x, -1) for x in rewards[2]]
+    tp = sum(x >= 0.5 and y == 1 for x, y in pairs)
+    tn = sum(x < 0.5 and y == -1 for x, y in pairs)
+    assert (got["overall"]["tp"], got["overall"]["tn"], got["overall"]["steps"]) == (tp, tn, 5)
+    assert set(got["by_source"]) == {"chart", "colour"} and got["neutral_steps"] == 1
+
+
+# --- PRMBench ------------------------------------------------------------------------------------------
+def test_prmbench_metric_by_hand():
+    from mmprm_infer.evaluation.data import Record
+    from mmprm_infer.evaluation.prmbench import metrics, read_case
+
+    def case(classification, idx, n_steps, errors):
+        return read_case(Record({"modified_question": "q", "modified_process": [f"s{k}" for k in range(n_steps)],
+                                 "error_steps": errors, "classification": classification, "idx": idx}, "x"))
+
+    cases = [case("circular", "1", 3, [2]), case("circular", "1", 2, []),  # a repeated idx: dropped
+             case("redundency", "2", 2, [1, 5]),  # step 5 does not exist: ignored
+             case("multi_solutions", "3", 2, [])]
+    rewards = [[0.8, 0.5, 0.6], [0.1, 0.1], [0.9, 0.4], [0.7, 0.2]]
+    m = metrics(cases, rewards)
+    by = m["by_classification"]
+    assert by["circular"]["prmscore"] == pytest.approx(1.0)  # 0.5 is not above 0.5: the error step is caught
+    assert by["redundency"]["prmscore"] == pytest.approx(0.0)
+    assert by["multi_solutions"]["prmscore"] == pytest.approx(2 / 3)  # F1 of right steps only
+    # overall: TP 3, TN 1, FP 1, FN 2
+    assert m["prmscore"] == pytest.approx((6 / 9 + 2 / 5) / 2)
+    assert m["categories"] == pytest.approx({"simplicity": 0.5, "sensitivity": 2 / 3})
+    assert (m["samples"], m["duplicates_dropped"], m["error_steps_out_of_range"]) == (3, 1, 1)
+
+
+def test_prmbench_command(qwen_prm_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"original_question": "q", "modified_question": f"What is {i} + 1?", "original_process": ["a"],
+             "modified_process": [f"{i} + 1 = {i + 1 + (i % 2)}", f"So {i + 1 + (i % 2)}."],
+             "error_steps": [1, 2] if i % 2 else [], "classification": "counterfactual" if i % 2 else "multi_solutions",
+             "idx": str(i), "reason": "", "modified_steps": [1]} for i in range(6)]
+    (data / "counterfactual.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = tmp_path / "prmbench.json"
+    assert main(["eval", "prmbench", "--prm", str(qwen_prm_dir), "--data", str(data), "--report", str(report),
+                 "--quiet"]) == 0
+    got = json.loads(report.read_text())
+    prm = PRM.from_pretrained(qwen_prm_dir)
+    tp = fn = fp = tn = 0
+    for r in rows:
+        for k, x in enumerate(prm.score(r["modified_question"], [r["modified_process"]])[0]):
+            right = (k + 1) not in r["error_steps"]
+            tp, fn, fp, tn = tp + (x > 0.5 and right), fn + (x <= 0.5 and right), fp + (x > 0.5 and not right), \
+                tn + (x <= 0.5 and not right)
+    f1 = lambda a, b, c: 2 * a / (2 * a + b + c) if a + b + c else math.nan  # noqa: E731
+    assert got["prmscore"] == pytest.approx((f1(tp, fp, fn) + f1(tn, fn, fp)) / 2, nan_ok=True)
+    assert set(got["by_classification"]) == {"counterfactual", "multi_solutions"}

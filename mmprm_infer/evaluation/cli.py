@@ -147,6 +147,48 @@ def run_processbench(args) -> int:
     return finish(args, report, collector, table)
 
 
+def _step_table(title: str, rows: list[tuple[str, dict]], score_key: str = "macro_f1") -> list[str]:
+    table = [title, f"{'':<24}{'steps':>7}{'F1 right':>10}{'F1 wrong':>10}{'score':>8}"]
+    for name, m in rows:
+        table.append(f"{name:<24}{m['steps']:>7}{_pct(m['f1_correct']):>10}{_pct(m['f1_incorrect']):>10}"
+                     f"{_pct(m[score_key]):>8}")
+    return table
+
+
+def run_visualprocessbench(args) -> int:
+    from .visualprocessbench import metrics, read_case
+
+    base = Path(args.data).parent
+    collector = Collector(args.on_error)
+    records = [r for rs in read_splits(args.data).values() for r in rs]
+    cases = collector.parse(records, lambda r: read_case(r, resolve_images(r, "image", base, args.image_root)))
+    rewards = score(args, [c.item for c in cases], [c.where for c in cases], collector, "visualprocessbench")
+    scored = [(c, r[0]) for c, r in zip(cases, rewards) if r is not None]
+    m = metrics([c for c, _ in scored], [r for _, r in scored], args.threshold)
+    report = {"benchmark": "visualprocessbench", "threshold": args.threshold, "cases": len(scored), **m}
+    table = _step_table(f"VisualProcessBench, {len(scored)} cases, threshold {args.threshold} (neutral steps "
+                        f"left out: {m['neutral_steps']})", [*m["by_source"].items(), ("overall", m["overall"])])
+    return finish(args, report, collector, table)
+
+
+def run_prmbench(args) -> int:
+    from .prmbench import metrics, read_case
+
+    collector = Collector(args.on_error)
+    records = [r for rs in read_splits(args.data).values() for r in rs]
+    cases = collector.parse(records, read_case)
+    rewards = score(args, [c.item for c in cases], [c.where for c in cases], collector, "prmbench")
+    scored = [(c, r[0]) for c, r in zip(cases, rewards) if r is not None]
+    m = metrics([c for c, _ in scored], [r for _, r in scored], args.threshold)
+    report = {"benchmark": "prmbench", "threshold": args.threshold, **m}
+    table = _step_table(f"PRMBench, {m['samples']} samples, threshold {args.threshold} (PRMScore; "
+                        "multi_solutions: F1 of right steps)",
+                        [*m["by_classification"].items(), ("overall", {**m["overall"], "prmscore": m["prmscore"]})],
+                        score_key="prmscore")
+    table.append("categories: " + ", ".join(f"{k} {_pct(v).strip()}" for k, v in m["categories"].items()))
+    return finish(args, report, collector, table)
+
+
 def _bon_question(args, base_dir: Path):
     def read(record: Record):
         question = field(record, "question", str)
@@ -224,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "processbench-report.json")
     _threshold(p)
     p.set_defaults(func=run_processbench)
+    p = sub.add_parser("visualprocessbench", help="VisualProcessBench: macro F1 of right / wrong steps, per source")
+    p.add_argument("--data", required=True, help="test.jsonl (or a folder of JSONL/JSON/Parquet files)")
+    p.add_argument("--image-root", type=Path, default=None, help="folder the 'image' paths are relative to "
+                   "(default: the data file's)")
+    _common(p, "visualprocessbench-report.json")
+    p.add_argument("--threshold", type=float, default=0.5, help="a step is predicted right at or above this reward")
+    p.set_defaults(func=run_visualprocessbench)
+    p = sub.add_parser("prmbench", help="PRMBench: PRMScore overall, per classification and category")
+    p.add_argument("--data", required=True, help="a JSONL/JSON/Parquet file, or the folder of PRMBench's data/*.jsonl")
+    _common(p, "prmbench-report.json")
+    p.add_argument("--threshold", type=float, default=0.5, help="a step is predicted right above this reward")
+    p.set_defaults(func=run_prmbench)
     p = sub.add_parser("bon", help="Best-of-N accuracy versus N on your candidates")
     p.add_argument("--input", "-i", required=True, help="JSONL: question, answer, candidates, image?, category?")
     p.add_argument("--image-root", type=Path, default=None, help="folder image paths are relative to "

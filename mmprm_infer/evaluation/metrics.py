@@ -28,7 +28,7 @@ import math
 import numbers
 from typing import Sequence
 
-__all__ = ["first_error_index", "step_error_f1", "step_macro_f1"]
+__all__ = ["first_error_index", "step_error_f1", "step_macro_f1", "StepCounts"]
 
 
 def first_error_index(values: Sequence[float], threshold: float = 0.5) -> int:
@@ -144,3 +144,48 @@ def step_macro_f1(
         "step_accuracy": (tp + tn) / total if total else math.nan,
         "num_steps": total,
     }
+
+
+class StepCounts:
+    """Step-level confusion counts, "positive" = a correct step; pooled (micro) over every step added.
+
+    The two per-class F1 scores and their mean are the per-step metric of VisualProcessBench
+    (VisualPRM) and PRMBench ("PRMScore"); a class with no steps in truth and prediction has F1
+    nan (the official scripts give -1 or divide by zero there)."""
+
+    def __init__(self) -> None:
+        self.tp = self.fp = self.fn = self.tn = 0
+
+    def add(self, predicted_correct: bool, truly_correct: bool) -> None:
+        if truly_correct:
+            self.tp += predicted_correct
+            self.fn += not predicted_correct
+        else:
+            self.fp += predicted_correct
+            self.tn += not predicted_correct
+
+    def merge(self, other: "StepCounts") -> "StepCounts":
+        for name in ("tp", "fp", "fn", "tn"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    @staticmethod
+    def _f1(hits: int, false_alarms: int, misses: int) -> float:
+        return 2 * hits / (2 * hits + false_alarms + misses) if hits + false_alarms + misses else math.nan
+
+    @property
+    def f1_correct(self) -> float:
+        return self._f1(self.tp, self.fp, self.fn)
+
+    @property
+    def f1_incorrect(self) -> float:
+        return self._f1(self.tn, self.fn, self.fp)
+
+    @property
+    def macro_f1(self) -> float:
+        return (self.f1_correct + self.f1_incorrect) / 2
+
+    def as_dict(self) -> dict:
+        return {"macro_f1": self.macro_f1, "f1_correct": self.f1_correct, "f1_incorrect": self.f1_incorrect,
+                "steps": self.tp + self.fp + self.fn + self.tn, "tp": self.tp, "fp": self.fp, "fn": self.fn,
+                "tn": self.tn}
