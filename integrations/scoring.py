@@ -57,6 +57,7 @@ def _encode(prm: PRM, item: ScoringItem) -> tuple[EncodedQuestion, list[int], di
     candidates = item.candidates
     if isinstance(candidates, str) or not isinstance(candidates, Sequence):
         raise TypeError("candidates must be a list of solutions; wrap a single one as [solution]")
+    _check_question(prm, item)
     try:
         return prm.encode(item.question, candidates, item.image), list(range(len(candidates))), {}
     except (FormatError, ValueError, TypeError):
@@ -81,6 +82,21 @@ def _encode(prm: PRM, item: ScoringItem) -> tuple[EncodedQuestion, list[int], di
         # Nothing scorable: if the question itself is the problem, say so rather than blaming every candidate.
         prm.format.encode(prm.tokenizer, item.question, ["x"], image_tokens)
     return EncodedQuestion(encoded, image_features), valid, errors
+
+
+def _check_question(prm: PRM, item: ScoringItem) -> None:
+    """A question longer than the context fails once here, instead of being tokenized again for every candidate.
+
+    Only questions of more characters than the context has tokens are tokenized here (a token spans at least
+    one character, almost always), so the usual short question costs nothing extra.
+    """
+    limit = prm.adapter.max_positions
+    if limit is None or not isinstance(item.question, str) or len(item.question) <= limit:
+        return
+    tokens = len(prm.tokenizer(item.question, add_special_tokens=False)["input_ids"])
+    if tokens > limit:
+        raise ValueError(f"the question is {tokens} tokens long, more than the model's context of {limit} tokens; "
+                         "shorten the question")
 
 
 def score_items(prm: PRM, items: Sequence[ScoringItem], engine: str | Engine | None = None

@@ -13,11 +13,19 @@ Endpoints:
   ``answer`` and ``error``; the response carries ``prm`` with the scores of
   all samples.  The PRM's question is the last user message's text (chat),
   the prompt (completions), or the request's ``question`` field.  Images:
-  ``image_url`` content parts holding ``data:`` URLs or local file paths go
-  to the PRM (and, as data URLs, to the policy).
+  ``image_url`` content parts holding ``data:`` URLs (or, with
+  ``--image-root``, paths of files under it) go to the PRM and, as data URLs,
+  to the policy.  ``stream=true`` gets the chosen choices as server-sent
+  events once scoring is done (server_stream.py).  Completions prompts may be
+  token ids: they go to the policy as given; the PRM's question then comes
+  from ``question`` (or, with ``--decode-token-prompts``, from the PRM's
+  tokenizer -- right only when policy and PRM share a tokenizer).
 - ``POST /v1/prm/score``: ``{question, candidates, image?, aggregate?,
   strategy?}`` -> step rewards, scores, ranking.
-- ``GET /health``, ``GET /v1/models``.
+- ``GET /health`` (never asks for a key), ``GET /v1/models``: the one model
+  name clients may use -- ``--served-model-name``, else the policy's model.
+  A request naming another model gets 404 (code ``model_not_found``); the
+  response's ``model`` is the name asked for.
 
 Scoring: one scorer task pulls requests from an asyncio queue, waits up to
 ``--batch-window-ms`` for more (up to ``max_batch_candidates`` candidates),
@@ -26,23 +34,26 @@ request gets back only its own candidates' results.  At most ``--max-queue``
 requests are admitted at once (waiting for the policy or the PRM); more get
 503.  Toward the policy: ``--upstream-timeout`` per attempt, ``--retries``
 retries with exponential backoff on connection errors, timeouts, 429 and
-5xx; then 502 (504 when the last attempt timed out).  A request the policy
-rejects with 400/422 is answered 400 with the policy's message.  Bad
-requests get 400 with an OpenAI-style ``{"error": {"message": ...}}``.
+5xx; then 502 (504 when the last attempt timed out); a malformed answer is
+502 too.  A request the policy rejects with 400/422 is answered 400 with the
+policy's message.
+
+Limits and safety (server_options.py has the flags and defaults): a client
+key (401), body bytes (413), characters per text, samples per request
+(prompts x n), images per request and pixels per image (400); local image
+paths only under ``--image-root`` (server_images.py).  Client errors are
+400/401/404/413 with an OpenAI-style ``{"error": {"message": ...}}``, never
+500.  A request whose client disconnects is cancelled, upstream call and
+scoring included.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import io
 import logging
-import os
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -51,72 +62,32 @@ from mmprm_infer.formats import FormatError
 from mmprm_infer.prm import PRM, ScoringItem
 from mmprm_infer.records import PRMSpec
 from mmprm_infer.selection import get_strategy
-from mmprm_infer.vision import ImageLoadError, open_rgb
+from mmprm_infer.vision import ImageLoadError
 
-from .policy import _image_url
-from .scoring import Ranking, finite_or_none, rank_scored, score_items
+from .scoring import Ranking, finite_or_none
+from .server_batcher import PRMBatcher
+from .server_errors import APIError, UpstreamError, error_body
+from .server_guard import Guard
+from .server_images import ImageReader
+from .server_options import ServerConfig, add_serve_arguments, config_from_args
 
 try:
-    import httpx
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
+
+    from .server_stream import stream_response
+    from .server_upstream import Upstream
 except ImportError as exc:  # pragma: no cover - the error says what to install
     raise ImportError("the reranking server needs the 'serve' extra: pip install 'mmprm-infer[serve]' "
                       f"(fastapi, uvicorn, httpx); missing: {exc.name}") from exc
 
-__all__ = ["ServerConfig", "create_app", "run_server", "PRMBatcher", "Upstream", "UpstreamError"]
+__all__ = ["ServerConfig", "create_app", "run_server", "serve_main", "add_serve_arguments", "PRMBatcher",
+           "Upstream", "UpstreamError", "APIError"]
 
 log = logging.getLogger("mmprm.server")
-
-MAX_SAMPLES = 128
-
-
-@dataclass
-class ServerConfig:
-    policy_url: str
-    policy_model: str | None = None  # default: the first model the policy lists at /models
-    api_key: str | None = None  # sent to the policy as a Bearer token
-    n: int = 8
-    aggregate: str = "min"
-    strategy: str = "best_of_n"
-    max_queue: int = 256
-    batch_window_ms: float = 10.0
-    max_batch_candidates: int = 512
-    upstream_timeout: float = 60.0
-    retries: int = 2
-    backoff_s: float = 0.2
-    engine: str | None = None
-    image_root: str | None = None  # when set, local image paths must lie under it
-    ignore_images: bool = False  # a text-only PRM scores image requests on their text alone
-
-    def __post_init__(self) -> None:
-        if not self.policy_url.startswith(("http://", "https://")):
-            raise ValueError(f"policy_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {self.policy_url!r}")
-        for name in ("n", "max_queue", "max_batch_candidates"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n > MAX_SAMPLES:
-            raise ValueError(f"n must be <= {MAX_SAMPLES}, got {self.n}")
-        if self.retries < 0 or self.upstream_timeout <= 0 or self.batch_window_ms < 0:
-            raise ValueError("retries and batch_window_ms must be >= 0 and upstream_timeout > 0")
-        get_aggregation(self.aggregate)
-        get_strategy(self.strategy)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-
-
-class UpstreamError(APIError):
-    def __init__(self, status: int, message: str):
-        super().__init__(status, message, type="upstream_error")
 
 
 # --------------------------------------------------------------------------
@@ -145,9 +116,10 @@ class ChatMessage(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")  # temperature, max_tokens, stop, seed, ... go to the policy as given
     model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_SAMPLES)
-    best_of: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="samples to draw and rerank")
+    n: int = Field(1, ge=1)  # n, best_of and the prompts are capped together by --max-samples
+    best_of: int | None = Field(None, ge=1, description="samples to draw and rerank")
     stream: bool = False
+    stream_options: dict | None = None  # include_usage is honoured; never sent to the policy (asked stream=false)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -156,7 +128,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     question: str | list[str] | None = None
     echo: bool = False
 
@@ -165,46 +137,9 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     question: str
     candidates: list[str | list[str]] = Field(min_length=1, max_length=1024)
-    image: str | list[str] | None = None  # data: URLs or local paths
+    image: str | list[str] | None = None  # data: URLs, or paths under --image-root
     aggregate: str | None = None
     strategy: str | None = None
-
-
-# --------------------------------------------------------------------------
-# images
-# --------------------------------------------------------------------------
-
-
-def decode_image(url: str, image_root: str | None = None):
-    """A data: URL or local path -> RGB PIL image; APIError(400) saying what is wrong."""
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if not header.endswith(";base64") or not payload:
-            raise APIError(400, "image data URLs must be base64: data:image/png;base64,<data>", param="image_url")
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, "image data URL holds invalid base64", param="image_url") from None
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(raw)) as im:
-                im.load()
-                return open_rgb(im)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise APIError(400, f"cannot decode the image in a data URL: {exc}", param="image_url") from None
-    if url.startswith(("http://", "https://")):
-        raise APIError(400, "http(s) image URLs are not fetched by the reranking server; send the image as a "
-                            "data: URL (base64) or a local file path", param="image_url")
-    path = Path(url[len("file://"):] if url.startswith("file://") else url)
-    if image_root is not None:
-        root = Path(image_root).resolve()
-        if root != path.resolve() and root not in path.resolve().parents:
-            raise APIError(400, f"local image paths must lie under {root}; got {url!r}", param="image_url")
-    try:
-        return open_rgb(path)
-    except ImageLoadError as exc:
-        raise APIError(400, str(exc), param="image_url") from None
 
 
 def _text_of(content) -> str:
@@ -216,191 +151,13 @@ def _text_of(content) -> str:
 
 
 # --------------------------------------------------------------------------
-# PRM batching
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class _Job:
-    items: list[ScoringItem]
-    aggregate: str
-    strategy: str
-    future: asyncio.Future
-    size: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.size = sum(len(it.candidates) for it in self.items)
-
-
-class PRMBatcher:
-    """One scorer task: collects jobs for a short window, scores them in one engine call, answers each job."""
-
-    def __init__(self, prm: PRM, engine: str | None = None, window_s: float = 0.01, max_batch_candidates: int = 512):
-        self.prm = prm
-        self.engine = engine
-        self.window_s = window_s
-        self.max_batch_candidates = max_batch_candidates
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._task: asyncio.Task | None = None
-        self.batches = 0  # scoring calls made (for tests and /health)
-        self.batched_jobs = 0
-        self.busy_s = 0.0  # time spent scoring
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="mmprm-prm-scorer")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        while not self.queue.empty():
-            job = self.queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(APIError(503, "server shutting down", type="server_error"))
-
-    async def rank(self, items: list[ScoringItem], aggregate: str, strategy: str) -> list[Ranking]:
-        job = _Job(items, aggregate, strategy, asyncio.get_running_loop().create_future())
-        await self.queue.put(job)
-        return await job.future
-
-    async def _collect(self) -> list[_Job]:
-        jobs = [await self.queue.get()]
-        size = jobs[0].size
-        deadline = time.monotonic() + self.window_s
-        while size < self.max_batch_candidates:
-            remaining = deadline - time.monotonic()
-            try:
-                job = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self.queue.get(), remaining)
-            except (asyncio.TimeoutError, asyncio.QueueEmpty):
-                break
-            jobs.append(job)
-            size += job.size
-        return jobs
-
-    async def _run(self) -> None:
-        while True:
-            jobs = await self._collect()
-            jobs = [j for j in jobs if not j.future.cancelled()]  # the client went away
-            if not jobs:
-                continue
-            try:
-                results = await asyncio.to_thread(self._score_jobs, jobs)
-            except Exception:  # one job's input broke the shared call: score them one by one
-                results = []
-                for job in jobs:
-                    try:
-                        results.append((await asyncio.to_thread(self._score_jobs, [job]))[0])
-                    except Exception as exc:  # noqa: BLE001 - handed to that request
-                        results.append(exc)
-            for job, result in zip(jobs, results):
-                if job.future.done():
-                    continue
-                if isinstance(result, Exception):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
-
-    def _score_jobs(self, jobs: list[_Job]) -> list[list[Ranking]]:
-        """All jobs' items in one engine call; rankings handed back per job, in its own item order."""
-        items = [it for job in jobs for it in job.items]
-        t0 = time.perf_counter()
-        rewards, errors = score_items(self.prm, items, self.engine)
-        self.busy_s += time.perf_counter() - t0
-        self.batches += 1
-        self.batched_jobs += len(jobs)
-        out, start = [], 0
-        for job in jobs:
-            end = start + len(job.items)
-            out.append(rank_scored(job.items, rewards[start:end], errors[start:end], job.aggregate, job.strategy))
-            start = end
-        return out
-
-
-# --------------------------------------------------------------------------
-# the upstream policy
-# --------------------------------------------------------------------------
-
-
-class Upstream:
-    """POSTs to the policy server with timeouts and retries; errors become 400/502/504."""
-
-    def __init__(self, config: ServerConfig):
-        self.base = config.policy_url.rstrip("/")
-        self.config = config
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        limits = httpx.Limits(max_connections=config.max_queue + 8, max_keepalive_connections=64)
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(config.upstream_timeout), limits=limits, headers=headers)
-        self._model: str | None = config.policy_model
-        self.calls = 0
-
-    async def close(self) -> None:
-        await self.client.aclose()
-
-    async def model(self) -> str:
-        if self._model is None:
-            data = await self._request("GET", "/models", None)
-            try:
-                self._model = data["data"][0]["id"]
-            except (KeyError, IndexError, TypeError):
-                raise UpstreamError(502, f"the policy at {self.base}/models lists no model; start it with a model "
-                                         "or pass --policy-model") from None
-        return self._model
-
-    async def post(self, path: str, body: dict) -> dict:
-        return await self._request("POST", path, body)
-
-    async def _request(self, method: str, path: str, body: dict | None) -> dict:
-        url = self.base + path
-        last: str = ""
-        timed_out = False
-        for attempt in range(self.config.retries + 1):
-            self.calls += 1
-            try:
-                resp = await self.client.request(method, url, json=body)
-            except httpx.TimeoutException:
-                timed_out, last = True, f"no answer within {self.config.upstream_timeout:g} s"
-            except httpx.TransportError as exc:
-                timed_out, last = False, f"{type(exc).__name__}: {exc}"
-            else:
-                if resp.status_code < 400:
-                    try:
-                        return resp.json()
-                    except ValueError:
-                        raise UpstreamError(502, f"the policy at {url} answered with non-JSON: {resp.text[:200]!r}") from None
-                detail = _error_message(resp)
-                if resp.status_code in (400, 422):
-                    raise APIError(400, f"the policy rejected the request: {detail}")
-                if resp.status_code != 429 and resp.status_code < 500:
-                    raise UpstreamError(502, f"the policy at {url} answered HTTP {resp.status_code}: {detail}")
-                timed_out, last = False, f"HTTP {resp.status_code}: {detail}"
-            if attempt < self.config.retries:
-                await asyncio.sleep(self.config.backoff_s * (2 ** attempt))
-        tries = self.config.retries + 1
-        if timed_out:
-            raise UpstreamError(504, f"the policy at {url} timed out ({tries} attempt(s)); last: {last}")
-        raise UpstreamError(502, f"the policy at {url} failed ({tries} attempt(s)); last error: {last}")
-
-
-def _error_message(resp) -> str:
-    try:
-        data = resp.json()
-    except ValueError:
-        return resp.text[:500]
-    if isinstance(data, dict):
-        err = data.get("error", data.get("detail", data))
-        if isinstance(err, dict):
-            return str(err.get("message", err))[:500]
-        return str(err)[:500]
-    return str(data)[:500]
-
-
-# --------------------------------------------------------------------------
 # the app
 # --------------------------------------------------------------------------
 
 
 class _State:
+    """What the handlers share: the PRM, the limits, the scorer, the policy client, the image readers."""
+
     def __init__(self, prm: PRM, config: ServerConfig):
         self.prm = prm
         self.config = config
@@ -408,6 +165,7 @@ class _State:
         self.rejected = 0
         self.batcher: PRMBatcher | None = None
         self.upstream: Upstream | None = None
+        self.images: ImageReader | None = None
 
     @contextlib.asynccontextmanager
     async def admitted(self):
@@ -421,21 +179,62 @@ class _State:
         finally:
             self.inflight -= 1
 
+    async def served_name(self) -> str:
+        return self.config.served_model_name or await self.upstream.model()
 
-def _samples(req: _Sampling, config: ServerConfig) -> int:
-    return max(req.best_of or config.n, req.n)
+    async def check_model(self, asked: str | None) -> str:
+        """The model name for the response: the one asked for, which must be the one served (404 otherwise)."""
+        served = await self.served_name()
+        if asked is not None and asked != served:
+            raise APIError(404, f"the model {asked[:200]!r} does not exist on this server; it serves {served!r} (see "
+                                "GET /v1/models): set 'model' to that", param="model", code="model_not_found")
+        return served
 
+    def check_text(self, name: str, text: str) -> None:
+        cap = self.config.max_text_chars
+        if len(text) > cap:
+            raise APIError(400, f"{name} is {len(text)} characters long, more than this server's limit of {cap} "
+                                "(--max-text-chars); shorten it", param=name, code="string_above_max_length")
 
-def _prm_images(state: _State, images: list):
-    if not images:
-        return None
-    if not state.prm.format.supports_images:
-        if state.config.ignore_images:
+    def samples(self, req: _Sampling, prompts: int = 1) -> int:
+        """Samples per prompt to ask the policy for; the request's total is capped by --max-samples."""
+        samples = max(req.best_of or self.config.n, req.n)
+        if samples * prompts > self.config.max_samples:
+            asked = f"{samples} samples" + (f" for each of {prompts} prompts" if prompts > 1 else "")
+            raise APIError(400, f"this request asks the policy for {asked} (max(n, best_of or the server's --n "
+                                f"{self.config.n})), more than this server's limit of {self.config.max_samples} "
+                                "samples per request (--max-samples); lower n or best_of"
+                                + (" or send fewer prompts" if prompts > 1 else ""), param="n")
+        return samples
+
+    def check_images(self, count: int, param: str) -> None:
+        """Before any image is read: a text-only PRM refuses images, and their number is capped."""
+        if count and not self.prm.format.supports_images and not self.config.ignore_images:
+            raise APIError(400, f"this server's PRM (format {self.prm.format.name!r}) is text-only and cannot score "
+                                "images; send the request without image_url parts (or start the server with "
+                                "--ignore-images)", param=param)
+        if count > self.config.max_images:
+            raise APIError(400, f"the request holds {count} images, more than this server's limit of "
+                                f"{self.config.max_images} (--max-images)", param=param)
+
+    def prm_image(self, images: list):
+        """The PRM's image argument: None, one lazily decoded image, or a list of them."""
+        if not images or not self.prm.format.supports_images:
             return None
-        raise APIError(400, f"this server's PRM (format {state.prm.format.name!r}) is text-only and cannot score "
-                            "images; send the request without image_url parts (or start the server with "
-                            "--ignore-images)", param="messages")
-    return images
+        pil = [im.pil() for im in images]
+        return pil[0] if len(pil) == 1 else pil
+
+    async def rank(self, items: list[ScoringItem], aggregate: str, strategy: str) -> list[Ranking]:
+        try:
+            return await self.batcher.rank(items, aggregate, strategy)
+        except (FormatError, ImageLoadError, ValueError, TypeError) as exc:
+            raise APIError(400, f"the PRM cannot score this request: {exc}") from None
+        except APIError:
+            raise
+        except Exception as exc:  # the PRM failed (non-finite rewards, out of memory, ...): the server's fault
+            log.exception("PRM scoring failed")
+            raise APIError(500, f"the PRM failed on this request: {type(exc).__name__}: {exc}",
+                           type="server_error") from None
 
 
 def _prm_field(ranking: Ranking, i: int, rank: int) -> dict:
@@ -461,28 +260,211 @@ def _summary(ranking: Ranking, samples: int) -> dict:
     }
 
 
+def _ranked_choices(choices: list[dict], ranking: Ranking, n: int, first_index: int = 0) -> list[dict]:
+    """The best n choices, best first, each with its prm field; ``index`` counts on from first_index."""
+    out = []
+    for rank, i in enumerate(ranking.rerank.ranking[:n]):
+        choice = dict(choices[i])
+        choice["index"] = first_index + rank
+        choice["prm"] = _prm_field(ranking, i, rank)
+        out.append(choice)
+    return out
+
+
+async def _chat(state: _State, req: ChatCompletionRequest) -> dict:
+    config = state.config
+    question = req.question
+    if question is None:
+        users = [m for m in req.messages if m.role == "user"]
+        question = _text_of(users[-1].content) if users else ""
+    if not question.strip():
+        raise APIError(400, "no question for the PRM: the request has no user message with text; add one "
+                            "or pass 'question'", param="messages")
+    state.check_text("question", question)
+    parts = []  # (message, part, url) of every image part
+    for i, m in enumerate(req.messages):
+        state.check_text(f"messages[{i}].content", _text_of(m.content))
+        for j, p in enumerate(m.content if isinstance(m.content, list) else ()):
+            if p.type == "image_url":
+                if p.image_url is None:
+                    raise APIError(400, "an image_url content part needs image_url.url", param="messages")
+                parts.append((i, j, p.image_url.url))
+    state.check_images(len(parts), "messages")
+    samples = state.samples(req)
+    async with state.admitted():
+        model = await state.check_model(req.model)
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        prm_images = []
+        for i, j, url in parts:
+            image = await state.images.read(url)
+            part = messages[i]["content"][j]
+            part["image_url"] = {**part["image_url"], "url": image.policy_url}  # files reach the policy as data URLs
+            if req.messages[i].role == "user":
+                prm_images.append(image)
+        body = req.model_dump(exclude={"question", "best_of", "messages", "stream_options"}, exclude_none=True)
+        body.update(model=await state.upstream.model(), messages=messages, n=samples, stream=False)
+        data = await state.upstream.post("/chat/completions", body)
+        choices = _choices(data, samples, "message")
+        texts = [c["message"].get("content") or "" for c in choices]
+        item = ScoringItem(question, texts, state.prm_image(prm_images))
+        ranking = (await state.rank([item], config.aggregate, config.strategy))[0]
+        out = _ranked_choices(choices, ranking, req.n)
+        return _response(data, model, "chat.completion", out, {**_summary(ranking, samples), "question": question})
+
+
+def _prompt_list(prompt) -> tuple[list, bool]:
+    """The prompts, and whether they are token ids (one list of ints, or a list of them)."""
+    if isinstance(prompt, str):
+        return [prompt], False
+    if not prompt or isinstance(prompt[0], str):
+        return list(prompt), False
+    prompts = [prompt] if isinstance(prompt[0], int) else list(prompt)
+    for k, ids in enumerate(prompts):
+        if not ids or min(ids) < 0:
+            raise APIError(400, f"prompt {k} must be a non-empty list of token ids >= 0", param="prompt")
+    return prompts, True
+
+
+def _questions(state: _State, req: CompletionRequest, prompts: list, token_ids: bool) -> list[str]:
+    """The PRM's question per prompt: 'question', else the prompt text (token ids: see --decode-token-prompts)."""
+    if req.question is not None:
+        questions = [req.question] if isinstance(req.question, str) else list(req.question)
+        if len(questions) != len(prompts):
+            raise APIError(400, f"got {len(questions)} questions for {len(prompts)} prompts", param="question")
+        return questions
+    if not token_ids:
+        return prompts
+    if not state.config.decode_token_prompts:
+        # The policy's tokenizer is unknown here; decoding with the PRM's would give a wrong question, silently.
+        raise APIError(400, "the prompt is given as token ids, and this server cannot know the policy's tokenizer: "
+                            "send the PRM's question as text in 'question' (one per prompt), or start the server "
+                            "with --decode-token-prompts if the policy and the PRM share a tokenizer", param="prompt")
+    try:
+        return [state.prm.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
+    except Exception as exc:  # noqa: BLE001 - ids outside the vocabulary, in whatever form the tokenizer says it
+        raise APIError(400, f"cannot decode the token-id prompt with the PRM's tokenizer: {exc}", param="prompt") from None
+
+
+async def _completions(state: _State, req: CompletionRequest) -> dict:
+    config = state.config
+    prompts, token_ids = _prompt_list(req.prompt)
+    if not prompts:
+        raise APIError(400, "prompt is an empty list; give a prompt string", param="prompt")
+    if token_ids and req.echo:
+        raise APIError(400, "echo=true is not supported with token-id prompts: the server cannot tell the echoed "
+                            "prompt from the completion; send echo=false or a text prompt", param="echo")
+    questions = _questions(state, req, prompts, token_ids)
+    for k, text in enumerate(questions):
+        state.check_text(f"question[{k}]" if req.question is not None else f"prompt[{k}]", text)
+    samples = state.samples(req, len(prompts))
+    async with state.admitted():
+        model = await state.check_model(req.model)
+        body = req.model_dump(exclude={"question", "best_of", "stream_options"}, exclude_none=True)
+        body.update(model=await state.upstream.model(), n=samples, stream=False)  # the prompt goes as given
+        data = await state.upstream.post("/completions", body)
+        choices = _choices(data, samples * len(prompts), "text")
+        items = []
+        for p, question in enumerate(questions):
+            texts = []
+            for c in choices[p * samples:(p + 1) * samples]:
+                text = c.get("text") or ""
+                if req.echo and text.startswith(prompts[p]):
+                    text = text[len(prompts[p]):]
+                texts.append(text)
+            items.append(ScoringItem(question, texts, None))
+        rankings = await state.rank(items, config.aggregate, config.strategy)
+        out = []
+        for p, ranking in enumerate(rankings):
+            out += _ranked_choices(choices[p * samples:(p + 1) * samples], ranking, req.n, p * req.n)
+        summary = [_summary(r, samples) for r in rankings]
+        return _response(data, model, "text_completion", out, summary[0] if len(summary) == 1 else summary)
+
+
+async def _score(state: _State, req: ScoreRequest) -> dict:
+    config = state.config
+    aggregate = req.aggregate or config.aggregate
+    strategy = req.strategy or config.strategy
+    try:
+        get_aggregation(aggregate)
+        get_strategy(strategy)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="aggregate" if req.aggregate else "strategy") from None
+    state.check_text("question", req.question)
+    for i, c in enumerate(req.candidates):
+        state.check_text(f"candidates[{i}]", c if isinstance(c, str) else "".join(c))
+    urls = [] if req.image is None else ([req.image] if isinstance(req.image, str) else list(req.image))
+    state.check_images(len(urls), "image")
+    async with state.admitted():
+        images = [await state.images.read(u) for u in urls]
+        item = ScoringItem(req.question, req.candidates, state.prm_image(images))
+        ranking = (await state.rank([item], aggregate, strategy))[0]
+        r = ranking.rerank
+        return {
+            "object": "prm.score",
+            "question": req.question,
+            "aggregate": r.aggregate,
+            "strategy": r.strategy,
+            "step_rewards": r.step_rewards,
+            "scores": [finite_or_none(s) for s in r.scores],
+            "ranking": r.ranking,
+            "best_index": r.best_index,
+            "answers": r.answers,
+            "errors": {str(k): v for k, v in ranking.errors.items()},
+        }
+
+
+async def _unless_client_left(request: Request, work):
+    """Run the handler's work, cancelling it (upstream call and scoring included) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+
+    async def left():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(left())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        log.info("client left %s before its answer; its work was cancelled", request.url.path)
+        return Response(status_code=499)  # nobody reads it
+    return task.result()
+
+
 def create_app(prm: PRM, config: ServerConfig) -> FastAPI:
     state = _State(prm, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state.upstream = Upstream(config)
+        state.images = ImageReader(config.image_root, config.max_image_pixels, config.max_body_bytes,
+                                   config.image_workers, config.image_timeout_s)
         state.batcher = PRMBatcher(prm, config.engine, config.batch_window_ms / 1000.0, config.max_batch_candidates)
         state.batcher.start()
         try:
             yield
         finally:
             await state.batcher.stop()
+            state.images.close()
             await state.upstream.close()
 
     app = FastAPI(title="mmprm reranking server", lifespan=lifespan)
+    app.add_middleware(Guard, keys=config.client_api_keys, max_body_bytes=config.max_body_bytes)
     app.state.mmprm = state
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return JSONResponse({"error": {"message": exc.message, "type": exc.type, "param": exc.param,
-                                       "code": exc.status}}, status_code=exc.status, headers=headers)
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                            headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):  # unknown path, wrong method: OpenAI-style too
+        return JSONResponse(error_body(str(exc.detail), code=exc.status_code), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -490,21 +472,13 @@ def create_app(prm: PRM, config: ServerConfig) -> FastAPI:
         for err in exc.errors()[:5]:
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             parts.append(f"{loc or 'body'}: {err.get('msg')}")
-        return JSONResponse({"error": {"message": "invalid request: " + "; ".join(parts),
-                                       "type": "invalid_request_error", "param": None, "code": 400}},
-                            status_code=400)
+        return JSONResponse(error_body("invalid request: " + "; ".join(parts), code=400), status_code=400)
 
-    async def _rank(items: list[ScoringItem], aggregate: str, strategy: str) -> list[Ranking]:
-        try:
-            return await state.batcher.rank(items, aggregate, strategy)
-        except (FormatError, ImageLoadError, ValueError, TypeError) as exc:
-            raise APIError(400, f"the PRM cannot score this request: {exc}") from None
-        except APIError:
-            raise
-        except Exception as exc:  # the PRM failed (non-finite rewards, out of memory, ...)
-            log.exception("PRM scoring failed")
-            raise APIError(500, f"the PRM failed on this request: {type(exc).__name__}: {exc}",
-                           type="server_error") from None
+    async def answer(request: Request, req, work):
+        result = await _unless_client_left(request, work)
+        if req.stream and isinstance(result, dict):
+            return stream_response(result, bool((req.stream_options or {}).get("include_usage")))
+        return result
 
     @app.get("/health")
     async def health():
@@ -516,151 +490,53 @@ def create_app(prm: PRM, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        name = await state.upstream.model()
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "mmprm-reranker"}]}
+        return {"object": "list", "data": [{"id": await state.served_name(), "object": "model",
+                                            "created": int(time.time()), "owned_by": "mmprm-reranker"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        if req.stream:
-            raise APIError(400, "stream=true is not supported: the server must see every sample before it can "
-                                "pick the best; send stream=false", param="stream")
-        async with state.admitted():
-            question = req.question
-            if question is None:
-                users = [m for m in req.messages if m.role == "user"]
-                question = _text_of(users[-1].content) if users else ""
-            if not question.strip():
-                raise APIError(400, "no question for the PRM: the request has no user message with text; add one "
-                                    "or pass 'question'", param="messages")
-            images, messages = [], []
-            for m in req.messages:
-                msg = m.model_dump(exclude_none=True)
-                if isinstance(m.content, list):
-                    parts = []
-                    for p, raw in zip(m.content, msg["content"]):
-                        if p.type == "image_url":
-                            if p.image_url is None:
-                                raise APIError(400, "an image_url content part needs image_url.url", param="messages")
-                            image = decode_image(p.image_url.url, config.image_root)
-                            if m.role == "user":
-                                images.append(image)
-                            raw = {**raw, "image_url": {**raw["image_url"], "url": _as_data_url(p.image_url.url, image)}}
-                        parts.append(raw)
-                    msg["content"] = parts
-                messages.append(msg)
-            prm_images = _prm_images(state, images)
-            samples = _samples(req, config)
-            body = req.model_dump(exclude={"question", "best_of", "messages"}, exclude_none=True)
-            body.update(model=await state.upstream.model(), messages=messages, n=samples, stream=False)
-            data = await state.upstream.post("/chat/completions", body)
-            choices = _choices(data, samples)
-            texts = [((c.get("message") or {}).get("content") or "") for c in choices]
-            image_arg = prm_images if prm_images is None or len(prm_images) > 1 else prm_images[0]
-            ranking = (await _rank([ScoringItem(question, texts, image_arg)], config.aggregate, config.strategy))[0]
-            out = []
-            for rank, i in enumerate(ranking.rerank.ranking[:req.n]):
-                choice = dict(choices[i])
-                choice["index"] = rank
-                choice["prm"] = _prm_field(ranking, i, rank)
-                out.append(choice)
-            return _response(data, "chat.completion", out, {**_summary(ranking, samples), "question": question})
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await answer(request, req, _chat(state, req))
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        if req.stream:
-            raise APIError(400, "stream=true is not supported: the server must see every sample before it can "
-                                "pick the best; send stream=false", param="stream")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not prompts:
-            raise APIError(400, "prompt is an empty list; give a prompt string", param="prompt")
-        questions = req.question if req.question is not None else prompts
-        questions = [questions] if isinstance(questions, str) else list(questions)
-        if len(questions) != len(prompts):
-            raise APIError(400, f"got {len(questions)} questions for {len(prompts)} prompts", param="question")
-        async with state.admitted():
-            samples = _samples(req, config)
-            body = req.model_dump(exclude={"question", "best_of"}, exclude_none=True)
-            body.update(model=await state.upstream.model(), n=samples, stream=False)
-            data = await state.upstream.post("/completions", body)
-            choices = _choices(data, samples * len(prompts))
-            items = []
-            for p, (prompt, question) in enumerate(zip(prompts, questions)):
-                texts = []
-                for c in choices[p * samples:(p + 1) * samples]:
-                    text = c.get("text") or ""
-                    if req.echo and text.startswith(prompt):
-                        text = text[len(prompt):]
-                    texts.append(text)
-                items.append(ScoringItem(question, texts, None))
-            rankings = await _rank(items, config.aggregate, config.strategy)
-            out = []
-            for p, ranking in enumerate(rankings):
-                for rank, i in enumerate(ranking.rerank.ranking[:req.n]):
-                    choice = dict(choices[p * samples + i])
-                    choice["index"] = p * req.n + rank
-                    choice["prm"] = _prm_field(ranking, i, rank)
-                    out.append(choice)
-            summary = [_summary(r, samples) for r in rankings]
-            return _response(data, "text_completion", out, summary[0] if len(summary) == 1 else summary)
+    async def completions(req: CompletionRequest, request: Request):
+        return await answer(request, req, _completions(state, req))
 
     @app.post("/v1/prm/score")
-    async def prm_score(req: ScoreRequest):
-        aggregate = req.aggregate or config.aggregate
-        strategy = req.strategy or config.strategy
-        try:
-            get_aggregation(aggregate)
-            get_strategy(strategy)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="aggregate" if req.aggregate else "strategy") from None
-        async with state.admitted():
-            urls = [] if req.image is None else ([req.image] if isinstance(req.image, str) else list(req.image))
-            images = _prm_images(state, [decode_image(u, config.image_root) for u in urls])
-            image_arg = images if images is None or len(images) > 1 else images[0]
-            ranking = (await _rank([ScoringItem(req.question, req.candidates, image_arg)], aggregate, strategy))[0]
-            r = ranking.rerank
-            return {
-                "object": "prm.score",
-                "question": req.question,
-                "aggregate": r.aggregate,
-                "strategy": r.strategy,
-                "step_rewards": r.step_rewards,
-                "scores": [finite_or_none(s) for s in r.scores],
-                "ranking": r.ranking,
-                "best_index": r.best_index,
-                "answers": r.answers,
-                "errors": {str(k): v for k, v in ranking.errors.items()},
-            }
+    async def prm_score(req: ScoreRequest, request: Request):
+        return await _unless_client_left(request, _score(state, req))
 
     return app
 
 
-def _as_data_url(url: str, image) -> str:
-    """What the policy gets for an image: data URLs as they came, local files as data URLs."""
-    if url.startswith("data:"):
-        return url
-    return _image_url(image)
-
-
-def _choices(data: dict, expected: int) -> list[dict]:
-    try:
-        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-    except (KeyError, TypeError, AttributeError):
-        raise UpstreamError(502, f"the policy answered without a choices list: {str(data)[:300]}") from None
-    if len(choices) != expected:
-        raise UpstreamError(502, f"the policy returned {len(choices)} choices, {expected} were asked for (does it "
+def _choices(data, expected: int, field: str) -> list[dict]:
+    """The policy's choices in index order; 502 for an answer that is not what the OpenAI API specifies."""
+    raw = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(raw, list):
+        raise UpstreamError(502, f"the policy answered without a choices list: {str(data)[:300]}")
+    for c in raw:
+        inner = c.get(field) if isinstance(c, dict) else None
+        ok = (isinstance(c, dict) and isinstance(c.get("index", 0), int)
+              and (isinstance(inner, dict) and isinstance(inner.get("content"), (str, type(None)))
+                   if field == "message" else isinstance(inner, (str, type(None)))))
+        if not ok:
+            raise UpstreamError(502, f"the policy answered with a malformed choice (expected an object with an "
+                                     f"integer index and {'a message object' if field == 'message' else 'a text'}"
+                                     f"): {str(c)[:300]}")
+    if len(raw) != expected:
+        raise UpstreamError(502, f"the policy returned {len(raw)} choices, {expected} were asked for (does it "
                                  "honour n?)")
-    return choices
+    return sorted(raw, key=lambda c: c.get("index", 0))
 
 
-def _response(upstream: dict, obj: str, choices: list[dict], summary) -> dict:
+def _response(upstream: dict, model: str, obj: str, choices: list[dict], summary) -> dict:
+    usage = upstream.get("usage")
     return {
         "id": f"{'chatcmpl' if obj == 'chat.completion' else 'cmpl'}-prm-{uuid.uuid4().hex[:24]}",
         "object": obj,
         "created": int(time.time()),
-        "model": upstream.get("model"),
+        "model": model,
         "choices": choices,
-        "usage": upstream.get("usage"),
+        "usage": usage if isinstance(usage, dict) else None,
         "prm": summary,
     }
 
@@ -678,14 +554,17 @@ def run_server(prm: PRM, config: ServerConfig, host: str = "127.0.0.1", port: in
 
 
 def serve_main(args) -> int:
-    """``mmprm serve``: load the PRM, start uvicorn."""
-    prm = PRMSpec(args.prm, format=args.format, dtype=args.dtype, max_tiles=getattr(args, "max_tiles", None)).load(
-        args.device, getattr(args, "threads", None))
-    config = ServerConfig(
-        policy_url=args.policy_url, policy_model=args.policy_model, api_key=args.api_key or os.environ.get("MMPRM_POLICY_API_KEY"),
-        n=args.n, aggregate=args.aggregate, strategy=args.strategy, max_queue=args.max_queue,
-        batch_window_ms=args.batch_window_ms, upstream_timeout=args.upstream_timeout, retries=args.retries,
-        engine=args.engine, image_root=args.image_root, ignore_images=args.ignore_images,
-    )
+    """``mmprm serve``: check every option, then load the PRM (minutes for an 8B model), then start uvicorn."""
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"mmprm serve: {exc}") from None
+    if not Path(args.prm).is_dir():
+        raise SystemExit(f"mmprm serve: --prm {args.prm!r} is not a directory; give the PRM checkpoint's folder")
+    try:
+        prm = PRMSpec(args.prm, format=args.format, dtype=args.dtype, max_tiles=args.max_tiles).load(
+            args.device, args.threads)
+    except Exception as exc:  # noqa: BLE001 - a checkpoint can fail in many ways; name it and the cause
+        raise SystemExit(f"mmprm serve: cannot load the PRM from {args.prm}: {type(exc).__name__}: {exc}") from None
     run_server(prm, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0

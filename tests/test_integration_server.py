@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
-import re
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -18,164 +12,16 @@ fastapi = pytest.importorskip("fastapi", reason="the server tests need the 'serv
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mmprm_infer import PRM  # noqa: E402
 from mmprm_infer.cli import build_parser  # noqa: E402
-from mmprm_infer.integrations.server import ServerConfig, create_app  # noqa: E402
-
-TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """uvicorn serving an app on 127.0.0.1 in a background thread."""
-
-    def __init__(self, app):
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-# --------------------------------------------------------------------------
-# a fake policy whose samples say which request they belong to
-# --------------------------------------------------------------------------
-
-WORDS = "the area is 12 5 = 60 half of so we compute x + y and eggs per day sells remainder market".split()
-
-
-def _sample(tag: str, j: int) -> str:
-    rng = np.random.RandomState(abs(hash((tag, j))) % (2 ** 31))
-    steps = [f"{tag} sample {j}: " + " ".join(rng.choice(WORDS, size=rng.randint(2, 8)))
-             for _ in range(rng.randint(1, 4))]
-    return "\n\n".join(steps) + f"\n\nso the answer is \\boxed{{{rng.randint(1, 4)}}}"
-
-
-class FakePolicy:
-    def __init__(self):
-        self.delay = 0.0
-        self.fail: list[int] = []  # statuses to answer with, one per call, before answering normally
-        self.error_message = "boom"
-        self.bodies: list[dict] = []
-        self.calls = 0
-        self.empty_sample = False
-        self.app = self._build()
-
-    def _next_failure(self):
-        return self.fail.pop(0) if self.fail else None
-
-    def _build(self) -> FastAPI:
-        app = FastAPI()
-
-        @app.get("/v1/models")
-        async def models():
-            return {"object": "list", "data": [{"id": "fake-policy", "object": "model"}]}
-
-        async def common(request: Request):
-            self.calls += 1
-            body = await request.json()
-            self.bodies.append(body)
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            status = self._next_failure()
-            if status is not None:
-                return body, JSONResponse({"error": {"message": self.error_message}}, status_code=status)
-            return body, None
-
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request):
-            body, failure = await common(request)
-            if failure is not None:
-                return failure
-            user = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
-            text = user if isinstance(user, str) else " ".join(p.get("text", "") for p in user if p["type"] == "text")
-            tag = re.search(r"request \d+", text)
-            tag = tag.group(0) if tag else "request ?"
-            choices = [{"index": j, "message": {"role": "assistant", "content": _sample(tag, j)},
-                        "finish_reason": "stop"} for j in range(body["n"])]
-            if self.empty_sample:
-                choices[0]["message"]["content"] = ""
-            choices.reverse()  # servers need not order choices; the reranker must use "index"
-            return {"id": "x", "object": "chat.completion", "model": body["model"], "choices": choices,
-                    "usage": {"prompt_tokens": len(text), "completion_tokens": 1, "total_tokens": len(text) + 1}}
-
-        @app.post("/v1/completions")
-        async def completions(request: Request):
-            body, failure = await common(request)
-            if failure is not None:
-                return failure
-            prompts = [body["prompt"]] if isinstance(body["prompt"], str) else body["prompt"]
-            choices = []
-            for p, prompt in enumerate(prompts):
-                tag = re.search(r"request \d+", prompt)
-                tag = tag.group(0) if tag else "request ?"
-                for j in range(body["n"]):
-                    text = _sample(tag, j)
-                    choices.append({"index": p * body["n"] + j, "text": (prompt + text) if body.get("echo") else text,
-                                    "finish_reason": "stop"})
-            return {"id": "y", "object": "text_completion", "model": body["model"], "choices": choices,
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
-
-        return app
-
-
-@pytest.fixture(scope="module")
-def prm(shepherd_dir):
-    return PRM.from_pretrained(shepherd_dir, format="math-shepherd", dtype=torch.float32)
-
-
-@pytest.fixture
-def policy():
-    fake = FakePolicy()
-    with ServerThread(fake.app) as srv:
-        fake.url = srv.url + "/v1"
-        yield fake
-
-
-def _reranker(prm, policy_url, **options):
-    config = ServerConfig(policy_url=policy_url, **{"n": 4, "retries": 2, "backoff_s": 0.01, **options})
-    return ServerThread(create_app(prm, config))
-
-
-def _chat(text: str, **extra) -> dict:
-    return {"model": "anything", "messages": [{"role": "system", "content": "be brief"},
-                                              {"role": "user", "content": text}], **extra}
-
-
-def _check_choices(prm, question, data, tag=None):
-    """Choices are best first, their rewards are the PRM's for (question, text), and they belong to `tag`."""
-    scores = [c["prm"]["score"] for c in data["choices"]]
-    assert scores == sorted(scores, reverse=True)
-    texts = [c["message"]["content"] if "message" in c else c["text"] for c in data["choices"]]
-    direct = prm.score(question, texts)
-    for c, rewards in zip(data["choices"], direct):
-        torch.testing.assert_close(torch.tensor(c["prm"]["step_rewards"]), torch.tensor(rewards), rtol=0, atol=TOL)
-    if tag is not None:
-        assert all(f"{tag} sample" in t for t in texts), (tag, texts)
+from mmprm_infer.integrations.server import PRMBatcher, ServerConfig  # noqa: E402
+from server_fakes import MODEL, TOL, free_port  # noqa: E402
+from server_fakes import chat as _chat  # noqa: E402
+from server_fakes import check_choices as _check_choices  # noqa: E402
+from server_fakes import data_url as _data_url  # noqa: E402
+from server_fakes import reranker as _reranker  # noqa: E402
+from server_fakes import policy, prm  # noqa: E402,F401 - fixtures
 
 
 # --------------------------------------------------------------------------
@@ -266,30 +112,41 @@ def test_health_and_models(prm, policy):
 # --------------------------------------------------------------------------
 
 
-def test_concurrent_requests_are_batched_and_never_mixed(prm, policy):
-    policy.delay = 0.05
+def test_concurrent_requests_are_batched_and_never_mixed(prm, policy, monkeypatch):
     count = 32
+    # The scorer starts its first batch only once every request is queued: one batch, whatever the machine's speed.
+    collect, gated = PRMBatcher._collect, []
+
+    async def collect_when_all_queued(self):
+        if not gated:
+            while self.queue.qsize() < count:
+                await asyncio.sleep(0.005)
+            gated.append(True)
+        return await collect(self)
+
+    monkeypatch.setattr(PRMBatcher, "_collect", collect_when_all_queued)
 
     async def run(url):
-        async with httpx.AsyncClient(timeout=60) as client:
+        async with httpx.AsyncClient(timeout=120) as client:
             async def one(i):
                 if i % 2:
                     r = await client.post(url + "/v1/chat/completions", json=_chat(f"request {i}: what?", n=2))
                 else:
-                    r = await client.post(url + "/v1/completions", json={"prompt": f"request {i}: what?", "n": 2})
+                    r = await client.post(url + "/v1/completions",
+                                          json={"model": MODEL, "prompt": f"request {i}: what?", "n": 2})
                 return i, r
             return await asyncio.gather(*(one(i) for i in range(count)))
 
-    with _reranker(prm, policy.url, batch_window_ms=100) as srv:
+    with _reranker(prm, policy.url, batch_window_ms=0, max_queue=count) as srv:
         results = asyncio.run(run(srv.url))
         health = httpx.get(srv.url + "/health").json()
     assert len(results) == count
     for i, r in results:
         assert r.status_code == 200, r.text
         _check_choices(prm, f"request {i}: what?", r.json(), f"request {i}")
-    # 32 requests, far fewer PRM passes
+    # 32 requests, one PRM pass
     assert health["scored_requests"] == count
-    assert health["scoring_batches"] < count // 2, health
+    assert health["scoring_batches"] == 1, health
 
 
 # --------------------------------------------------------------------------
@@ -298,18 +155,25 @@ def test_concurrent_requests_are_batched_and_never_mixed(prm, policy):
 
 
 def test_queue_full_gives_503(prm, policy):
-    policy.delay = 1.0
+    policy.gate.clear()  # the policy holds the admitted requests until the others were turned away
 
     async def run(url):
-        async with httpx.AsyncClient(timeout=30) as client:
-            return await asyncio.gather(*(client.post(url + "/v1/chat/completions", json=_chat(f"request {i}: q"))
-                                          for i in range(6)))
+        async with httpx.AsyncClient(timeout=60) as client:
+            admitted = [asyncio.ensure_future(client.post(url + "/v1/chat/completions", json=_chat(f"request {i}: q")))
+                        for i in range(2)]
+            while policy.calls < 2:  # both are in flight, at the policy
+                await asyncio.sleep(0.005)
+            turned_away = await asyncio.gather(*(client.post(url + "/v1/chat/completions",
+                                                             json=_chat(f"request {i}: q")) for i in range(2, 6)))
+            policy.gate.set()
+            return await asyncio.gather(*admitted), turned_away
 
     with _reranker(prm, policy.url, max_queue=2) as srv:
-        responses = asyncio.run(run(srv.url))
-    codes = sorted(r.status_code for r in responses)
+        admitted, turned_away = asyncio.run(run(srv.url))
+    codes = sorted(r.status_code for r in admitted + turned_away)
     assert codes.count(200) == 2 and codes.count(503) == 4, codes
-    busy = next(r for r in responses if r.status_code == 503)
+    assert [r.status_code for r in admitted] == [200, 200]
+    busy = turned_away[0]
     assert "limit of 2" in busy.json()["error"]["message"] and busy.headers["retry-after"] == "1"
 
 
@@ -338,23 +202,19 @@ def test_upstream_bad_request_is_400(prm, policy):
 
 def test_upstream_timeout_is_504(prm, policy):
     with _reranker(prm, policy.url, upstream_timeout=0.3, retries=1, policy_model="fake-policy") as srv:
-        policy.delay = 2.0
-        start = time.time()
-        r = httpx.post(srv.url + "/v1/chat/completions", json=_chat("request 9: q"), timeout=30)
+        policy.gate.clear()  # the policy never answers while the test waits
+        try:
+            r = httpx.post(srv.url + "/v1/chat/completions", json=_chat("request 9: q"), timeout=30)
+        finally:
+            policy.gate.set()
         assert r.status_code == 504 and "timed out (2 attempt(s))" in r.json()["error"]["message"]
-        assert time.time() - start < 5
+        assert policy.calls == 2
 
 
 def test_upstream_down_is_502(prm):
-    with _reranker(prm, f"http://127.0.0.1:{_free_port()}/v1", retries=1) as srv:
+    with _reranker(prm, f"http://127.0.0.1:{free_port()}/v1", retries=1) as srv:
         r = httpx.post(srv.url + "/v1/chat/completions", json=_chat("request 10: q"))
         assert r.status_code == 502 and "ConnectError" in r.json()["error"]["message"]
-
-
-def _data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.mark.parametrize("body, needle", [
@@ -362,17 +222,18 @@ def _data_url(image: Image.Image) -> str:
     ({"messages": []}, "messages: List should have at least 1 item"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n: Input should be greater than or equal to 1"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, "stream=true is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "sometimes"}, "stream: Input should be a valid"),
     ({"messages": [{"role": "system", "content": "only a system prompt"}]}, "no question for the PRM"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}},
                                                 {"type": "text", "text": "q"}]}]}, "invalid base64"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}},
                                                 {"type": "text", "text": "q"}]}]}, "not fetched"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/no/such/file.png"}},
-                                                {"type": "text", "text": "q"}]}]}, "not found"),
+                                                {"type": "text", "text": "q"}]}]}, "local image paths are off"),
 ])
 def test_bad_chat_requests_are_400(prm, policy, body, needle):
-    with _reranker(prm, policy.url) as srv:
+    # ignore_images: the text-only PRM reads the images (for the policy) instead of refusing them up front
+    with _reranker(prm, policy.url, ignore_images=True) as srv:
         r = httpx.post(srv.url + "/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"], r.json()
@@ -394,6 +255,8 @@ def test_other_bad_requests(prm, policy):
         assert r.status_code == 400 and "2 prompts" in r.json()["error"]["message"]
         r = httpx.post(srv.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400
+        r = httpx.get(srv.url + "/v1/no-such-endpoint")  # OpenAI-style error bodies for the framework's errors too
+        assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
     with pytest.raises(ValueError, match="policy_url"):
         ServerConfig(policy_url="127.0.0.1:8000")
 
@@ -445,7 +308,7 @@ def test_images_go_to_the_prm(mm_prm, policy, tmp_path):
         msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}},
                                             {"type": "text", "text": q}]}]
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": msg})
-        assert r.status_code == 400 and "must lie under" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "not an image file under the server's image root" in r.json()["error"]["message"]
         r = httpx.post(srv.url + "/v1/prm/score", json={"question": q, "candidates": ["a b", "c"],
                                                         "image": _data_url(img_a)})
         assert r.status_code == 200
