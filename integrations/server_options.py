@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from mmprm_infer.aggregation import AGGREGATIONS, ALIASES, get_aggregation
+from mmprm_infer.arguments import DTYPES, arg_type, at_least, non_negative_int, positive_int
 from mmprm_infer.formats import FORMATS
 from mmprm_infer.selection import get_strategy
 
@@ -111,33 +112,9 @@ def read_key_file(path: str) -> tuple[str, ...]:
     return keys
 
 
-def _arg_type(check, name: str):
-    """Wrap a ValueError-raising check as an argparse type whose error message is the check's."""
-    def parse(value: str):
-        try:
-            return check(value)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    parse.__name__ = name
-    return parse
-
-
-def _at_least(low: float, kind=int):
-    def check(value: str):
-        try:
-            number = kind(value)
-        except ValueError:
-            raise ValueError(f"expected {'a whole number' if kind is int else 'a number'}, got {value!r}") from None
-        if number < low:
-            raise ValueError(f"must be >= {low:g}, got {value}")
-        return number
-    return _arg_type(check, kind.__name__)
-
-
 def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     """The ``mmprm serve`` flags (read by ``config_from_args`` and ``integrations.server.serve_main``)."""
-    positive, non_negative = _at_least(1), _at_least(0)
-    serve.add_argument("--policy-url", required=True, type=_arg_type(_http_url, "url"),
+    serve.add_argument("--policy-url", required=True, type=arg_type(_http_url, "url"),
                        help="the policy's OpenAI API root, e.g. http://127.0.0.1:8000/v1")
     serve.add_argument("--policy-model", default=None, help="model name to ask the policy for (default: its first)")
     serve.add_argument("--served-model-name", default=None,
@@ -150,41 +127,41 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--format", choices=sorted(FORMATS), help="PRM format (default: read from the checkpoint)")
     serve.add_argument("--engine", default=None, help="scoring engine (default: fast)")
     serve.add_argument("--device", default="cpu")
-    serve.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU)")
-    serve.add_argument("--max-tiles", type=positive, default=None, help="InternVL formats: tiles per image")
+    serve.add_argument("--dtype", default=None, choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
+    serve.add_argument("--max-tiles", type=positive_int, default=None, help="InternVL formats: tiles per image")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=non_negative, default=8080)
-    serve.add_argument("--n", type=positive, default=8, help="samples drawn from the policy per request")
+    serve.add_argument("--port", type=non_negative_int, default=8080)
+    serve.add_argument("--n", type=positive_int, default=8, help="samples drawn from the policy per request")
     serve.add_argument("--aggregate", default="min", choices=sorted([*AGGREGATIONS, *ALIASES]))
     serve.add_argument("--strategy", default="best_of_n", choices=("best_of_n", "weighted_vote", "majority_vote"))
-    serve.add_argument("--max-queue", type=positive, default=256, help="requests admitted at once; more get HTTP 503")
-    serve.add_argument("--batch-window-ms", type=_at_least(0, float), default=10.0,
+    serve.add_argument("--max-queue", type=positive_int, default=256, help="requests admitted at once; more get HTTP 503")
+    serve.add_argument("--batch-window-ms", type=at_least(0, float), default=10.0,
                        help="how long the scorer waits to batch concurrent requests into one PRM pass")
-    serve.add_argument("--upstream-timeout", type=_at_least(0.001, float), default=60.0,
+    serve.add_argument("--upstream-timeout", type=at_least(0.001, float), default=60.0,
                        help="seconds per policy request attempt")
-    serve.add_argument("--retries", type=non_negative, default=2,
+    serve.add_argument("--retries", type=non_negative_int, default=2,
                        help="retries toward the policy (errors, 429, 5xx, timeouts)")
-    serve.add_argument("--image-root", default=None, type=_arg_type(_directory, "directory"),
+    serve.add_argument("--image-root", default=None, type=arg_type(_directory, "directory"),
                        help="allow local image paths, only for files under this folder (default: data: URLs only)")
     serve.add_argument("--ignore-images", action="store_true", help="text-only PRM: score image requests on text")
-    serve.add_argument("--threads", type=positive, default=None,
+    serve.add_argument("--threads", type=positive_int, default=None,
                        help="torch CPU threads for the PRM (default: torch's; leave cores to a policy on the same box)")
     limits = serve.add_argument_group("limits (a request over one gets 400, or 413 for the body)")
-    limits.add_argument("--max-body-bytes", type=positive, default=MAX_BODY_BYTES,
+    limits.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
                         help=f"request body size (default {MAX_BODY_BYTES})")
-    limits.add_argument("--max-text-chars", type=positive, default=MAX_TEXT_CHARS,
+    limits.add_argument("--max-text-chars", type=positive_int, default=MAX_TEXT_CHARS,
                         help=f"characters per question, candidate, prompt or message (default {MAX_TEXT_CHARS})")
-    limits.add_argument("--max-samples", type=positive, default=MAX_SAMPLES,
+    limits.add_argument("--max-samples", type=positive_int, default=MAX_SAMPLES,
                         help=f"samples asked of the policy per request: prompts x max(n, best_of, --n) "
                              f"(default {MAX_SAMPLES})")
-    limits.add_argument("--max-images", type=positive, default=MAX_IMAGES,
+    limits.add_argument("--max-images", type=positive_int, default=MAX_IMAGES,
                         help=f"images per request (default {MAX_IMAGES})")
-    limits.add_argument("--max-image-pixels", type=positive, default=MAX_IMAGE_PIXELS,
+    limits.add_argument("--max-image-pixels", type=positive_int, default=MAX_IMAGE_PIXELS,
                         help=f"width x height per image, read from the header before decoding (default "
                              f"{MAX_IMAGE_PIXELS})")
-    limits.add_argument("--image-timeout", type=_at_least(0.001, float), default=IMAGE_TIMEOUT_S,
+    limits.add_argument("--image-timeout", type=at_least(0.001, float), default=IMAGE_TIMEOUT_S,
                         help=f"seconds to decode one image (default {IMAGE_TIMEOUT_S:g})")
-    limits.add_argument("--image-workers", type=positive, default=IMAGE_WORKERS,
+    limits.add_argument("--image-workers", type=positive_int, default=IMAGE_WORKERS,
                         help=f"threads decoding images, beside the event loop (default {IMAGE_WORKERS})")
     serve.add_argument("--decode-token-prompts", action="store_true",
                        help="/v1/completions: turn token-id prompts into the PRM's question with the PRM's "

@@ -17,28 +17,12 @@ import time
 from pathlib import Path
 
 from .aggregation import AGGREGATIONS, ALIASES
+from .arguments import DTYPES, non_negative_int, positive_int
 from .formats import FORMATS
 from .progress import progress_bar
 from .files import OutputError, atomic_output, check_output_path
 from .records import (EXIT_RECORDS_FAILED, PRMSpec, ResultWriter, ScoringOptions, finished, plan_windows,
                       process_window, read_windows)
-
-
-DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def check_scoring_options(args) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..aggregation import AGGREGATIONS
+from ..arguments import DTYPES, positive_int
 from ..files import check_output_path, write_json_atomic
 from ..formats import FORMATS
 from ..progress import quiet_transformers_progress
@@ -234,8 +235,6 @@ def run_bon(args) -> int:
 # command line
 # --------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, default_report: str) -> None:
-    from ..cli import DTYPES, positive_int
-
     p.add_argument("--prm", required=True, help="PRM checkpoint folder")
     p.add_argument("--report", default=default_report, help=f"report JSON (default {default_report})")
     p.add_argument("--format", choices=sorted(FORMATS), help="PRM format (default: read from the checkpoint)")
