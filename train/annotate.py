@@ -99,26 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_questions(path: str) -> list[dict]:
-    """Question dicts from a JSONL file (image paths made relative to it); errors name the line."""
+    """Question dicts from a JSONL (or JSON, Parquet) file, image paths made relative to it;
+    errors name the line."""
     from pathlib import Path
 
-    from mmprm_infer.records import decode_line
+    from mmprm_infer.evaluation.data import read_records
 
     base, questions = Path(path).parent, []
-    with open(path, "rb") as f:
-        for number, data in enumerate(f, 1):
-            raw = decode_line(data, number)
-            if not raw.strip():
-                continue
-            try:
-                q = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(q, dict) or "question" not in q or not ({"correct_answer", "answer"} & set(q)):
-                raise ValueError(f"{path} line {number}: needs 'question' and 'correct_answer' (or 'answer')")
-            if q.get("image_path") and not Path(q["image_path"]).is_absolute():
-                q["image_path"] = str(base / q["image_path"])
-            questions.append(q)
+    for record in read_records(path):
+        q = record.data
+        if "question" not in q or not ({"correct_answer", "answer"} & set(q)):
+            raise ValueError(f"{path} {record.where.split(' ', 1)[1]}: needs 'question' and 'correct_answer' "
+                             "(or 'answer')")
+        if q.get("image_path") and not Path(q["image_path"]).is_absolute():
+            q["image_path"] = str(base / q["image_path"])
+        questions.append(q)
     return questions
 
 

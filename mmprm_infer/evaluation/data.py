@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 from ..records import decode_line
 
-__all__ = ["Record", "BenchmarkDataError", "read_records", "read_splits", "field", "SUFFIXES"]
+__all__ = ["Record", "BenchmarkDataError", "read_records", "read_splits", "field", "string_list", "SUFFIXES"]
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".pq")
 
@@ -112,4 +112,12 @@ def field(record: Record, name: str, kind: type | tuple[type, ...], default: Any
     if not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise record.error(f"field '{name}' must be {names}, got {type(value).__name__}")
+    return value
+
+
+def string_list(record: Record, name: str) -> list[str]:
+    """A non-empty list of strings (a solution's steps)."""
+    value = field(record, name, list)
+    if not value or not all(isinstance(s, str) for s in value):
+        raise record.error(f"field '{name}' must be a non-empty list of strings")
     return value

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..prm import ScoringItem
-from .data import Record, field
+from .data import Record, field, string_list
 from .metrics import StepCounts
 
 __all__ = ["PRMBenchCase", "read_case", "metrics", "CATEGORIES"]
@@ -46,9 +46,7 @@ class PRMBenchCase:
 
 def read_case(record: Record) -> PRMBenchCase:
     question = field(record, "modified_question", str)
-    steps = field(record, "modified_process", list)
-    if not steps or not all(isinstance(s, str) for s in steps):
-        raise record.error("field 'modified_process' must be a non-empty list of strings")
+    steps = string_list(record, "modified_process")
     errors = field(record, "error_steps", list)
     if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in errors):
         raise record.error(f"field 'error_steps' must hold 1-based step numbers, got {errors!r:.80}")

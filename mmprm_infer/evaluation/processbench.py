@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..prm import ScoringItem
-from .data import Record, field
+from .data import Record, field, string_list
 from .metrics import first_error_index, step_error_f1
 
 __all__ = ["ProcessBenchCase", "read_case", "split_metrics"]
@@ -32,9 +32,7 @@ class ProcessBenchCase:
 
 def read_case(record: Record) -> ProcessBenchCase:
     problem = field(record, "problem", str)
-    steps = field(record, "steps", list)
-    if not steps or not all(isinstance(s, str) for s in steps):
-        raise record.error("field 'steps' must be a non-empty list of strings")
+    steps = string_list(record, "steps")
     label = field(record, "label", int)
     if not -1 <= label < len(steps):
         raise record.error(f"field 'label' is {label}, but there are {len(steps)} steps (-1 means all right)")

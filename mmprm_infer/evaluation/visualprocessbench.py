@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..prm import ScoringItem
-from .data import Record, field
+from .data import Record, field, string_list
 from .metrics import StepCounts
 
 __all__ = ["VisualProcessBenchCase", "read_case", "metrics"]
@@ -41,10 +41,8 @@ def read_case(record: Record, images: list[str] | None) -> VisualProcessBenchCas
         except json.JSONDecodeError:
             raise record.error("field 'response' is a string that is not JSON") from None
         record = Record({**record.data, "response": response}, record.where)
-    steps = field(record, "response.steps", list)
+    steps = string_list(record, "response.steps")
     labels = field(record, "response.process_correctness", list)
-    if not steps or not all(isinstance(s, str) for s in steps):
-        raise record.error("field 'response.steps' must be a non-empty list of strings")
     if len(labels) != len(steps) or not all(v in (1, 0, -1) and not isinstance(v, bool) for v in labels):
         raise record.error(f"field 'response.process_correctness' must hold one of 1, 0, -1 per step "
                            f"({len(steps)} steps, got {labels!r:.80})")
