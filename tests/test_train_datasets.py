@@ -177,8 +177,10 @@ def test_round_trip(tmp_path, fmt):
     path = tmp_path / f"data.{fmt}"
     assert save_samples(SAMPLES, path, fmt) == 3
     back = load_samples(path)
+    # stepwise writes TRL's bool labels (MC > 0) unless asked for the soft values
+    want = [[float(x > 0) for x in s.labels] if fmt == "stepwise" else s.labels for s in SAMPLES]
     assert [(s.question, s.steps, s.labels, s.image_paths) for s in back] == \
-        [(s.question, s.steps, s.labels, s.image_paths) for s in SAMPLES]
+        [(s.question, s.steps, w, s.image_paths) for s, w in zip(SAMPLES, want)]
     if fmt != "mm-prm":
         assert [s.answer for s in back] == [s.answer for s in SAMPLES]
     assert load_samples(path, fmt)[0].steps == SAMPLES[0].steps
@@ -202,6 +204,14 @@ def test_visualprm_and_stepwise_layouts(tmp_path):
     save_samples(SAMPLES, tmp_path / "trl.jsonl", "stepwise", hard_threshold=0.0)
     back = load_samples(tmp_path / "trl.jsonl")
     assert [b.labels for b in back] == [[1.0, 0.0], [1.0, 1.0], [1.0]]
+    # the default is TRL's layout (bools by MC > 0); soft values only when asked, under their own key
+    save_samples(SAMPLES, tmp_path / "default.jsonl", "stepwise")
+    first = json.loads((tmp_path / "default.jsonl").read_text().splitlines()[0])
+    assert first["labels"] == [True, False] and "soft_labels" not in first
+    save_samples(SAMPLES, tmp_path / "soft.jsonl", "stepwise", soft_labels=True)
+    first = json.loads((tmp_path / "soft.jsonl").read_text().splitlines()[0])
+    assert first["soft_labels"] == SAMPLES[0].labels and "labels" not in first
+    assert [b.labels for b in load_samples(tmp_path / "soft.jsonl")] == [s.labels for s in SAMPLES]
     save_samples(SAMPLES, tmp_path / "hard.jsonl", "mm-prm", hard_threshold=0.5)
     assert [b.labels for b in load_samples(tmp_path / "hard.jsonl")] == [[0.0, 0.0], [1.0, 1.0], [0.0]]
 

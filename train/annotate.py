@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels per tree node (MM-PRM) or per step")
     o.add_argument("--threshold", type=float, default=0.0, help="MC <= threshold is a negative (default 0)")
     o.add_argument("--hard-labels", action="store_true", help="export 1/0 labels (MC > threshold) instead of MC")
+    o.add_argument("--soft-labels", action="store_true",
+                   help="stepwise export: write the MC values (under 'soft_labels') instead of TRL's bool labels "
+                        "(MC > threshold), which is the default there")
     return p
 
 
@@ -194,7 +197,7 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
     if args.export:
         samples = trees_to_samples(load_trees(args.out_dir), LabelConfig(
             granularity=args.granularity, threshold=args.threshold, hard_labels=args.hard_labels))
-        save_samples(samples, args.export, args.export_format)
+        save_samples(samples, args.export, args.export_format, soft_labels=args.soft_labels)
         summary.update(label_stats(samples, args.threshold))
     print(json.dumps(summary))
     return 1 if stats.failed else 0

@@ -210,10 +210,20 @@ def from_visualprm_record(rec: dict[str, Any]) -> StepSample:
 
 # --- TRL stepwise --------------------------------------------------------------
 
-def to_stepwise_record(sample: StepSample, hard_threshold: float | None = None) -> dict[str, Any]:
+STEPWISE_SOFT_KEY = "soft_labels"  # soft MC values, under their own name: TRL reads "labels" with int()
+
+
+def to_stepwise_record(sample: StepSample, hard_threshold: float = 0.0, soft: bool = False) -> dict[str, Any]:
+    """TRL's stepwise layout: ``labels`` are bools, True when MC > ``hard_threshold`` (0: a step
+    is right when any rollout from it reached the answer, Math-Shepherd's rule).  ``soft=True``
+    writes the MC values instead, under ``soft_labels``, so a trainer that expects bools fails
+    loudly rather than truncating 0.75 to 0."""
     _check_steps(sample, tag=None)
-    labels: list[Any] = list(sample.labels) if hard_threshold is None else [x > hard_threshold for x in sample.labels]
-    rec: dict[str, Any] = {"prompt": sample.question, "completions": list(sample.steps), "labels": labels}
+    rec: dict[str, Any] = {"prompt": sample.question, "completions": list(sample.steps)}
+    if soft:
+        rec[STEPWISE_SOFT_KEY] = list(sample.labels)
+    else:
+        rec["labels"] = [x > hard_threshold for x in sample.labels]
     if sample.image_paths:
         rec["images"] = list(sample.image_paths)
     if sample.answer is not None:
@@ -225,11 +235,13 @@ def to_stepwise_record(sample: StepSample, hard_threshold: float | None = None) 
 
 def from_stepwise_record(rec: dict[str, Any]) -> StepSample:
     try:
-        labels = [float(x) for x in rec["labels"]]  # bool -> 1.0 / 0.0
+        raw = rec[STEPWISE_SOFT_KEY] if STEPWISE_SOFT_KEY in rec else rec["labels"]
+        labels = [float(x) for x in raw]  # bool -> 1.0 / 0.0
         return StepSample(rec["prompt"], rec["completions"], labels, _as_paths(rec.get("images", rec.get("image"))),
                           rec.get("answer"), None if rec.get("id") is None else str(rec["id"]))
     except KeyError as e:
-        raise DatasetFormatError(f"stepwise record needs prompt, completions, labels: {str(rec)[:200]}") from e
+        raise DatasetFormatError(f"stepwise record needs prompt, completions, labels (or {STEPWISE_SOFT_KEY}): "
+                                 f"{str(rec)[:200]}") from e
 
 
 # --- files -------------------------------------------------------------------
@@ -247,9 +259,11 @@ def detect_format(rec: dict[str, Any]) -> str:
 
 
 def save_samples(samples: Iterable[StepSample], path: str | os.PathLike, format: str = "mm-prm", *,
-                 hard_threshold: float | None = None) -> int:
+                 hard_threshold: float | None = None, soft_labels: bool = False) -> int:
     """Write samples; JSONL except ``mm-prm-traverse`` (one JSON list, as MM-PRM).
-    Written to a temp file and renamed into place.  Returns the count."""
+    ``hard_threshold``: labels become 1/0 by MC > threshold (``stepwise`` always writes bools,
+    by MC > 0 unless given, except with ``soft_labels``).  Written to a temp file and renamed
+    into place.  Returns the count."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
     path = Path(path)
@@ -263,7 +277,7 @@ def save_samples(samples: Iterable[StepSample], path: str | os.PathLike, format:
         elif format == "visualprm":
             records.append(to_visualprm_record(s))
         elif format == "stepwise":
-            records.append(to_stepwise_record(s, hard_threshold))
+            records.append(to_stepwise_record(s, 0.0 if hard_threshold is None else hard_threshold, soft_labels))
         else:
             records.append(to_mmprm_traverse_record(s))
     with atomic_output(path) as f:
