@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="runs/demo")
     # annotate / pipeline take their own options (see `mmprm annotate -h`, `mmprm pipeline -h`)
     sub.add_parser("annotate", help="MCTS (OmegaPRM) step annotation of synthetic multimodal problems", add_help=False)
+    sub.add_parser("train", help="train a PRM from your checkpoint and step-labelled data (see `mmprm train -h`)",
+                   add_help=False)
     sub.add_parser("eval", help="evaluate a PRM on a benchmark's own files: processbench, visualprocessbench, "
                    "prmbench, bon (see `mmprm eval -h`)", add_help=False)
     sub.add_parser("pipeline", help="annotate -> label -> train a small PRM -> evaluate (--preset demo | full)",
@@ -156,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train.annotate import annotate_main
 
         return annotate_main(argv[1:])
+    if argv and argv[0] == "train":
+        from .train.train_cli import train_main
+
+        return train_main(argv[1:])
     if argv and argv[0] == "eval":
         from .evaluation.cli import eval_main
 

@@ -325,9 +325,10 @@ def load_samples(path: str | os.PathLike, format: str | None = None) -> list[Ste
     if fmt not in _READERS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     out = []
-    for n, rec in enumerate(records):
+    where = "item" if path.read_text(encoding="utf-8").lstrip().startswith("[") else "line"
+    for n, rec in enumerate(records, 1):
         try:
             out.append(_READERS[fmt](rec))
         except DatasetFormatError as e:
-            raise DatasetFormatError(f"{path} record {n}: {e}") from None
+            raise DatasetFormatError(f"{path} {where} {n}: {e}") from None
     return out

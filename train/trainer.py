@@ -43,7 +43,9 @@ from mmprm_infer.models.adapters import adapter_for
 from mmprm_infer.prm import PRM
 
 from .collate import TrainExample, as_example, make_layout, place_embeds, place_tokens
-from .evaluate import step_error_f1, step_macro_f1
+from mmprm_infer.evaluation.metrics import step_error_f1, step_macro_f1
+
+from .resume import ResumeState, save_resume_point
 
 __all__ = [
     "LoraSettings", "TrainConfig", "TrainResult", "train_prm", "train_prm_from_checkpoint",
@@ -105,7 +107,8 @@ class TrainConfig:
     eval_batch_size: int | None = None  # None: 2 * batch_size
     eval_threshold: float = 0.5  # predicted first error: first step with reward < this
     eval_label_threshold: float = 0.5  # true first error: first step with label < this
-    save_steps: int | None = None  # also save output_dir/checkpoint-{step} every this many steps
+    save_steps: int | None = None  # every this many steps: output_dir/checkpoint-{step} and the resume point
+    keep_step_checkpoints: bool = True  # False: only the resume point (output_dir/checkpoint-last, train/resume.py)
     save_final: bool = True  # save the trained PRM to output_dir at the end
     progress: bool = True  # tqdm progress bar
     device: str | None = None  # move the model here first; None: where it is
@@ -433,7 +436,7 @@ def _write(handle, record: dict) -> None:
 
 def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = None,
               eval_samples: Iterable | None = None, *,
-              callbacks: Sequence[Callable[[dict], Any]] = ()) -> TrainResult:
+              callbacks: Sequence[Callable[[dict], Any]] = (), resume: ResumeState | None = None) -> TrainResult:
     """Train ``prm`` in place on labelled step samples; returns a ``TrainResult``.
 
     ``train_samples``: objects with ``question``, ``steps`` (list of str),
@@ -491,8 +494,9 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(
             {**config_dict(config), "resolved_learning_rate": lr, "total_steps": total_steps}, indent=2))
-        train_log = open(out_dir / TRAIN_LOG, "w")
-        eval_log = open(out_dir / EVAL_LOG, "w") if eval_examples else None
+        mode = "a" if resume is not None else "w"  # a resumed run continues its logs
+        train_log = open(out_dir / TRAIN_LOG, mode)
+        eval_log = open(out_dir / EVAL_LOG, mode) if eval_examples else None
 
     params = [p for _, p in trainable]
     weights = (position_balance_weights([ex.labels for ex in examples], config.hard_label_threshold)
@@ -515,10 +519,20 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         _write(eval_log, record)
         stop = any([callback(record) is True for callback in callbacks]) or stop
 
+    batches = _optimizer_batches(len(examples), config)
+    if resume is not None:
+        if config.lora is not None:
+            raise ValueError("resuming a LoRA run is not supported (its checkpoints are saved merged)")
+        resume.check(len(examples), total_steps)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        for _ in range(resume.step):  # the same seeded order: skip the batches already trained on
+            epoch, _ = next(batches)
+        step, losses, history = resume.step, list(resume.losses), list(resume.eval_history)
+        torch.set_rng_state(resume.rng)
     model.train()
-    bar = progress_bar(total=total_steps, desc="train PRM", unit="steps", disable=not config.progress)
+    bar = progress_bar(total=total_steps, initial=step, desc="train PRM", unit="steps", disable=not config.progress)
     try:
-        batches = _optimizer_batches(len(examples), config)
         while step < total_steps and not stop:
             epoch, micro_batches = next(batches)
             loss = _accumulate(prm, examples, cache, micro_batches, config, check=step == 0, weights=weights)
@@ -545,7 +559,10 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
                 run_eval()
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                 model.eval()
-                prm.save_pretrained(out_dir / f"checkpoint-{step}")
+                if config.keep_step_checkpoints:
+                    prm.save_pretrained(out_dir / f"checkpoint-{step}")
+                save_resume_point(out_dir, prm, optimizer, scheduler, step, epoch, losses, history,
+                                  len(examples), total_steps)
                 model.train()
         if eval_examples and (not history or history[-1]["step"] != step):
             run_eval()

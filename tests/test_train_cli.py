@@ -1,0 +1,87 @@
+"""`mmprm train` (#17): a PRM from a plain checkpoint and step-labelled files; resume after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmprm_infer import PRM
+from mmprm_infer.cli import main
+from mmprm_infer.tiny import build_tiny_causal_lm
+from mmprm_infer.train.datasets import StepSample, save_samples
+
+SAMPLES = [StepSample(f"What is {i} + {i}?", [f"{i} + {i} = {2 * i + k % 2}.", f"So the answer is {2 * i + k % 2}."],
+                      [float(k % 2 == 0), 0.25 if k % 2 else 1.0], id=f"s{i}-{k}") for i in range(12) for k in range(2)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    # a plain causal LM whose tokenizer lacks the custom format's step tag
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("base"), arch="qwen2", seed=4)
+
+
+def _data(tmp_path):
+    save_samples(SAMPLES[:12], tmp_path / "part1.jsonl", "stepwise", soft_labels=True)
+    save_samples(SAMPLES[12:], tmp_path / "part2.jsonl", "mm-prm-traverse")  # another layout, detected
+    return f"{tmp_path / 'part1.jsonl'},{tmp_path / 'part2.jsonl'}"
+
+
+def _train(base, tmp_path, out, *extra):
+    return main(["train", "--base", str(base), "--data", _data(tmp_path), "--format", "custom", "--out", str(out),
+                 "--max-steps", "10", "--batch-size", "2", "--lr", "1e-3", "--quiet", *extra])
+
+
+def test_train_from_a_plain_lm_adds_the_tag_and_loads_alone(base, tmp_path, capsys):
+    out = tmp_path / "prm"
+    assert _train(base, tmp_path, out, "--eval-fraction", "0.25") == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["added_tokens"] == ["<step>"] and summary["train_samples"] == 18
+    assert summary["eval_samples"] == 6 and summary["steps"] == 10 and "f1" in summary["eval"]
+    prm = PRM.from_pretrained(out)  # nothing else: format and tag are recorded
+    assert prm.format.name == "custom"
+    rewards = prm.score("What is 2 + 2?", [["2 + 2 = 4.", "So the answer is 4."]])
+    assert len(rewards[0]) == 2 and all(0.0 < r < 1.0 for r in rewards[0])
+    with pytest.raises(SystemExit, match="is not empty; pass --resume"):
+        _train(base, tmp_path, out)
+
+
+def test_resume_after_a_kill_continues_exactly(base, tmp_path, monkeypatch):
+    import mmprm_infer.train.trainer as trainer
+
+    assert _train(base, tmp_path, tmp_path / "whole", "--save-steps", "4") == 0
+    whole = [json.loads(line)["loss"] for line in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
+
+    real, calls = trainer._accumulate, []
+
+    def killed_at_step_7(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # after the resume point of step 4, before step 8's
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_accumulate", killed_at_step_7)
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(base, tmp_path, tmp_path / "cut", "--save-steps", "4")
+    monkeypatch.setattr(trainer, "_accumulate", real)
+    assert json.loads((tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()[-1])["step"] == 6
+    assert _train(base, tmp_path, tmp_path / "cut", "--save-steps", "4", "--resume") == 0
+    log = [json.loads(line) for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    # steps 5 and 6 ran twice (before the kill, and again from the step-4 resume point)
+    resumed = {r["step"]: r["loss"] for r in log}
+    assert [resumed[s] for s in range(1, 11)] == pytest.approx(whole, abs=1e-6)
+    q = ["What is 3 + 3?", [["3 + 3 = 6.", "So the answer is 6."]]]
+    assert PRM.from_pretrained(tmp_path / "cut").score(*q)[0] == pytest.approx(
+        PRM.from_pretrained(tmp_path / "whole").score(*q)[0], abs=1e-6)
+    assert json.loads((tmp_path / "cut" / "train_summary.json").read_text())["added_tokens"] == ["<step>"]
+
+
+def test_bad_data_is_named(base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "completions": ["a"], "labels": [True]}) + "\n" +
+                   json.dumps({"prompt": "q", "completions": ["a", "b"]}) + "\n")
+    with pytest.raises(SystemExit, match="bad.jsonl line 2: stepwise record needs prompt, completions, labels"):
+        main(["train", "--base", str(base), "--data", str(bad), "--format", "custom", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="holds no resume point"):
+        main(["train", "--base", str(base), "--data", str(bad), "--format", "custom", "--out", str(tmp_path / "o"),
+              "--resume"])
