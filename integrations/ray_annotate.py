@@ -122,6 +122,22 @@ def openai_policy_factory(base_url: str, model: str, api_key: str | None = None,
     return functools.partial(_openai_policy, base_url, model, api_key, sampling)
 
 
+def _hf_policy(path: str, seed: int | None, sampling: dict) -> Policy:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, InternVLForConditionalGeneration
+
+    from .policy import TransformersPolicy
+
+    vision = "InternVLForConditionalGeneration" in (AutoConfig.from_pretrained(path).architectures or [])
+    model = (InternVLForConditionalGeneration if vision else AutoModelForCausalLM).from_pretrained(path)
+    return TransformersPolicy(model, AutoTokenizer.from_pretrained(path), seed=seed, **sampling)
+
+
+def hf_policy_factory(path: str, seed: int | None = 0, **sampling) -> Callable[[], Policy]:
+    """Rollouts from a local transformers checkpoint (a causal LM, or a native InternVL), loaded in each
+    worker; seeded, so a rerun samples the same rollouts."""
+    return functools.partial(_hf_policy, str(path), seed, sampling)
+
+
 def _vllm_policy(model: str, tensor_parallel_size: int, llm_kwargs: dict, sampling: dict) -> Policy:
     import vllm
 

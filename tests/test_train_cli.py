@@ -85,3 +85,61 @@ def test_bad_data_is_named(base, tmp_path):
     with pytest.raises(SystemExit, match="holds no resume point"):
         main(["train", "--base", str(base), "--data", str(bad), "--format", "custom", "--out", str(tmp_path / "o"),
               "--resume"])
+
+
+# --- annotate --method mc, --policy-hf --------------------------------------------------------------------
+class _ScriptedPolicy:
+    """Continuations that are right exactly when the prefix holds no wrong step (a step with '9')."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, n, **sampling):
+        self.calls.append((len(prompts), n))
+        out = []
+        for p in prompts:
+            if not p.partial_steps:  # whole solutions: two right, one with a wrong middle step
+                out.append(["a = 2\n\nb = 3\n\n\\boxed{5}", "a = 9\n\nb = 3\n\n\\boxed{12}",
+                            "a = 2\n\nb = 3\n\n\\boxed{5}"][:n])
+            else:
+                wrong = any("9" in s for s in p.partial_steps)
+                out.append(["\\boxed{12}" if wrong or k % 4 == 0 else "\\boxed{5}" for k in range(n)])
+        return out
+
+
+def test_mc_estimation_by_hand(tmp_path):
+    from mmprm_infer.train.labels import LabelConfig, trees_to_samples
+    from mmprm_infer.train.mc_annotation import MCConfig
+    from mmprm_infer.train.mcts import annotate, load_trees
+
+    policy = _ScriptedPolicy()
+    stats = annotate([{"id": "q1", "question": "2 + 3?", "correct_answer": "5"}], policy, tmp_path,
+                     MCConfig(num_solutions=3, num_continuations=4), progress=False)
+    assert stats.annotated == 1 and stats.rollouts == 3 + 6 * 4  # 3 solutions, 2 prefixes each, 4 completions
+    (record,) = load_trees(tmp_path)
+    assert record["method"] == "mc"
+    # right prefixes: 3 of 4 completions reach 5 (every 4th does not); a wrong prefix: none; last step judged
+    assert [s["mc"] for s in record["solutions"]] == [[0.75, 0.75, 1.0], [0.0, 0.0, 0.0], [0.75, 0.75, 1.0]]
+    samples = trees_to_samples(load_trees(tmp_path), LabelConfig(hard_labels=True))
+    assert [s.labels for s in samples] == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]  # the repeated solution dropped
+    # resumable like OmegaPRM: a second run does nothing
+    again = annotate([{"id": "q1", "question": "2 + 3?", "correct_answer": "5"}], policy, tmp_path,
+                     MCConfig(num_solutions=3, num_continuations=4), progress=False)
+    assert again.skipped == 1 and again.annotated == 0
+
+
+def test_annotate_mc_with_a_local_transformers_policy(base, tmp_path):
+    from mmprm_infer.train.annotate import annotate_main
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "a", "question": "What is 1 + 1?", "answer": "2"}) + "\n")
+    out = tmp_path / "ann"
+    assert annotate_main(["--questions", str(questions), "--policy-hf", str(base), "--method", "mc",
+                          "--num-solutions", "2", "--k", "2", "--max-new-tokens", "8", "--out-dir", str(out),
+                          "--no-progress", "--export", str(out / "trl.jsonl"), "--export-format", "stepwise"]) in (0,)
+    record = json.loads(next((out / "trees").glob("*.json")).read_text())
+    assert record["method"] == "mc" and len(record["solutions"]) >= 1
+    assert all(len(s["mc"]) == len(s["steps"]) and all(0.0 <= v <= 1.0 for v in s["mc"])
+               for s in record["solutions"])
+    rows = [json.loads(line) for line in (out / "trl.jsonl").read_text().splitlines()]
+    assert rows and all(isinstance(v, bool) for r in rows for v in r["labels"])  # TRL's layout by default

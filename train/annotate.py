@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "needs --policy-url or --policy-vllm")
 
     s = p.add_argument_group("search (MM-PRM defaults)")
+    s.add_argument("--method", choices=("omegaprm", "mc"), default="omegaprm",
+                   help="omegaprm: MM-PRM's tree search (default); mc: per-step Monte Carlo estimation as "
+                        "Math-Shepherd / VisualPRM400K (--num-solutions solutions, --k completions per step)")
+    s.add_argument("--num-solutions", type=int, default=4, help="--method mc: solutions sampled per question")
     s.add_argument("--k", "--num-rollouts", dest="num_rollouts", type=int, default=cfg.num_rollouts,
                    help=f"rollouts per MC estimate (default {cfg.num_rollouts})")
     s.add_argument("--rollout-budget", type=int, default=cfg.rollout_budget)
@@ -76,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--policy-url", default=None,
                    help="rollouts from an OpenAI-compatible server instead (e.g. http://127.0.0.1:8000/v1)")
     r.add_argument("--policy-model", default=None, help="model name at --policy-url, or the model --policy-vllm loads")
+    r.add_argument("--policy-hf", default=None, metavar="DIR",
+                   help="rollouts from a local transformers checkpoint (causal LM or native InternVL), sampled with "
+                        "--policy-seed")
     r.add_argument("--policy-vllm", action="store_true",
                    help="with --ray: a vLLM engine inside each worker loads --policy-model")
     r.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM policy (--policy-vllm)")
@@ -131,12 +138,19 @@ def policy_factory(args, rates):
         extra = {"distributed_executor_backend": "ray"} if args.tensor_parallel_size > 1 else {}
         return factories.vllm_policy_factory(args.policy_model, args.tensor_parallel_size, llm_kwargs=extra,
                                              max_new_tokens=args.max_new_tokens)
+    if args.policy_hf:
+        from pathlib import Path
+
+        if not (Path(args.policy_hf) / "config.json").is_file():
+            raise SystemExit(f"mmprm annotate: --policy-hf {args.policy_hf} is not a checkpoint folder")
+        return factories.hf_policy_factory(args.policy_hf, args.policy_seed, max_new_tokens=args.max_new_tokens)
     if args.policy_url:
         if not args.policy_model:
             raise SystemExit("mmprm annotate: --policy-url needs --policy-model")
         return factories.openai_policy_factory(args.policy_url, args.policy_model, max_new_tokens=args.max_new_tokens)
     if args.questions:
-        raise SystemExit("mmprm annotate: --questions needs a policy that can answer them: --policy-url or --policy-vllm")
+        raise SystemExit("mmprm annotate: --questions needs a policy that can answer them: --policy-hf, --policy-url "
+                         "or --policy-vllm")
     return factories.synthetic_policy_factory(args.num_problems, args.split, args.seed, rates, args.policy_seed,
                                               args.policy_latency)
 
@@ -159,6 +173,7 @@ def _run(args, problems, factory, config):
 def annotate_main(argv: Sequence[str] | None = None) -> int:
     from .datasets import save_samples
     from .labels import LabelConfig, label_stats, trees_to_samples
+    from .mc_annotation import MCConfig
     from .mcts import MCTSConfig, load_trees
     from .synthetic_policy import ErrorRates
     from .synthetic_task import make_problems
@@ -166,10 +181,15 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        config = MCTSConfig(num_rollouts=args.num_rollouts, c_puct=args.c_puct, alpha=args.alpha, beta=args.beta,
-                            length_scale=args.length_scale, rollout_budget=args.rollout_budget,
-                            max_search_count=args.max_search_count, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k)
+        if args.method == "mc":
+            config = MCConfig(num_solutions=args.num_solutions, num_continuations=args.num_rollouts,
+                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_new_tokens=args.max_new_tokens)
+        else:
+            config = MCTSConfig(num_rollouts=args.num_rollouts, c_puct=args.c_puct, alpha=args.alpha, beta=args.beta,
+                                length_scale=args.length_scale, rollout_budget=args.rollout_budget,
+                                max_search_count=args.max_search_count, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
         rates = ErrorRates(misread=args.misread_rate, trap_range=tuple(args.trap_range),
                            wrong_line=args.wrong_line_rate, slip=args.slip_rate, drop_term=args.drop_term_rate,
                            dup_term=args.dup_term_rate, skip_op=args.skip_op_rate, dup_op=args.dup_op_rate)

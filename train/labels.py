@@ -156,10 +156,28 @@ def tree_to_samples(tree: dict[str, Any], config: LabelConfig | None = None) -> 
     return out
 
 
+def _mc_samples(record: dict[str, Any], config: LabelConfig) -> list[StepSample]:
+    """A ``--method mc`` record: one sample per solution, every step with its estimate."""
+    out, seen = [], set()
+    for k, sol in enumerate(record["solutions"]):
+        steps, labels = list(sol["steps"]), [float(v) for v in sol["mc"]]
+        if config.dedupe and tuple(steps) in seen:
+            continue
+        seen.add(tuple(steps))
+        if config.hard_labels:
+            labels = [float(v > config.threshold) for v in labels]
+        if len(" ".join(steps).split()) > config.min_words:
+            image = [record["image_path"]] if record.get("image_path") else []
+            out.append(StepSample(record["question"], steps, labels, image, record.get("answer"),
+                                  f"{record.get('id')}-{k}"))
+    return out
+
+
 def trees_to_samples(trees: Iterable[dict[str, Any]], config: LabelConfig | None = None) -> list[StepSample]:
     out: list[StepSample] = []
+    config = config or LabelConfig()
     for t in trees:
-        out.extend(tree_to_samples(t, config))
+        out.extend(_mc_samples(t, config) if t.get("method") == "mc" else tree_to_samples(t, config))
     return out
 
 

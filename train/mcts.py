@@ -367,13 +367,16 @@ def out_of_storage(error: BaseException | None) -> bool:
 
 
 def load_tree(path: str | os.PathLike) -> dict[str, Any] | None:
-    """A finished tree file, or None when missing or unreadable."""
+    """A finished tree file (or a ``--method mc`` record), or None when missing or unreadable."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and "children" in data and "mc_value" in data else None
+    if not isinstance(data, dict):
+        return None
+    finished = ("children" in data and "mc_value" in data) or (data.get("method") == "mc" and "solutions" in data)
+    return data if finished else None
 
 
 def load_trees(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -478,7 +481,12 @@ def with_saved_image(item: AnnotationItem, out: Path) -> AnnotationItem:
 def search_question(item: AnnotationItem, policy: Policy, config: MCTSConfig,
                     verifier: Verifier | None = None) -> tuple[dict[str, Any], int]:
     """One question's finished tree (MM-PRM layout + id, config, extras) and its rollout count;
-    ``item.image`` is a path (``with_saved_image``) or None."""
+    ``item.image`` is a path (``with_saved_image``) or None.  With an ``MCConfig``: per-step
+    Monte Carlo estimates instead (``train.mc_annotation``)."""
+    from .mc_annotation import MCConfig, mc_estimate_question
+
+    if isinstance(config, MCConfig):
+        return mc_estimate_question(item, policy, config, verifier)
     search = OmegaPRMSearch(item.question, item.answer, policy, config,
                             images=[item.image] if item.image else [], verifier=verifier)
     tree = search.run()
