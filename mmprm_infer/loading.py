@@ -2,24 +2,46 @@
 
 The format is read from the checkpoint where it says so: our own
 ``mmprm_format`` key (written by ``PRM.save_pretrained`` and the trainer),
-the ``Qwen2ForProcessRewardModel`` architecture, or a detector registered by
-a format family.  Otherwise the user must name it.
+the architecture (``Qwen2ForProcessRewardModel``, ``Qwen2ForPrmModel``, a
+2-label ``*ForTokenClassification``), the head's weights (``v_head.summary``),
+or a detector registered by a format family.  Otherwise the user must name it.
+
+Before any weights are built, the format's model class is checked against
+the checkpoint: a format that does not fit the checkpoint's architecture, or
+whose model would leave head weights the checkpoint lacks at their random
+initialisation, is an error naming both (``CheckpointMismatchError``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, InternVLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    InternVLForConditionalGeneration,
+)
 
-from .formats import FORMATS, MODEL_CAUSAL_LM, MODEL_INTERNVL, MODEL_QWEN2_PRM
+from .formats import (
+    FORMATS,
+    MODEL_CAUSAL_LM,
+    MODEL_INTERNVL,
+    MODEL_QWEN2_PRM,
+    MODEL_TOKEN_CLASSIFICATION,
+    MODEL_VALUE_HEAD,
+    FormatError,
+)
 from .formats.internvl_base import detect_internvl_format
 from .models import internvl as _internvl  # noqa: F401  (registers the InternVL adapter)
 from .models.qwen2_prm import Qwen2ForProcessRewardModel
+from .models.value_head import Qwen2ForPrmModel
 
 FORMAT_KEY = "mmprm_format"
 FORMAT_OPTIONS_KEY = "mmprm_format_options"
@@ -27,12 +49,39 @@ FORMAT_OPTIONS_KEY = "mmprm_format_options"
 # (config dict, tokenizer) -> format name or None; format families append here.
 FORMAT_DETECTORS: list[Callable[[dict, object], str | None]] = []
 
+# model kind -> the class (or Auto class) that carries it
+MODEL_CLASSES: dict[str, type] = {
+    MODEL_CAUSAL_LM: AutoModelForCausalLM,
+    MODEL_QWEN2_PRM: Qwen2ForProcessRewardModel,
+    MODEL_INTERNVL: InternVLForConditionalGeneration,
+    MODEL_TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
+    MODEL_VALUE_HEAD: Qwen2ForPrmModel,
+}
+
 # model kind -> (path, dtype) -> model
 MODEL_LOADERS: dict[str, Callable[[str, torch.dtype], torch.nn.Module]] = {
-    MODEL_CAUSAL_LM: lambda path, dtype: AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
-    MODEL_QWEN2_PRM: lambda path, dtype: Qwen2ForProcessRewardModel.from_pretrained(path, dtype=dtype),
-    MODEL_INTERNVL: lambda path, dtype: InternVLForConditionalGeneration.from_pretrained(path, dtype=dtype),
+    kind: (lambda cls: lambda path, dtype: cls.from_pretrained(path, dtype=dtype))(cls)
+    for kind, cls in MODEL_CLASSES.items()
 }
+
+# model kind -> (what it runs on, config.json -> whether its architecture fits).  A config
+# without ``architectures`` fits any kind; the weight check still applies.
+ARCHITECTURE_FITS: dict[str, tuple[str, Callable[[dict], bool]]] = {
+    MODEL_CAUSAL_LM: ("a causal LM (*ForCausalLM)", lambda archs: any(a.endswith(("ForCausalLM", "LMHeadModel"))
+                                                                       for a in archs)),
+    MODEL_QWEN2_PRM: ("Qwen2ForProcessRewardModel", lambda archs: "Qwen2ForProcessRewardModel" in archs),
+    MODEL_INTERNVL: ("InternVLForConditionalGeneration",
+                     lambda archs: "InternVLForConditionalGeneration" in archs),
+    MODEL_TOKEN_CLASSIFICATION: ("a token classifier (*ForTokenClassification)",
+                                 lambda archs: any(a.endswith("ForTokenClassification") for a in archs)),
+    # Skywork's checkpoints hold the causal LM beside the value head; the weight check finds the head.
+    MODEL_VALUE_HEAD: ("a Qwen2 value-head PRM (Qwen2ForPrmModel)",
+                       lambda archs: bool({"Qwen2ForPrmModel", "Qwen2ForCausalLM"} & set(archs))),
+}
+
+
+class CheckpointMismatchError(FormatError):
+    """The format's model class does not fit the checkpoint (raised before weights are built)."""
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -45,13 +94,27 @@ def read_config(path: str | os.PathLike) -> dict:
     return json.loads(config_file.read_text())
 
 
+def _num_labels(config: dict) -> int:
+    if isinstance(config.get("id2label"), dict):
+        return len(config["id2label"])
+    return int(config.get("num_labels") or 2)  # transformers' default, which it does not write out
+
+
 def _detect_from_config(config: dict, tokenizer) -> str | None:
     if config.get(FORMAT_KEY):
         return config[FORMAT_KEY]
-    if "Qwen2ForProcessRewardModel" in (config.get("architectures") or []):
+    archs = config.get("architectures") or []
+    if "Qwen2ForProcessRewardModel" in archs:
         return "qwen2.5-math-prm"
-    if "shepherd" in str(config.get("_name_or_path", "")).lower():
+    if "Qwen2ForPrmModel" in archs:
+        return "skywork"
+    if any(a.endswith("ForTokenClassification") for a in archs) and _num_labels(config) == 2:
+        return "token-classification"
+    name = str(config.get("_name_or_path", "")).lower()
+    if "shepherd" in name:
         return "math-shepherd"
+    if "rlhflow" in name and "prm" in name:  # RLHFlow/Llama3.1-8B-PRM-*-Data: a plain Llama otherwise
+        return "rlhflow"
     return None
 
 
@@ -59,12 +122,84 @@ FORMAT_DETECTORS.append(_detect_from_config)
 FORMAT_DETECTORS.append(detect_internvl_format)
 
 
-def detect_format(config: dict, tokenizer) -> str | None:
+def detect_format(config: dict, tokenizer, path: str | os.PathLike | None = None) -> str | None:
     for detector in FORMAT_DETECTORS:
         name = detector(config, tokenizer)
         if name:
             return name
+    # Skywork's published configs may name the plain causal LM; its value head's weights say it.
+    if path is not None and "v_head.summary.weight" in (checkpoint_keys(path) or ()):
+        return "skywork"
     return None
+
+
+# --------------------------------------------------------------------------- checkpoint checks
+
+
+def checkpoint_keys(path: str | os.PathLike) -> set[str] | None:
+    """The weight names a checkpoint holds, read from safetensors headers or index (no tensors); None if unknown."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    keys: set[str] = set()
+    for file in files:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            keys |= set(json.loads(f.read(size))) - {"__metadata__"}
+    return keys
+
+
+def _architecture(config: dict) -> str:
+    archs = config.get("architectures") or []
+    return "/".join(archs) if archs else f"model_type {config.get('model_type')!r}"
+
+
+def head_weight_names(kind: str, path: str | os.PathLike) -> list[str]:
+    """Parameters of the format's model class outside its base model (the reward/LM head), tied ones dropped.
+
+    The model is built on the meta device: no memory, no weights."""
+    cls = MODEL_CLASSES[kind]
+    config = (AutoConfig if cls.__name__.startswith("Auto") else cls.config_class).from_pretrained(str(path))
+    with torch.device("meta"):
+        model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    prefix = model.base_model_prefix + "."
+    return [name for name, _ in model.named_parameters() if not name.startswith(prefix)]
+
+
+def check_format_fits_checkpoint(name: str, kind: str, config: dict, path: str | os.PathLike,
+                                 tokenizer_problem: FormatError | None = None) -> None:
+    """Raise CheckpointMismatchError when format ``name`` (model kind ``kind``) cannot run ``path`` as published."""
+    archs = config.get("architectures") or []
+    detected = _detect_from_config({k: v for k, v in config.items() if k != FORMAT_KEY}, None) if archs else None
+    also = f"; also: {tokenizer_problem}" if tokenizer_problem else ""
+    hint = (f"its format is {detected!r} (detected from the checkpoint): drop the format argument or pass that one"
+            if detected and detected != name else "pass the format this checkpoint was trained with")
+    wants, fits = ARCHITECTURE_FITS[kind]
+    if archs and not fits(archs):
+        raise CheckpointMismatchError(
+            f"format {name!r} runs on {wants}, but {path} holds a {_architecture(config)} checkpoint "
+            f"(config.json architectures); {hint}{also}"
+        )
+    if kind == MODEL_TOKEN_CLASSIFICATION and _num_labels(config) != 2:
+        raise CheckpointMismatchError(
+            f"format {name!r} reads a 2-label token classifier, but {path} ({_architecture(config)}) has "
+            f"{_num_labels(config)} labels{also}"
+        )
+    keys = checkpoint_keys(path)
+    if keys is None:
+        return
+    missing = [w for w in head_weight_names(kind, path)
+               if w not in keys and not any(k.endswith("." + w) for k in keys)]
+    if missing:
+        raise CheckpointMismatchError(
+            f"format {name!r} builds {MODEL_CLASSES[kind].__name__} on {path} ({_architecture(config)}), but the "
+            f"checkpoint has no weights for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: they "
+            f"would stay randomly initialised and the scores would mean nothing; {hint}{also}"
+        )
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -80,11 +215,14 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def load_checkpoint(path: str | os.PathLike, format: str | None, dtype, device, format_options: dict | None = None):
+def load_checkpoint(path: str | os.PathLike, format: str | None, dtype, device, format_options: dict | None = None,
+                    *, tokens_may_be_missing: bool = False):
     """Load (model, tokenizer, format name, format options) from a local directory.
 
     ``format_options`` (the caller's) take part in choosing the model class, e.g.
-    ``custom`` with ``model_kind="internvl"``."""
+    ``custom`` with ``model_kind="internvl"``.  ``tokens_may_be_missing``: a base about to be
+    trained, whose caller adds the format's tokens (`mmprm train`); the checkpoint checks
+    still apply."""
     path = str(path)
     config = read_config(path)
     if "InternVLChatModel" in (config.get("architectures") or []):
@@ -93,7 +231,7 @@ def load_checkpoint(path: str | os.PathLike, format: str | None, dtype, device, 
             f"once with `mmprm convert-internvl {path} DST` and load DST"
         )
     tokenizer = AutoTokenizer.from_pretrained(path)
-    name = format or detect_format(config, tokenizer)
+    name = format or detect_format(config, tokenizer, path)
     if name is None:
         raise ValueError(
             f"cannot tell which PRM format {path} uses (its config.json names none); pass "
@@ -101,11 +239,21 @@ def load_checkpoint(path: str | os.PathLike, format: str | None, dtype, device, 
         )
     if name not in FORMATS:
         raise ValueError(f"unknown PRM format {name!r}; choose one of {sorted(FORMATS)}")
-    options = (config.get(FORMAT_OPTIONS_KEY) or {}) if config.get(FORMAT_KEY) == name else {}
+    saved = (config.get(FORMAT_OPTIONS_KEY) or {}) if config.get(FORMAT_KEY) == name else {}
+    options = {**FORMATS[name].options_from_config(config), **saved} if isinstance(FORMATS[name], type) else saved
     try:
-        kind = FORMATS[name](**{**options, **(format_options or {})}).model_kind
+        fmt = FORMATS[name](**{**options, **(format_options or {})})
     except TypeError as exc:
         raise ValueError(f"bad options for format {name!r}: {exc}") from None
+    try:
+        fmt.check_tokenizer(tokenizer)
+        tokenizer_problem = None
+    except FormatError as exc:
+        tokenizer_problem = None if tokens_may_be_missing else exc
+    check_format_fits_checkpoint(name, fmt.model_kind, config, path, tokenizer_problem)
+    if tokenizer_problem is not None:
+        raise tokenizer_problem
+    kind = fmt.model_kind
     device = torch.device(device)
     model = MODEL_LOADERS[kind](path, resolve_dtype(dtype, device))
     model.to(device).eval()

@@ -14,10 +14,18 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForTokenClassification,
+)
 
 from .models.qwen2_prm import Qwen2ForProcessRewardModel
+from .models.value_head import Qwen2ForPrmModel
 
 # ChatML, as the Qwen2.5 and InternVL2.5 tokenizers format chats.
 CHATML_TEMPLATE = (
@@ -25,6 +33,32 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Llama 3.1's chat template as its tokenizer ships it, without the tool-calling branches: BOS, a
+# system header with the knowledge-cutoff and date lines, then one header + trimmed content +
+# <|eot_id|> per message (meta-llama/Llama-3.1-8B-Instruct tokenizer_config.json).
+LLAMA31_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content']|trim %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\n' }}"
+    "{{- 'Today Date: ' + date_string + '\\n\\n' }}"
+    "{{- system_message }}"
+    "{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+# Llama 3's pre-tokenizer split (tokenizer.json), so newlines and digits split as in the real tokenizer.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 _CORPUS = """
@@ -54,6 +88,7 @@ def build_tokenizer(
     chat_template: str | None = CHATML_TEMPLATE,
     corpus: Iterable[str] | None = None,
     single_token_words: Sequence[str] = (),
+    llama3_split: bool = False,
     **tokenizer_kwargs,
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (like Qwen's) carrying the given tokens.
@@ -62,11 +97,18 @@ def build_tokenizer(
     reward words such as "Yes"); ``bos_token`` makes encode() prepend it, as
     Llama/Mistral tokenizers do; ``single_token_words`` are checked to come
     out of training as one token each; ``tokenizer_kwargs`` go to the
-    transformers wrapper (e.g. named image tokens).
+    transformers wrapper (e.g. named image tokens); ``llama3_split`` pre-splits
+    text with Llama 3's regex instead of GPT-2's.
     """
     specials = list(dict.fromkeys([*special_tokens, *([bos_token] if bos_token else [])]))
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if llama3_split:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -158,6 +200,61 @@ def build_tiny_qwen_prm(
                                               intermediate=intermediate, max_positions=max_positions))
     model = Qwen2ForProcessRewardModel(config)
     return _save(model, tokenizer, save_dir)
+
+
+# Sizes of every tiny text model unless the caller overrides some (hidden, layers, heads, ...).
+TINY_SIZES = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_positions=2048)
+
+
+def _tiny_config(config_cls, tokenizer, sizes: dict, **extra):
+    unknown = set(sizes) - set(TINY_SIZES)
+    if unknown:
+        raise TypeError(f"unknown size argument(s) {sorted(unknown)}; sizes are {sorted(TINY_SIZES)}")
+    return config_cls(**text_config_kwargs(tokenizer, **{**TINY_SIZES, **sizes}), **extra)
+
+
+def build_tiny_token_classification_prm(save_dir: str | os.PathLike, *, step_separator: str | None = None,
+                                        seed: int = 0, **sizes) -> Path:
+    """A random-weight 2-label Qwen2ForTokenClassification, as TRL's PRMTrainer saves one.
+
+    ``step_separator`` is recorded in config.json when given (the token-classification
+    format reads it from there); ``sizes`` override ``TINY_SIZES``."""
+    tokenizer = build_tokenizer()
+    extra = {"step_separator": step_separator} if step_separator is not None else {}
+    torch.manual_seed(seed)
+    config = _tiny_config(Qwen2Config, tokenizer, sizes, num_labels=2, **extra)
+    return _save(Qwen2ForTokenClassification(config), tokenizer, save_dir)
+
+
+def build_tiny_skywork_prm(save_dir: str | os.PathLike, *, with_lm_head: bool = True, seed: int = 0,
+                           **sizes) -> Path:
+    """A random-weight Skywork-o1-Open-PRM layout: Qwen2 body ``model.*``, ``v_head.summary.*``,
+    and (as the release's checkpoints hold) the unused ``lm_head.weight``; architecture
+    ``Qwen2ForPrmModel``.  The tokenizer has a BOS token it does not prepend itself (Qwen's way)."""
+    from safetensors.torch import load_file, save_file
+
+    tokenizer = build_tokenizer()
+    tokenizer.bos_token = "<|endoftext|>"
+    torch.manual_seed(seed)
+    config = _tiny_config(Qwen2Config, tokenizer, sizes)
+    path = _save(Qwen2ForPrmModel(config), tokenizer, save_dir)
+    if with_lm_head:
+        weights = load_file(str(path / "model.safetensors"))
+        weights["lm_head.weight"] = torch.randn(config.vocab_size, config.hidden_size) * 0.02
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def build_tiny_rlhflow_prm(save_dir: str | os.PathLike, *, seed: int = 0, **sizes) -> Path:
+    """A random-weight LlamaForCausalLM with a Llama-3.1-style tokenizer (special tokens, BOS,
+    pre-tokenizer split and chat template), the layout of RLHFlow's Llama3.1-8B PRMs."""
+    tokenizer = build_tokenizer(
+        special_tokens=LLAMA3_SPECIAL_TOKENS, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        pad_token="<|end_of_text|>", chat_template=LLAMA31_CHAT_TEMPLATE, llama3_split=True,
+    )
+    torch.manual_seed(seed)
+    config = _tiny_config(LlamaConfig, tokenizer, sizes, bos_token_id=tokenizer.bos_token_id)
+    return _save(LlamaForCausalLM(config), tokenizer, save_dir)
 
 
 def _save(model: torch.nn.Module, tokenizer, save_dir: str | os.PathLike) -> Path:

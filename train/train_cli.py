@@ -106,7 +106,7 @@ def load_base(base: str, format: str | None, dtype: str, device: str):
     from mmprm_infer.loading import load_checkpoint
     from mmprm_infer.prm import PRM
 
-    model, tokenizer, name, options = load_checkpoint(base, format, dtype, device, {})
+    model, tokenizer, name, options = load_checkpoint(base, format, dtype, device, {}, tokens_may_be_missing=True)
     if name is None:
         raise ValueError(f"--base {base} records no PRM format and none was given: pass --format")
     tag = getattr(get_format(name, **options), "step_tag", None)
@@ -129,7 +129,7 @@ def _split(samples: list, fraction: float, seed: int) -> tuple[list, list]:
     return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
 
 
-ADDED_TOKENS = "added_tokens.json"
+ADDED_TOKENS = "mmprm_added_tokens.json"  # not added_tokens.json: transformers reads that name
 
 
 def _record_added_tokens(out: Path, added: list[str], resumed: bool) -> list[str]:

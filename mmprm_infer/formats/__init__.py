@@ -8,6 +8,8 @@ from .base import (
     MODEL_CAUSAL_LM,
     MODEL_INTERNVL,
     MODEL_QWEN2_PRM,
+    MODEL_TOKEN_CLASSIFICATION,
+    MODEL_VALUE_HEAD,
     EncodedCandidate,
     FormatError,
     PRMFormat,
@@ -17,6 +19,9 @@ from .custom import CustomFormat
 from .math_shepherd import MathShepherdFormat
 from .mm_prm import MMPRMFormat
 from .qwen_math_prm import QwenMathPRMFormat
+from .rlhflow import RLHFlowFormat
+from .skywork import SkyworkFormat
+from .token_classification import TokenClassificationFormat
 from .visualprm import VisualPRMFormat
 
 FORMATS: dict[str, Callable[..., PRMFormat]] = {}
@@ -31,6 +36,9 @@ register_format("qwen2.5-math-prm", QwenMathPRMFormat)
 register_format("custom", CustomFormat)
 register_format("mm-prm", MMPRMFormat)
 register_format("visualprm", VisualPRMFormat)
+register_format("rlhflow", RLHFlowFormat)
+register_format("skywork", SkyworkFormat)
+register_format("token-classification", TokenClassificationFormat)
 
 
 def get_format(fmt: str | PRMFormat, **options) -> PRMFormat:
@@ -49,6 +57,7 @@ def get_format(fmt: str | PRMFormat, **options) -> PRMFormat:
 
 __all__ = [
     "FORMATS", "get_format", "register_format", "PRMFormat", "EncodedCandidate", "RewardColumns",
-    "FormatError", "MODEL_CAUSAL_LM", "MODEL_QWEN2_PRM", "MODEL_INTERNVL",
-    "CustomFormat", "MathShepherdFormat", "QwenMathPRMFormat", "MMPRMFormat", "VisualPRMFormat",
+    "FormatError", "MODEL_CAUSAL_LM", "MODEL_QWEN2_PRM", "MODEL_INTERNVL", "MODEL_TOKEN_CLASSIFICATION",
+    "MODEL_VALUE_HEAD", "CustomFormat", "MathShepherdFormat", "QwenMathPRMFormat", "MMPRMFormat", "VisualPRMFormat",
+    "RLHFlowFormat", "SkyworkFormat", "TokenClassificationFormat",
 ]

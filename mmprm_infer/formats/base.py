@@ -22,6 +22,8 @@ from typing import Sequence
 MODEL_CAUSAL_LM = "causal_lm"  # any AutoModelForCausalLM; reward from LM-head rows
 MODEL_QWEN2_PRM = "qwen2_prm"  # Qwen2 body + 2-label score head
 MODEL_INTERNVL = "internvl"  # InternVLForConditionalGeneration (vision + LM head)
+MODEL_TOKEN_CLASSIFICATION = "token_classification"  # AutoModelForTokenClassification, 2 labels
+MODEL_VALUE_HEAD = "value_head"  # Qwen2 body + Linear(hidden, 1) value head (Skywork's Qwen2ForPrmModel)
 
 
 @dataclass
@@ -54,6 +56,8 @@ class PRMFormat(ABC):
     name: str = ""
     model_kind: str = MODEL_CAUSAL_LM
     supports_images: bool = False
+    # How the release turns step rewards into one candidate score (an aggregation name).
+    default_aggregate: str = "min"
 
     @abstractmethod
     def split_steps(self, solution: str) -> list[str]:
@@ -76,6 +80,11 @@ class PRMFormat(ABC):
     def check_tokenizer(self, tokenizer) -> None:
         """Raise FormatError naming any token this format needs but the tokenizer lacks."""
         self.reward_columns(tokenizer)
+
+    @classmethod
+    def options_from_config(cls, config: dict) -> dict:
+        """Format options a checkpoint's config.json records (e.g. a separator); a user's options win."""
+        return {}
 
     def describe(self) -> str:
         return self.name

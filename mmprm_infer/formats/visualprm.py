@@ -1,26 +1,30 @@
 """visualprm: VisualPRM-8B (InternVL2.5-8B based), one chat turn per step, P("+").
 
 Reproduces ``InternVLRewardModel.generate_steps_with_soft_score_v2`` of the
-VisualPRM release (its remote ``modeling_internvl_chat.py``; the
-``select_best_response(..., max_steps=12, version='soft_v2')`` path used for
-Best-of-N and VisualProcessBench), with the training layout of InternVL's
-``tools/reasoning_data_pipeline/visualprm_data_pipeline_postprocess.py``:
+VisualPRM release (its remote ``modeling_internvl_chat.py``), with the
+release's inference defaults as ``select_best_response`` runs it for
+Best-of-N (VLMEvalKit ``vlmeval/vlm/internvl/internvl_chat.py``):
 
-- steps: ``response.split('\\n\\n')``, then merged in runs of
+- steps: ``response.split('\\n\\n')``, not stripped first; merged in runs of
   ``ceil(len / max_steps)`` consecutive pieces re-joined with ``'\\n\\n'``
-  (``split_response``, max_steps=12 as in its data pipeline and evaluation);
+  only when ``max_steps`` is given (``split_response``; the release merges
+  only when its caller passes ``max_steps``, as InternVL's data pipeline
+  does with 12);
 - with an image and no ``<image>`` in the question:
   ``question = '<image>\\n' + question`` (the release asserts one
   placeholder per image);
-- template ``internvl2_5`` with the model's system message (its config's
-  ``system_message``; the training data's ``PRM_SYSTEM_PROMPT``); turn k:
+- template ``internvl2_5`` with the model's system message: its config's
+  ``system_message`` when set, else the template's default
+  (``InternVLChatModel.__init__``); VisualPRM-8B's config carries the
+  training data's ``PRM_SYSTEM_PROMPT``.  Turn k:
   user = ``f'### Question:\\n{question}\\n\\n### Solution Process:\\n{step}'``
   for the first step, the raw step after; assistant = ``'+'`` (the placeholder);
 - ``tokenizer(query)``; the reward of step k is read where the k-th
   ``<|im_start|>assistant\\n+<|im_end|>\\n`` token run starts, at its
   header's last token (``find_placeholder_idx``): that position predicts the
   assistant's answer; reward = softmax(logits[pos][[+, -]])[0]
-  (``str2score = {'+': 1, '-': 0}``).
+  (``str2score = {'+': 1, '-': 0}``);
+- a candidate's score is the mean of its step rewards (``default_aggregate``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,15 @@ from .base import (
     check_steps,
     reward_token_columns,
 )
-from .internvl_base import IM_END, IM_START, InternVLImages, find_subsequence_positions, place_images, render_internvl25
+from .internvl_base import (
+    IM_END,
+    IM_START,
+    INTERNVL25_SYSTEM_MESSAGE,
+    InternVLImages,
+    find_subsequence_positions,
+    place_images,
+    render_internvl25,
+)
 
 # InternVL internvl_chat/tools/reasoning_data_pipeline/utils/constants.py
 VISUALPRM_SYSTEM_PROMPT = """
@@ -73,13 +85,21 @@ class VisualPRMFormat(InternVLImages, PRMFormat):
     good_token: str = "+"
     bad_token: str = "-"
     placeholder: str = "+"
-    system_prompt: str = VISUALPRM_SYSTEM_PROMPT
-    max_steps: int | None = 12
+    # InternVL's default; loading puts the checkpoint config's system_message here when set.
+    system_prompt: str = INTERNVL25_SYSTEM_MESSAGE
+    max_steps: int | None = None
     max_tiles: int | None = 12  # InternVL's load_image default (max_num=12)
 
     name = "visualprm"
     model_kind = MODEL_INTERNVL
     supports_images = True
+    default_aggregate = "mean"
+
+    @classmethod
+    def options_from_config(cls, config: dict) -> dict:
+        # A converted checkpoint keeps the published config's system_message as internvl_system_message.
+        system = config.get("internvl_system_message") or config.get("system_message")
+        return {"system_prompt": system} if system else {}
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_steps < 1:
@@ -88,9 +108,9 @@ class VisualPRMFormat(InternVLImages, PRMFormat):
             raise ValueError("placeholder must be a non-empty string (an empty assistant turn renders as a bare header)")
 
     def split_steps(self, solution: str) -> list[str]:
-        # Leading/trailing blank lines would give an empty step, which the
-        # release renders as a header-only user turn; they are stripped here.
-        return split_response(solution.strip(), "\n\n", self.max_steps)
+        # As the release: no strip, so a leading or trailing blank line gives an
+        # empty step, which is refused (the release renders it as a bare header).
+        return split_response(solution, "\n\n", self.max_steps)
 
     def reward_columns(self, tokenizer) -> RewardColumns:
         return reward_token_columns(tokenizer, self.good_token, self.bad_token, self.name)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats.base import MODEL_CAUSAL_LM, MODEL_INTERNVL, MODEL_QWEN2_PRM, RewardColumns
+from ..formats.base import (
+    MODEL_CAUSAL_LM,
+    MODEL_INTERNVL,
+    MODEL_QWEN2_PRM,
+    MODEL_TOKEN_CLASSIFICATION,
+    MODEL_VALUE_HEAD,
+    RewardColumns,
+)
 
 
 class ModelAdapter:
@@ -60,13 +67,17 @@ class ModelAdapter:
         return None
 
     # --- reward head ---------------------------------------------------
+    def output_head(self) -> nn.Linear:
+        """The Linear whose rows give the output columns (the LM head here)."""
+        return self.model.get_output_embeddings()
+
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full output logits for final-normed hidden states (the reference path)."""
-        return self.model.get_output_embeddings()(hidden)
+        return self.output_head()(hidden)
 
     def reward_weights(self, columns: RewardColumns) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """(W[good] - W[bad], b[good] - b[bad]): the two LM-head rows the reward needs (differentiable)."""
-        head = self.model.get_output_embeddings()
+        """(W[good] - W[bad], b[good] - b[bad]): the two head rows the reward needs (differentiable)."""
+        head = self.output_head()
         w_diff = head.weight[columns.good] - head.weight[columns.bad]
         bias = getattr(head, "bias", None)
         b_diff = (bias[columns.good] - bias[columns.bad]).float() if bias is not None else 0.0
@@ -111,9 +122,64 @@ class Qwen2PRMAdapter(ModelAdapter):
         raise NotImplementedError("the qwen2.5-math-prm head is an MLP, not two LM-head rows")
 
 
+class TokenClassificationAdapter(ModelAdapter):
+    """AutoModelForTokenClassification with 2 labels (TRL PRMTrainer, PURE): a Linear head, two rows."""
+
+    kind = MODEL_TOKEN_CLASSIFICATION
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.base_model
+
+    def output_head(self) -> nn.Linear:
+        # Qwen2/Llama/Mistral...ForTokenClassification call it ``score``; BERT-style models ``classifier``.
+        head = getattr(self.model, "score", None) or getattr(self.model, "classifier", None)
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                f"{type(self.model).__name__} has no Linear token-classification head (score/classifier); "
+                "the token-classification format reads one"
+            )
+        return head
+
+
+class ValueHeadAdapter(ModelAdapter):
+    """A body with a scalar value head (Skywork's Qwen2ForPrmModel): reward = sigmoid(v).
+
+    The value is presented as two output columns ``[v, 0]``, so the engines'
+    ``softmax(out[[0, 1]])[0] = sigmoid(v)`` and the two-row form
+    ``h . w + b`` read it unchanged.
+    """
+
+    kind = MODEL_VALUE_HEAD
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.model
+
+    def output_head(self) -> nn.Linear:
+        return self.model.v_head.summary
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        value = self.model.v_head(hidden)
+        return torch.cat([value, torch.zeros_like(value)], dim=-1)
+
+    def reward_weights(self, columns: RewardColumns):
+        if (columns.good, columns.bad) != (0, 1):
+            raise ValueError(f"a value head has columns (value, 0) = (0, 1); got {columns}")
+        head = self.output_head()
+        b = head.bias[0].float() if head.bias is not None else 0.0
+        return head.weight[0], b
+
+    def full_logits(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        value = super().full_logits(input_ids, inputs_embeds)
+        return torch.cat([value, torch.zeros_like(value)], dim=-1)
+
+
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     MODEL_CAUSAL_LM: ModelAdapter,
     MODEL_QWEN2_PRM: Qwen2PRMAdapter,
+    MODEL_TOKEN_CLASSIFICATION: TokenClassificationAdapter,
+    MODEL_VALUE_HEAD: ValueHeadAdapter,
 }
 
 
@@ -127,4 +193,4 @@ def adapter_for(model: nn.Module, kind: str) -> ModelAdapter:
     return ADAPTERS[kind](model)
 
 
-__all__ = ["ModelAdapter", "Qwen2PRMAdapter", "adapter_for", "register_adapter", "ADAPTERS", "MODEL_INTERNVL"]
+__all__ = ["ModelAdapter", "Qwen2PRMAdapter", "TokenClassificationAdapter", "ValueHeadAdapter", "adapter_for", "register_adapter", "ADAPTERS", "MODEL_INTERNVL"]

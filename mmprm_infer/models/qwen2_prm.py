@@ -15,16 +15,13 @@ from transformers import Qwen2Config, Qwen2Model, Qwen2PreTrainedModel
 from transformers.modeling_outputs import TokenClassifierOutput
 
 
-class Qwen2ForProcessRewardModel(Qwen2PreTrainedModel):
+class Qwen2WithTokenHead(Qwen2PreTrainedModel):
+    """A Qwen2 body (``model.*``) whose per-token output is ``self.head_logits(h)``; subclasses add the head."""
+
     config_class = Qwen2Config
 
-    def __init__(self, config: Qwen2Config):
-        super().__init__(config)
-        self.num_labels = 2
-        self.model = Qwen2Model(config)
-        hidden = config.hidden_size
-        self.score = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, self.num_labels))
-        self.post_init()
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(
         self,
@@ -41,4 +38,17 @@ class Qwen2ForProcessRewardModel(Qwen2PreTrainedModel):
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
-        return TokenClassifierOutput(logits=self.score(out.last_hidden_state))
+        return TokenClassifierOutput(logits=self.head_logits(out.last_hidden_state))
+
+
+class Qwen2ForProcessRewardModel(Qwen2WithTokenHead):
+    def __init__(self, config: Qwen2Config):
+        super().__init__(config)
+        self.num_labels = 2
+        self.model = Qwen2Model(config)
+        hidden = config.hidden_size
+        self.score = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, self.num_labels))
+        self.post_init()
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden)
