@@ -24,7 +24,7 @@ from mmprm_infer.answers import extract_answer
 from mmprm_infer.engines import EncodedQuestion, Engine
 from mmprm_infer.formats import FormatError
 from mmprm_infer.prm import PRM, Candidate, ScoringItem
-from mmprm_infer.rerank import NEEDS_NO_PRM, RerankResult
+from mmprm_infer.rerank import NEEDS_NO_PRM, RerankResult, resolve_aggregate
 from mmprm_infer.selection import get_strategy, select
 
 __all__ = ["Ranking", "UNSCORED", "candidate_text", "rank_items", "rank_scored", "score_items", "finite_or_none"]
@@ -113,10 +113,11 @@ def score_items(prm: PRM, items: Sequence[ScoringItem], engine: str | Engine | N
     return out, [errors for _, _, errors in encoded]
 
 
-def rank_items(prm: PRM | None, items: Sequence[ScoringItem], aggregate: str | Callable = "min",
+def rank_items(prm: PRM | None, items: Sequence[ScoringItem], aggregate: str | Callable | None = None,
                strategy: str = "best_of_n", engine: str | Engine | None = None) -> list[Ranking]:
     """``rerank_batch`` that ranks unscorable candidates last instead of failing the batch."""
     get_strategy(strategy)
+    aggregate = resolve_aggregate(aggregate, prm)
     get_aggregation(aggregate)
     if prm is None and strategy not in NEEDS_NO_PRM:
         raise ValueError(f"strategy {strategy!r} needs a PRM; use majority_vote without one")

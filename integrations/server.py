@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -61,6 +62,7 @@ from mmprm_infer.aggregation import get_aggregation
 from mmprm_infer.formats import FormatError
 from mmprm_infer.prm import PRM, ScoringItem
 from mmprm_infer.records import PRMSpec
+from mmprm_infer.rerank import resolve_aggregate
 from mmprm_infer.selection import get_strategy
 from mmprm_infer.vision import ImageLoadError
 
@@ -435,6 +437,7 @@ async def _unless_client_left(request: Request, work):
 
 
 def create_app(prm: PRM, config: ServerConfig) -> FastAPI:
+    config = dataclasses.replace(config, aggregate=resolve_aggregate(config.aggregate, prm))
     state = _State(prm, config)
 
     @contextlib.asynccontextmanager

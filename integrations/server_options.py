@@ -42,7 +42,7 @@ class ServerConfig:
     api_key: str | None = None  # sent to the policy as a Bearer token
     client_api_keys: tuple[str, ...] = ()  # when set, clients must send one of them as a Bearer token
     n: int = 8
-    aggregate: str = "min"
+    aggregate: str | None = None  # None: the PRM format's release default (rerank.resolve_aggregate)
     strategy: str = "best_of_n"
     max_queue: int = 256
     batch_window_ms: float = 10.0
@@ -77,7 +77,8 @@ class ServerConfig:
             self.image_root = os.path.realpath(_directory(self.image_root, "image_root"))
         if any(not k for k in self.client_api_keys):
             raise ValueError("client_api_keys holds an empty key")
-        get_aggregation(self.aggregate)
+        if self.aggregate is not None:
+            get_aggregation(self.aggregate)
         get_strategy(self.strategy)
 
 
@@ -132,7 +133,9 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=non_negative_int, default=8080)
     serve.add_argument("--n", type=positive_int, default=8, help="samples drawn from the policy per request")
-    serve.add_argument("--aggregate", default="min", choices=sorted([*AGGREGATIONS, *ALIASES]))
+    serve.add_argument("--aggregate", default=None, choices=sorted([*AGGREGATIONS, *ALIASES]),
+                       help="default: the PRM format's release default (mean for visualprm, last for rlhflow, "
+                            "else min)")
     serve.add_argument("--strategy", default="best_of_n", choices=("best_of_n", "weighted_vote", "majority_vote"))
     serve.add_argument("--max-queue", type=positive_int, default=256, help="requests admitted at once; more get HTTP 503")
     serve.add_argument("--batch-window-ms", type=at_least(0, float), default=10.0,

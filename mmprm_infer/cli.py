@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output", "-o", required=True, help="output JSONL (one record per input line)")
         p.add_argument("--format", choices=sorted(FORMATS), help="PRM format (default: read from the checkpoint)")
         p.add_argument("--engine", default=None, help="scoring engine (default: fast; 'reference' for the oracle)")
-        p.add_argument("--aggregate", default="min", choices=sorted([*AGGREGATIONS, *ALIASES]))
+        p.add_argument("--aggregate", default=None, choices=sorted([*AGGREGATIONS, *ALIASES]),
+                       help="step rewards -> candidate score (default: the format's release default: mean for "
+                            "visualprm, last for rlhflow, else min)")
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default=None, choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
         p.add_argument("--batch-questions", type=positive_int, default=8,

@@ -15,6 +15,7 @@ actor that holds their shared prefix.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ class WindowResult:
 @dataclass
 class ScoringOptions:
     command: str = "score"  # "score" | "rerank"
-    aggregate: str = "min"
+    aggregate: str | None = None  # None: the PRM format's release default (rerank.resolve_aggregate)
     strategy: str = "best_of_n"
     engine: str | None = None
 
@@ -241,8 +242,9 @@ def _result_record(record: dict, line: int, step_rewards, rerank_result, aggrega
 
 def _score(batch: list[tuple[int, dict, ScoringItem]], prm, options: ScoringOptions) -> list[dict | RecordError]:
     """Score parsed records in one engine call; if it fails, one by one so only the bad record fails."""
-    from .rerank import rerank_batch
+    from .rerank import rerank_batch, resolve_aggregate
 
+    options = dataclasses.replace(options, aggregate=resolve_aggregate(options.aggregate, prm))
     items = [item for _, _, item in batch]
     try:
         if options.command == "rerank":

@@ -29,6 +29,14 @@ class RerankResult:
         return asdict(self)
 
 
+def resolve_aggregate(aggregate: str | Callable | None, prm: PRM | None) -> str | Callable:
+    """``aggregate``, or when None the one the PRM's release uses (``PRMFormat.default_aggregate``:
+    mean for VisualPRM, last for RLHFlow, min otherwise)."""
+    if aggregate is not None:
+        return aggregate
+    return prm.format.default_aggregate if prm is not None else "min"
+
+
 def _candidate_text(candidate: Candidate) -> str:
     return candidate if isinstance(candidate, str) else "\n\n".join(candidate)
 
@@ -38,7 +46,7 @@ def rerank(
     candidates: Sequence[Candidate],
     prm: PRM | None = None,
     image=None,
-    aggregate: str | Callable = "min",
+    aggregate: str | Callable | None = None,
     strategy: str = "best_of_n",
     engine: str | None = None,
 ) -> RerankResult:
@@ -46,7 +54,8 @@ def rerank(
 
     strategy: best_of_n (highest aggregated PRM score), weighted_vote (sum of
     scores per distinct final answer) or majority_vote (self-consistency; no
-    PRM needed).
+    PRM needed).  aggregate: how step rewards become a candidate's score
+    (default: the PRM format's release default, ``resolve_aggregate``).
     """
     return rerank_batch([ScoringItem(question, candidates, image)], prm, aggregate, strategy, engine)[0]
 
@@ -54,12 +63,13 @@ def rerank(
 def rerank_batch(
     items: Sequence[ScoringItem],
     prm: PRM | None,
-    aggregate: str | Callable = "min",
+    aggregate: str | Callable | None = None,
     strategy: str = "best_of_n",
     engine: str | None = None,
 ) -> list[RerankResult]:
     """rerank() over many questions, scoring them in one engine call."""
     get_strategy(strategy)
+    aggregate = resolve_aggregate(aggregate, prm)
     aggregation = get_aggregation(aggregate)
     agg_name = aggregate if isinstance(aggregate, str) else getattr(aggregate, "__name__", "custom")
     if prm is None and strategy not in NEEDS_NO_PRM:

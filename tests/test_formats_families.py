@@ -463,3 +463,25 @@ def test_visualprm_trailing_blank_line_is_an_empty_step(visualprm_dir):
     prm = PRM.from_pretrained(visualprm_dir, format="visualprm")
     with pytest.raises(FormatError, match="candidate 0 has an empty step"):
         prm.score(QUESTION, ["\n\n".join(STEPS_A) + "\n\n"])
+
+
+def test_each_format_aggregates_as_its_release_by_default(tmp_path):
+    """rerank() and `mmprm score` without --aggregate use the format's release default."""
+    import json
+
+    from mmprm_infer import PRM, rerank
+    from mmprm_infer.cli import main
+    from mmprm_infer.rerank import resolve_aggregate
+    from mmprm_infer.tiny import build_tiny_qwen_prm
+
+    prm = PRM.from_pretrained(build_tiny_qwen_prm(tmp_path / "q", seed=2))
+    assert resolve_aggregate(None, prm) == "min" and resolve_aggregate("mean", prm) == "mean"
+    prm.format.default_aggregate = "mean"  # as visualprm's release
+    res = rerank("1+1?", ["1+1=2.\n\n\\boxed{2}", "1+1=3.\n\n\\boxed{3}"], prm=prm)
+    assert res.aggregate == "mean"
+    assert res.scores == [sum(r) / len(r) for r in res.step_rewards]
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"question": "1+1?", "candidates": ["1+1=2.\n\n\\boxed{2}"]}) + "\n")
+    assert main(["score", "--prm", str(tmp_path / "q"), "-i", str(src), "-o", str(tmp_path / "o.jsonl"),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "o.jsonl").read_text())["aggregate"] == "min"

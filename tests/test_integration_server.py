@@ -265,8 +265,9 @@ def test_serve_cli_arguments():
     args = build_parser().parse_args(["serve", "--policy-url", "http://127.0.0.1:8000/v1", "--prm", "d", "--n", "16",
                                       "--batch-window-ms", "5", "--max-queue", "64", "--retries", "0"])
     assert (args.command, args.n, args.batch_window_ms, args.max_queue, args.retries) == ("serve", 16, 5.0, 64, 0)
+    # aggregate None: the PRM format's release default, resolved when the app is built (rerank.resolve_aggregate)
     assert (args.host, args.port, args.aggregate, args.strategy, args.upstream_timeout) == (
-        "127.0.0.1", 8080, "min", "best_of_n", 60.0)
+        "127.0.0.1", 8080, None, "best_of_n", 60.0)
 
 
 # --------------------------------------------------------------------------
