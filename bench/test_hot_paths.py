@@ -12,7 +12,9 @@ so a plain ``pytest`` never collects this file, and without
 - ``fused_step_rewards`` (torch path) on W1's marker readout: 3200 packed
   rows, 16 x 8 markers, hidden 512;
 - one ``prm.score(..., engine="fast")`` call on a small model (hidden 128,
-  2 layers, N=8, P=200, S=64).
+  2 layers, N=8, P=200, S=64), its weights scaled so rewards spread over
+  (0, 1) (``tests/spread_models.py``), checked against the reference engine
+  at fp32's tolerance.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from mmprm_infer.kernels.prefix_attention import shared_prefix_attention
 from mmprm_infer.kernels.step_reward import fused_step_rewards
+from tests.spread_models import BROKEN, assert_matches, assert_spread, spread
 
 THREADS = 2
 N, P, S, H, HKV, D, HIDDEN, STEPS = 16, 1000, 200, 8, 2, 64, 512, 8
@@ -74,6 +77,9 @@ def small_prm(tmp_path_factory):
                                    max_positions=2048)
     path = workloads.text_checkpoint(spec, tmp_path_factory.mktemp("hot_paths"))
     prm = PRM.from_pretrained(path, format=workloads.TEXT_FORMAT, dtype="float32")
+    # This model's rewards already span 0.55-0.97 unscaled: a milder spread than the tests' tiny
+    # models need gives 0.12-0.87.
+    spread(prm.model, body=2.0, head=1.0)
     w = workloads.Workload("small", spec, n_candidates=8, prompt_tokens=200, suffix_tokens=64, steps=4)
     return prm, workloads.make_inputs(prm, w)
 
@@ -82,5 +88,17 @@ def test_fast_engine_score_small_model(benchmark, small_prm):
     prm, inputs = small_prm
     rewards = benchmark(prm.score, inputs.question, inputs.candidates, engine="fast")
     reference = prm.score(inputs.question, inputs.candidates, engine="reference")
-    diff = max(abs(a - b) for x, y in zip(rewards, reference) for a, b in zip(x, y))
-    assert diff < 1e-4
+    assert_spread(reference)
+    # fast against reference, fp32, measured max |difference| 1.0e-6 (longer inputs than the tests' models)
+    assert_matches(rewards, reference, tol=3e-6)
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+def test_small_model_check_catches_broken_engines(small_prm, broken):
+    """The comparison above fails for each deliberately broken fast engine (measured errors >= 1.6e-2)."""
+    prm, inputs = small_prm
+    reference = prm.score(inputs.question, inputs.candidates, engine="reference")
+    with BROKEN[broken]():
+        rewards = prm.score(inputs.question, inputs.candidates, engine="fast")
+    with pytest.raises(AssertionError):
+        assert_matches(rewards, reference, tol=3e-6)

@@ -68,7 +68,8 @@ _CACHE_SIZE = 1 << 16
 #      - what math PRM setups prompt for (Qwen2.5-Math-PRM's system prompt,
 #        MM-PRM / VisualPRM policies) and what MATH-style graders read;
 #   2. the last "The answer is ..." / "the final answer is ..." phrase
-#      (math-shepherd / GSM8K / Minerva style);
+#      (math-shepherd / GSM8K / Minerva style) or "Answer: ..." line
+#      ("**Answer:** 7", "Final Answer: 12"), whichever comes last;
 #   3. the last <answer>...</answer> block (R1-style tags).
 # A boxed answer wins over a later phrase because the phrase often just
 # restates it ("The final answer is $\boxed{3}$" finds 3 either way).
@@ -76,6 +77,8 @@ _CACHE_SIZE = 1 << 16
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_IS_RE = re.compile(r"\banswer\s+is\b\s*:?[ \t]*([^\n]*)", re.IGNORECASE)
+# "Answer: 7", "**Answer:** 7", "**Answer**: 7", "Final Answer: 7"
+_ANSWER_COLON_RE = re.compile(r"\banswer\b[ \t]*(?:\*\*)?[ \t]*:[ \t]*(?:\*\*)?[ \t]*([^\n]*)", re.IGNORECASE)
 _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
 _SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
 
@@ -152,17 +155,21 @@ def extract_answer(text: str | None) -> str | None:
     """The final answer a solution commits to, or None if it names none.
 
     Order: last ``\\boxed{}``/``\\fbox{}`` (balanced nested braces), else the
-    last "The answer is ..." / "the final answer is ..." (case-insensitive;
-    the rest of that line up to the first sentence end, with a trailing
-    period, ``is:``, surrounding ``$``/``\\(\\)``/``\\[\\]``/``**`` removed),
-    else the last ``<answer>...</answer>``.
+    last "The answer is ..." / "the final answer is ..." / "Answer: ..." /
+    "**Answer:** ..." (case-insensitive; the rest of that line up to the
+    first sentence end, with a trailing period, ``is:``, surrounding
+    ``$``/``\\(\\)``/``\\[\\]``/``**`` removed), else the last
+    ``<answer>...</answer>``.
     """
     if not text:
         return None
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed
-    for m in reversed(list(_ANSWER_IS_RE.finditer(text))):
+    # Both phrasings, latest first ("Final Answer: The final answer is 5" finds 5: the inner phrase
+    # starts later than the line's "Answer:").
+    phrases = [*_ANSWER_IS_RE.finditer(text), *_ANSWER_COLON_RE.finditer(text)]
+    for m in sorted(phrases, key=lambda m: m.start(1), reverse=True):
         ans = _clean_phrase_answer(m.group(1))
         if ans:
             return ans
@@ -185,6 +192,34 @@ _TEXT_WRAPPER_RE = re.compile(r"\\" + _TEXT_CMDS + r"\{([^{}]*)\}")
 _THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?")
+# A number in e-notation ("1e3", "2.5E-4"), not part of a longer word or number.
+_SCI_RE = re.compile(r"(?<![\w.])(\d+(?:\.\d*)?|\.\d+)[eE]([+-]?\d+)(?![\w.])")
+# Decimal exponents up to this size are written out in full ("1e3" -> "1000"); larger ones as
+# mantissa \times 10^{exponent}.
+_SCI_MAX_EXPAND = 50
+# A percent sign after a number (or a closing brace: "\frac{1}{2}\%").
+_PERCENT_RE = re.compile(r"(?<=[\d}])\s*\\?%")
+_UNICODE_MINUS = {"\u2212": "-", "\ufe63": "-", "\uff0d": "-"}
+
+
+def _plain_number(match: re.Match) -> str:
+    from decimal import Decimal
+
+    mantissa, exponent = match.group(1), int(match.group(2))
+    if abs(exponent) > _SCI_MAX_EXPAND:
+        return f"{mantissa}\\times10^{{{exponent}}}"
+    text = format(Decimal(f"{mantissa}e{exponent}"), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _numbers_and_units(s: str) -> str:
+    """Shared by normalize_answer and the parse cleanup: Unicode minus signs become "-", numbers in
+    e-notation are written out ("1e3" -> "1000"), percent signs after a number are dropped (a unit:
+    "50\\%" -> "50")."""
+    for minus, ascii_minus in _UNICODE_MINUS.items():
+        s = s.replace(minus, ascii_minus)
+    s = _SCI_RE.sub(_plain_number, s)
+    return _PERCENT_RE.sub("", s)
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
@@ -192,7 +227,11 @@ def normalize_answer(s: str) -> str:
     """A canonical string for cheap exact comparison.  Rules, in order:
 
     1. strip surrounding whitespace, ``**``, ``$..$``, ``\\(..\\)``,
-       ``\\[..\\]``, then drop every remaining ``$``;
+       ``\\[..\\]``, then drop every remaining ``$``; Unicode minus signs
+       become ``-``; numbers in e-notation are written out (``1e3`` ->
+       ``1000``, ``2.5E-3`` -> ``0.0025``; exponents beyond 50 as
+       ``m\\times10^{e}``); a percent sign after a number is dropped, as a
+       unit (``50\\%`` -> ``50``: see ``answers_equivalent``);
     2. ``\\dfrac`` / ``\\tfrac`` -> ``\\frac`` (same value, display size only);
     3. drop ``\\left`` / ``\\right`` (sizing only; ``\\rightarrow`` is kept);
     4. drop spacing commands ``\\!``, ``\\,``, ``\\;``, ``\\:`` (so
@@ -207,7 +246,7 @@ def normalize_answer(s: str) -> str:
     8. thousands commas are removed only when the whole answer is one number
        written with them (``1,234,567.5``); ``1,2`` stays (a list or set).
     """
-    s = _strip_delimiters(str(s)).replace("$", "")
+    s = _numbers_and_units(_strip_delimiters(str(s)).replace("$", ""))
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
     s = _LEFT_RIGHT_RE.sub("", s)
     s = re.sub(r"\\[!,;:]", "", s).replace("{,}", ",")
@@ -241,7 +280,7 @@ def has_answer(answer: str | None) -> bool:
 def _clean_for_parse(s: str) -> str:
     """Case-preserving cleanup before math-verify (which needs real LaTeX:
     spaces and capitals matter there, e.g. ``\\pi r``, ``\\Delta``)."""
-    s = _strip_delimiters(s).replace("$", "")
+    s = _numbers_and_units(_strip_delimiters(s).replace("$", ""))
     s = s.replace("\\!", "").replace("{,}", ",")
     s = re.sub(r"(?<=\d)\\[,;:](?=\d)", "", s)  # 1\,000 -> 1000
     s = re.sub(r"\\[,;:]", " ", s)
@@ -492,7 +531,14 @@ def answers_equivalent(a: str | None, b: str | None) -> bool:
       ``\\{2,1\\}``, ``2\\sqrt{3}`` = ``\\sqrt{12}``; intervals are compared
       with their endpoints' openness.  ``x=3`` = ``3``: math-verify reads a
       single assignment as its value, and we keep that (a vote should not
-      split "x = 3" and "3").  It also reads ``5\\%`` as equal to ``5``.
+      split "x = 3" and "3").
+    - Percent: a percent sign after a number is a unit and is dropped
+      before any comparison, as MATH-style graders strip ``\\%``:
+      ``50\\%`` = ``50`` and ``50\\%`` != ``0.5``.  (math-verify alone calls
+      ``5\\%`` equal to both ``5`` and ``0.05``, which is not transitive, so
+      a vote could depend on the order of the answers.)
+    - e-notation is a number: ``1e3`` = ``1000`` (math-verify alone reads
+      ``1e3`` as 3 times Euler's e).
     - Else a restricted sympy numeric check (relative tolerance 1e-9) of
       simple expressions such as ``2^3`` vs ``8``.
     - Else False.

@@ -17,6 +17,42 @@ from mmprm_infer.tiny import build_tiny_causal_lm, build_tiny_qwen_prm
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are reported as skipped, with the reason, where CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu): no CUDA device here")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def image_work(monkeypatch):
+    """What image preprocessing does with pixels: ``resized`` (target sizes of every PIL resize) and
+    ``arrays`` (sizes of every PIL image turned into an array).  Deterministic stand-ins for "it is
+    fast": a huge image must be resized as uint8 to the tile grid first, never converted whole."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    work = SimpleNamespace(resized=[], arrays=[])
+    resize = Image.Image.resize
+    array_interface = Image.Image.__array_interface__
+
+    def spy_resize(self, size, *args, **kwargs):
+        work.resized.append(tuple(size))
+        return resize(self, size, *args, **kwargs)
+
+    def spy_array(self):
+        work.arrays.append(self.size)
+        return array_interface.fget(self)
+
+    monkeypatch.setattr(Image.Image, "resize", spy_resize)
+    monkeypatch.setattr(Image.Image, "__array_interface__", property(spy_array))
+    return work
+
+
 @pytest.fixture(scope="session")
 def shepherd_dir(tmp_path_factory):
     # Llama with a BOS token, like math-shepherd's Mistral tokenizer.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -47,6 +45,14 @@ from mmprm_infer.answers import (
         ("The answer is 5.\nActually, the answer is 6.", "6"),
         ("The answer is 9. Checking: the answer isn't 8.", "9"),
         ("Final Answer: The final answer is $5$. I hope it is correct.", "5"),
+        # "Answer:" lines, markdown bold or not
+        ("**Answer:** 7", "7"),
+        ("**Answer**: $\\frac{1}{2}$.", r"\frac{1}{2}"),
+        ("Step 2: add them.\nAnswer: 12", "12"),
+        ("Final Answer: 3.5", "3.5"),
+        ("Answer: 4\nWait, the answer is 5.", "5"),  # the later phrase wins
+        ("The answer is 5.\n**Answer:** 6", "6"),
+        ("Answer:\nnothing on that line", None),
         # <answer> tags
         ("<think>2+2</think><answer> 4 </answer>", "4"),
         ("<answer>$7$</answer> and later <answer>8</answer>", "8"),
@@ -109,6 +115,20 @@ def test_extract_none_input():
         (r"90^{\circ}", "90"),
         (r"\Delta X", r"\Deltax"),  # command names keep their case
         ("X + Y", "x+y"),
+        # Unicode minus signs are minus signs
+        ("\u22125", "-5"),
+        ("x \u2212 1", "x-1"),
+        # e-notation is written out
+        ("1e3", "1000"),
+        ("2.5E-3", "0.0025"),
+        ("1.50e2", "150"),
+        ("-4e0", "-4"),
+        ("1e100", r"1\times10^{100}"),  # huge exponents are not expanded
+        ("x1e3", "x1e3"),  # not a number
+        # a percent sign after a number is a unit
+        (r"50\%", "50"),
+        ("12.5 %", "12.5"),
+        (r"\frac{1}{2}\%", r"\frac{1}{2}"),
     ],
 )
 def test_normalize_answer(raw, expected):
@@ -148,6 +168,26 @@ EQUIVALENT = [
     (r"\pi r^2", r"r^2\pi"),
     (r"\begin{pmatrix}1\\2\end{pmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}"),
     ("0.333333", r"\frac{1}{3}"),  # math-verify rounds floats to 6 decimals
+    # e-notation is a number
+    ("1e3", "1000"),
+    ("1e3", "1000.0"),
+    ("1E3", "1000"),
+    ("2.5e-3", r"\frac{1}{400}"),
+    # percent: the sign is a unit and is dropped (MATH-style), so 50% equals 50, not 0.5
+    (r"50\%", "50"),
+    (r"5\%", "5.0"),
+    ("50%", r"50\%"),
+    # Unicode minus
+    ("\u22125", "-5"),
+    ("\u2212\\frac{1}{2}", "-0.5"),
+    # plus-minus: both values, in any order
+    (r"\pm 3", "3, -3"),
+    (r"\pm 3", "-3, 3"),
+    (r"x = \pm 3", r"\pm 3"),
+    (r"1 \pm \sqrt{2}", r"1\pm\sqrt 2"),
+    # unions of intervals ignore order
+    (r"(-\infty, 1) \cup (2, \infty)", r"(2,\infty)\cup(-\infty,1)"),
+    (r"[1,2]\cup[3,4]", r"[3,4] \cup [1,2]"),
 ]
 
 NOT_EQUIVALENT = [
@@ -163,7 +203,30 @@ NOT_EQUIVALENT = [
     ("1,000", "1"),
     ("-1", "1"),
     (r"\sqrt{2}", "1.414"),
+    ("1e3", "e3"),  # not 3 times Euler's e
+    ("1e3", "3e"),
+    (r"50\%", "0.5"),  # percent sign dropped, not divided by 100
+    (r"5\%", "0.05"),
+    ("\u22125", "5"),
+    (r"\pm 3", "3"),  # both values, not one
+    (r"\pm 3", "-3"),
+    (r"(-\infty, 1) \cup (2, \infty)", r"(-\infty, 1] \cup (2, \infty)"),
+    (r"[1,2]\cup[3,4]", r"[1,2]\cup[3,5]"),
 ]
+
+
+def test_percent_votes_do_not_depend_on_order():
+    """With the percent rule a vote's groups are the same in any order (with math-verify's own reading,
+    "5%" joined "5" or "0.05", whichever came first)."""
+    answers = [r"5\%", "5", "0.05"]
+    assert group_answers(answers) == [0, 0, 1]
+    assert group_answers(answers[::-1]) == [0, 1, 1]
+    assert group_answers(["0.05", r"5\%", "5"]) == [0, 1, 1]
+
+
+def test_unicode_minus_without_math_verify(no_math_verify):
+    assert answers_equivalent("\u22125", "-5.0")  # the sympy fallback reads it too
+    assert not answers_equivalent("\u22125", "5")
 
 
 @pytest.mark.parametrize("a, b", EQUIVALENT)
@@ -186,28 +249,50 @@ def test_none_and_empty_never_equal():
     assert not answers_equivalent("$ $", "")
 
 
-def _run_in_daemon_thread(fn, timeout_s):
-    """fn() in a daemon thread, so a hang fails the test instead of the run."""
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("v", fn()), daemon=True)
-    t.start()
-    t.join(timeout_s)
-    assert not t.is_alive(), f"call did not return within {timeout_s}s"
-    return box["v"]
+def _run_in_worker_thread(fn):
+    """fn() in a worker thread (no signal-based timeout there), its result or exception."""
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        return ex.submit(fn).result()
 
 
-def test_huge_power_does_not_hang_a_worker_thread():
-    # sympy would try to expand 9^(9^(9^9)); without signals there is no
-    # timeout in a worker thread, so such answers must never reach sympy.
-    start = time.perf_counter()
-    assert _run_in_daemon_thread(lambda: answers_equivalent(r"9^{9^{9^{9}}}", "3"), 20) is False
-    assert _run_in_daemon_thread(lambda: answers_equivalent(r"2^{2^{100}}", r"2^{2^{100}}+1"), 20) is False
-    assert _run_in_daemon_thread(lambda: answers_equivalent(r"9^{9^{9^{9}}}", r"9^{9^{9^{9}}}"), 20) is True
-    assert time.perf_counter() - start < 20
+@pytest.fixture
+def math_verify_calls(monkeypatch):
+    """The (function name, arguments) of every call this module makes into math-verify."""
+    A.clear_caches()
+    calls = []
+    real = A._call_math_verify
+
+    def spy(fn, *args, timeout_kw):
+        calls.append((fn.__name__, args))
+        return real(fn, *args, timeout_kw=timeout_kw)
+
+    monkeypatch.setattr(A, "_call_math_verify", spy)
+    yield calls
+    monkeypatch.undo()
+    A.clear_caches()
+
+
+@pytest.mark.timeout(120)  # a hang guard: without the guards below sympy would run for ever
+def test_huge_power_never_reaches_sympy_in_a_worker_thread(math_verify_calls, monkeypatch):
+    # sympy would try to expand 9^(9^(9^9)); without signals there is no timeout in a worker
+    # thread, so such answers must never reach a sympy comparison or evaluation.
+    evaluated = []
+    real_value = A._sympy_value.__wrapped__
+    monkeypatch.setattr(A, "_sympy_value", lambda s: evaluated.append(s) or real_value(s))
+    assert _run_in_worker_thread(A._signal_timeout) is None  # no timeout guards the calls below
+    assert _run_in_worker_thread(lambda: answers_equivalent(r"9^{9^{9^{9}}}", "3")) is False
+    assert _run_in_worker_thread(lambda: answers_equivalent(r"2^{2^{100}}", r"2^{2^{100}}+1")) is False
+    assert _run_in_worker_thread(lambda: answers_equivalent(r"9^{9^{9^{9}}}", r"9^{9^{9^{9}}}")) is True
+    # math-verify parsed them (a parse does not evaluate) but was never asked to compare them
+    assert [name for name, _ in math_verify_calls if name != "parse"] == []
+    assert A._math_verify_parse(A._clean_for_parse(r"9^{9^{9^{9}}}")) == ()  # refused as unsafe
+    # the numeric fallback looked at them and refused them before evaluating
+    huge = [x for x in evaluated if "^" in x]
+    assert len(huge) == 3 and all(real_value(x) is None for x in huge)
 
 
 def test_timeout_only_in_main_thread():
-    in_worker = _run_in_daemon_thread(A._signal_timeout, 5)
+    in_worker = _run_in_worker_thread(A._signal_timeout)
     assert in_worker is None
     import signal
 
@@ -295,12 +380,14 @@ def test_group_answers_custom_equivalence():
     assert group_answers(["1", "2", "3", "4"], equivalent=same_parity) == [0, 1, 0, 1]
 
 
-def test_group_answers_many_candidates_fast():
+def test_group_answers_many_numbers_skip_the_symbolic_comparison(math_verify_calls):
+    """A vote over 64 numeric answers: clearly different numbers never go to math-verify's slow
+    symbolic comparison (the fast path of _clearly_different_numbers), equal ones match as strings."""
     answers = [f"\\frac{{{i % 23}}}{{7}}" for i in range(64)]
-    start = time.perf_counter()
     ids = group_answers(answers)
-    assert len(set(ids)) == 23
-    assert time.perf_counter() - start < 15
+    assert len(set(ids)) == 23 and ids[:23] == list(range(23)) and ids[23:] == [i % 23 for i in range(23, 64)]
+    assert [name for name, _ in math_verify_calls if name != "parse"] == []
+    assert len([1 for name, _ in math_verify_calls if name == "parse"]) == 23  # each distinct answer once
 
 
 # --------------------------------------------------------------------------

@@ -1,12 +1,22 @@
-"""The fast engine equals the reference engine, independent of batching, and does only the needed work."""
+"""The fast engine equals the reference engine, independent of batching, and does only the needed work.
+
+The models are the conftest's tiny checkpoints with their weights scaled
+(``spread_models.spread``) so rewards cover most of (0, 1); the comparison is
+at a tolerance a few times above fp32's error, with a ranking check over every
+pair of candidates, and ``test_broken_engines_fail_the_check`` shows that an
+engine with a 2 % attention-scale error, suffix positions off by one or the
+prefix length off by one fails it.
+"""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
 import torch
 
+import spread_models as S
 from mmprm_infer import PRM, ScoringItem
 from mmprm_infer.engines import NonFiniteRewardError
 from mmprm_infer.engines import shared_prefix as sp
@@ -17,61 +27,91 @@ from mmprm_infer.formats import EncodedCandidate
 from mmprm_infer.models.adapters import ModelAdapter
 
 QUESTION = "Janet's ducks lay 16 eggs per day. She eats three and bakes with four. How many are left?"
-WORDS = ("the area is 12 5 = 60 half of so we compute x + y and eggs per day sells remainder market "
-         "triangle angle 30 degrees sum two largest bars apples then multiply divide add count rows").split()
 FORMATS = {"math-shepherd": "shepherd_dir", "qwen2.5-math-prm": "qwen_prm_dir", "custom": "custom_dir"}
+OPTIONS = {"custom": {"step_tag": "<step>"}}
+_candidates = S.candidates
+
+# bf16 fast engine (CPU) on the spread models, N = 1, 3, 16, measured max |difference|:
+# against the bf16 reference engine 1.3e-2, against the fp32 reference 2.9e-2 (the bf16
+# reference itself is 2.6e-2 from fp32).  Tolerances about 2x those; ranking of pairs the
+# fp32 reference separates by > 0.05 (none misordered at 0.02).
+BF16_TOL_VS_BF16 = 3e-2
+BF16_TOL_VS_FP32 = 6e-2
+BF16_RANK_MARGIN = 5e-2
 
 
-def _step(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
-
-def _candidates(n: int, seed: int = 0) -> list[list[str]]:
-    """Ragged candidates: 1-5 steps; n >= 3 adds a one-step one and a duplicate, n > 3 a long-ish one."""
-    rng = random.Random(seed)
-    # Distinct first words: candidates share nothing but the question (and the format's wrapping).
-    cands = [[f"{WORDS[i % len(WORDS)]} " + _step(rng, rng.randint(1, 12))]
-             + [_step(rng, rng.randint(1, 15)) for _ in range(rng.randint(0, 4))] for i in range(n)]
-    if n >= 3:
-        cands[1] = [_step(rng, 4)]
-        cands[2] = list(cands[0])
-    if n > 3:
-        cands[-1] = [_step(rng, 30) for _ in range(8)]
-    return cands
-
-
-def _close(a, b, tol):
+def _close(a, b, tol=S.FP32_TOL):
     assert [len(r) for r in a] == [len(r) for r in b]
-    for x, y in zip(a, b):
-        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=tol)
-
-
-def _same_ranking(ref, fast, margin=1e-3):
-    """Every pair the reference separates clearly (by mean step reward) is ordered the same by fast."""
-    r = [sum(x) / len(x) for x in ref]
-    f = [sum(x) / len(x) for x in fast]
-    for i in range(len(r)):
-        for j in range(len(r)):
-            if r[i] - r[j] > margin:
-                assert f[i] > f[j], (i, j)
+    assert S.max_difference(a, b) <= tol
 
 
 @pytest.fixture(scope="module")
 def prms(request):
-    return {fmt: PRM.from_pretrained(request.getfixturevalue(d), format=fmt) for fmt, d in FORMATS.items()}
+    """fp32 PRMs with spread rewards."""
+    return {fmt: S.spread_prm(PRM.from_pretrained(request.getfixturevalue(d), format=fmt, dtype=torch.float32,
+                                                  **OPTIONS.get(fmt, {})))
+            for fmt, d in FORMATS.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(prms):
+    """Reference-engine rewards of (format, n candidates), computed once per module."""
+    cache = {}
+
+    def get(fmt, n):
+        if (fmt, n) not in cache:
+            cache[fmt, n] = prms[fmt].score(QUESTION, _candidates(n, seed=n), engine="reference")
+        return cache[fmt, n]
+
+    return get
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("n", [1, 3, 16])
-def test_fast_matches_reference(prms, fmt, n):
+def test_fast_matches_reference(prms, reference, fmt, n):
     prm = prms[fmt]
     cands = _candidates(n, seed=n)
-    ref = prm.score(QUESTION, cands, engine="reference")
+    ref = reference(fmt, n)
     fast = prm.score(QUESTION, cands, engine="fast")
-    _close(fast, ref, 1e-4)
-    _same_ranking(ref, fast)
+    S.assert_matches(fast, ref)
     if n >= 3:  # the duplicate candidate scores the same
-        _close(fast[2:3], fast[0:1], 1e-5)
+        _close(fast[2:3], fast[0:1])
+    if n == 16:  # the check has something to check: spread rewards, and all pairs but the duplicate ranked
+        S.assert_spread(ref)
+        assert len(S.separated_pairs(ref)) == n * (n - 1) // 2 - 1
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("broken", list(S.BROKEN))
+def test_broken_engines_fail_the_check(prms, reference, fmt, broken):
+    """Each deliberately broken engine fails the equivalence check the tests above rely on (which the
+    intact engine passes on the same candidates: test_fast_matches_reference[16-...])."""
+    prm = prms[fmt]
+    cands = _candidates(16, seed=16)
+    ref = reference(fmt, 16)
+    with S.BROKEN[broken]():
+        wrong = prm.score(QUESTION, cands, engine="fast")
+    with pytest.raises(AssertionError):
+        S.assert_matches(wrong, ref)
+    # ... and the check is not merely picky: the broken engine is off by far more than fp32's error
+    assert S.max_difference(wrong, ref) > 100 * S.FP32_TOL
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_fast_engine_in_bf16(prms, reference, fmt):
+    """The fast engine on a bf16 model: close to the bf16 reference engine and to fp32, same ranking."""
+    prm32 = prms[fmt]
+    prm16 = PRM(copy.deepcopy(prm32.model).to(torch.bfloat16), prm32.tokenizer, format=fmt, **OPTIONS.get(fmt, {}))
+    assert prm16.adapter.dtype == torch.bfloat16
+    cands = _candidates(16, seed=16)
+    fast16 = prm16.score(QUESTION, cands, engine="fast")
+    ref16 = prm16.score(QUESTION, cands, engine="reference")
+    ref32 = reference(fmt, 16)
+    S.assert_matches(fast16, ref16, tol=BF16_TOL_VS_BF16, margin=BF16_RANK_MARGIN)
+    S.assert_matches(fast16, ref32, tol=BF16_TOL_VS_FP32, margin=BF16_RANK_MARGIN)
+    assert len(S.separated_pairs(ref32, BF16_RANK_MARGIN)) >= 70  # measured 88-106 of 120
+    # it really ran in bf16 (an engine that upcast to fp32 would agree with fp32 to 1e-6)
+    assert S.max_difference(fast16, prm32.score(QUESTION, cands, engine="fast")) > 1e-3
 
 
 @pytest.mark.parametrize("fmt", ["math-shepherd", "qwen2.5-math-prm"])
@@ -88,8 +128,8 @@ def test_batch_composition_and_order_do_not_matter(prms, fmt):
     mid = prm.score_batch(items, engine=FastEngine(max_batch_tokens=60))
     for other in (together, reordered, tiny, mid):
         for a, b in zip(alone, other):
-            _close(b, a, 1e-5)
-    _close(together[0], prm.score(QUESTION, items[0].candidates, engine="reference"), 1e-4)
+            _close(b, a)
+    S.assert_matches(together[0], prm.score(QUESTION, items[0].candidates, engine="reference"))
 
 
 def _lcp_prefix(question: EncodedQuestion) -> int:
@@ -157,7 +197,7 @@ def test_no_shared_prefix_and_whole_candidate_prefix(prms):
     for budget in (16384, 3):
         fast = FastEngine(max_batch_tokens=budget).score(prm.adapter, prm.columns, [no_prefix, contained])
         for a, b in zip(fast, ref):
-            _close(a, b, 1e-4)
+            S.assert_matches(a, b)
 
 
 class _PlaceholderImageAdapter(ModelAdapter):
@@ -190,7 +230,7 @@ def test_image_features_go_in_as_embeddings(prms):
     ref = ReferenceEngine().score(adapter, prm.columns, [image, text])
     fast = FastEngine().score(adapter, prm.columns, [image, text])
     for a, b in zip(fast, ref):
-        _close(a, b, 1e-4)
+        S.assert_matches(a, b)
     plain = FastEngine().score(prm.adapter, prm.columns, [EncodedQuestion(image.candidates)])
     assert abs(plain[0][0][0] - fast[0][0][0]) > 1e-6  # the features really were used
 

@@ -1,4 +1,10 @@
-"""Tree-shaped K/V cache (exact, counts its work, bounded) and PRM-guided step search (beam search, DVTS)."""
+"""Tree-shaped K/V cache (exact, counts its work, bounded) and PRM-guided step search (beam search, DVTS).
+
+The PRMs are the conftest's tiny checkpoints with spread rewards
+(``spread_models``), compared with the reference at fp32's tolerance; a tree
+cache with a broken attention (scale, positions, prefix length) fails that
+comparison (``test_broken_tree_cache_fails_the_check``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import spread_models as S
 from mmprm_infer import PRM
 from mmprm_infer.engines.tree_cache import TreeCacheEngine
 from mmprm_infer.integrations.policy import PolicyPrompt, TransformersPolicy, join_steps
@@ -20,7 +27,8 @@ QUESTION = "Janet's ducks lay 16 eggs per day. She eats three and bakes with fou
 WORDS = ("the area is 12 5 = 60 half of so we compute x + y and eggs per day sells remainder market "
          "triangle angle 30 degrees sum two largest bars apples then multiply divide add count rows").split()
 FORMATS = {"math-shepherd": "shepherd_dir", "qwen2.5-math-prm": "qwen_prm_dir", "custom": "custom_dir"}
-TOL = 1e-4
+# tree cache against the reference on the spread models, fp32: measured max |difference| 5e-7
+TOL = S.FP32_TOL
 
 
 def _step(rng: random.Random) -> str:
@@ -28,16 +36,14 @@ def _step(rng: random.Random) -> str:
 
 
 def _assert_close(got, ref, tol=TOL):
-    assert [len(r) for r in got] == [len(r) for r in ref]
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=tol)
+    S.assert_matches(got, ref, tol)
 
 
 @pytest.fixture(scope="module", params=sorted(FORMATS))
 def prm(request):
     path = request.getfixturevalue(FORMATS[request.param])
     options = {"step_tag": "<step>"} if request.param == "custom" else {}
-    return PRM.from_pretrained(path, format=request.param, dtype=torch.float32, **options)
+    return S.spread_prm(PRM.from_pretrained(path, format=request.param, dtype=torch.float32, **options))
 
 
 def _rounds(seed=0, rounds=4, width=3, per_beam=3):
@@ -63,8 +69,37 @@ def _needed(prm, cands):
 
 def test_tree_cache_equals_reference_over_rounds(prm):
     engine = TreeCacheEngine()
+    every = []
     for cands in _rounds():
-        _assert_close(prm.score(QUESTION, cands, engine=engine), prm.score(QUESTION, cands, engine="reference"))
+        ref = _reference(prm, cands)
+        _assert_close(prm.score(QUESTION, cands, engine=engine), ref)
+        every += ref
+    S.assert_spread(every)  # rewards over most of (0, 1): errors show
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(prm, cands):
+    """Reference rewards of cands, cached per PRM and candidate list (the PRMs are module fixtures)."""
+    key = (prm, repr(cands))  # the PRM itself, not its id: a freed PRM's id could come back
+    if key not in _REFERENCE:
+        _REFERENCE[key] = prm.score(QUESTION, cands, engine="reference")
+    return _REFERENCE[key]
+
+
+@pytest.mark.parametrize("broken", sorted(set(S.BROKEN) - S.FAST_ONLY))
+def test_broken_tree_cache_fails_the_check(prm, broken):
+    """The comparison above fails for a tree cache whose attention is deliberately broken."""
+    rounds = list(_rounds(rounds=2))  # round 2 reuses round 1's cached K/V
+    refs = [_reference(prm, cands) for cands in rounds]
+    engine = TreeCacheEngine()
+    with S.BROKEN[broken]():
+        got = [prm.score(QUESTION, cands, engine=engine) for cands in rounds]
+    with pytest.raises(AssertionError):
+        for g, r in zip(got, refs):
+            _assert_close(g, r)
+    assert max(S.max_difference(g, r) for g, r in zip(got, refs)) > 100 * TOL
 
 
 def test_tree_cache_edge_cases_equal_reference(prm):
@@ -181,7 +216,7 @@ class ScriptedPolicy:
 
 @pytest.fixture(scope="module")
 def shepherd(shepherd_dir):
-    return PRM.from_pretrained(shepherd_dir, format="math-shepherd", dtype=torch.float32)
+    return S.spread_prm(PRM.from_pretrained(shepherd_dir, format="math-shepherd", dtype=torch.float32))
 
 
 def test_sample_steps_keeps_the_first_step():

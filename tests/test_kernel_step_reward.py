@@ -108,14 +108,44 @@ def test_aggregations_on_edge_rewards(backend, poison):
         _close(got, torch.tensor(want[agg]), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", ["ragged_d72", "no_norm_d40"])
-def test_torch_bf16_inputs(name, poison):
-    args = make_inputs(name, dtype=torch.bfloat16)
-    for agg in ("min", "mean", "sum_logit"):
-        ref_r, ref_s = sr.fused_step_rewards(**args, aggregation=agg, backend="reference")
-        rewards, scores = sr.fused_step_rewards(**args, aggregation=agg, backend="torch")
-        _close(rewards, ref_r, rtol=2e-2, atol=2e-2)
-        _close(scores, ref_s, rtol=2e-2, atol=2e-2)
+# Half-precision hidden states and weights: every backend upcasts them and computes in fp32, the
+# reference in float64 from the same half-precision values.  Measured max |difference| over CASES and
+# all aggregations (torch and Triton on the CPU interpreter, bf16 and fp16): rewards 1.8e-7, scores
+# 1.3e-6 relative to max(1, |score|).  Computing the rewards in bf16 instead is off by 9e-4 to 2e-3
+# (test_half_precision_check_catches_half_arithmetic).
+HALF_REWARD_ATOL = 4e-7
+HALF_SCORE_TOL = 3e-6
+
+
+def _check_half(args, backend, aggregations=AGGS):
+    for agg in aggregations:
+        ref_r, ref_s = sr.fused_step_rewards(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in args.items()},
+                                             aggregation=agg, backend="reference")
+        rewards, scores = sr.fused_step_rewards(**args, aggregation=agg, backend=backend)
+        assert rewards.dtype == scores.dtype == torch.float32
+        _close(rewards, ref_r, rtol=0, atol=HALF_REWARD_ATOL)
+        _close(scores, ref_s, rtol=HALF_SCORE_TOL, atol=HALF_SCORE_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["ragged_d72", "no_norm_d40", "wide_d1100"])
+def test_half_precision_inputs(name, backend, dtype, poison):
+    _check_half(make_inputs(name, dtype=dtype, device=_device(backend)), backend)
+
+
+def test_half_precision_check_catches_half_arithmetic(monkeypatch):
+    """A torch path that computed the rewards in bf16 (no upcast) fails the check above."""
+    def in_bf16(hidden, positions, norm_weight, eps, w_diff, b_diff):
+        x = hidden.index_select(0, positions)
+        if norm_weight is not None:
+            x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * norm_weight
+        return torch.sigmoid(torch.mv(x, w_diff) + b_diff).float()
+
+    monkeypatch.setattr(sr, "_rewards_torch", in_bf16)
+    for name in ("ragged_d72", "no_norm_d40", "wide_d1100"):
+        with pytest.raises(AssertionError):
+            _check_half(make_inputs(name, dtype=torch.bfloat16), "torch", ["min"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

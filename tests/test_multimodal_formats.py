@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -24,13 +23,40 @@ from mmprm_infer.cli import main
 from mmprm_infer.engines import ENGINES
 from mmprm_infer.formats import FormatError
 from mmprm_infer.formats.visualprm import VISUALPRM_SYSTEM_PROMPT, split_response
-from mmprm_infer.tiny_internvl import INTERNVL25_SYSTEM_MESSAGE, build_tiny_internvl
+from mmprm_infer.tiny_internvl import build_tiny_internvl
 from mmprm_infer.vision import ImageLoadError, image_token_block, load_image
 
 QUESTION = "What is the area of the shaded triangle in the figure?"
 STEPS_A = ["The base is 6 and the height is 4.", "Area = 1/2 * 6 * 4 = 12.", "The answer is 12."]
 STEPS_B = ["The base is 6.", "Area = 6 * 4 = 24, so the answer is \\boxed{24}."]
 ENGINES_UNDER_TEST = ["reference", None]  # None: the default engine
+
+# The releases' system prompts, written out here rather than taken from the code under test.
+# InternVL2.5's default (template "internvl2_5", OpenGVLab/InternVL
+# internvl_chat/internvl/conversation.py), used by MM-PRM:
+INTERNVL25_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+# VisualPRM's PRM_SYSTEM_PROMPT (OpenGVLab/InternVL
+# internvl_chat/tools/reasoning_data_pipeline/utils/constants.py; the prompt of its training data,
+# carried by VisualPRM-8B's config as system_message):
+VISUALPRM_RELEASE_PROMPT = """You are an advanced AI assistant, designed to serve as a process supervision model. \
+In this task, I will provide a problem statement followed by the first step of the solution process. For each \
+subsequent turn, I will give you a new step in the solution. Your role is to assess whether the solution process \
+is correct up to the current step.
+
+- In the **first round**, I will input the problem and the first step of the solution process.
+- In **each subsequent round**, I will provide the next step in the solution.
+
+For each step, you should:
+
+- Respond with **"+"** if you believe the solution process is correct up to this step.
+- Respond with **"-"** if you detect any issues or errors in the process up to this step.
+
+Please note:
+- Only respond with **"+"** or **"-"**. Do not provide any additional explanations, comments, or justifications.
+
+Your task is to verify the accuracy and correctness of each step in the given solution process."""
 
 
 def _noise_image(width, height, seed=0, mode="RGB"):
@@ -159,14 +185,18 @@ def test_mm_prm_several_images(ivl_dir, ivl, tmp_path):
 # ------------------------------------------------------------------ visualprm
 
 
-def _visualprm_release(model, tokenizer, question, response, pixel_values, num_patches_list, max_steps=12):
-    """InternVLRewardModel.generate_steps_with_soft_score_v2 (str2score {'+': 1, '-': 0})."""
+def _visualprm_release(model, tokenizer, question, response, pixel_values, num_patches_list, max_steps=None,
+                       system_message=INTERNVL25_SYSTEM_MESSAGE):
+    """InternVLRewardModel.generate_steps_with_soft_score_v2 (str2score {'+': 1, '-': 0}) as
+    select_best_response calls it: split on "\\n\\n" without strip, merged only when max_steps is given;
+    the system message from the checkpoint's config, else the internvl2_5 template's default."""
     steps = response.split("\n\n")
-    run = math.ceil(len(steps) / max_steps)
-    steps = ["\n\n".join(steps[i:i + run]) for i in range(0, len(steps), run)]
+    if max_steps is not None:
+        run = math.ceil(len(steps) / max_steps)
+        steps = ["\n\n".join(steps[i:i + run]) for i in range(0, len(steps), run)]
     if pixel_values is not None and "<image>" not in question:
         question = "<image>\n" + question
-    query = f"<|im_start|>system\n{VISUALPRM_SYSTEM_PROMPT}<|im_end|>\n"
+    query = f"<|im_start|>system\n{system_message}<|im_end|>\n"
     for k, step in enumerate(steps):
         if k == 0:
             step = f"### Question:\n{question}\n\n### Solution Process:\n{step}"
@@ -185,24 +215,52 @@ def _visualprm_release(model, tokenizer, question, response, pixel_values, num_p
 @pytest.mark.parametrize("engine", ENGINES_UNDER_TEST)
 def test_visualprm_matches_release(ivl_dir, ivl, wide_image, engine):
     model, tokenizer = ivl
-    pieces = [f"Step {i}: the running total is {3 * i}." for i in range(1, 15)]  # 14 pieces -> 7 merged steps
+    pieces = [f"Step {i}: the running total is {3 * i}." for i in range(1, 15)]
     responses = ["\n\n".join(pieces), "\n\n".join(STEPS_A)]
     pv = load_image(wide_image, max_tiles=2)
     want, steps = zip(*[_visualprm_release(model, tokenizer, QUESTION, r, pv, [3]) for r in responses])
-    assert [len(s) for s in steps] == [7, 3]
+    assert [len(s) for s in steps] == [14, 3]  # no merging by default
     prm = PRM.from_pretrained(ivl_dir, format="visualprm", max_tiles=2)
     _close(prm.score(QUESTION, responses, image=wide_image, engine=engine), list(want))
-    # Steps given as a list are scored as given (no merge).
+    # Steps given as a list are scored as given.
     _close(prm.score(QUESTION, [list(steps[0])], image=wide_image, engine=engine), [want[0]])
+    # max_steps=12, as InternVL's data pipeline passes it: 14 pieces -> 7 merged steps
+    merged, merged_steps = _visualprm_release(model, tokenizer, QUESTION, responses[0], pv, [3], max_steps=12)
+    assert len(merged_steps) == 7
+    prm12 = PRM.from_pretrained(ivl_dir, format="visualprm", max_tiles=2, max_steps=12)
+    _close(prm12.score(QUESTION, responses[:1], image=wide_image, engine=engine), [merged])
 
 
 def test_visualprm_text_only_and_custom_system_prompt(ivl_dir, ivl):
     model, tokenizer = ivl
     want, _ = _visualprm_release(model, tokenizer, QUESTION, "\n\n".join(STEPS_B), None, [])
     prm = PRM.from_pretrained(ivl_dir, format="visualprm")
-    _close(prm.score(QUESTION, ["\n\n".join(STEPS_B) + "\n\n"], engine="reference"), [want])  # trailing blank line stripped
+    _close(prm.score(QUESTION, ["\n\n".join(STEPS_B)], engine="reference"), [want])
+    with pytest.raises(FormatError, match="empty step"):  # no strip: a trailing blank line is an empty step
+        prm.score(QUESTION, ["\n\n".join(STEPS_B) + "\n\n"])
     other = PRM.from_pretrained(ivl_dir, format="visualprm", system_prompt="Judge each step.")
     assert other.score(QUESTION, [STEPS_B])[0] != pytest.approx(want, abs=1e-6)
+
+
+def test_visualprm_system_message_from_the_checkpoint_config(ivl_dir, ivl, tmp_path):
+    """A checkpoint whose config carries VisualPRM's prompt (as VisualPRM-8B's does) is scored with it."""
+    import shutil
+
+    model, tokenizer = ivl
+    path = tmp_path / "visualprm"
+    shutil.copytree(ivl_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["system_message"] = VISUALPRM_RELEASE_PROMPT
+    (path / "config.json").write_text(json.dumps(config))
+    want, _ = _visualprm_release(model, tokenizer, QUESTION, "\n\n".join(STEPS_A), None, [],
+                                 system_message=VISUALPRM_RELEASE_PROMPT)
+    prm = PRM.from_pretrained(path, format="visualprm")
+    _close(prm.score(QUESTION, ["\n\n".join(STEPS_A)], engine="reference"), [want])
+
+
+def test_visualprm_release_prompt_constant():
+    """The library's copy of VisualPRM's prompt (convert_internvl compares checkpoints' messages with it) is the release's."""
+    assert VISUALPRM_SYSTEM_PROMPT == VISUALPRM_RELEASE_PROMPT
 
 
 def test_visualprm_split_rule():
@@ -322,14 +380,15 @@ def test_image_for_text_only_format(custom_dir, ivl_dir):
         PRM.from_pretrained(ivl_dir, format="custom", model_kind="qwen2-vl")
 
 
-def test_huge_image_is_tiled_within_the_cap(mm):
+def test_huge_image_is_tiled_within_the_cap(mm, image_work):
     huge = Image.new("RGB", (6000, 4000), (90, 120, 200))
-    start = time.perf_counter()
     encoded = mm.encode(QUESTION, [STEPS_A], image=huge)
-    rewards = mm.score(QUESTION, [STEPS_A], image=huge)
-    elapsed = time.perf_counter() - start
     assert encoded.image_features.shape[0] == 3 * 256  # 2x1 grid (cap 2) + thumbnail
-    assert all(0.0 <= r <= 1.0 for r in rewards[0]) and elapsed < 20
+    # resized as uint8 to the capped grid first; only tiles become arrays (no clock needed to see it)
+    assert image_work.resized == [(2 * 448, 448), (448, 448)]
+    assert set(image_work.arrays) == {(448, 448)}
+    rewards = mm.score(QUESTION, [STEPS_A], image=huge)
+    assert all(0.0 <= r <= 1.0 for r in rewards[0])
 
 
 def test_more_images_than_context(mm):
@@ -377,7 +436,7 @@ def test_cli_scores_images_relative_to_the_jsonl(ivl_dir, tmp_path):
     src, dst = data / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     assert main(["score", "--prm", str(ivl_dir), "-i", str(src), "-o", str(dst), "--quiet", "--max-tiles", "1",
-                 "--on-error", "skip"]) == 0
+                 "--on-error", "skip"]) == 3  # finished, with error records (README: exit status)
     out = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [o["line"] for o in out] == [1, 2, 3, 4]
     prm = PRM.from_pretrained(ivl_dir, max_tiles=1)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import kill_gate
 import pytest
 import ray  # in the dev extra: a missing Ray fails here rather than skipping
 import torch
@@ -28,8 +29,9 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def cluster():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    # the kill test's PRM wrapper below is defined here, so workers must get it by value
+    # the kill tests' PRM wrapper and gate are defined here and in tests/kill_gate.py, so workers get them by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(kill_gate)
     yield ray
     ray.shutdown()
 
@@ -122,53 +124,54 @@ def test_images_through_ray(cluster, image_sensitive_mm_prm, tmp_path):
     assert scores[0] != scores[1]  # the images reached the model
 
 
-class _SlowPRM:
-    """The real PRM, slowed down, with a file named after the actor's pid while it scores."""
+class _BlockingPRM:
+    """The real PRM; the first batch any actor scores blocks inside score_batch (a file named after the
+    actor's pid says so) until that actor is killed, so the kill provably lands mid-batch."""
 
-    def __init__(self, prm, busy_dir: str):
-        self.prm, self.busy = prm, Path(busy_dir)
+    def __init__(self, prm, gate_dir: str):
+        self.prm, self.gate = prm, Path(gate_dir)
 
     def score_batch(self, items, engine=None):
-        marker = self.busy / str(os.getpid())
-        marker.write_text("scoring")
-        time.sleep(0.3)
-        rewards = self.prm.score_batch(items, engine=engine)
-        marker.unlink()
-        return rewards
+        if kill_gate.claim(self.gate) == 0:
+            kill_gate.block(self.gate, f"busy-{os.getpid()}")  # until this actor is killed
+        return self.prm.score_batch(items, engine=engine)
 
 
 @dataclass
-class _SlowSpec(PRMSpec):
-    busy_dir: str = ""
+class _BlockingSpec(PRMSpec):
+    gate_dir: str = ""
 
     def load(self, device, threads):
-        return _SlowPRM(super().load(device, threads), self.busy_dir)
+        return _BlockingPRM(super().load(device, threads), self.gate_dir)
 
 
 def test_killed_actor_is_restarted_and_every_record_written_once(cluster, qwen_prm_dir, tmp_path):
     records = _records(48, seed=2)
     src = _write_jsonl(tmp_path / "in.jsonl", records)
     want = _single_machine("score", qwen_prm_dir, src, tmp_path / "one.jsonl", "--batch-questions", "2")
-    busy = tmp_path / "busy"
-    busy.mkdir()
+    gate = tmp_path / "gate"
+    gate.mkdir()
     killed: list[int] = []
 
-    def kill_one_actor_mid_batch():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            for marker in busy.iterdir():
-                pid = int(marker.name)
-                os.kill(pid, signal.SIGKILL)  # while it is inside score_batch
+    def kill_the_blocked_actor():
+        deadline = time.monotonic() + 300  # a hang guard only
+        while time.monotonic() < deadline:
+            for marker in gate.glob("busy-*"):
+                pid = int(marker.name.split("-")[1])
+                os.kill(pid, signal.SIGKILL)  # it is blocked inside score_batch
                 killed.append(pid)
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_one_actor_mid_batch, daemon=True)
+    killer = threading.Thread(target=kill_the_blocked_actor, daemon=True)
     killer.start()
-    score_file(src, tmp_path / "ray.jsonl", _SlowSpec(str(qwen_prm_dir), busy_dir=str(busy)), batch_questions=2,
-               actors=2, progress=False)
-    killer.join(timeout=5)
-    assert killed, "no actor was killed"
+    try:
+        score_file(src, tmp_path / "ray.jsonl", _BlockingSpec(str(qwen_prm_dir), gate_dir=str(gate)),
+                   batch_questions=2, actors=2, progress=False)
+    finally:
+        kill_gate.release(gate)
+    killer.join()
+    assert len(killed) == 1
     got = (tmp_path / "ray.jsonl").read_text()
     assert got == want  # nothing lost, nothing twice, same order and scores
     assert [json.loads(line)["id"] for line in got.splitlines()] == [r["id"] for r in records]
@@ -213,16 +216,21 @@ def test_ray_annotation_matches_single_machine_and_resumes_after_a_killed_driver
     assert len(want) == 8
 
     out = tmp_path / "ray"
-    # slow policy calls so the driver is killed with some questions done and some not
-    first = subprocess.Popen(_annotate_cmd(out, "--ray", "--workers", "2", "--policy-latency", "0.05"),
+    # The first driver stops right after writing its 3rd tree (tests/kill_gate.py), so it is killed
+    # with exactly 3 questions done, however fast the machine is.
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    first = subprocess.Popen(kill_gate.command(gate, 3, "annotate", *ANNOTATE, "--out-dir", str(out), "--ray",
+                                               "--workers", "2"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list((out / "trees").glob("*.json"))) < 2 and first.poll() is None:
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=30)
+    try:
+        kill_gate.wait_until_blocked(first, gate)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        kill_gate.release(gate)
     done_before = {p.name: p.stat().st_mtime_ns for p in (out / "trees").glob("*.json")}
-    assert 2 <= len(done_before) < 8, f"the driver was not killed mid-run ({len(done_before)} trees)"
+    assert len(done_before) == 3
 
     second = subprocess.run(_annotate_cmd(out, "--ray", "--workers", "2"), check=True, capture_output=True,
                             text=True, timeout=300)
