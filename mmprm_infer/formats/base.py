@@ -135,6 +135,12 @@ def check_marker_count(positions: list[int], steps: Sequence[str], tag: str, fmt
         )
 
 
+def refuse_images(image_tokens: Sequence[str], fmt: str) -> None:
+    """Text-only formats: an image is an error, never silently dropped."""
+    if image_tokens:
+        raise FormatError(f"format {fmt!r} is text-only and cannot take an image; pass image=None")
+
+
 def check_steps(steps: Sequence[str], fmt: str) -> None:
     if len(steps) == 0:
         raise FormatError(f"format {fmt!r}: a candidate has no steps; give at least one non-empty step")

@@ -13,6 +13,7 @@ from .base import (
     RewardColumns,
     check_marker_count,
     check_steps,
+    refuse_images,
     positions_of,
     split_on_blank_lines,
 )
@@ -66,8 +67,7 @@ class MathShepherdFormat(PRMFormat):
             raise FormatError(f"format 'math-shepherd': step tag {self.step_tag!r} is not a stable token")
 
     def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
-        if image_tokens:
-            raise FormatError("format 'math-shepherd' is text-only and cannot take an image; pass image=None")
+        refuse_images(image_tokens, self.name)
         check_steps(steps, self.name)
         solution = "\n".join(f"Step {i}: {step} {self.step_tag}" for i, step in enumerate(steps, 1))
         ids = tokenizer.encode(f"{question} {solution}")

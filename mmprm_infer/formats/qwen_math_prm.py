@@ -13,6 +13,7 @@ from .base import (
     RewardColumns,
     check_marker_count,
     check_steps,
+    refuse_images,
     positions_of,
     single_token_id,
     split_on_blank_lines,
@@ -45,8 +46,7 @@ class QwenMathPRMFormat(PRMFormat):
             )
 
     def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
-        if image_tokens:
-            raise FormatError(f"format {self.name!r} is text-only and cannot take an image; pass image=None")
+        refuse_images(image_tokens, self.name)
         check_steps(steps, self.name)
         messages = [
             {"role": "system", "content": self.system_prompt},

@@ -28,6 +28,7 @@ from .base import (
     PRMFormat,
     RewardColumns,
     check_steps,
+    refuse_images,
 )
 
 
@@ -68,8 +69,7 @@ class RLHFlowFormat(PRMFormat):
         return turns
 
     def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
-        if image_tokens:
-            raise FormatError(f"format {self.name!r} is text-only and cannot take an image; pass image=None")
+        refuse_images(image_tokens, self.name)
         check_steps(steps, self.name)
         good = self.reward_columns(tokenizer).good
         turns = self.conversation(question, steps)

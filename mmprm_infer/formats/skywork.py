@@ -27,6 +27,7 @@ from .base import (
     PRMFormat,
     RewardColumns,
     check_steps,
+    refuse_images,
 )
 
 
@@ -53,8 +54,7 @@ class SkyworkFormat(PRMFormat):
         self._step_token_id(tokenizer)
 
     def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
-        if image_tokens:
-            raise FormatError(f"format {self.name!r} is text-only and cannot take an image; pass image=None")
+        refuse_images(image_tokens, self.name)
         check_steps(steps, self.name)
         step_id = self._step_token_id(tokenizer)
         ids = list(tokenizer.encode((tokenizer.bos_token or "") + question + "\n"))

@@ -27,6 +27,7 @@ from .base import (
     PRMFormat,
     RewardColumns,
     check_steps,
+    refuse_images,
     split_on_blank_lines,
 )
 
@@ -66,8 +67,7 @@ class TokenClassificationFormat(PRMFormat):
             )
 
     def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
-        if image_tokens:
-            raise FormatError(f"format {self.name!r} is text-only and cannot take an image; pass image=None")
+        refuse_images(image_tokens, self.name)
         check_steps(steps, self.name)
         sep = self.step_separator
         text = question
