@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mmprm_infer.answers import AnswerVerifier
-from mmprm_infer.integrations.policy import Policy, PolicyPrompt, join_steps, split_steps
+from mmprm_infer.policy import Policy, PolicyPrompt, join_steps, split_steps
 
 __all__ = ["MCConfig", "mc_estimate_question", "MC_METHOD"]
 

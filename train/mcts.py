@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from mmprm_infer.answers import AnswerVerifier
 from mmprm_infer.files import write_json_atomic
-from mmprm_infer.integrations.policy import Policy, PolicyPrompt, join_steps, split_steps
+from mmprm_infer.policy import Policy, PolicyPrompt, join_steps, split_steps
 
 __all__ = [
     "MCTSConfig",

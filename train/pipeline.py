@@ -290,7 +290,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     from mmprm_infer.answers import extract_answer
     from mmprm_infer.aggregation import aggregate
-    from mmprm_infer.integrations.policy import PolicyPrompt
+    from mmprm_infer.policy import PolicyPrompt
     from mmprm_infer.progress import quiet_transformers_progress
     from mmprm_infer.prm import PRM
 

@@ -1,6 +1,6 @@
 """A stochastic policy for the synthetic task, with realistic step errors.
 
-``SyntheticPolicy`` implements ``mmprm_infer.integrations.policy.Policy``.  It
+``SyntheticPolicy`` implements ``mmprm_infer.policy.Policy``.  It
 "sees" the picture (from the spec stored in a synthetic image, or from the
 problems it was given) and writes solutions in the task's step format,
 making these errors:
@@ -45,7 +45,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
-from mmprm_infer.integrations.policy import PolicyPrompt, join_steps, sampling_options
+from mmprm_infer.policy import PolicyPrompt, join_steps, sampling_options
 
 from .synthetic_task import (
     BAR_NAMES,
