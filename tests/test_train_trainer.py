@@ -205,7 +205,8 @@ def test_balanced_loss_is_the_weighted_mean(prms):
     cache = {i: _encode(prm, ex, i)[0] for i, ex in enumerate(examples)}
     weights = position_balance_weights([ex.labels for ex in examples])
     prm.model.zero_grad(set_to_none=True)
-    loss = _accumulate(prm, examples, cache, [[0, 1], [2, 3]], TrainConfig(), check=False, weights=weights)
+    loss, tokens = _accumulate(prm, examples, cache, [[0, 1], [2, 3]], TrainConfig(), check=False, weights=weights)
+    assert tokens == sum(len(cache[i].input_ids) for i in range(4))  # what the tokens/s in the bar counts
     prm.model.zero_grad(set_to_none=True)
     with torch.no_grad():
         rewards = predict_step_rewards(prm, samples)
@@ -227,7 +228,7 @@ def test_gradient_accumulation_equals_larger_batch(prms):
 
     def grads(micro_batches):
         prm.model.zero_grad(set_to_none=True)
-        loss = _accumulate(prm, examples, cache, micro_batches, TrainConfig(), check=True)
+        loss, _ = _accumulate(prm, examples, cache, micro_batches, TrainConfig(), check=True)
         return loss, [p.grad.clone() if p.grad is not None else None for p in params]
 
     loss_big, g_big = grads([[0, 1, 2, 3]])
@@ -280,7 +281,7 @@ def test_gradient_checkpointing_and_bf16(prms):
     def grads(config):
         prm.model.train()
         prm.model.zero_grad(set_to_none=True)
-        loss = _accumulate(prm, examples, None, [[0, 1, 2, 3]], config, check=False)
+        loss, _ = _accumulate(prm, examples, None, [[0, 1, 2, 3]], config, check=False)
         return loss, [p.grad.clone() for p in params if p.grad is not None]
 
     loss_plain, g_plain = grads(TrainConfig())

@@ -181,7 +181,7 @@ def _autocast(prm: PRM, bf16: bool):
 
 def _marker_logit_diff(prm: PRM, examples: Sequence[TrainExample], indices: Sequence[int], *, packing: bool,
                        bf16: bool, cache: dict[int, EncodedCandidate] | None = None):
-    """(d = logit_good - logit_bad at every marker [M], cu_markers, marker hidden rows [M, d])."""
+    """(d = logit_good - logit_bad at every marker [M], cu_markers, marker hidden rows [M, d], tokens run)."""
     adapter = prm.adapter
     device = adapter.device
     with _autocast(prm, bf16):
@@ -209,7 +209,7 @@ def _marker_logit_diff(prm: PRM, examples: Sequence[TrainExample], indices: Sequ
     hidden = out.last_hidden_state
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.marker_index)
     # Outside autocast: the readout is the scoring formula, in fp32.
-    return adapter.reward_logit_diff(rows, prm.columns), layout.cu_markers, rows
+    return adapter.reward_logit_diff(rows, prm.columns), layout.cu_markers, rows, sum(layout.lengths)
 
 
 def _targets(examples: Sequence[TrainExample], indices: Sequence[int], label_mode: str, threshold: float,
@@ -245,7 +245,7 @@ def marker_loss(prm: PRM, samples: Iterable, *, label_mode: str = "soft", hard_l
     """Mean marker loss of ``samples`` as one micro-batch (differentiable); the trainer's loss."""
     examples = [as_example(s, i) for i, s in enumerate(samples)]
     indices = list(range(len(examples)))
-    diff, _, _ = _marker_logit_diff(prm, examples, indices, packing=packing, bf16=bf16)
+    diff, _, _, _ = _marker_logit_diff(prm, examples, indices, packing=packing, bf16=bf16)
     return _step_losses(diff, _targets(examples, indices, label_mode, hard_label_threshold, diff.device)).mean()
 
 
@@ -273,7 +273,7 @@ def _eval_diffs(prm: PRM, examples: Sequence[TrainExample], batch_size: int, pac
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 indices = list(range(start, min(start + batch_size, len(examples))))
-                diff, cu, _ = _marker_logit_diff(prm, examples, indices, packing=packing, bf16=bf16, cache=cache)
+                diff, cu, _, _ = _marker_logit_diff(prm, examples, indices, packing=packing, bf16=bf16, cache=cache)
                 diff = diff.float().cpu()
                 per_sample.extend(diff[a:b] for a, b in zip(cu, cu[1:]))
     finally:
@@ -407,16 +407,18 @@ def _optimizer_batches(n: int, config: TrainConfig) -> Iterator[tuple[float, lis
 
 
 def _accumulate(prm: PRM, examples, cache, micro_batches: list[list[int]], config: TrainConfig,
-                check: bool, weights: Sequence[Sequence[float]] | None = None) -> float:
-    """Forward/backward of one optimizer step; gradients of the (weighted) mean step loss accumulate in .grad."""
+                check: bool, weights: Sequence[Sequence[float]] | None = None) -> tuple[float, int]:
+    """Forward/backward of one optimizer step; gradients of the (weighted) mean step loss accumulate in .grad.
+    Returns (loss, tokens run)."""
     def step_weights(micro):
         return [w for i in micro for w in (weights[i] if weights is not None else [1.0] * len(examples[i].labels))]
 
     total_weight = sum(sum(step_weights(micro)) for micro in micro_batches)
-    loss_value = 0.0
+    loss_value, tokens = 0.0, 0
     for micro in micro_batches:
-        diff, _, rows = _marker_logit_diff(prm, examples, micro, packing=config.packing, bf16=config.bf16,
-                                           cache=cache)
+        diff, _, rows, micro_tokens = _marker_logit_diff(prm, examples, micro, packing=config.packing,
+                                                         bf16=config.bf16, cache=cache)
+        tokens += micro_tokens
         if check:
             _check_readout(prm, rows, diff)
             check = False
@@ -425,7 +427,7 @@ def _accumulate(prm: PRM, examples, cache, micro_batches: list[list[int]], confi
         loss = (w * _step_losses(diff, targets)).sum() / total_weight
         loss.backward()
         loss_value += loss.item()
-    return loss_value
+    return loss_value, tokens
 
 
 def _write(handle, record: dict) -> None:
@@ -531,11 +533,14 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         step, losses, history = resume.step, list(resume.losses), list(resume.eval_history)
         torch.set_rng_state(resume.rng)
     model.train()
+    tokens_run, loop_start = 0, time.perf_counter()
     bar = progress_bar(total=total_steps, initial=step, desc="train PRM", unit="steps", disable=not config.progress)
     try:
         while step < total_steps and not stop:
             epoch, micro_batches = next(batches)
-            loss = _accumulate(prm, examples, cache, micro_batches, config, check=step == 0, weights=weights)
+            loss, step_tokens = _accumulate(prm, examples, cache, micro_batches, config, check=step == 0,
+                                            weights=weights)
+            tokens_run += step_tokens
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss} at step {step + 1}; lower the learning rate, or train in "
@@ -550,10 +555,12 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
             record = {"event": "train_step", "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr_now,
                       "grad_norm": grad_norm, "samples": sum(len(m) for m in micro_batches),
                       "markers": sum(len(examples[i].labels) for m in micro_batches for i in m),
+                      "tokens": step_tokens,
                       "elapsed_s": round(time.perf_counter() - started, 3)}
             _write(train_log, record)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}",
+                            tokens_per_s=f"{tokens_run / max(time.perf_counter() - loop_start, 1e-9):.0f}")
             stop = any([callback(record) is True for callback in callbacks])
             if eval_examples and config.eval_every and step % config.eval_every == 0:
                 run_eval()
