@@ -38,6 +38,9 @@ def test_train_from_a_plain_lm_adds_the_tag_and_loads_alone(base, tmp_path, caps
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["added_tokens"] == ["<step>"] and summary["train_samples"] == 18
     assert summary["eval_samples"] == 6 and summary["steps"] == 10 and "f1" in summary["eval"]
+    assert _train(base, tmp_path, tmp_path / "by-tokens", "--batch-tokens", "64") == 0  # micro-batches by tokens
+    log = [json.loads(line) for line in (tmp_path / "by-tokens" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 10 and all(r["tokens"] <= 64 for r in log) and len({r["samples"] for r in log}) >= 1
     prm = PRM.from_pretrained(out)  # nothing else: format and tag are recorded
     assert prm.format.name == "custom"
     rewards = prm.score("What is 2 + 2?", [["2 + 2 = 4.", "So the answer is 4."]])

@@ -470,3 +470,23 @@ def test_lora_trains_and_saves_merged(prms, tmp_path, which):
     loaded = PRM.from_pretrained(tmp_path)
     for s, r in zip(held_out, rewards):
         assert loaded.score(s["question"], [s["steps"]], engine="reference")[0] == pytest.approx(r, abs=1e-5)
+
+
+def test_micro_batches_by_token_budget():
+    from mmprm_infer.train.trainer import _micro_batches, _optimizer_batches, _steps_per_epoch
+
+    lengths = [10, 30, 20, 50, 5, 5]
+    # padded: a micro-batch costs rows x its longest sample
+    padded = TrainConfig(batch_tokens=60, shuffle=False, grad_accum_steps=2)
+    assert _micro_batches(list(range(6)), padded, lengths) == [[0, 1], [2], [3], [4, 5]]
+    # packed: the sum
+    packed = TrainConfig(batch_tokens=60, shuffle=False, packing=True)
+    assert _micro_batches(list(range(6)), packed, lengths) == [[0, 1, 2], [3, 4, 5]]
+    # a sample over the budget goes alone
+    assert _micro_batches([0, 1], TrainConfig(batch_tokens=8), [100, 3]) == [[0], [1]]
+    steps = _optimizer_batches(6, padded, lengths)
+    assert [next(steps) for _ in range(2)] == [(0.5, [[0, 1], [2]]), (1.0, [[3], [4, 5]])]
+    assert _steps_per_epoch(6, padded, lengths) == 2
+    # without a budget: batch_size samples per micro-batch, as before
+    plain = TrainConfig(batch_size=4, grad_accum_steps=1, shuffle=False)
+    assert next(_optimizer_batches(6, plain)) == (4 / 6, [[0, 1, 2, 3]])

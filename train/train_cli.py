@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: by model size, small for full fine-tuning as MM-PRM)")
     g.add_argument("--batch-size", type=positive_int, default=4, help="samples per micro-batch")
+    g.add_argument("--batch-tokens", type=positive_int, default=None,
+                   help="micro-batches by token budget instead of --batch-size: as many samples as fit (padding "
+                        "counted; a longer sample goes alone)")
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--warmup-ratio", type=float, default=0.03)
     g.add_argument("--weight-decay", type=float, default=0.05)
@@ -173,6 +176,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         train, held = _split(samples, args.eval_fraction, args.seed)
         config = TrainConfig(
             output_dir=args.out, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+            batch_tokens=args.batch_tokens,
             grad_accum_steps=args.grad_accum, learning_rate=args.lr, weight_decay=args.weight_decay,
             warmup_ratio=args.warmup_ratio, label_mode=args.label_mode, hard_label_threshold=args.hard_label_threshold,
             bf16=args.bf16, freeze_vision=args.freeze_vision, gradient_checkpointing=args.gradient_checkpointing,

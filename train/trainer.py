@@ -82,6 +82,8 @@ class TrainConfig:
     epochs: float = 3.0
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     batch_size: int = 4  # samples per micro-batch
+    batch_tokens: int | None = None  # micro-batches by token budget instead: as many samples as fit in this many
+    # tokens (padding counted unless packing; a longer sample goes alone); grad_accum_steps of them per step
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     learning_rate: float | None = None  # None: default_learning_rate(model size)
     weight_decay: float = 0.05  # not applied to norms and biases (parameters with < 2 dims)
@@ -116,6 +118,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.label_mode not in ("soft", "hard"):
             raise ValueError(f"label_mode must be 'soft' or 'hard', got {self.label_mode!r}")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {self.batch_tokens}")
         for name in ("batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -392,18 +396,48 @@ def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) ->
 
 
 # --- the loop ---------------------------------------------------------------
-def _optimizer_batches(n: int, config: TrainConfig) -> Iterator[tuple[float, list[list[int]]]]:
-    """(epoch position, micro-batches of sample indices) per optimizer step, epoch after epoch."""
+def _micro_batches(order: list[int], config: TrainConfig, lengths: Sequence[int] | None) -> list[list[int]]:
+    """``order`` cut into micro-batches: ``batch_size`` samples each, or with ``batch_tokens`` as many as
+    fit the budget (rows x longest when padded, the sum when packed)."""
+    if config.batch_tokens is None or lengths is None:
+        return [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    out: list[list[int]] = []
+    for i in order:
+        if out:
+            trial = out[-1] + [i]
+            cost = (sum(lengths[j] for j in trial) if config.packing
+                    else len(trial) * max(lengths[j] for j in trial))
+            if cost <= config.batch_tokens:
+                out[-1] = trial
+                continue
+        out.append([i])
+    return out
+
+
+def _optimizer_batches(n: int, config: TrainConfig,
+                       lengths: Sequence[int] | None = None) -> Iterator[tuple[float, list[list[int]]]]:
+    """(epoch position, micro-batches of sample indices) per optimizer step, epoch after epoch:
+    ``grad_accum_steps`` micro-batches per step (``_micro_batches``)."""
     generator = torch.Generator().manual_seed(config.seed)
-    per_step = config.batch_size * config.grad_accum_steps
     epoch = 0
     while True:
         order = torch.randperm(n, generator=generator).tolist() if config.shuffle else list(range(n))
-        for start in range(0, n, per_step):
-            chunk = order[start:start + per_step]
-            micro = [chunk[i:i + config.batch_size] for i in range(0, len(chunk), config.batch_size)]
-            yield epoch + min(start + per_step, n) / n, micro
+        micro = _micro_batches(order, config, lengths)
+        done = 0
+        for start in range(0, len(micro), config.grad_accum_steps):
+            step = micro[start:start + config.grad_accum_steps]
+            done += sum(len(m) for m in step)
+            yield epoch + done / n, step
         epoch += 1
+
+
+def _steps_per_epoch(n: int, config: TrainConfig, lengths: Sequence[int] | None) -> int:
+    if config.batch_tokens is None or lengths is None:
+        return math.ceil(n / (config.batch_size * config.grad_accum_steps))
+    # the first epoch's order (the same seeded draw _optimizer_batches makes)
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(n, generator=generator).tolist() if config.shuffle else list(range(n))
+    return math.ceil(len(_micro_batches(order, config, lengths)) / config.grad_accum_steps)
 
 
 def _accumulate(prm: PRM, examples, cache, micro_batches: list[list[int]], config: TrainConfig,
@@ -481,7 +515,10 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
     optimizer = torch.optim.AdamW(_param_groups(trainable, config.weight_decay), lr=lr, betas=config.adam_betas,
                                   eps=config.adam_eps)
 
-    steps_per_epoch = math.ceil(len(examples) / (config.batch_size * config.grad_accum_steps))
+    # token lengths for --batch-tokens: cached text samples, and one encode of each image sample
+    lengths = ([len(cache[i].input_ids) if i in cache else len(_encode(prm, ex, i)[0].input_ids)
+                for i, ex in enumerate(examples)] if config.batch_tokens else None)
+    steps_per_epoch = _steps_per_epoch(len(examples), config, lengths)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
 
@@ -521,7 +558,7 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         _write(eval_log, record)
         stop = any([callback(record) is True for callback in callbacks]) or stop
 
-    batches = _optimizer_batches(len(examples), config)
+    batches = _optimizer_batches(len(examples), config, lengths)
     if resume is not None:
         if config.lora is not None:
             raise ValueError("resuming a LoRA run is not supported (its checkpoints are saved merged)")
