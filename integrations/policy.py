@@ -8,7 +8,7 @@ Implementations here:
 - ``OpenAIPolicy``: any OpenAI-compatible chat server (``vllm serve``,
   SGLang, TGI, ...), over HTTP with retries.
 
-``mmprm_infer.train.synthetic_policy.SyntheticPolicy`` implements the same
+``mmprm_infer.train.synthetic.policy.SyntheticPolicy`` implements the same
 protocol for the synthetic task.  Sampling defaults are MM-PRM's rollout
 settings: temperature 1.0, top_p 0.9, top_k 50.
 """

@@ -97,8 +97,8 @@ def ray_annotate(problems: Iterable[Any], policy_factory: Callable[[], Policy], 
 # policy factories (module-level functions + partial: picklable for the workers)
 # --------------------------------------------------------------------------
 def _synthetic_policy(num_problems: int, split: str, seed: int, rates, policy_seed: int, latency_s: float) -> Policy:
-    from ..train.synthetic_policy import SyntheticPolicy
-    from ..train.synthetic_task import make_problems
+    from ..train.synthetic.policy import SyntheticPolicy
+    from ..train.synthetic.task import make_problems
 
     return SyntheticPolicy(make_problems(num_problems, split, seed), rates=rates, seed=policy_seed,
                            latency_s=latency_s)

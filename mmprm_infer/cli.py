@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return eval_main(argv[1:])
     if argv and argv[0] == "pipeline":
-        from .train.pipeline import pipeline_main
+        from .train.synthetic.pipeline import pipeline_main
 
         return pipeline_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -1,7 +1,7 @@
 """The built-in default job (``mmprm demo``, ``bash scripts/demo.sh``).
 
 Runs the whole PRM pipeline on the synthetic multimodal task with the
-``demo`` preset (``mmprm_infer.train.pipeline``), offline, on CPU, in a few
+``demo`` preset (``mmprm_infer.train.synthetic.pipeline``), offline, on CPU, in a few
 minutes:
 
 1. MCTS (OmegaPRM) annotation of a few hundred training problems -- 3x3
@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 def run_demo(workdir: str | Path = "runs/demo") -> int:
-    from .train.pipeline import preset_config, run_pipeline
+    from .train.synthetic.pipeline import preset_config, run_pipeline
 
     run_pipeline(preset_config("demo", run_dir=str(workdir), example=True))
     return 0

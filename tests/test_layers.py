@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"mmprm_infer": "mmprm_infer", "kernels": "mmprm_infer.kernels", "train": "mmprm_infer.train",
             "integrations": "mmprm_infer.integrations"}
 COMMANDS = {"mmprm_infer.cli", "mmprm_infer.demo", "mmprm_infer.evaluation.cli", "mmprm_infer.train.annotate",
-            "mmprm_infer.train.pipeline", "mmprm_infer.train.train_cli"}
+            "mmprm_infer.train.synthetic.pipeline", "mmprm_infer.train.train_cli"}
 RANKS = {"core": 0, "train": 1, "integrations": 2, "commands": 3}
 
 
@@ -60,6 +60,22 @@ def test_no_module_imports_a_higher_layer():
             if target.startswith("mmprm_infer") and RANKS[layer(target)] > RANKS[layer(module)]:
                 upward.append(f"{module} ({layer(module)}) imports {target} ({layer(target)})")
     assert upward == []
+
+
+def test_general_training_code_never_imports_the_synthetic_recipe():
+    """The synthetic task (``mmprm_infer.train.synthetic``) is one recipe on top of the general
+    training code: only the recipe itself and the commands may import it."""
+    recipe = "mmprm_infer.train.synthetic"
+    inward = []
+    for module, path, is_package in modules():
+        if module in COMMANDS or module == recipe or module.startswith(recipe + "."):
+            continue
+        if layer(module) not in ("core", "train"):
+            continue
+        for target in imports(module, path, is_package):
+            if target == recipe or target.startswith(recipe + "."):
+                inward.append(f"{module} imports {target}")
+    assert inward == []
 
 
 def test_the_check_sees_an_upward_import(tmp_path):

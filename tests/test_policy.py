@@ -230,6 +230,6 @@ def test_openai_policy_asks_again_when_a_server_ignores_n(server):
 
 
 def test_synthetic_policy_is_a_policy():
-    from mmprm_infer.train.synthetic_policy import SyntheticPolicy
+    from mmprm_infer.train.synthetic.policy import SyntheticPolicy
 
     assert isinstance(SyntheticPolicy(), Policy)

@@ -248,8 +248,8 @@ def synthetic_endpoint():
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from mmprm_infer.integrations.policy import PolicyPrompt, split_steps
-    from mmprm_infer.train.synthetic_policy import SyntheticPolicy
-    from mmprm_infer.train.synthetic_task import make_problems
+    from mmprm_infer.train.synthetic.policy import SyntheticPolicy
+    from mmprm_infer.train.synthetic.task import make_problems
 
     problems = make_problems(4, "train", 7)
     policy = SyntheticPolicy(problems)
@@ -288,11 +288,12 @@ def _check_trees(out_dir: Path, n: int) -> None:
 def test_ray_annotation_with_rollouts_from_an_openai_endpoint(cluster, synthetic_endpoint, tmp_path):
     from mmprm_infer.integrations.ray_annotate import openai_policy_factory, ray_annotate
     from mmprm_infer.train.mcts import MCTSConfig
+    from mmprm_infer.train.synthetic.task import annotation_items
 
     url, problems, requests = synthetic_endpoint
     factory = openai_policy_factory(url, "synthetic", max_new_tokens=256)
-    stats = ray_annotate(problems, factory, tmp_path / "ann", MCTSConfig(num_rollouts=4, rollout_budget=16),
-                         text_only=True, progress=False, workers=2)
+    stats = ray_annotate(annotation_items(problems, text_only=True), factory, tmp_path / "ann",
+                         MCTSConfig(num_rollouts=4, rollout_budget=16), text_only=True, progress=False, workers=2)
     assert stats.annotated == 4 and not stats.failed and stats.rollouts > 0
     assert len(requests) > 0
     _check_trees(tmp_path / "ann", 4)
@@ -317,7 +318,7 @@ def test_annotate_cli_on_your_own_questions_through_an_endpoint(cluster, synthet
 
 def test_annotate_cli_builds_the_policy_it_is_asked_for():
     from mmprm_infer.train.annotate import build_parser, policy_factory
-    from mmprm_infer.train.synthetic_policy import ErrorRates
+    from mmprm_infer.train.synthetic.policy import ErrorRates
 
     def factory(*argv):
         return policy_factory(build_parser().parse_args(["--out-dir", "x", *argv]), ErrorRates())
@@ -334,7 +335,7 @@ def test_annotate_cli_builds_the_policy_it_is_asked_for():
 
 
 def test_pipeline_evaluation_on_ray_matches_one_machine(cluster, tmp_path):
-    from mmprm_infer.train.pipeline import preset_config, run_pipeline
+    from mmprm_infer.train.synthetic.pipeline import preset_config, run_pipeline
 
     try:
         here = run_pipeline(preset_config("tiny", run_dir=str(tmp_path / "one")))

@@ -235,11 +235,11 @@ def test_bad_inputs_say_what_is_wrong(tmp_path):
 
 def test_annotation_to_training_file_end_to_end(tmp_path):
     from mmprm_infer.train.mcts import MCTSConfig, annotate, load_trees
-    from mmprm_infer.train.synthetic_policy import SyntheticPolicy
-    from mmprm_infer.train.synthetic_task import make_problems
+    from mmprm_infer.train.synthetic.policy import SyntheticPolicy
+    from mmprm_infer.train.synthetic.task import annotation_items, make_problems
 
     problems = make_problems(6, "train", 0)
-    annotate(problems, SyntheticPolicy(problems, seed=0), tmp_path / "ann",
+    annotate(annotation_items(problems), SyntheticPolicy(problems, seed=0), tmp_path / "ann",
              MCTSConfig(num_rollouts=8, rollout_budget=64, max_search_count=6), progress=False)
     by_id = {p.id: p for p in problems}
     for granularity in ("node", "step"):

@@ -23,8 +23,8 @@ from mmprm_infer.train.mcts import (
     load_trees,
     tree_path,
 )
-from mmprm_infer.train.synthetic_policy import ErrorRates, SyntheticPolicy
-from mmprm_infer.train.synthetic_task import make_problems, parse_step
+from mmprm_infer.train.synthetic.policy import ErrorRates, SyntheticPolicy
+from mmprm_infer.train.synthetic.task import annotation_items, make_problems, parse_step
 
 SMALL = MCTSConfig(num_rollouts=8, rollout_budget=64, max_search_count=6)
 NO_ERRORS = ErrorRates(misread=0, trap_range=(0, 0), wrong_line=0, slip=0, drop_term=0, dup_term=0, skip_op=0,
@@ -159,7 +159,7 @@ def test_selection_score_and_verifier_are_pluggable(problems):
 
 def test_annotate_writes_trees_images_and_skips_finished(tmp_path, problems):
     pol = SyntheticPolicy(problems, seed=0)
-    stats = annotate(problems[:4], pol, tmp_path, SMALL, progress=False)
+    stats = annotate(annotation_items(problems[:4]), pol, tmp_path, SMALL, progress=False)
     assert stats.annotated == 4 and stats.skipped == 0 and not stats.failed and stats.rollouts > 0
     trees = load_trees(tmp_path)
     assert len(trees) == 4
@@ -170,23 +170,23 @@ def test_annotate_writes_trees_images_and_skips_finished(tmp_path, problems):
         assert tree["config"]["num_rollouts"] == 8
         check_tree_invariants(tree, p)
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "trees").iterdir()}
-    again = annotate(problems[:4], pol, tmp_path, SMALL, progress=False)
+    again = annotate(annotation_items(problems[:4]), pol, tmp_path, SMALL, progress=False)
     assert again.skipped == 4 and again.annotated == 0 and again.rollouts == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "trees").iterdir()} == mtimes
     # a tree of another question under the same id is stale: redone
     stale = dict(load_tree(tree_path(tmp_path, problems[0].id)), question="something else")
     tree_path(tmp_path, problems[0].id).write_text(json.dumps(stale))
-    redo = annotate(problems[:4], SyntheticPolicy(problems, seed=0), tmp_path, SMALL, progress=False)
+    redo = annotate(annotation_items(problems[:4]), SyntheticPolicy(problems, seed=0), tmp_path, SMALL, progress=False)
     assert redo.skipped == 3 and redo.annotated == 1
     assert load_tree(tree_path(tmp_path, problems[0].id))["question"] == problems[0].question
     # threads: the same trees (the policy's samples depend only on the question)
-    annotate(problems[:4], SyntheticPolicy(problems, seed=0), tmp_path / "threads", SMALL, progress=False, workers=3)
+    annotate(annotation_items(problems[:4]), SyntheticPolicy(problems, seed=0), tmp_path / "threads", SMALL, progress=False, workers=3)
     for p in problems[:4]:
         a, b = load_tree(tree_path(tmp_path, p.id)), load_tree(tree_path(tmp_path / "threads", p.id))
         a.pop("image_path"), b.pop("image_path")
         assert a == b
     # text-only: no image, the picture's content in the question
-    t = annotate(problems[4:6], SyntheticPolicy(problems, seed=0), tmp_path / "text", SMALL, text_only=True,
+    t = annotate(annotation_items(problems[4:6], text_only=True), SyntheticPolicy(problems, seed=0), tmp_path / "text", SMALL, text_only=True,
                  progress=False)
     assert t.annotated == 2
     for tree in load_trees(tmp_path / "text"):
@@ -205,11 +205,11 @@ def test_a_failing_question_is_reported_and_the_rest_go_on(tmp_path, problems):
                 raise RuntimeError("server down")
             return super().generate(prompts, n, **kw)
 
-    stats = annotate(problems[:3], Flaky(problems, seed=0), tmp_path, SMALL, progress=False)
+    stats = annotate(annotation_items(problems[:3]), Flaky(problems, seed=0), tmp_path, SMALL, progress=False)
     assert stats.failed == [problems[1].id] and stats.annotated == 2
     assert not tree_path(tmp_path, problems[1].id).exists()
     # the rerun redoes only the failed one
-    stats = annotate(problems[:3], SyntheticPolicy(problems, seed=0), tmp_path, SMALL, progress=False)
+    stats = annotate(annotation_items(problems[:3]), SyntheticPolicy(problems, seed=0), tmp_path, SMALL, progress=False)
     assert stats.skipped == 2 and stats.annotated == 1
 
 
@@ -254,7 +254,7 @@ def test_kill_and_resume(tmp_path, capsys):
     # nothing lost: the resumed trees equal an uninterrupted run's
     ref = tmp_path / "ref"
     problems = make_problems(n, "train", 0)
-    annotate(problems, SyntheticPolicy(problems, seed=0), ref, MCTSConfig(num_rollouts=4, rollout_budget=24,
+    annotate(annotation_items(problems), SyntheticPolicy(problems, seed=0), ref, MCTSConfig(num_rollouts=4, rollout_budget=24,
                                                                           max_search_count=4), progress=False)
     for p in files:
         a, b = load_tree(p), load_tree(ref / "trees" / p.name)

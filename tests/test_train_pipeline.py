@@ -12,7 +12,7 @@ import math
 import pytest
 
 from mmprm_infer.prm import PRM
-from mmprm_infer.train.pipeline import AGGREGATIONS, PRESETS, preset_config, run_pipeline
+from mmprm_infer.train.synthetic.pipeline import AGGREGATIONS, PRESETS, preset_config, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_step_verification_options_are_checked_before_any_work(tmp_path):
 
 
 def test_summary_is_a_small_table_with_the_paths(tiny_run, capsys):
-    from mmprm_infer.train.pipeline import print_summary
+    from mmprm_infer.train.synthetic.pipeline import print_summary
 
     run_dir, report = tiny_run
     print_summary(report, run_dir)
@@ -165,7 +165,7 @@ def test_summary_is_a_small_table_with_the_paths(tiny_run, capsys):
 
 
 def test_templates_are_checked():
-    from mmprm_infer.train.synthetic_task import TEMPLATES
+    from mmprm_infer.train.synthetic.task import TEMPLATES
 
     with pytest.raises(ValueError, match="templates"):
         preset_config("tiny", templates=("bars_pair_times_bar", "nope"))

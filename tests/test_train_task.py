@@ -8,8 +8,8 @@ import pytest
 
 from mmprm_infer.answers import extract_answer
 from mmprm_infer.integrations.policy import Policy, PolicyPrompt, split_steps
-from mmprm_infer.train.synthetic_policy import ErrorRates, SyntheticPolicy, policy_report
-from mmprm_infer.train.synthetic_task import (
+from mmprm_infer.train.synthetic.policy import ErrorRates, SyntheticPolicy, policy_report
+from mmprm_infer.train.synthetic.task import (
     TEMPLATES,
     make_problem,
     make_problems,
@@ -224,7 +224,7 @@ def test_error_mix_accuracy_and_majority_vote():
 def test_prm_question_facts_and_drills_are_true(problems):
     import random
 
-    from mmprm_infer.train.prm_init import picture_facts, prm_question, reading_drill
+    from mmprm_infer.train.synthetic.prm_init import picture_facts, prm_question, reading_drill
 
     for p in problems[:20]:
         facts = picture_facts(p).split("\n")
@@ -236,8 +236,8 @@ def test_prm_question_facts_and_drills_are_true(problems):
         assert prm_question(p).endswith(p.question) and prm_question(p, False) == p.question
         drill = reading_drill(p, random.Random(p.seed))
         assert len(drill) == min(8, len(facts)) and len(set(drill)) == len(drill) and set(drill) <= set(facts)
-    from mmprm_infer.train.prm_init import arithmetic_drill
-    from mmprm_infer.train.synthetic_task import apply_op
+    from mmprm_infer.train.synthetic.prm_init import arithmetic_drill
+    from mmprm_infer.train.synthetic.task import apply_op
 
     rng = random.Random(0)
     for _ in range(50):  # true calculations, in the task's wording
@@ -250,7 +250,7 @@ def test_prm_question_facts_and_drills_are_true(problems):
 def test_task_tokenizer_gives_a_reading_and_its_fact_one_shared_key_token(problems):
     """A reading step (after the step tag) and the picture fact it must match open with the same single
     key token and carry the same value tokens, so checking it is a one-hop copy for the tiny PRM."""
-    from mmprm_infer.train.prm_init import build_task_tokenizer, picture_facts, prm_question, reading_keys
+    from mmprm_infer.train.synthetic.prm_init import build_task_tokenizer, picture_facts, prm_question, reading_keys
 
     tok = build_task_tokenizer()
     keys = reading_keys()
@@ -279,8 +279,8 @@ def test_task_tokenizer_gives_a_reading_and_its_fact_one_shared_key_token(proble
 def test_verification_drills_are_true_exactly_when_labelled_so(problems):
     import random
 
-    from mmprm_infer.train.prm_init import picture_facts, prm_question, verification_drill
-    from mmprm_infer.train.synthetic_task import apply_op
+    from mmprm_infer.train.synthetic.prm_init import picture_facts, prm_question, verification_drill
+    from mmprm_infer.train.synthetic.task import apply_op
 
     rng = random.Random(0)
     seen = set()
@@ -324,7 +324,7 @@ def test_verification_drills_are_true_exactly_when_labelled_so(problems):
 def test_prefix_verdicts_mark_each_statement_right_until_it_departs_from_its_true_version(problems):
     import random
 
-    from mmprm_infer.train.prm_init import _prefix_verdicts, build_task_tokenizer, verification_drill
+    from mmprm_infer.train.synthetic.prm_init import _prefix_verdicts, build_task_tokenizer, verification_drill
 
     tok = build_task_tokenizer()
     tag = tok.convert_tokens_to_ids("<prm>")
@@ -368,7 +368,7 @@ def test_prefix_verdicts_mark_each_statement_right_until_it_departs_from_its_tru
 def test_row_verification_drills_read_only_rows_and_columns_where_a_picture_has_them(problems):
     import random
 
-    from mmprm_infer.train.prm_init import VerificationPhase, verification_drill
+    from mmprm_infer.train.synthetic.prm_init import VerificationPhase, verification_drill
 
     rng = random.Random(3)
     kinds = {"grid": set(), "bars": set()}
@@ -382,7 +382,7 @@ def test_row_verification_drills_read_only_rows_and_columns_where_a_picture_has_
         VerificationPhase(0.5, "everything")
     with pytest.raises(ValueError, match="share"):
         VerificationPhase(0.0, "used")
-    from mmprm_infer.train.prm_init import pretrain_step_verification
+    from mmprm_infer.train.synthetic.prm_init import pretrain_step_verification
 
     with pytest.raises(ValueError, match="curriculum"):
         pretrain_step_verification(None, problems, steps=1, curriculum=(), progress=False)
@@ -391,7 +391,7 @@ def test_row_verification_drills_read_only_rows_and_columns_where_a_picture_has_
 def test_step_verification_follows_its_curriculum_and_trains_the_scorers_readout(problems, tmp_path, monkeypatch):
     import random
 
-    import mmprm_infer.train.prm_init as prm_init
+    import mmprm_infer.train.synthetic.prm_init as prm_init
     from mmprm_infer.prm import PRM, ScoringItem
 
     path, fmt, opts = prm_init.build_task_prm(tmp_path / "m", hidden=32, layers=1, heads=2, kv_heads=1,

@@ -24,7 +24,7 @@ __all__ = ["annotate_main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     from .mcts import MCTSConfig
-    from .synthetic_policy import ErrorRates
+    from .synthetic.policy import ErrorRates
 
     cfg, rates = MCTSConfig(), ErrorRates()
     p = argparse.ArgumentParser(
@@ -175,8 +175,8 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
     from .labels import LabelConfig, label_stats, trees_to_samples
     from .mc_annotation import MCConfig
     from .mcts import MCTSConfig, load_trees
-    from .synthetic_policy import ErrorRates
-    from .synthetic_task import make_problems
+    from .synthetic.policy import ErrorRates
+    from .synthetic.task import annotation_items, make_problems
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -194,7 +194,7 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
                            wrong_line=args.wrong_line_rate, slip=args.slip_rate, drop_term=args.drop_term_rate,
                            dup_term=args.dup_term_rate, skip_op=args.skip_op_rate, dup_op=args.dup_op_rate)
         problems = (load_questions(args.questions) if args.questions
-                    else make_problems(args.num_problems, args.split, args.seed))
+                    else annotation_items(make_problems(args.num_problems, args.split, args.seed), args.text_only))
     except (ValueError, OSError) as e:
         print(f"mmprm annotate: {e}", file=sys.stderr)
         return 2

@@ -320,14 +320,12 @@ class AnnotationStats:
 
 
 def as_annotation_item(item: Any, text_only: bool = False) -> AnnotationItem:
-    """A synthetic ``Problem``, an ``AnnotationItem`` or a dict in MM-PRM's
-    input layout (``question``, ``correct_answer`` or ``answer``,
-    ``image_path``, optional ``id``)."""
+    """An ``AnnotationItem`` (returned as it is) or a dict in MM-PRM's input layout
+    (``question``, ``correct_answer`` or ``answer``, ``image_path``, optional ``id``;
+    ``text_only`` drops its image).  Anything else raises ``TypeError``: a task of your own
+    converts its problems first (the synthetic task: ``synthetic.task.annotation_items``)."""
     if isinstance(item, AnnotationItem):
         return item
-    if hasattr(item, "prompt_question") and hasattr(item, "answer"):  # synthetic Problem
-        return AnnotationItem(item.id, item.prompt_question(text_only), str(item.answer),
-                              None if text_only else item.image)
     if isinstance(item, dict):
         answer = item.get("correct_answer", item.get("answer"))
         if answer is None or "question" not in item:
@@ -340,7 +338,8 @@ def as_annotation_item(item: Any, text_only: bool = False) -> AnnotationItem:
         extra = {k: v for k, v in item.items() if k not in ("question", "correct_answer", "answer", "image_path",
                                                              "image", "id")}
         return AnnotationItem(str(qid), item["question"], str(answer), image, extra)
-    raise TypeError(f"cannot annotate a {type(item).__name__}: give a Problem, an AnnotationItem or a dict")
+    raise TypeError(f"cannot annotate a {type(item).__name__}: give an AnnotationItem or a dict in MM-PRM's "
+                    "input layout")
 
 
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -538,10 +537,12 @@ def annotate(problems: Iterable[Any], policy: Policy, out_dir: str | os.PathLike
     answer) are skipped, so rerunning the same command after a kill finishes
     the rest and redoes nothing; a tree left by another question under the
     same id is redone, with a warning.
-    ``problems``: synthetic ``Problem``s, ``AnnotationItem``s or dicts in
-    MM-PRM's input layout (``id``, ``question``, ``image_path``,
-    ``correct_answer``).  ``text_only``: questions without images (synthetic
-    problems put the picture's content in the question text).
+    ``problems``: ``AnnotationItem``s or dicts in MM-PRM's input layout
+    (``id``, ``question``, ``image_path``, ``correct_answer``).
+    ``text_only``: questions without images (a dict's image is dropped; an
+    item is taken as it is, so convert text-only items accordingly: the
+    synthetic task's ``annotation_items(problems, text_only=True)`` puts the
+    picture's content in the question text); recorded in ``run.json``.
     ``workers`` > 1 annotates that many questions at once (threads; useful
     with an HTTP policy).  A question that raises is logged and listed in
     ``stats.failed``; the others go on.  ``integrations.ray_annotate`` runs the

@@ -47,7 +47,7 @@ from typing import Any, Iterable, Sequence
 
 from mmprm_infer.policy import PolicyPrompt, join_steps, sampling_options
 
-from .synthetic_task import (
+from .task import (
     BAR_NAMES,
     ArithStage,
     Problem,
@@ -114,7 +114,7 @@ class Trap:
 
 @dataclass
 class SyntheticPolicy:
-    """Seeded stochastic policy for ``synthetic_task`` problems.
+    """Seeded stochastic policy for ``task`` problems.
 
     ``problems``: known problems (needed for text-only prompts, whose
     question text identifies the problem; image prompts carry the problem in

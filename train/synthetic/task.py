@@ -56,6 +56,7 @@ __all__ = [
     "derive_state",
     "make_problem",
     "make_problems",
+    "annotation_items",
     "problem_seeds",
     "problem_from_image",
     "SPEC_KEY",
@@ -360,6 +361,15 @@ class Problem:
         """The question as a policy or PRM sees it; text-only puts the picture's content first."""
         return f"{self.image_text}\n{self.question}" if text_only else self.question
 
+    def annotation_item(self, text_only: bool = False):
+        """The problem as the annotator takes it (``mcts.AnnotationItem``): the question as the
+        policy sees it, the answer, and the image (None when ``text_only``: the picture is then in
+        the question's text)."""
+        from ..mcts import AnnotationItem
+
+        return AnnotationItem(self.id, self.prompt_question(text_only), str(self.answer),
+                              None if text_only else self.image)
+
     # --- spec (self-describing images, registries) ----------------------
     @property
     def spec(self) -> dict[str, Any]:
@@ -507,6 +517,12 @@ def problem_seeds(n: int, split: str = "train", seed: int = 0) -> list[int]:
 def make_problems(n: int, split: str = "train", seed: int = 0, templates: Sequence[str] = TEMPLATES) -> list[Problem]:
     """``n`` problems of a split; the same (n, split, seed) always gives the same problems."""
     return [make_problem(s, split=split, templates=templates) for s in problem_seeds(n, split, seed)]
+
+
+def annotation_items(problems: Sequence[Problem], text_only: bool = False) -> list:
+    """``Problem.annotation_item`` of each problem, in order: what ``mcts.annotate`` and
+    ``ray_annotate`` take."""
+    return [p.annotation_item(text_only) for p in problems]
 
 
 def make_problem(problem_seed: int, split: str | None = None, templates: Sequence[str] = TEMPLATES,

@@ -58,7 +58,7 @@ class PipelineConfig:
     run_dir: str = "runs/pipeline"
     preset: str = "custom"
     seed: int = 0  # problem seed (train and test splits have disjoint problem seeds)
-    templates: tuple[str, ...] | None = None  # question types (synthetic_task.TEMPLATES); None: all of them
+    templates: tuple[str, ...] | None = None  # question types (task.TEMPLATES); None: all of them
     policy_seed: int = 0
     # (a) annotation
     train_problems: int = 300
@@ -110,7 +110,7 @@ class PipelineConfig:
     def __post_init__(self):
         self.ns = tuple(int(n) for n in self.ns)
         if self.templates is not None:
-            from .synthetic_task import TEMPLATES
+            from .task import TEMPLATES
 
             self.templates = tuple(self.templates)
             unknown = [t for t in self.templates if t not in TEMPLATES]
@@ -142,7 +142,7 @@ class PipelineConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # about 4 minutes on 2 cores: the full preset's stages, short (2 layers; 800 pretraining, 1200 + 600
     # verification and 2400 PRM steps; 2 threads: 1.5x faster per step than 1 on an idle machine);
-    # 100 held-out problems.  Time against quality: train/RESULTS.md
+    # 100 held-out problems.  Time against quality: RESULTS.md beside this file
     "demo": dict(train_problems=300, pretrain_steps=400, verification_steps=600, verification_arithmetic=0.3,
                  row_verification_steps=300, verification_token_verdicts=1.0, verification_mix=0.5, max_steps=1200,
                  test_problems=100, layers=2, learning_rate=1e-3, balance_positions=True, threads=2),
@@ -223,8 +223,8 @@ def _log(msg: str) -> None:
 
 
 def _build_samples(config: PipelineConfig, problems, ann_dir: Path):
-    from .labels import LabelConfig, label_stats, trees_to_samples
-    from .mcts import load_trees
+    from ..labels import LabelConfig, label_stats, trees_to_samples
+    from ..mcts import load_trees
     from .prm_init import prm_question
 
     by_id = {p.id: p for p in problems}
@@ -246,7 +246,7 @@ def _final_loss(losses: list[float], last: int = 50) -> float | None:
 def _verification_samples(config: PipelineConfig, problems, train_samples, n: int):
     """``n`` step-verification drills (``prm_init.verification_drill``, the PRM's full question) as
     labelled samples, over the problems (and with the images) of ``train_samples``."""
-    from .datasets import StepSample
+    from ..datasets import StepSample
     from .prm_init import verification_drill
 
     images = {s.id: s.image_paths for s in train_samples}
@@ -294,12 +294,12 @@ def run_pipeline(config: PipelineConfig) -> dict:
     from mmprm_infer.progress import quiet_transformers_progress
     from mmprm_infer.prm import PRM
 
-    from .evaluate import step_error_f1
-    from .mcts import MCTSConfig, annotate
+    from mmprm_infer.evaluation.metrics import step_error_f1
+    from ..mcts import MCTSConfig, annotate
     from .prm_init import build_task_prm
-    from .synthetic_policy import SyntheticPolicy
-    from .synthetic_task import make_problems
-    from .trainer import TrainConfig, train_prm
+    from .policy import SyntheticPolicy
+    from .task import annotation_items, make_problems
+    from ..trainer import TrainConfig, train_prm
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -323,8 +323,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
                       max_search_count=config.max_search_count)
     _log(f"(a) annotating {len(train_problems)} train problems with MCTS (k={config.num_rollouts}, "
          f"budget {config.rollout_budget})")
-    ann = annotate(train_problems, policy, run_dir / "annotation", mcts, text_only=config.model_kind == "text",
-                   progress=config.progress)
+    text_only = config.model_kind == "text"
+    ann = annotate(annotation_items(train_problems, text_only), policy, run_dir / "annotation", mcts,
+                   text_only=text_only, progress=config.progress)
     timings["annotate_s"] = time.perf_counter() - t0
 
     # (b) labelled samples
@@ -343,7 +344,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
                                     round(config.verification_mix * len(train_samples)))
               if config.verification_mix else [])
     train_samples += drills
-    from .datasets import save_samples
+    from ..datasets import save_samples
 
     save_samples(samples, run_dir / "samples.jsonl", "stepwise")
     timings["labels_s"] = time.perf_counter() - t0
@@ -576,7 +577,7 @@ def rerank_example(prm, problems, step_lists, config: PipelineConfig, aggregate:
 # command line
 # --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .synthetic_task import TEMPLATES
+    from .task import TEMPLATES
 
     p = argparse.ArgumentParser(prog="mmprm pipeline", description="Annotate (MCTS) -> label -> train a small PRM -> "
                                 "evaluate Best-of-N and step-error F1 on held-out synthetic multimodal problems")
