@@ -80,6 +80,11 @@ for _agg in (
     register_aggregation(_agg)
 
 
+# Aggregations of probabilities into a probability-like score (>= 0, no logs): what a weighted vote
+# can sum per answer (``selection.weighted_vote``); `mmprm eval`'s default list.
+PROBABILITY_AGGREGATIONS = ("min", "last", "mean", "prod", "max")
+
+
 def get_aggregation(name: str | Aggregation | Callable) -> Callable[[Sequence[float]], float]:
     """Look an aggregation up by name; a callable is returned as is."""
     if isinstance(name, Aggregation) or callable(name) and not isinstance(name, str):

@@ -47,14 +47,59 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["PipelineConfig", "PRESETS", "preset_config", "run_pipeline", "pipeline_main", "rerank_example",
+from mmprm_infer.aggregation import AGGREGATIONS as _LIBRARY_AGGREGATIONS
+from mmprm_infer.aggregation import PROBABILITY_AGGREGATIONS
+from mmprm_infer.selection import select
+
+__all__ = ["PipelineConfig", "ReadingStages", "PRESETS", "preset_config", "run_pipeline", "pipeline_main", "rerank_example",
            "AGGREGATIONS"]
 
-AGGREGATIONS = ("min", "last", "mean", "prod", "max", "sum_logprob", "sum_logit", "mean_odd")
+# every aggregation of the library, the probability-like ones first (the report's order)
+AGGREGATIONS = (*PROBABILITY_AGGREGATIONS, *(a for a in _LIBRARY_AGGREGATIONS if a not in PROBABILITY_AGGREGATIONS))
 
 
 @dataclass
-class PipelineConfig:
+class ReadingStages:
+    """The recipe's research knobs: how the tiny PRM learns to read the picture before (and while)
+    it is trained as a PRM (``prm_init``).  Off by default; the presets turn them on.  What each
+    one bought: RESULTS.md."""
+
+    with_image_text: bool = True  # the PRM's question carries the picture as text too (see prm_init)
+    pretrain_steps: int = 0  # next-token pretraining on facts + reference solutions first (prm_init.pretrain_reading)
+    verification_steps: int = 0  # then step verification at the marker (prm_init.pretrain_step_verification)
+    verification_arithmetic: float = 0.0  # share of calculations among the verification statements
+    row_verification_steps: int = 0  # then a second verification stage on row / column readings only
+    # (prm_init.ROW_VERIFICATION_CURRICULUM): after the first, the marker checks only their last value
+    verification_token_verdicts: float = 0.0  # weight of a verdict at every statement token in both stages
+    # (right so far or not; prm_init.pretrain_step_verification's token_verdicts)
+    verification_mix: float = 0.0  # verification drills added to the PRM's training set, per MCTS sample: the
+    # comparison the verification stage grew then keeps being trained in the PRM's own layout (image included)
+
+    def check_stages(self) -> None:
+        """``ValueError`` naming the first knob out of range (or verification without the picture's text)."""
+        if not 0.0 <= self.verification_arithmetic <= 1.0:
+            raise ValueError(f"verification_arithmetic is a share in [0, 1], got {self.verification_arithmetic}")
+        if self.verification_token_verdicts < 0:
+            raise ValueError("verification_token_verdicts is a loss weight >= 0, "
+                             f"got {self.verification_token_verdicts}")
+        if self.verification_mix < 0:
+            raise ValueError(f"verification_mix must be >= 0 (drills per MCTS sample), got {self.verification_mix}")
+        for name in ("pretrain_steps", "verification_steps", "row_verification_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (self.verification_mix or self.verification_steps or self.row_verification_steps) \
+                and not self.with_image_text:
+            raise ValueError("step verification checks readings against the picture's text: it needs "
+                             "with_image_text=True (drop --no-image-text, or set verification_steps, "
+                             "row_verification_steps and verification_mix to 0)")
+
+
+@dataclass
+class PipelineConfig(ReadingStages):
+    """One run: the task's problems, annotation, labels, model, training and evaluation settings,
+    plus the research knobs of ``ReadingStages`` (one flat set of keyword arguments, one flat
+    ``config.json``).  ``ValueError`` on a setting out of range, before any work."""
+
     run_dir: str = "runs/pipeline"
     preset: str = "custom"
     seed: int = 0  # problem seed (train and test splits have disjoint problem seeds)
@@ -70,7 +115,6 @@ class PipelineConfig:
     hard_labels: bool = True  # labels 1/0 by MC > 0 (the checker's notion of a wrong step)
     # (c) model
     model_kind: str = "internvl"  # "internvl" (mm-prm, images) | "text" (custom format, text-only task)
-    with_image_text: bool = True  # the PRM's question carries the picture as text too (see prm_init)
     hidden: int = 64
     layers: int = 3
     heads: int = 4
@@ -78,15 +122,6 @@ class PipelineConfig:
     intermediate: int = 192
     image_size: int = 112
     balance_positions: bool = False  # loss weights: good/bad labels weigh the same at every step index (trainer)
-    pretrain_steps: int = 0  # next-token pretraining on facts + reference solutions first (prm_init.pretrain_reading)
-    verification_steps: int = 0  # then step verification at the marker (prm_init.pretrain_step_verification)
-    verification_arithmetic: float = 0.0  # share of calculations among the verification statements
-    row_verification_steps: int = 0  # then a second verification stage on row / column readings only
-    # (prm_init.ROW_VERIFICATION_CURRICULUM): after the first, the marker checks only their last value
-    verification_token_verdicts: float = 0.0  # weight of a verdict at every statement token in both stages
-    # (right so far or not; prm_init.pretrain_step_verification's token_verdicts)
-    verification_mix: float = 0.0  # verification drills added to the PRM's training set, per MCTS sample: the
-    # comparison the verification stage grew then keeps being trained in the PRM's own layout (image included)
     max_steps: int = 600
     batch_size: int = 8
     learning_rate: float | None = 2e-3
@@ -122,21 +157,7 @@ class PipelineConfig:
             raise ValueError(f"every N must divide n_candidates={self.n_candidates}; got {bad}")
         if self.model_kind not in ("internvl", "text"):
             raise ValueError(f"model_kind must be 'internvl' or 'text', got {self.model_kind!r}")
-        if not 0.0 <= self.verification_arithmetic <= 1.0:
-            raise ValueError(f"verification_arithmetic is a share in [0, 1], got {self.verification_arithmetic}")
-        if self.verification_token_verdicts < 0:
-            raise ValueError("verification_token_verdicts is a loss weight >= 0, "
-                             f"got {self.verification_token_verdicts}")
-        if self.verification_mix < 0:
-            raise ValueError(f"verification_mix must be >= 0 (drills per MCTS sample), got {self.verification_mix}")
-        for name in ("pretrain_steps", "verification_steps", "row_verification_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if (self.verification_mix or self.verification_steps or self.row_verification_steps) \
-                and not self.with_image_text:
-            raise ValueError("step verification checks readings against the picture's text: it needs "
-                             "with_image_text=True (drop --no-image-text, or set verification_steps, "
-                             "row_verification_steps and verification_mix to 0)")
+        self.check_stages()
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -174,12 +195,21 @@ def _groups(n_candidates: int, n: int) -> list[list[int]]:
     return [list(range(g * n, (g + 1) * n)) for g in range(n_candidates // n)]
 
 
-def _best_of_n(scores: Sequence[float], idx: Sequence[int]) -> int:
-    return max(idx, key=lambda i: (scores[i], -i))
+def _best_of_n(scores: Sequence[float], answers, idx: Sequence[int]) -> int:
+    """The library's best-of-N (``selection.select``: the highest score, first on ties) over ``idx``."""
+    chosen = select("best_of_n", [scores[i] for i in idx], [answers[i] for i in idx],
+                    group_ids=range(len(idx))).best_index  # best-of-N looks at no group: none computed
+    return idx[chosen]
 
 
 def _vote(answers, correct, weights, idx) -> float:
-    """Expected correctness of the answer with the highest total weight (ties split evenly)."""
+    """Expected correctness of the answer with the highest total weight (ties split evenly).
+
+    A statistic, not a selection: ``selection.weighted_vote`` / ``majority_vote`` pick one answer
+    (ties to the group seen first) and group answers by math equivalence; this one groups the exact
+    answer strings the checker compares and splits a tie between the tied answers, so a vote of two
+    different answers at N = 2 scores 1/2 instead of favouring the first candidate.  The numbers in
+    RESULTS.md were measured this way."""
     totals: dict[str, float] = defaultdict(float)
     for i in idx:
         if answers[i] is not None:
@@ -207,7 +237,7 @@ def selection_metrics(cases: list[dict], ns: Sequence[int], aggregations: Sequen
                 acc["pass"] += w * any(correct[i] for i in idx)
                 acc["majority_vote"] += w * _vote(answers, correct, [1.0] * len(correct), idx)
                 for agg in aggregations:
-                    acc[f"prm_best_of_n/{agg}"] += w * correct[_best_of_n(case["scores"][agg], idx)]
+                    acc[f"prm_best_of_n/{agg}"] += w * correct[_best_of_n(case["scores"][agg], answers, idx)]
                 vote_w = [max(s, 0.0) for s in case["scores"][vote_aggregation]]
                 acc["prm_weighted_vote"] += w * _vote(answers, correct, vote_w, idx)
         for k, v in acc.items():
