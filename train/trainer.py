@@ -331,14 +331,10 @@ def default_learning_rate(num_params: int, lora: bool = False) -> float:
     """Peak learning rate by model size.
 
     Full fine-tuning: 2e-6 from 1B parameters up (MM-PRM's 8B setting),
-    1e-5 from 100M to 1B (interpolated guess, not measured here), 1e-3 below
-    100M (measured on the tiny math-shepherd test model, batch 4, mean loss
-    over steps 26-50: 1e-4 0.54, 3e-4 0.39, 1e-3 0.28, 3e-3 0.25; all reach
-    the ~0.2 floor of the synthetic task's soft labels by step 200 except
-    1e-4 at 0.28).
-    LoRA: 1e-4 from 100M up (the usual LoRA rate, not measured here), 3e-3
-    below (measured on the tiny models: 1e-3 reaches loss 0.42 in 60 steps,
-    3e-3 the 0.31 floor).
+    1e-5 from 100M to 1B (interpolated guess, not measured), 1e-3 below 100M.
+    LoRA: 1e-4 from 100M up (the usual LoRA rate, not measured), 3e-3 below.
+    The small-model rates were measured on the tiny test models:
+    train/synthetic/RESULTS.md, "The trainer's default learning rates".
     """
     if lora:
         return 1e-4 if num_params >= 100_000_000 else 3e-3

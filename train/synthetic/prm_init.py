@@ -9,21 +9,15 @@ one token: a tiny model then compares "Row 2 is 4, 7, 2." with the picture's
 values token by token instead of digit pieces.  Each reading's opening words
 ("Row 2, column C is", ``reading_keys``) are one token too, so a reading step
 and the picture fact it must agree with share one key token and checking it
-is a one-hop copy.  Measured (4x64 model, next-token pretraining on reference
-solutions and reading drills, batch 16, lr 3e-3, 100 held-out problems): the
-accuracy of predicting the values of reading steps was 56 / 83 / 99.5 % after
-500 / 1000 / 1500 steps with key tokens, and stuck at 21-27 % over the first
-750 steps without them (multi-token keys), at twice the time per step.
-Arithmetic drills (``arithmetic_drill``) lift the accuracy of predicting a
-calculation's result after 2000 steps from 40 % to 62 % (83 % at 3000).  Training
-on MCTS labels alone did not turn either skill into a verdict at the step
-marker (a held-out reading with one value changed scored only slightly lower
-than the right one); ``pretrain_step_verification`` does, with dense
-true/perturbed statements, a verdict target at every statement token (``token_verdicts``) and a
-short-to-full layout curriculum, run twice:
-over all statements (``VERIFICATION_CURRICULUM``), then over row and column
-readings only (``ROW_VERIFICATION_CURRICULUM``), so that every value of those
-is checked, not only the last (see the README's training section).
+is a one-hop copy.  Next-token pretraining (``pretrain_reading``) with reading
+and arithmetic drills (``reading_drill``, ``arithmetic_drill``) grows the
+look-up and the sums; ``pretrain_step_verification`` turns them into a verdict
+at the step marker, with dense true/perturbed statements, a verdict target at
+every statement token (``token_verdicts``) and a short-to-full layout
+curriculum, run twice: over all statements (``VERIFICATION_CURRICULUM``), then
+over row and column readings only (``ROW_VERIFICATION_CURRICULUM``), so that
+every value of those is checked, not only the last.  What each of these
+bought, measured: RESULTS.md beside this file.
 
 ``prm_question(problem, with_image_text)`` is the question the PRM reads:
 with ``with_image_text`` (the default of the pipeline) a text rendering of
@@ -231,9 +225,9 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
     solution" (no labels, no images): reading steps become copies of the facts above them, which
     grows the copy (induction) circuit a reward signal at step markers alone is slow to find.
     ``drills`` adds one "reading drill" per problem (``reading_drill``) and one arithmetic drill
-    (``arithmetic_drill``, after the bare question: no picture to read); see the module docstring
-    for what key tokens and drills do to the next-value accuracy.  Returns the loss per step.  Uses
-    the LM head the checkpoint already has."""
+    (``arithmetic_drill``, after the bare question: no picture to read); RESULTS.md has what key
+    tokens and drills do to the next-value accuracy.  Returns the loss per step.  Uses the LM head
+    the checkpoint already has."""
     import random as _random
 
     import torch
@@ -372,24 +366,17 @@ class VerificationPhase:
             raise ValueError(f"a phase's share of the steps must be > 0, got {self.share}")
 
 
-# The comparison at the marker forms only on short layouts (measured: with every fact line from the
-# start the loss stayed at chance for 3000 steps; with only the fact lines the statements read it left
-# chance after ~600 in the measurement that chose this curriculum -- from the full preset's 6x64
-# pretraining it was still at 0.64 after 2000 steps without token verdicts, 0.09 with them, seed 0),
-# and calculations from the start delayed it (~1000 steps at chance).
-# Fewer statements per example do not make it easier (seed 1, 2000 steps each): one statement under
-# its own fact line leaves chance after ~750 steps, but by a shortcut (is the value in the picture?);
-# one statement among distractor lines (with token verdicts too), under the whole question, or beside
-# one other line of its kind whose values make the false version stayed at chance.
+# The comparison at the marker forms only on short layouts, and calculations from the start delay it:
+# first the fact lines the statements read, no calculations; then distractor lines; then the whole
+# question (the measurements that chose this: RESULTS.md, "Step verification").
 VERIFICATION_CURRICULUM = (
     VerificationPhase(0.4, "used", calculations=False),
     VerificationPhase(0.3, "distractors"),
     VerificationPhase(0.3, "full"),
 )
-# After VERIFICATION_CURRICULUM the marker checks the *last* value of a row or column reading only
-# (measured on held-out gold steps with one value made a look-alike: 61-67 % of last-value misreads
-# caught, 10-25 % of first or middle ones).  The same short-to-full walk again with row and column
-# readings only (bar charts, which have none, keep their one-value readings) teaches it every value.
+# After VERIFICATION_CURRICULUM the marker checks mostly the *last* value of a row or column reading
+# (RESULTS.md).  The same short-to-full walk again with row and column readings only (bar charts, which
+# have none, keep their one-value readings) teaches it every value.
 ROW_VERIFICATION_CURRICULUM = (
     VerificationPhase(0.34, "used", calculations=False, multi_value_share=1.0),
     VerificationPhase(0.33, "distractors", calculations=False, multi_value_share=1.0),
@@ -437,12 +424,10 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
     ``VERIFICATION_CURRICULUM`` and ``ROW_VERIFICATION_CURRICULUM`` for what was measured).
     ``token_verdicts`` > 0 adds, with that weight, the same loss at every statement token against
     "right so far" (``_prefix_verdicts``): the value token where a statement departs from the truth
-    is where the mismatch shows, and a marker's verdict is then its last token's.  Measured from the
-    same pretraining results (5000 steps, ``VERIFICATION_CURRICULUM``): the marker loss at the end
-    of the first phase went from 0.64 to 0.09 with seed 0 (0.67 to 0.46 with seed 1), and the final
-    one from 0.30 to 0.17 (0.60 to 0.54 with seed 1; 0.19 with seed 2, not run without it).  Each
-    call has its own optimizer: a second curriculum is a second call.  Returns the marker loss per
-    step (without the token term).
+    is where the mismatch shows, and a marker's verdict is then its last token's (the losses with
+    and without, seed by seed: RESULTS.md).  Each call has its own optimizer: a second curriculum
+    is a second call.  Returns the marker loss per step (without the token term); ``ValueError``
+    on an empty ``curriculum``.
     """
     import random as _random
 
