@@ -22,6 +22,7 @@ query head h reads kv head h // (H // Hkv) (GQA).  Partials are fp32:
 out [T, H, D] and lse [T, H] (natural log; -inf where there are no keys).
 """
 
+import bisect
 import math
 
 import torch
@@ -713,3 +714,98 @@ def shared_prefix_attention(q, k_suffix, v_suffix, k_prefix, v_prefix, cu_seqlen
     pre = _prefix_partial_triton(q, k_prefix, v_prefix, scale)
     out, _ = _suffix_triton(q, k_suffix, v_suffix, cu, scale, init=pre, out_dtype=q.dtype, write_lse=False)
     return out
+
+
+# --------------------------------------------------------------------------
+# Query rows only: the last decoder layer needs attention outputs at the
+# reward markers alone (its K/V still cover every row).  M marker queries are
+# few, so the suffix part is one masked batched matmul per chunk of rows, on
+# any device; the prefix part is ``prefix_partial`` (any query subset works).
+# --------------------------------------------------------------------------
+
+
+def _segment_bounds(rows: list[int], cu: list[int]) -> list[int]:
+    """Start of the segment holding each packed row; rows outside [0, T) are an error."""
+    starts = []
+    for r in rows:
+        i = bisect.bisect_right(cu, r) - 1
+        if r < 0 or i >= len(cu) - 1:
+            raise ValueError(f"query row {r} lies outside the packed suffixes [0, {cu[-1]})")
+        starts.append(cu[i])
+    return starts
+
+
+def _rows_mask(rows: list[int], starts: list[int], t: int, device) -> torch.Tensor:
+    """allowed [M, T]: row r (segment start a) sees suffix keys a..r."""
+    keys = torch.arange(t, device=device)
+    hi = torch.tensor(rows, device=device)[:, None]
+    lo = torch.tensor(starts, device=device)[:, None]
+    return (keys[None] >= lo) & (keys[None] <= hi)
+
+
+def _suffix_rows_reference(q, rows, k_suffix, v_suffix, cu, scale):
+    h = q.shape[1]
+    allowed = _rows_mask(rows, _segment_bounds(rows, cu), k_suffix.shape[0], q.device)
+    out, lse = _masked_attention_reference(q, _expand_kv(k_suffix, h), _expand_kv(v_suffix, h), allowed, scale)
+    return out.float(), lse.float()
+
+
+def _suffix_rows_torch(q, rows, k_suffix, v_suffix, cu, scale):
+    """Per kv head, the G query heads of a chunk of rows form one masked matmul over the suffix keys
+    they can reach (the span from the first row's segment start to the last row)."""
+    m, h, d = q.shape
+    hkv = k_suffix.shape[1]
+    g = h // hkv
+    cdt = _compute_dtype(q.dtype)
+    out = _empty((m, h, d), cdt, q.device)
+    lse = _empty((m, h), cdt, q.device)
+    starts = _segment_bounds(rows, cu)
+    lo, hi = min(starts), max(rows) + 1
+    chunk = max(1, _PREFIX_SCORE_BUDGET // max(1, h * (hi - lo)))
+    for s in range(0, m, chunk):
+        c = min(chunk, m - s)
+        r, st = rows[s:s + c], starts[s:s + c]
+        a, b = min(st), max(r) + 1  # rows are usually sorted, so this span is short
+        kk = k_suffix[a:b].to(cdt)
+        vv = v_suffix[a:b].to(cdt)
+        qg = q[s:s + c].to(cdt).reshape(c, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, c * g, d)
+        allowed = _rows_mask([x - a for x in r], [x - a for x in st], b - a, q.device)
+        mask = allowed[:, None, :].expand(c, g, b - a).reshape(c * g, b - a)
+        o, l = _softmax_partial_matmul(qg, kk.permute(1, 2, 0), vv.permute(1, 0, 2), scale, mask)
+        out[s:s + c] = o.view(hkv, c, g, d).permute(1, 0, 2, 3).reshape(c, h, d)
+        lse[s:s + c] = l.view(hkv, c, g).permute(1, 0, 2).reshape(c, h)
+    return out, lse
+
+
+def suffix_rows_partial(q_rows, rows, k_suffix, v_suffix, cu_seqlens, scale: float, backend: str = "auto"):
+    """``suffix_partial`` for a subset of query rows: q_rows [M, H, D] are the queries of packed rows
+    ``rows`` (M ints in [0, T)); each sees its own segment's suffix keys up to itself.
+    Returns (out [M, H, D] fp32, lse [M, H] fp32).  backend: "reference" (float64 oracle) or
+    anything else for the batched-matmul path, which runs on every device."""
+    _check_qkv(q_rows, k_suffix, v_suffix, "k_suffix", "v_suffix")
+    rows = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
+    if len(rows) != q_rows.shape[0]:
+        raise ValueError(f"rows has {len(rows)} entries but q_rows has {q_rows.shape[0]} queries; give one row per query")
+    cu = _cu_list(cu_seqlens, k_suffix.shape[0])
+    _check_backend(backend)
+    m, h, d = q_rows.shape
+    if m == 0:
+        return _no_keys(0, h, d, torch.float32, q_rows.device)
+    if backend == "reference":
+        return _suffix_rows_reference(q_rows, rows, k_suffix, v_suffix, cu, float(scale))
+    out, lse = _suffix_rows_torch(q_rows, rows, k_suffix, v_suffix, cu, float(scale))
+    return out.float(), lse.float()
+
+
+def shared_prefix_attention_rows(q_rows, rows, k_suffix, v_suffix, k_prefix, v_prefix, cu_seqlens, scale: float,
+                                 backend: str = "auto"):
+    """``shared_prefix_attention(q, ...)[rows]`` computed from the queries of those rows alone;
+    [M, H, D] in q_rows' dtype.  backend as for ``shared_prefix_attention`` ("reference" is the
+    float64 oracle; the suffix part is the batched-matmul path on every other backend)."""
+    _check_qkv(q_rows, k_prefix, v_prefix, "k_prefix", "v_prefix")
+    if k_prefix.shape[1] != k_suffix.shape[1]:
+        raise ValueError(f"k_prefix has {k_prefix.shape[1]} kv heads but k_suffix has {k_suffix.shape[1]}; they must match")
+    ref = backend == "reference"
+    pre = prefix_partial(q_rows, k_prefix, v_prefix, scale, backend="reference" if ref else backend)
+    suf = suffix_rows_partial(q_rows, rows, k_suffix, v_suffix, cu_seqlens, scale, backend="reference" if ref else "torch")
+    return merge_partials(*pre, *suf, backend="reference" if ref else "auto").to(q_rows.dtype)

@@ -19,9 +19,10 @@ import torch
 import spread_models as S
 from mmprm_infer import PRM, ScoringItem
 from mmprm_infer.engines import NonFiniteRewardError
-from mmprm_infer.engines import shared_prefix as sp
+from mmprm_infer.engines import last_layer, shared_prefix as sp
 from mmprm_infer.engines.base import EncodedQuestion
 from mmprm_infer.engines.fast import FastEngine, shared_prefix_length
+from mmprm_infer.engines.last_layer import rows_forward
 from mmprm_infer.engines.reference import ReferenceEngine
 from mmprm_infer.formats import EncodedCandidate
 from mmprm_infer.models.adapters import ModelAdapter
@@ -153,13 +154,18 @@ def test_prefix_once_and_no_full_lm_head(prms, monkeypatch):
     decoder = prm.adapter.decoder
     h1 = head.register_forward_pre_hook(lambda m, args: head_rows.append(args[0].shape[:-1].numel()))
     h2 = decoder.layers[0].register_forward_pre_hook(lambda m, args: layer_tokens.append(args[0].shape[1]))
-    kernel = sp.shared_prefix_attention
+    kernel, rows_kernel = sp.shared_prefix_attention, sp.shared_prefix_attention_rows
 
     def spy(q, ks, vs, kp, vp, cu, scale, **kw):
-        prefix_shapes.append(tuple(kp.shape))
+        prefix_shapes.append(("all rows", tuple(kp.shape)))
         return kernel(q, ks, vs, kp, vp, cu, scale, **kw)
 
+    def rows_spy(q, rows, ks, vs, kp, vp, cu, scale, **kw):
+        prefix_shapes.append(("marker rows", tuple(kp.shape)))
+        return rows_kernel(q, rows, ks, vs, kp, vp, cu, scale, **kw)
+
     monkeypatch.setattr(sp, "shared_prefix_attention", spy)
+    monkeypatch.setattr(sp, "shared_prefix_attention_rows", rows_spy)
     try:
         prm.score(QUESTION, cands, engine="fast")
     finally:
@@ -170,8 +176,10 @@ def test_prefix_once_and_no_full_lm_head(prms, monkeypatch):
     hkv = prm.model.config.num_key_value_heads
     d = prm.model.config.hidden_size // prm.model.config.num_attention_heads
     layers = prm.model.config.num_hidden_layers
-    # prefix pass sees an empty prefix, the suffix pass the P-token prefix, stored once (not N times)
-    assert prefix_shapes == [(0, hkv, d)] * layers + [(p, hkv, d)] * layers
+    # prefix pass sees an empty prefix, the suffix pass the P-token prefix, stored once (not N times);
+    # the last layer attends from the marker rows alone, and not at all in the prefix pass (K/V only)
+    assert prefix_shapes == ([("all rows", (0, hkv, d))] * (layers - 1) + [("all rows", (p, hkv, d))] * (layers - 1)
+                             + [("marker rows", (p, hkv, d))])
     assert decoder.config._attn_implementation != sp.ATTN_IMPLEMENTATION  # restored
 
 
@@ -242,3 +250,25 @@ def test_non_finite_names_question_and_candidate(shepherd_dir):
     with pytest.raises(NonFiniteRewardError, match="question 0 candidate 0"):
         prm.score_batch([ScoringItem(QUESTION, [["2 + 3 = 5"]]), ScoringItem("x", [["y"]])], engine="fast")
     assert prm.adapter.decoder.config._attn_implementation != sp.ATTN_IMPLEMENTATION
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_last_layer_on_marker_rows_equals_the_whole_layer(prms, reference, fmt, monkeypatch):
+    """The last layer computed for the marker rows only (pruned path for Llama/Qwen2 layers, and the
+    run-whole-then-cut path any other layer takes) gives the whole layer's rewards."""
+    prm = prms[fmt]
+    items = [ScoringItem(QUESTION, _candidates(16, seed=16)), ScoringItem(QUESTION[:20], _candidates(3, seed=3))]
+    whole = prm.score_batch(items, engine=FastEngine(prune_last_layer=False))
+    calls = []
+    monkeypatch.setattr(last_layer, "rows_forward", lambda *a: calls.append(1) or rows_forward(*a))
+    for budget in (None, 7):  # 7 tokens: many batches, some holding no marker at all
+        pruned = prm.score_batch(items, engine=FastEngine(max_batch_tokens=budget))
+        for a, b in zip(pruned, whole):
+            _close(a, b, 1e-5)
+    assert calls, "the pruned path never ran"
+    monkeypatch.setattr(last_layer, "PRUNABLE", ())  # an unknown layer type: run whole, keep the rows
+    cut = prm.score_batch(items, engine=FastEngine())
+    for a, b in zip(cut, whole):
+        _close(a, b, 1e-5)
+    S.assert_matches(whole[0], reference(fmt, 16))
+

@@ -320,3 +320,37 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         _attend("triton", *args)
 
+
+
+# --- query rows only (the last decoder layer at the reward markers) -------------------------
+
+def _marker_rows(lens, seed):
+    """Ascending packed rows: each segment's last row and a random half of the others."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, start = [], 0
+    for n in lens:
+        rows += [start + i for i in range(n) if i == n - 1 or torch.rand(1, generator=gen).item() < 0.5]
+        start += n
+    return rows
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_rows_attention_equals_full_attention_at_those_rows(name, backend, poison, monkeypatch):
+    q, ks, vs, kp, vp, cu, scale = make_inputs(name)
+    rows = _marker_rows(CASES[name][0], seed=len(name))
+    expected = pa.shared_prefix_attention(q, ks, vs, kp, vp, cu, scale, backend="reference")[rows]
+    monkeypatch.setattr(pa, "_PREFIX_SCORE_BUDGET", 1 << 10)  # several row chunks on the larger cases
+    got = pa.shared_prefix_attention_rows(q[rows], rows, ks, vs, kp, vp, cu, scale, backend=backend)
+    assert got.shape == (len(rows), *q.shape[1:])
+    assert_close_rel(got, expected, 1e-5)
+
+
+def test_rows_attention_no_rows_and_bad_rows():
+    q, ks, vs, kp, vp, cu, scale = make_inputs("ragged_gqa_d40")
+    empty = pa.shared_prefix_attention_rows(q[:0], [], ks, vs, kp, vp, cu, scale)
+    assert empty.shape == (0, *q.shape[1:])
+    with pytest.raises(ValueError, match="rows has 1 entries but q_rows has 2"):
+        pa.shared_prefix_attention_rows(q[:2], [0], ks, vs, kp, vp, cu, scale)
+    with pytest.raises(ValueError, match=r"query row 53 lies outside the packed suffixes \[0, 53\)"):
+        pa.shared_prefix_attention_rows(q[:1], [53], ks, vs, kp, vp, cu, scale)

@@ -14,6 +14,7 @@ head never sees the other tokens.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from ..formats.base import RewardColumns
 from ..models.adapters import ModelAdapter
 from ..kernels.step_reward import fused_step_rewards
 from .base import EncodedQuestion, Engine, check_finite
+from .last_layer import last_layer_rows_only
 from .shared_prefix import LAYOUT_KWARG, Group, PackedLayout, PrefixKV, shared_prefix_attention_enabled
 
 
@@ -51,10 +53,13 @@ class FastEngine(Engine):
     # about half the peak memory (bench/README.md); GPUs want large batches.
     DEFAULT_BUDGET = {"cpu": 1024, "cuda": 16384}
 
-    def __init__(self, max_batch_tokens: int | None = None):
+    def __init__(self, max_batch_tokens: int | None = None, prune_last_layer: bool = True):
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         self.max_batch_tokens = max_batch_tokens
+        # The last decoder layer runs its queries, attention, MLP and final norm for the marker rows
+        # only (last_layer.py); False runs it whole (the equivalence tests compare both).
+        self.prune_last_layer = prune_last_layer
 
     def batch_budget(self, adapter: ModelAdapter) -> int:
         return self.max_batch_tokens or self.DEFAULT_BUDGET.get(adapter.device.type, 16384)
@@ -64,7 +69,8 @@ class FastEngine(Engine):
         results: list[list] = [[None] * len(q.candidates) for q in questions]
         budget = self.batch_budget(adapter)
         decoder = adapter.decoder
-        with shared_prefix_attention_enabled(decoder):
+        rows_only = last_layer_rows_only(decoder) if self.prune_last_layer else nullcontext()
+        with shared_prefix_attention_enabled(decoder), rows_only:
             batch: list[_Item] = []
             batch_tokens = 0
             for qi, question in enumerate(questions):
@@ -110,7 +116,9 @@ class FastEngine(Engine):
         embeds = self._embeds(adapter, question, ids)
         for start in range(0, prefix.length, budget):
             end = min(prefix.length, start + budget)
-            layout = PackedLayout([Group(0, end - start, prefix, start, [0, end - start], append=True)])
+            # rows=[]: nothing of the prefix is read, so its last layer only stores K/V
+            layout = PackedLayout([Group(0, end - start, prefix, start, [0, end - start], append=True)],
+                                  rows=[] if self.prune_last_layer else None)
             self._forward(adapter, decoder, ids[start:end], None if embeds is None else embeds[start:end],
                           list(range(start, end)), layout)
         return prefix
@@ -142,8 +150,12 @@ class FastEngine(Engine):
             packed_embeds = adapter.embed(torch.tensor(ids, dtype=torch.long, device=adapter.device))
             for start, rows in image_rows:
                 packed_embeds[start:start + rows.shape[0]] = rows
-        hidden = self._forward(adapter, decoder, ids, packed_embeds, positions, PackedLayout(groups))
-        index = torch.tensor(markers, dtype=torch.long, device=hidden.device)
+        layout = PackedLayout(groups, rows=markers if self.prune_last_layer else None)
+        hidden = self._forward(adapter, decoder, ids, packed_embeds, positions, layout)
+        if self.prune_last_layer:  # the decoder returned the marker rows alone, in order
+            index = torch.arange(len(markers), device=hidden.device)
+        else:
+            index = torch.tensor(markers, dtype=torch.long, device=hidden.device)
         rows = hidden.index_select(0, index)
         rewards = _marker_rewards(adapter, columns, hidden, index, rows, cu_markers)
         # One device sync per batch; on failure find and name the first bad candidate.

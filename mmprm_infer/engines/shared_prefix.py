@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from ..kernels.prefix_attention import shared_prefix_attention
+from ..kernels.prefix_attention import shared_prefix_attention, shared_prefix_attention_rows
 
 ATTN_IMPLEMENTATION = "mmprm_shared_prefix"
 LAYOUT_KWARG = "shared_prefix_layout"
@@ -69,6 +69,64 @@ class Group:
 @dataclass
 class PackedLayout:
     groups: list[Group]
+    # Packed rows whose outputs the caller reads (the reward markers), ascending within each group;
+    # None = every row.  The last decoder layer computes only these (``last_layer``).
+    rows: list[int] | None = None
+
+
+def _group_kv(layer: int, g: Group, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None):
+    """(suffix k, suffix v, prefix k, prefix v) of group ``g``, [tokens, Hkv, D] views."""
+    k_buf, v_buf = g.prefix.layer(layer, k)
+    if sliding_window is not None and g.prefix_len + max(b - a for a, b in zip(g.cu_seqlens, g.cu_seqlens[1:])) > sliding_window:
+        raise NotImplementedError(
+            f"layer {layer} uses sliding-window attention (window {sliding_window}) shorter than the input; "
+            "the fast engine does not support it: use engine='reference'"
+        )
+    return k[g.start:g.end], v[g.start:g.end], k_buf[:g.prefix_len], v_buf[:g.prefix_len]
+
+
+def _store_prefix(layer: int, g: Group, ks: torch.Tensor, vs: torch.Tensor) -> None:
+    """Prefix pass: this chunk's K/V become prefix[prefix_len:] for the later chunks and the suffixes."""
+    if g.append:
+        k_buf, v_buf = g.prefix.layer(layer, ks)
+        n = g.end - g.start
+        k_buf[g.prefix_len:g.prefix_len + n] = ks
+        v_buf[g.prefix_len:g.prefix_len + n] = vs
+
+
+def attend_packed(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,
+                  scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Every packed row's attention: q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
+    outs = []
+    for g in layout.groups:
+        ks, vs, kp, vp = _group_kv(layer, g, k, v, sliding_window)
+        outs.append(shared_prefix_attention(q[g.start:g.end], ks, vs, kp, vp, g.cu_seqlens, scale))
+        _store_prefix(layer, g, ks, vs)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def attend_rows(layer: int, q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,
+                scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Attention of ``layout.rows`` only: q_rows [M, H, D] (their queries, in that order),
+    k/v [T, Hkv, D] for every row -> [M, H, D].  Prefix K/V are still stored on append."""
+    rows = layout.rows
+    outs = []
+    taken = 0
+    for g in layout.groups:
+        ks, vs, kp, vp = _group_kv(layer, g, k, v, sliding_window)
+        local = []
+        while taken + len(local) < len(rows) and g.start <= rows[taken + len(local)] < g.end:
+            local.append(rows[taken + len(local)] - g.start)
+        if local:
+            q_g = q_rows[taken:taken + len(local)]
+            outs.append(shared_prefix_attention_rows(q_g, local, ks, vs, kp, vp, g.cu_seqlens, scale))
+            taken += len(local)
+        _store_prefix(layer, g, ks, vs)
+    if taken != len(rows):
+        raise RuntimeError(f"layout.rows must be ascending packed rows inside the groups; {len(rows) - taken} were not")
+    if not outs:
+        return q_rows.new_empty(q_rows.shape)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def shared_prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -83,26 +141,10 @@ def shared_prefix_attention_forward(module: nn.Module, query: torch.Tensor, key:
         )
     if attention_mask is not None or query.shape[0] != 1:
         raise RuntimeError("shared-prefix attention expects one packed sequence (batch 1) and no attention mask")
-    layer = module.layer_idx
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     # [T, H, D] views, no copies
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
-    outs = []
-    for g in layout.groups:
-        k_buf, v_buf = g.prefix.layer(layer, k)
-        ks, vs = k[g.start:g.end], v[g.start:g.end]
-        kp, vp = k_buf[:g.prefix_len], v_buf[:g.prefix_len]
-        if sliding_window is not None and g.prefix_len + max(b - a for a, b in zip(g.cu_seqlens, g.cu_seqlens[1:])) > sliding_window:
-            raise NotImplementedError(
-                f"layer {layer} uses sliding-window attention (window {sliding_window}) shorter than the input; "
-                "the fast engine does not support it: use engine='reference'"
-            )
-        outs.append(shared_prefix_attention(q[g.start:g.end], ks, vs, kp, vp, g.cu_seqlens, scale))
-        if g.append:
-            n = g.end - g.start
-            k_buf[g.prefix_len:g.prefix_len + n] = ks
-            v_buf[g.prefix_len:g.prefix_len + n] = vs
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    out = attend_packed(module.layer_idx, q, k, v, layout, scale, sliding_window)
     return out.unsqueeze(0), None
 
 
