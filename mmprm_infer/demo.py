@@ -17,7 +17,8 @@ minutes:
 5. it ends with a reranking example: a held-out question, its candidates
    with their step rewards, and the answer the PRM chooses.
 
-``mmprm pipeline --preset full`` is the larger run (see the README).
+``mmprm pipeline --preset full`` is the larger run (docs/training.md; its numbers in
+train/synthetic/RESULTS.md).
 """
 
 from __future__ import annotations
