@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..aggregation import AGGREGATIONS
+from ..aggregation import AGGREGATIONS, PROBABILITY_AGGREGATIONS
 from ..arguments import DTYPES, positive_int
 from ..files import check_output_path, write_json_atomic
 from ..formats import FORMATS
@@ -30,8 +30,6 @@ from .data import BenchmarkDataError, Record, field, read_records, read_splits
 from .scoring import RewardCache, ScoringFailure, prm_fingerprint, score_with_cache
 
 __all__ = ["eval_main", "build_parser", "resolve_images"]
-
-PROBABILITY_AGGREGATIONS = ("min", "last", "mean", "prod", "max")
 
 
 class EvalError(Exception):
