@@ -272,3 +272,22 @@ def test_last_layer_on_marker_rows_equals_the_whole_layer(prms, reference, fmt, 
         _close(a, b, 1e-5)
     S.assert_matches(whole[0], reference(fmt, 16))
 
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_packed_onednn_linears_match_the_torch_path(prms, reference, fmt):
+    from mmprm_infer.engines.linear_paths import onednn_available
+
+    if not onednn_available():
+        pytest.skip("torch built without oneDNN")
+    prm = prms[fmt]
+    cands = _candidates(16, seed=16)
+    plain = prm.score(QUESTION, cands, engine=FastEngine(linear="torch"))
+    engine = FastEngine(linear="onednn")
+    assert engine.linear_path(prm.adapter) == "onednn"
+    packed = prm.score(QUESTION, cands, engine=engine)
+    _close(packed, plain, 1e-5)
+    S.assert_matches(packed, reference(fmt, 16))
+    assert FastEngine().linear_path(prm.adapter) in ("torch", "onednn")
+    with pytest.raises(ValueError, match="linear must be one of"):
+        FastEngine(linear="mkl")

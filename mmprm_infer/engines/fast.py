@@ -14,6 +14,7 @@ head never sees the other tokens.
 from __future__ import annotations
 
 import os
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from ..models.adapters import ModelAdapter
 from ..kernels.step_reward import fused_step_rewards
 from .base import EncodedQuestion, Engine, check_finite
 from .last_layer import last_layer_rows_only
+from .linear_paths import PATHS as LINEAR_PATHS, PackedLinears, choose_path as choose_linear_path
 from .shared_prefix import LAYOUT_KWARG, Group, PackedLayout, PrefixKV, shared_prefix_attention_enabled
 
 
@@ -53,10 +55,16 @@ class FastEngine(Engine):
     # about half the peak memory (bench/README.md); GPUs want large batches.
     DEFAULT_BUDGET = {"cpu": 1024, "cuda": 16384}
 
-    def __init__(self, max_batch_tokens: int | None = None, prune_last_layer: bool = True):
+    def __init__(self, max_batch_tokens: int | None = None, prune_last_layer: bool = True, linear: str = "auto"):
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if linear not in LINEAR_PATHS:
+            raise ValueError(f"linear must be one of {list(LINEAR_PATHS)}, got {linear!r}")
         self.max_batch_tokens = max_batch_tokens
+        # CPU linear layers: "auto" measures torch's path against oneDNN with prepacked weights
+        # once per model shape set and keeps the faster (linear_paths.py).
+        self.linear = linear
+        self._packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> PackedLinears
         # The last decoder layer runs its queries, attention, MLP and final norm for the marker rows
         # only (last_layer.py); False runs it whole (the equivalence tests compare both).
         self.prune_last_layer = prune_last_layer
@@ -70,7 +78,7 @@ class FastEngine(Engine):
         budget = self.batch_budget(adapter)
         decoder = adapter.decoder
         rows_only = last_layer_rows_only(decoder) if self.prune_last_layer else nullcontext()
-        with shared_prefix_attention_enabled(decoder), rows_only:
+        with shared_prefix_attention_enabled(decoder), rows_only, self._linear_path(adapter, decoder, budget):
             batch: list[_Item] = []
             batch_tokens = 0
             for qi, question in enumerate(questions):
@@ -88,6 +96,19 @@ class FastEngine(Engine):
             if batch:
                 self._run_suffixes(adapter, decoder, columns, questions, batch, results)
         return results
+
+    def linear_path(self, adapter: ModelAdapter, decoder=None) -> str:
+        """The path this engine's linear layers take for ``adapter``'s model: "torch" or "onednn"."""
+        if adapter.device.type != "cpu":
+            return "torch"
+        return choose_linear_path(decoder or adapter.decoder, self.batch_budget(adapter), self.linear)
+
+    def _linear_path(self, adapter: ModelAdapter, decoder, budget: int):
+        if self.linear_path(adapter, decoder) == "torch":
+            return nullcontext()
+        if decoder not in self._packs:
+            self._packs[decoder] = PackedLinears(decoder, budget)
+        return self._packs[decoder].active()
 
     # --- passes ------------------------------------------------------------
     def _embeds(self, adapter: ModelAdapter, question: EncodedQuestion, ids: list[int]) -> torch.Tensor | None:

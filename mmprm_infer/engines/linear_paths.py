@@ -1,0 +1,142 @@
+"""The decoder's linear layers on the CPU's fastest GEMM path.
+
+torch's default fp32 ``F.linear`` on the CPU goes through MKL/OpenBLAS; oneDNN
+with the weight reordered once into its blocked layout ("prepacked") is up to
+2.5x faster on some CPUs (AVX-512 EPYC) and slower on others (measured in
+bench/README.md).  So the path is measured, not assumed: ``choose_path``
+times both on the model's own linear shapes at the engine's batch size, once
+per process and shape set, and keeps torch unless oneDNN is clearly faster.
+
+``PackedLinears`` holds one model's packed weights (packed once, repacked if a
+weight tensor changes) and, while ``active``, routes every ``nn.Linear`` of
+the decoder through them.  Outputs equal ``F.linear`` to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PATHS = ("auto", "torch", "onednn")
+ENV_VAR = "MMPRM_CPU_LINEAR"  # overrides "auto": torch | onednn
+CLEAR_WIN = 0.95  # oneDNN must take at most this fraction of torch's time to be chosen
+_choices: dict[tuple, str] = {}  # (shapes, dtype, rows, threads) -> measured path
+
+
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's packed linear exists for ``dtype`` here (bf16 packing needs avx512bw/vl/dq or avx_ne_convert)."""
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise")
+            and hasattr(mkldnn, "_reorder_linear_weight")):
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and bool(getattr(mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+
+
+def _linears(decoder: nn.Module) -> list[nn.Linear]:
+    return [m for m in decoder.modules() if type(m) is nn.Linear]
+
+
+def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, W, bias) with W given as oneDNN's packed weight; x [..., in] in W's dtype."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _best_time(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def choose_path(decoder: nn.Module, rows: int, requested: str = "auto", reps: int = 2) -> str:
+    """"torch" or "onednn" for this decoder's linears at ``rows`` tokens per call.
+
+    An explicit ``requested`` path (or $MMPRM_CPU_LINEAR) wins; "auto" measures both on each
+    distinct weight shape (times the layers of that shape) and caches the answer."""
+    if requested not in PATHS:
+        raise ValueError(f"unknown linear path {requested!r}; choose one of {list(PATHS)}")
+    requested = os.environ.get(ENV_VAR, requested) if requested == "auto" else requested
+    if requested not in PATHS:
+        raise ValueError(f"${ENV_VAR}={requested!r} is not a linear path; use one of {list(PATHS[1:])}")
+    linears = _linears(decoder)
+    dtype = linears[0].weight.dtype if linears else torch.float32
+    if requested == "onednn" and not onednn_available(dtype):
+        raise RuntimeError(f"linear path 'onednn' needs torch built with oneDNN and, for {dtype}, CPU support "
+                           "for it (torch.backends.mkldnn); use 'torch'")
+    if requested != "auto":
+        return requested
+    if not linears or not onednn_available(dtype) or linears[0].weight.device.type != "cpu":
+        return "torch"
+    counts: dict[tuple, int] = {}
+    for m in linears:
+        counts[tuple(m.weight.shape)] = counts.get(tuple(m.weight.shape), 0) + 1
+    key = (tuple(sorted(counts.items())), dtype, rows, torch.get_num_threads())
+    if key not in _choices:
+        rows_timed = min(rows, 512)  # enough rows for the GEMM regime, short enough to time at load
+        totals = {"torch": 0.0, "onednn": 0.0}
+        with torch.inference_mode():
+            for (out_f, in_f), n in counts.items():
+                x = torch.randn(rows_timed, in_f, dtype=dtype)
+                w = torch.randn(out_f, in_f, dtype=dtype)
+                packed = _pack(w, rows)
+                totals["torch"] += n * _best_time(lambda: F.linear(x, w), reps)
+                totals["onednn"] += n * _best_time(lambda: packed_linear(x, packed, None), reps)
+        _choices[key] = "onednn" if totals["onednn"] <= CLEAR_WIN * totals["torch"] else "torch"
+    return _choices[key]
+
+
+class PackedLinears:
+    """One decoder's linear weights packed for oneDNN at ``rows`` tokens per call."""
+
+    def __init__(self, decoder: nn.Module, rows: int):
+        self.decoder = decoder
+        self.rows = rows
+        self._packed: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(linear) -> (weight stamp, packed)
+
+    @staticmethod
+    def _stamp(weight: torch.Tensor) -> tuple:
+        return weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape)
+
+    def packed(self, linear: nn.Linear) -> torch.Tensor:
+        """The packed weight, repacked when the weight tensor was replaced or written in place."""
+        stamp = self._stamp(linear.weight)
+        entry = self._packed.get(id(linear))
+        if entry is None or entry[0] != stamp:
+            entry = (stamp, _pack(linear.weight, self.rows))
+            self._packed[id(linear)] = entry
+        return entry[1]
+
+    @staticmethod
+    def _forward_of(linear: nn.Linear, packed: torch.Tensor):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype != packed.dtype:  # a caller in another dtype gets the plain path
+                return F.linear(x, linear.weight, linear.bias)
+            return packed_linear(x, packed, linear.bias)
+        return forward
+
+    @contextmanager
+    def active(self):
+        """Within: the decoder's nn.Linear layers compute through their packed weights."""
+        linears = _linears(self.decoder)
+        for m in linears:
+            m.forward = self._forward_of(m, self.packed(m))
+        try:
+            yield
+        finally:
+            for m in linears:
+                del m.forward
