@@ -27,6 +27,7 @@ from transformers import (
     AutoModelForTokenClassification,
     AutoTokenizer,
     InternVLForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
 )
 
 from .formats import (
@@ -34,12 +35,15 @@ from .formats import (
     MODEL_CAUSAL_LM,
     MODEL_INTERNVL,
     MODEL_QWEN2_PRM,
+    MODEL_QWEN2_5_VL,
     MODEL_TOKEN_CLASSIFICATION,
     MODEL_VALUE_HEAD,
     FormatError,
 )
 from .formats.internvl_base import detect_internvl_format
+from .formats.vl_prm import QWEN_VL_ARCHITECTURE, detect_vl_prm_format
 from .models import internvl as _internvl  # noqa: F401  (registers the InternVL adapter)
+from .models import qwen_vl as _qwen_vl  # noqa: F401  (registers the Qwen2.5-VL adapter)
 from .models.qwen2_prm import Qwen2ForProcessRewardModel
 from .models.value_head import Qwen2ForPrmModel
 
@@ -56,6 +60,7 @@ MODEL_CLASSES: dict[str, type] = {
     MODEL_INTERNVL: InternVLForConditionalGeneration,
     MODEL_TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
     MODEL_VALUE_HEAD: Qwen2ForPrmModel,
+    MODEL_QWEN2_5_VL: Qwen2_5_VLForConditionalGeneration,
 }
 
 # model kind -> (path, dtype) -> model
@@ -77,6 +82,7 @@ ARCHITECTURE_FITS: dict[str, tuple[str, Callable[[dict], bool]]] = {
     # Skywork's checkpoints hold the causal LM beside the value head; the weight check finds the head.
     MODEL_VALUE_HEAD: ("a Qwen2 value-head PRM (Qwen2ForPrmModel)",
                        lambda archs: bool({"Qwen2ForPrmModel", "Qwen2ForCausalLM"} & set(archs))),
+    MODEL_QWEN2_5_VL: (QWEN_VL_ARCHITECTURE, lambda archs: QWEN_VL_ARCHITECTURE in archs),
 }
 
 
@@ -120,6 +126,7 @@ def _detect_from_config(config: dict, tokenizer) -> str | None:
 
 FORMAT_DETECTORS.append(_detect_from_config)
 FORMAT_DETECTORS.append(detect_internvl_format)
+FORMAT_DETECTORS.append(detect_vl_prm_format)
 
 
 def detect_format(config: dict, tokenizer, path: str | os.PathLike | None = None) -> str | None:

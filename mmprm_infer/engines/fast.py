@@ -121,7 +121,8 @@ class FastEngine(Engine):
     def _forward(self, adapter, decoder, ids: list[int], embeds: torch.Tensor | None, positions: list[int],
                  layout: PackedLayout) -> torch.Tensor:
         device = adapter.device
-        pos = torch.tensor(positions, dtype=torch.long, device=device)[None]
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        pos = pos[None] if pos.dim() == 1 else pos.T[:, None]  # [1, T]; M-RoPE (t, h, w) rows -> [3, 1, T]
         inputs = ({"inputs_embeds": embeds[None]} if embeds is not None
                   else {"input_ids": torch.tensor(ids, dtype=torch.long, device=device)[None]})
         # use_cache=False: no DynamicCache copy of the K/V; the layout carries all attention state.
@@ -135,13 +136,14 @@ class FastEngine(Engine):
             return prefix
         ids = question.candidates[0].input_ids
         embeds = self._embeds(adapter, question, ids)
+        rope = adapter.position_ids(ids, question.image_features)
         for start in range(0, prefix.length, budget):
             end = min(prefix.length, start + budget)
             # rows=[]: nothing of the prefix is read, so its last layer only stores K/V
             layout = PackedLayout([Group(0, end - start, prefix, start, [0, end - start], append=True)],
                                   rows=[] if self.prune_last_layer else None)
             self._forward(adapter, decoder, ids[start:end], None if embeds is None else embeds[start:end],
-                          list(range(start, end)), layout)
+                          _positions(rope, start, end), layout)
         return prefix
 
     def _run_suffixes(self, adapter, decoder, columns, questions, batch: list[_Item], results) -> None:
@@ -163,7 +165,8 @@ class FastEngine(Engine):
             if full is not None:
                 image_rows.append((len(ids), full[p:]))
             ids.extend(cand.input_ids[p:])
-            positions.extend(range(p, len(cand.input_ids)))
+            positions.extend(_positions(adapter.position_ids(cand.input_ids, question.image_features),
+                                        p, len(cand.input_ids)))
             groups[-1].end = len(ids)
             groups[-1].cu_seqlens.append(groups[-1].end - groups[-1].start)
         packed_embeds = None
@@ -187,6 +190,12 @@ class FastEngine(Engine):
         values = rewards.tolist()
         for item, a, b in zip(batch, cu_markers, cu_markers[1:]):
             results[item.question][item.candidate] = values[a:b]
+
+
+def _positions(rope: torch.Tensor | None, start: int, end: int) -> list:
+    """Positions start..end-1, or there the (t, h, w) rows of an M-RoPE model's ids [3, T] for the whole
+    candidate (``adapter.position_ids``): a suffix continues its prefix's positions, image offsets included."""
+    return list(range(start, end)) if rope is None else rope[:, start:end].T.tolist()
 
 
 def _marker_rewards(adapter: ModelAdapter, columns: RewardColumns, hidden: torch.Tensor, index: torch.Tensor,

@@ -27,7 +27,9 @@ class ReferenceEngine(Engine):
             for ci, cand in enumerate(question.candidates):
                 ids = torch.tensor(cand.input_ids, dtype=torch.long, device=adapter.device)
                 embeds = adapter.merge_image_features(ids, question.image_features)
-                logits = adapter.full_logits(ids, embeds)
+                positions = adapter.position_ids(cand.input_ids, question.image_features)  # M-RoPE, else None
+                logits = (adapter.full_logits(ids, embeds) if positions is None
+                          else adapter.full_logits(ids, embeds, positions))
                 pair = logits[cand.reward_positions][:, [columns.good, columns.bad]].float()
                 rewards = pair.softmax(dim=-1)[:, 0]
                 check_finite(pair, qi, ci)

@@ -219,6 +219,11 @@ class TreeCacheEngine(Engine):
             return self._score(adapter, columns, questions)
 
     def _score(self, adapter: ModelAdapter, columns: RewardColumns, questions: list[EncodedQuestion]):
+        if getattr(adapter, "multimodal_rope", False):
+            raise NotImplementedError(
+                f"the tree cache keys K/V by token index, but {type(adapter.model).__name__} places tokens with "
+                "M-RoPE (positions that depend on the image grid); use engine='fast' or 'reference'"
+            )
         owner = (id(adapter.model), columns)
         if owner != self._owner:
             self._roots.clear()

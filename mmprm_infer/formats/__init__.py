@@ -8,6 +8,7 @@ from .base import (
     MODEL_CAUSAL_LM,
     MODEL_INTERNVL,
     MODEL_QWEN2_PRM,
+    MODEL_QWEN2_5_VL,
     MODEL_TOKEN_CLASSIFICATION,
     MODEL_VALUE_HEAD,
     EncodedCandidate,
@@ -23,6 +24,7 @@ from .rlhflow import RLHFlowFormat
 from .skywork import SkyworkFormat
 from .token_classification import TokenClassificationFormat
 from .visualprm import VisualPRMFormat
+from .vl_prm import VLPRMFormat
 
 FORMATS: dict[str, Callable[..., PRMFormat]] = {}
 
@@ -39,6 +41,7 @@ register_format("visualprm", VisualPRMFormat)
 register_format("rlhflow", RLHFlowFormat)
 register_format("skywork", SkyworkFormat)
 register_format("token-classification", TokenClassificationFormat)
+register_format("vl-prm", VLPRMFormat)
 
 
 def get_format(fmt: str | PRMFormat, **options) -> PRMFormat:
@@ -58,6 +61,6 @@ def get_format(fmt: str | PRMFormat, **options) -> PRMFormat:
 __all__ = [
     "FORMATS", "get_format", "register_format", "PRMFormat", "EncodedCandidate", "RewardColumns",
     "FormatError", "MODEL_CAUSAL_LM", "MODEL_QWEN2_PRM", "MODEL_INTERNVL", "MODEL_TOKEN_CLASSIFICATION",
-    "MODEL_VALUE_HEAD", "CustomFormat", "MathShepherdFormat", "QwenMathPRMFormat", "MMPRMFormat", "VisualPRMFormat",
-    "RLHFlowFormat", "SkyworkFormat", "TokenClassificationFormat",
+    "MODEL_VALUE_HEAD", "MODEL_QWEN2_5_VL", "CustomFormat", "MathShepherdFormat", "QwenMathPRMFormat", "MMPRMFormat", "VisualPRMFormat",
+    "RLHFlowFormat", "SkyworkFormat", "TokenClassificationFormat", "VLPRMFormat",
 ]

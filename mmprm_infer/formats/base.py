@@ -24,6 +24,7 @@ MODEL_QWEN2_PRM = "qwen2_prm"  # Qwen2 body + 2-label score head
 MODEL_INTERNVL = "internvl"  # InternVLForConditionalGeneration (vision + LM head)
 MODEL_TOKEN_CLASSIFICATION = "token_classification"  # AutoModelForTokenClassification, 2 labels
 MODEL_VALUE_HEAD = "value_head"  # Qwen2 body + Linear(hidden, 1) value head (Skywork's Qwen2ForPrmModel)
+MODEL_QWEN2_5_VL = "qwen2_5_vl"  # Qwen2_5_VLForConditionalGeneration (vision + M-RoPE text model + LM head)
 
 
 @dataclass

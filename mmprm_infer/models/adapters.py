@@ -26,6 +26,8 @@ class ModelAdapter:
     kind = MODEL_CAUSAL_LM
     # reward = sigmoid(h . (W[good] - W[bad]) + db): engines may use the fused two-row kernel.
     two_row_head = True
+    # Positions are M-RoPE triples from position_ids() (Qwen2.5-VL), not the token index.
+    multimodal_rope = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -66,6 +68,12 @@ class ModelAdapter:
             raise ValueError(f"this {type(self.model).__name__} model has no vision tower; pass image=None")
         return None
 
+    # --- positions -------------------------------------------------------
+    def position_ids(self, input_ids, image_features) -> torch.Tensor | None:
+        """Rotary position ids of one whole sequence when they are not 0..T-1 (Qwen2.5-VL's
+        M-RoPE with an image: [3, T]); None means the usual 1-D positions."""
+        return None
+
     # --- reward head ---------------------------------------------------
     def output_head(self) -> nn.Linear:
         """The Linear whose rows give the output columns (the LM head here)."""
@@ -93,11 +101,14 @@ class ModelAdapter:
         return torch.sigmoid(self.reward_logit_diff(hidden, columns))
 
     # --- full forward (reference) -------------------------------------
-    def full_logits(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [T, V] of one sequence, computed by the model's own forward."""
+    def full_logits(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [T, V] of one sequence, computed by the model's own forward (``position_ids``:
+        what ``self.position_ids`` gave, None for the model's default)."""
+        pos = {} if position_ids is None else {"position_ids": position_ids[..., None, :]}
         if inputs_embeds is not None:
-            return self.model(inputs_embeds=inputs_embeds[None]).logits[0]
-        return self.model(input_ids=input_ids[None]).logits[0]
+            return self.model(inputs_embeds=inputs_embeds[None], **pos).logits[0]
+        return self.model(input_ids=input_ids[None], **pos).logits[0]
 
 
 class Qwen2PRMAdapter(ModelAdapter):
@@ -170,8 +181,9 @@ class ValueHeadAdapter(ModelAdapter):
         b = head.bias[0].float() if head.bias is not None else 0.0
         return head.weight[0], b
 
-    def full_logits(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        value = super().full_logits(input_ids, inputs_embeds)
+    def full_logits(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        value = super().full_logits(input_ids, inputs_embeds, position_ids)
         return torch.cat([value, torch.zeros_like(value)], dim=-1)
 
 
