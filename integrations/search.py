@@ -49,7 +49,6 @@ from mmprm_infer.prm import PRM, ScoringItem
 from mmprm_infer.selection import get_strategy, select
 
 from .policy import STEP_SEPARATOR, PolicyPrompt, split_steps
-from .scoring import score_items
 
 __all__ = ["SearchConfig", "StepSample", "Beam", "RoundStats", "SearchResult", "beam_search", "dvts", "search",
            "sample_steps", "has_boxed_answer"]
@@ -186,8 +185,8 @@ class _Scorer:
         if not beams:
             return []
         t0 = time.perf_counter()
-        rewards, _ = score_items(self.prm, [ScoringItem(self.question, [b.steps for b in beams], self.image)],
-                                 self.engine)
+        rewards, _ = self.prm.score_readable([ScoringItem(self.question, [b.steps for b in beams], self.image)],
+                                             self.engine)
         stats.prm_s += time.perf_counter() - t0
         engine = self.prm.engine(self.engine)
         if isinstance(engine, TreeCacheEngine):

@@ -33,10 +33,8 @@ from typing import Any, Callable, Sequence
 
 from mmprm_infer.engines import Engine
 from mmprm_infer.prm import PRM, ScoringItem
-from mmprm_infer.rerank import NEEDS_NO_PRM
+from mmprm_infer.rerank import NEEDS_NO_PRM, RerankResult, rerank_batch
 from mmprm_infer.selection import get_strategy
-
-from .scoring import Ranking, rank_items
 
 __all__ = ["RerankingLLM"]
 
@@ -124,23 +122,22 @@ class RerankingLLM:
             samples = sorted(out.outputs, key=lambda c: c.index)
             out.outputs = samples
             items.append(ScoringItem(question, [c.text for c in samples], image))
-        rankings = rank_items(self.prm, items, self.aggregate, self.strategy, self.engine)
-        for (_, question, _), out, ranking, asked in zip(split, outputs, rankings, keep):
-            self._attach(out, ranking, question, return_n or (asked if asked > 1 else None))
+        results = rerank_batch(items, self.prm, self.aggregate, self.strategy, self.engine, unreadable="last")
+        for (_, question, _), out, result, asked in zip(split, outputs, results, keep):
+            self._attach(out, result, question, return_n or (asked if asked > 1 else None))
         return outputs
 
     @staticmethod
-    def _attach(out, ranking: Ranking, question: str, limit: int | None) -> None:
-        result = ranking.rerank
+    def _attach(out, result: RerankResult, question: str, limit: int | None) -> None:
         samples = out.outputs
         for rank, i in enumerate(result.ranking):
             c = samples[i]
             c.score = result.scores[i] if result.scores is not None else None
             c.step_rewards = result.step_rewards[i] if result.step_rewards is not None else None
             c.rank = rank
-            c.prm_error = ranking.errors.get(i)
+            c.prm_error = result.errors.get(i)
         ordered = [samples[i] for i in result.ranking]
         out.outputs = ordered[:limit] if limit else ordered
         out.rerank = result
-        out.prm_errors = ranking.errors
+        out.prm_errors = result.errors
         out.question = question

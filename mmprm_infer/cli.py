@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     serve = sub.add_parser("serve", help="OpenAI-compatible reranking server in front of a policy server "
                            "(needs the 'serve' extra: fastapi, uvicorn, httpx)")
-    from .integrations.server_options import add_serve_arguments  # no fastapi: the serve extra is optional
+    from .integrations.serve.options import add_serve_arguments  # no fastapi: the serve extra is optional
 
     add_serve_arguments(serve)
     demo = sub.add_parser("demo", help="the built-in default job: the demo-preset pipeline (MCTS annotation -> train a "
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"mmprm convert-internvl: {exc}") from None
         return 0
     if args.command == "serve":
-        from .integrations.server import serve_main
+        from .integrations.serve.app import serve_main
 
         return serve_main(args)
     if args.command == "demo":

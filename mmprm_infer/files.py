@@ -3,7 +3,8 @@
 A run that fails (bad record, full disk, Ctrl-C) leaves the previous output
 as it was and no temp file behind; readers see the old file or the whole new
 one.  ``check_output_path`` refuses, before any work starts, an output that
-cannot be written or that is the input itself.
+cannot be written or that is the input itself.  ``existing_files``: the
+image paths of input records, relative to their data file, as files that exist.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator, Sequence
 
-__all__ = ["OutputError", "atomic_output", "check_output_path", "write_json_atomic"]
+__all__ = ["OutputError", "atomic_output", "check_output_path", "existing_files", "write_json_atomic"]
 
 
 def _target(path: str | os.PathLike) -> Path:
@@ -95,3 +96,16 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """``data`` as JSON at ``path``, all or nothing (``atomic_output``)."""
     with atomic_output(path) as f:
         json.dump(data, f, ensure_ascii=False)
+
+
+def existing_files(paths: Sequence[str], base_dir: str | os.PathLike,
+                   missing: Callable[[str, Path], Exception]) -> list[str]:
+    """Each path as a file that exists: an absolute one as given, a relative one under ``base_dir`` (a data
+    file's folder, say); the first that is not a file raises ``missing(path as given, where it was looked)``."""
+    out = []
+    for p in paths:
+        full = Path(p) if Path(p).is_absolute() else Path(base_dir) / p
+        if not full.is_file():
+            raise missing(p, full)
+        out.append(str(full))
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -78,26 +78,58 @@ class PRM:
             )
         return steps
 
-    def encode(self, question: str, candidates: Sequence[Candidate], image=None) -> EncodedQuestion:
-        """Token ids and marker positions of every candidate, image features computed once."""
+    def encode(self, question: str, candidates: Sequence[Candidate], image=None, *,
+               errors: dict[int, str] | None = None) -> EncodedQuestion:
+        """Token ids and marker positions of every candidate, image features computed once.
+
+        ``errors``: when given, a candidate that cannot be encoded (no steps, a step tag inside its text,
+        longer than the model's context) is left out instead of failing the call, and why goes into
+        ``errors[its index]``; the encoded candidates are the others, in input order.  Errors about the
+        question or the image are raised either way.
+        """
         if not isinstance(question, str):
             raise TypeError(f"question must be a string, got {type(question).__name__}")
         if isinstance(candidates, str) or not isinstance(candidates, Sequence):
             raise TypeError("candidates must be a list of solutions; wrap a single one as [solution]")
         if len(candidates) == 0:
             raise ValueError("candidates is empty: give at least one candidate solution to score")
+        if errors is not None:
+            self._check_question(question)
         image_tokens, image_features = self._prepare_images(image)
         limit = self.adapter.max_positions
         encoded: list[EncodedCandidate] = []
         for i, cand in enumerate(candidates):
-            enc = self.format.encode(self.tokenizer, question, self.split_candidate(cand, i), image_tokens)
-            if limit is not None and len(enc.input_ids) > limit:
-                raise ValueError(
-                    f"candidate {i} is {len(enc.input_ids)} tokens long (question, image and steps), "
-                    f"more than the model's context of {limit} tokens; shorten the candidate or question"
-                )
+            try:
+                enc = self.format.encode(self.tokenizer, question, self.split_candidate(cand, i), image_tokens)
+                if limit is not None and len(enc.input_ids) > limit:
+                    raise ValueError(
+                        f"candidate {i} is {len(enc.input_ids)} tokens long (question, image and steps), "
+                        f"more than the model's context of {limit} tokens; shorten the candidate or question"
+                    )
+            except (FormatError, ValueError, TypeError) as exc:
+                if errors is None:
+                    raise
+                errors[i] = str(exc)
+                continue
             encoded.append(enc)
+        if not encoded:
+            # Nothing readable: if the question itself is the problem, say so rather than blaming every candidate.
+            self.format.encode(self.tokenizer, question, ["x"], image_tokens)
         return EncodedQuestion(encoded, image_features)
+
+    def _check_question(self, question: str) -> None:
+        """A question longer than the context fails once here, instead of once for every candidate.
+
+        Only questions of more characters than the context has tokens are tokenized here (a token spans at
+        least one character, almost always), so the usual short question costs nothing extra.
+        """
+        limit = self.adapter.max_positions
+        if limit is None or len(question) <= limit:
+            return
+        tokens = len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
+        if tokens > limit:
+            raise ValueError(f"the question is {tokens} tokens long, more than the model's context of {limit} "
+                             "tokens; shorten the question")
 
     def _prepare_images(self, image) -> tuple[list[str], torch.Tensor | None]:
         """Placeholder text per image and the image features, computed once per question."""
@@ -123,10 +155,43 @@ class PRM:
         """Step rewards in [0, 1]: one list per candidate, one reward per step, input order."""
         return self.score_batch([ScoringItem(question, candidates, image)], engine=engine)[0]
 
-    def score_batch(self, items: Sequence[ScoringItem | tuple | dict], engine: str | None = None) -> list[list[list[float]]]:
+    def score_batch(self, items: Sequence[ScoringItem | tuple | dict], engine: str | Engine | None = None) -> list[list[list[float]]]:
         """Score many questions in one call; each question's prefix is shared by its candidates."""
         questions = [self.encode(it.question, it.candidates, it.image) for it in map(_as_item, items)]
         return self.engine(engine).score(self.adapter, self.columns, questions)
+
+    def score_readable(self, items: Sequence[ScoringItem | tuple | dict], engine: str | Engine | None = None
+                       ) -> tuple[list[list[list[float] | None]], list[dict[int, str]]]:
+        """``score_batch`` that does not fail on a candidate the PRM cannot read (see ``encode``'s ``errors``):
+        such a candidate's step rewards are None, and each item's dict says why (candidate index -> reason).
+        Sampled text from a policy hits these cases; one bad sample must not fail the others.  One engine call."""
+        items = [_as_item(it) for it in items]
+        errors: list[dict[int, str]] = [{} for _ in items]
+        questions = [self.encode(it.question, it.candidates, it.image, errors=e) for it, e in zip(items, errors)]
+        rewards = self.engine(engine).score(self.adapter, self.columns, questions)
+        out = []
+        for item, errs, got in zip(items, errors, rewards):
+            scored = iter(got)
+            out.append([None if i in errs else next(scored) for i in range(len(item.candidates))])
+        return out, errors
+
+
+def batch_then_each(run: Callable[[list], list], items: Sequence, failed: Callable[[Any, Exception], Any]) -> list:
+    """``run(items)``, one result per item, in one call; when that raises, ``run([item])`` for each item, so
+    only a bad item fails: its result is then ``failed(item, exception)``."""
+    items = list(items)
+    try:
+        return list(run(items))
+    except Exception as exc:  # noqa: BLE001 - any item can be bad; the caller says what its failure looks like
+        if len(items) == 1:
+            return [failed(items[0], exc)]
+    out = []
+    for item in items:
+        try:
+            out.append(run([item])[0])
+        except Exception as exc:  # noqa: BLE001
+            out.append(failed(item, exc))
+    return out
 
 
 def _as_item(item) -> ScoringItem:

@@ -15,7 +15,6 @@ actor that holds their shared prefix.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
+from .files import existing_files
 from .prm import ScoringItem
 
 __all__ = ["RecordError", "BLANK_LINE", "decode_line", "Window", "WindowResult", "PRMSpec", "ScoringOptions", "parse_record", "input_kind", "plan_windows",
@@ -120,10 +120,8 @@ def parse_record(raw: str, line: int, base_dir: Path) -> tuple[dict, ScoringItem
         if not paths or not all(isinstance(p, str) and p for p in paths):
             raise RecordError(line, "'image' must be a path or a non-empty list of paths (strings, relative to "
                                     f"the input file), got {json.dumps(image)[:80]}")
-        resolved = [p if Path(p).is_absolute() else str(base_dir / p) for p in paths]
-        for p in resolved:
-            if not Path(p).is_file():
-                raise RecordError(line, f"image file {p} does not exist (paths are relative to the input file)")
+        resolved = existing_files(paths, base_dir, lambda _, full: RecordError(
+            line, f"image file {full} does not exist (paths are relative to the input file)"))
         image = resolved if isinstance(image, list) else resolved[0]
     return record, ScoringItem(record["question"], record["candidates"], image)
 
@@ -242,20 +240,20 @@ def _result_record(record: dict, line: int, step_rewards, rerank_result, aggrega
 
 def _score(batch: list[tuple[int, dict, ScoringItem]], prm, options: ScoringOptions) -> list[dict | RecordError]:
     """Score parsed records in one engine call; if it fails, one by one so only the bad record fails."""
+    from .prm import batch_then_each
     from .rerank import rerank_batch, resolve_aggregate
 
-    options = dataclasses.replace(options, aggregate=resolve_aggregate(options.aggregate, prm))
-    items = [item for _, _, item in batch]
-    try:
+    aggregate = resolve_aggregate(options.aggregate, prm)
+
+    def run(entries: list[tuple[int, dict, ScoringItem]]) -> list[dict]:
+        items = [item for _, _, item in entries]
         if options.command == "rerank":
-            results = rerank_batch(items, prm, options.aggregate, options.strategy, options.engine)
-            return [_result_record(rec, ln, None, res, options.aggregate) for (ln, rec, _), res in zip(batch, results)]
+            results = rerank_batch(items, prm, aggregate, options.strategy, options.engine)
+            return [_result_record(rec, ln, None, res, aggregate) for (ln, rec, _), res in zip(entries, results)]
         rewards = prm.score_batch(items, engine=options.engine)
-        return [_result_record(rec, ln, r, None, options.aggregate) for (ln, rec, _), r in zip(batch, rewards)]
-    except Exception as exc:
-        if len(batch) == 1:
-            return [RecordError(batch[0][0], f"{type(exc).__name__}: {exc}")]
-        return [out for entry in batch for out in _score([entry], prm, options)]
+        return [_result_record(rec, ln, r, None, aggregate) for (ln, rec, _), r in zip(entries, rewards)]
+
+    return batch_then_each(run, batch, lambda entry, exc: RecordError(entry[0], f"{type(exc).__name__}: {exc}"))
 
 
 def process_window(window: Window, prm, options: ScoringOptions, base_dir: Path) -> WindowResult:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 from .aggregation import aggregate as aggregate_steps
 from .aggregation import get_aggregation
 from .answers import extract_answer
+from .engines import Engine
 from .prm import PRM, Candidate, ScoringItem
 from .selection import get_strategy, select
 
 NEEDS_NO_PRM = {"majority_vote"}
+UNSCORED = float("-inf")  # the score of a candidate the PRM could not read (unreadable="last")
 
 
 @dataclass
@@ -24,9 +26,13 @@ class RerankResult:
     ranking: list[int]  # candidate indices, best first
     strategy: str
     aggregate: str
+    errors: dict[int, str] = field(default_factory=dict)  # unreadable="last": candidate index -> why it has no score
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.errors:  # only candidates left unscored have one
+            del out["errors"]
+        return out
 
 
 def resolve_aggregate(aggregate: str | Callable | None, prm: PRM | None) -> str | Callable:
@@ -37,7 +43,7 @@ def resolve_aggregate(aggregate: str | Callable | None, prm: PRM | None) -> str 
     return prm.format.default_aggregate if prm is not None else "min"
 
 
-def _candidate_text(candidate: Candidate) -> str:
+def candidate_text(candidate: Candidate) -> str:
     return candidate if isinstance(candidate, str) else "\n\n".join(candidate)
 
 
@@ -65,32 +71,74 @@ def rerank_batch(
     prm: PRM | None,
     aggregate: str | Callable | None = None,
     strategy: str = "best_of_n",
-    engine: str | None = None,
+    engine: str | Engine | None = None,
+    *,
+    unreadable: str = "raise",
 ) -> list[RerankResult]:
-    """rerank() over many questions, scoring them in one engine call."""
+    """rerank() over many questions, scoring them in one engine call.
+
+    unreadable="last": a candidate the PRM cannot read (no steps, a step tag inside its text, longer than the
+    model's context: sampled text hits these) does not fail the batch; it gets no step rewards and the score
+    ``-inf``, is ranked after every scored candidate, and ``RerankResult.errors`` says why.
+    """
+    if unreadable not in ("raise", "last"):
+        raise ValueError(f"unreadable must be 'raise' or 'last', got {unreadable!r}")
     get_strategy(strategy)
     aggregate = resolve_aggregate(aggregate, prm)
-    aggregation = get_aggregation(aggregate)
-    agg_name = aggregate if isinstance(aggregate, str) else getattr(aggregate, "__name__", "custom")
+    get_aggregation(aggregate)
     if prm is None and strategy not in NEEDS_NO_PRM:
         raise ValueError(f"strategy {strategy!r} needs a PRM: pass prm=PRM.from_pretrained(...), or use majority_vote")
     for i, item in enumerate(items):
         if len(item.candidates) == 0:
             raise ValueError(f"question {i}: candidates is empty; give at least one candidate to rerank")
-    rewards = prm.score_batch(items, engine=engine) if prm is not None else [None] * len(items)
+    errors = None
+    if prm is None:
+        rewards = [None] * len(items)
+    elif unreadable == "last":
+        rewards, errors = prm.score_readable(items, engine=engine)
+    else:
+        rewards = prm.score_batch(items, engine=engine)
+    return rank_scored(items, rewards, errors, aggregate, strategy)
+
+
+def rank_scored(
+    items: Sequence[ScoringItem],
+    rewards: Sequence[Sequence[list[float] | None] | None],
+    errors: Sequence[dict[int, str]] | None = None,
+    aggregate: str | Callable = "min",
+    strategy: str = "best_of_n",
+) -> list[RerankResult]:
+    """Aggregate and select, given step rewards per item and candidate (``PRM.score_batch`` or
+    ``PRM.score_readable``): ``rewards[i]`` None means no PRM (majority vote); a candidate's None means the PRM
+    could not read it (``errors[i]`` says why), and it is ranked last with the score ``-inf``."""
+    get_strategy(strategy)
+    aggregation = get_aggregation(aggregate)
+    agg_name = aggregate if isinstance(aggregate, str) else getattr(aggregate, "__name__", "custom")
     results = []
-    for item, step_rewards in zip(items, rewards):
-        answers = [extract_answer(_candidate_text(c)) for c in item.candidates]
-        scores = [aggregate_steps(r, aggregation) for r in step_rewards] if step_rewards is not None else None
-        chosen = select(strategy, scores, answers)
+    for k, (item, step_rewards) in enumerate(zip(items, rewards)):
+        answers = [extract_answer(candidate_text(c)) for c in item.candidates]
+        if step_rewards is None:  # majority vote without a PRM
+            valid, scores = list(range(len(item.candidates))), None
+        else:
+            valid = [i for i, r in enumerate(step_rewards) if r is not None]
+            scores = [aggregate_steps(r, aggregation) if r is not None else UNSCORED for r in step_rewards]
+            if len(valid) < len(step_rewards):
+                step_rewards = [r if r is not None else [] for r in step_rewards]
+        ranking, best = list(range(len(item.candidates))), 0  # nothing readable: input order
+        if valid:
+            chosen = select(strategy, [scores[i] for i in valid] if scores is not None else None,
+                            [answers[i] for i in valid])
+            unread = sorted(set(ranking) - set(valid))
+            ranking, best = [valid[j] for j in chosen.ranking] + unread, valid[chosen.best_index]
         results.append(RerankResult(
-            best_index=chosen.best_index,
-            best=item.candidates[chosen.best_index],
+            best_index=best,
+            best=item.candidates[best],
             scores=scores,
             step_rewards=step_rewards,
             answers=answers,
-            ranking=list(chosen.ranking),
+            ranking=ranking,
             strategy=strategy,
             aggregate=agg_name,
+            errors=dict(errors[k]) if errors is not None else {},
         ))
     return results

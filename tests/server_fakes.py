@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from mmprm_infer import PRM
-from mmprm_infer.integrations.server import ServerConfig, create_app
+from mmprm_infer.integrations.serve import ServerConfig, create_app
 
 TOL = 1e-5
 MODEL = "fake-policy"  # the policy's model, so the reranker's served name

@@ -15,7 +15,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from PIL import Image  # noqa: E402
 
 from mmprm_infer.cli import build_parser  # noqa: E402
-from mmprm_infer.integrations.server import PRMBatcher, ServerConfig  # noqa: E402
+from mmprm_infer.integrations.serve import PRMBatcher, ServerConfig  # noqa: E402
 from server_fakes import MODEL, TOL, free_port  # noqa: E402
 from server_fakes import chat as _chat  # noqa: E402
 from server_fakes import check_choices as _check_choices  # noqa: E402

@@ -266,7 +266,7 @@ def test_server_over_vllm(vllm_server, prm, policy_dir):
     import httpx
     from transformers import AutoTokenizer
 
-    from mmprm_infer.integrations.server import ServerConfig, create_app
+    from mmprm_infer.integrations.serve import ServerConfig, create_app
 
     config = ServerConfig(policy_url=vllm_server.url, n=4, batch_window_ms=20, upstream_timeout=120)
     with _Uvicorn(create_app(prm, config)) as url:

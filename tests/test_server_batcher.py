@@ -14,7 +14,7 @@ pytest.importorskip("fastapi", reason="the server tests need the 'serve' extra (
 httpx = pytest.importorskip("httpx")
 
 from mmprm_infer import PRM, ScoringItem  # noqa: E402
-from mmprm_infer.integrations.server import APIError, PRMBatcher  # noqa: E402
+from mmprm_infer.integrations.serve import APIError, PRMBatcher  # noqa: E402
 from server_fakes import FakePolicy, ServerThread, chat, reranker, sample_text, wait_until  # noqa: E402
 
 TOO_LONG = "so we compute x + y and " * 600  # past the tiny PRM's 2048-token context
@@ -64,7 +64,7 @@ def test_failed_batch_is_scored_request_by_request(prm):
 
     calls, ranking = asyncio.run(run())
     assert calls == [[good.question, TOO_LONG], [good.question], [TOO_LONG]]  # together, then each alone
-    for got, ref in zip(ranking.rerank.step_rewards, prm.score(good.question, good.candidates)):
+    for got, ref in zip(ranking.step_rewards, prm.score(good.question, good.candidates)):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=0, atol=1e-5)
 
 

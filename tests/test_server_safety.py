@@ -18,8 +18,8 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image, ImageFile  # noqa: E402
 
 from mmprm_infer.cli import main  # noqa: E402
-from mmprm_infer.integrations import server as server_module  # noqa: E402
-from mmprm_infer.integrations.server import ServerConfig  # noqa: E402
+from mmprm_infer.integrations.serve import app as server_module  # noqa: E402
+from mmprm_infer.integrations.serve import ServerConfig  # noqa: E402
 from server_fakes import MODEL, chat, data_url, image_chat, png_header_only  # noqa: E402
 from server_fakes import policy, prm, reranker  # noqa: E402,F401 - fixtures
 
@@ -325,7 +325,7 @@ def test_finding12_client_key_is_required(prm, policy):
 
 def test_finding12_client_key_from_file_or_environment(tmp_path):
     from mmprm_infer.cli import build_parser
-    from mmprm_infer.integrations.server_options import CLIENT_KEY_ENV, config_from_args
+    from mmprm_infer.integrations.serve.options import CLIENT_KEY_ENV, config_from_args
 
     key_file = tmp_path / "keys"
     key_file.write_text("k1\n\nk2\n")
@@ -396,7 +396,7 @@ def test_finding14_serve_checks_options_before_loading_the_prm(tmp_path, monkeyp
 
 def test_finding14_empty_key_file_is_refused(tmp_path):
     from mmprm_infer.cli import build_parser
-    from mmprm_infer.integrations.server_options import config_from_args
+    from mmprm_infer.integrations.serve.options import config_from_args
 
     (tmp_path / "keys").write_text("\n  \n")
     args = build_parser().parse_args(["serve", "--policy-url", "http://h:1/v1", "--prm", str(tmp_path),

@@ -81,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_images(sample, base_dir: Path):
-    sample.image_paths = [p if Path(p).is_absolute() else str(base_dir / p) for p in sample.image_paths]
-    for p in sample.image_paths:
-        if not Path(p).is_file():
-            raise ValueError(f"image {p} of sample {sample.id or sample.question[:40]!r} not found (image paths "
-                             "are relative to the data file)")
+    from mmprm_infer.files import existing_files
+
+    sample.image_paths = existing_files(sample.image_paths, base_dir, lambda _, full: ValueError(
+        f"image {full} of sample {sample.id or sample.question[:40]!r} not found (image paths are relative to "
+        "the data file)"))
     return sample
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..aggregation import AGGREGATIONS, PROBABILITY_AGGREGATIONS
 from ..arguments import DTYPES, positive_int
-from ..files import check_output_path, write_json_atomic
+from ..files import check_output_path, existing_files, write_json_atomic
 from ..formats import FORMATS
 from ..progress import quiet_transformers_progress
 from ..prm import ScoringItem
@@ -47,14 +47,9 @@ def resolve_images(record: Record, name: str, base_dir: Path, image_root: Path |
     paths = value if isinstance(value, list) else [value]
     if not all(isinstance(p, str) and p for p in paths):
         raise record.error(f"field '{name}' must be a path or a list of paths")
-    out = []
-    for p in paths:
-        full = Path(p) if Path(p).is_absolute() else (image_root or base_dir) / p
-        if not full.is_file():
-            raise record.error(f"image {p} of field '{name}' not found at {full} (give --image-root for the "
-                               "folder the benchmark's image paths are relative to)")
-        out.append(str(full))
-    return out
+    return existing_files(paths, image_root or base_dir, lambda p, full: record.error(
+        f"image {p} of field '{name}' not found at {full} (give --image-root for the folder the benchmark's image "
+        "paths are relative to)"))
 
 
 class Collector:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..files import write_json_atomic
-from ..prm import ScoringItem
+from ..prm import ScoringItem, batch_then_each
 from ..progress import progress_bar
 from ..records import PRMSpec
 
@@ -65,12 +65,8 @@ class RewardCache:
 
 def _score_batch(prm, items: list[ScoringItem], engine: str | None) -> list[list | ScoringFailure]:
     """One engine call; when it fails, item by item so only the bad item fails."""
-    try:
-        return prm.score_batch(items, engine=engine)
-    except Exception as exc:  # noqa: BLE001 - any item can be bad; name it, keep the others
-        if len(items) == 1:
-            return [ScoringFailure(f"{type(exc).__name__}: {exc}")]
-        return [r for it in items for r in _score_batch(prm, [it], engine)]
+    return batch_then_each(lambda chunk: prm.score_batch(chunk, engine=engine), items,
+                           lambda _, exc: ScoringFailure(f"{type(exc).__name__}: {exc}"))
 
 
 def score_with_cache(items: Sequence[ScoringItem], load_prm: Callable[[], object], cache: RewardCache,

@@ -6,8 +6,8 @@ import asyncio
 
 import httpx
 
-from .server_errors import APIError, UpstreamError
-from .server_options import ServerConfig
+from .errors import APIError, UpstreamError
+from .options import ServerConfig
 
 __all__ = ["Upstream"]
 

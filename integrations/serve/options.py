@@ -114,7 +114,7 @@ def read_key_file(path: str) -> tuple[str, ...]:
 
 
 def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
-    """The ``mmprm serve`` flags (read by ``config_from_args`` and ``integrations.server.serve_main``)."""
+    """The ``mmprm serve`` flags (read by ``config_from_args`` and ``integrations.serve.app.serve_main``)."""
     serve.add_argument("--policy-url", required=True, type=arg_type(_http_url, "url"),
                        help="the policy's OpenAI API root, e.g. http://127.0.0.1:8000/v1")
     serve.add_argument("--policy-model", default=None, help="model name to ask the policy for (default: its first)")

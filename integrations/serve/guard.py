@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 
-from .server_errors import error_body
+from .errors import error_body
 
 __all__ = ["Guard"]
 

@@ -1,50 +1,10 @@
-"""An OpenAI-compatible reranking server: any policy server behind it, a PRM inside it.
+"""The reranking server's app: ``create_app`` wires the routes below to one PRM and one ``ServerConfig``.
 
-    mmprm serve --policy-url http://127.0.0.1:8000/v1 --prm DIR --n 8 --aggregate min
-
-Endpoints:
-
-- ``POST /v1/chat/completions``, ``POST /v1/completions``: the request goes
-  to the upstream policy with ``n`` = the server's ``--n`` (or the request's
-  ``best_of``, or its ``n`` if larger); the samples are scored by the PRM and
-  the best ``n`` (the client's ``n``, default 1) come back as ``choices``,
-  best first.  Each choice carries ``prm``: ``score`` (null when the PRM could
-  not read the sample), ``step_rewards``, ``rank``, ``sample_index``,
-  ``answer`` and ``error``; the response carries ``prm`` with the scores of
-  all samples.  The PRM's question is the last user message's text (chat),
-  the prompt (completions), or the request's ``question`` field.  Images:
-  ``image_url`` content parts holding ``data:`` URLs (or, with
-  ``--image-root``, paths of files under it) go to the PRM and, as data URLs,
-  to the policy.  ``stream=true`` gets the chosen choices as server-sent
-  events once scoring is done (server_stream.py).  Completions prompts may be
-  token ids: they go to the policy as given; the PRM's question then comes
-  from ``question`` (or, with ``--decode-token-prompts``, from the PRM's
-  tokenizer -- right only when policy and PRM share a tokenizer).
-- ``POST /v1/prm/score``: ``{question, candidates, image?, aggregate?,
-  strategy?}`` -> step rewards, scores, ranking.
-- ``GET /health`` (never asks for a key), ``GET /v1/models``: the one model
-  name clients may use -- ``--served-model-name``, else the policy's model.
-  A request naming another model gets 404 (code ``model_not_found``); the
-  response's ``model`` is the name asked for.
-
-Scoring: one scorer task pulls requests from an asyncio queue, waits up to
-``--batch-window-ms`` for more (up to ``max_batch_candidates`` candidates),
-and scores them all with one PRM engine call in a worker thread; each
-request gets back only its own candidates' results.  At most ``--max-queue``
-requests are admitted at once (waiting for the policy or the PRM); more get
-503.  Toward the policy: ``--upstream-timeout`` per attempt, ``--retries``
-retries with exponential backoff on connection errors, timeouts, 429 and
-5xx; then 502 (504 when the last attempt timed out); a malformed answer is
-502 too.  A request the policy rejects with 400/422 is answered 400 with the
-policy's message.
-
-Limits and safety (server_options.py has the flags and defaults): a client
-key (401), body bytes (413), characters per text, samples per request
-(prompts x n), images per request and pixels per image (400); local image
-paths only under ``--image-root`` (server_images.py).  Client errors are
-400/401/404/413 with an OpenAI-style ``{"error": {"message": ...}}``, never
-500.  A request whose client disconnects is cancelled, upstream call and
-scoring included.
+What the endpoints do, the limits and the errors: see the package's doc
+(``mmprm_infer.integrations.serve``).  The routes are module-level; what
+they share (the PRM, the limits, the scorer, the policy client, the image
+reader) is a ``State`` on ``app.state.mmprm``, opened and closed with the
+app's lifespan.
 """
 
 from __future__ import annotations
@@ -54,110 +14,48 @@ import contextlib
 import dataclasses
 import logging
 import time
-import uuid
 from pathlib import Path
-from typing import Literal
 
 from mmprm_infer.aggregation import get_aggregation
 from mmprm_infer.formats import FormatError
 from mmprm_infer.prm import PRM, ScoringItem
 from mmprm_infer.records import PRMSpec
-from mmprm_infer.rerank import resolve_aggregate
+from mmprm_infer.rerank import RerankResult, resolve_aggregate
 from mmprm_infer.selection import get_strategy
 from mmprm_infer.vision import ImageLoadError
 
-from .scoring import Ranking, finite_or_none
-from .server_batcher import PRMBatcher
-from .server_errors import APIError, UpstreamError, error_body
-from .server_guard import Guard
-from .server_images import ImageReader
-from .server_options import ServerConfig, add_serve_arguments, config_from_args
+from .batcher import PRMBatcher
+from .errors import APIError, UpstreamError, error_body
+from .guard import Guard
+from .images import ImageReader
+from .options import ServerConfig, add_serve_arguments, config_from_args
 
 try:
-    from fastapi import FastAPI, Request
+    from fastapi import APIRouter, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
 
-    from .server_stream import stream_response
-    from .server_upstream import Upstream
+    from .protocol import (ChatCompletionRequest, CompletionRequest, Sampling, ScoreRequest, finite_or_none,
+                           policy_choices, ranked_choices, response, summary, text_of)
+    from .stream import stream_response
+    from .upstream import Upstream
 except ImportError as exc:  # pragma: no cover - the error says what to install
     raise ImportError("the reranking server needs the 'serve' extra: pip install 'mmprm-infer[serve]' "
                       f"(fastapi, uvicorn, httpx); missing: {exc.name}") from exc
 
-__all__ = ["ServerConfig", "create_app", "run_server", "serve_main", "add_serve_arguments", "PRMBatcher",
+__all__ = ["ServerConfig", "State", "create_app", "run_server", "serve_main", "add_serve_arguments", "PRMBatcher",
            "Upstream", "UpstreamError", "APIError"]
 
 log = logging.getLogger("mmprm.server")
 
 
 # --------------------------------------------------------------------------
-# request models
+# what the routes share
 # --------------------------------------------------------------------------
 
 
-class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    url: str
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # temperature, max_tokens, stop, seed, ... go to the policy as given
-    model: str | None = None
-    n: int = Field(1, ge=1)  # n, best_of and the prompts are capped together by --max-samples
-    best_of: int | None = Field(None, ge=1, description="samples to draw and rerank")
-    stream: bool = False
-    stream_options: dict | None = None  # include_usage is honoured; never sent to the policy (asked stream=false)
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    question: str | None = None  # the PRM's question (default: the last user message's text)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    question: str | list[str] | None = None
-    echo: bool = False
-
-
-class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    question: str
-    candidates: list[str | list[str]] = Field(min_length=1, max_length=1024)
-    image: str | list[str] | None = None  # data: URLs, or paths under --image-root
-    aggregate: str | None = None
-    strategy: str | None = None
-
-
-def _text_of(content) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "\n".join(p.text for p in content if p.type == "text" and p.text)
-
-
-# --------------------------------------------------------------------------
-# the app
-# --------------------------------------------------------------------------
-
-
-class _State:
+class State:
     """What the handlers share: the PRM, the limits, the scorer, the policy client, the image readers."""
 
     def __init__(self, prm: PRM, config: ServerConfig):
@@ -168,6 +66,20 @@ class _State:
         self.batcher: PRMBatcher | None = None
         self.upstream: Upstream | None = None
         self.images: ImageReader | None = None
+
+    def open(self) -> None:
+        config = self.config
+        self.upstream = Upstream(config)
+        self.images = ImageReader(config.image_root, config.max_image_pixels, config.max_body_bytes,
+                                  config.image_workers, config.image_timeout_s)
+        self.batcher = PRMBatcher(self.prm, config.engine, config.batch_window_ms / 1000.0,
+                                  config.max_batch_candidates)
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.stop()
+        self.images.close()
+        await self.upstream.close()
 
     @contextlib.asynccontextmanager
     async def admitted(self):
@@ -198,7 +110,7 @@ class _State:
             raise APIError(400, f"{name} is {len(text)} characters long, more than this server's limit of {cap} "
                                 "(--max-text-chars); shorten it", param=name, code="string_above_max_length")
 
-    def samples(self, req: _Sampling, prompts: int = 1) -> int:
+    def samples(self, req: Sampling, prompts: int = 1) -> int:
         """Samples per prompt to ask the policy for; the request's total is capped by --max-samples."""
         samples = max(req.best_of or self.config.n, req.n)
         if samples * prompts > self.config.max_samples:
@@ -226,7 +138,7 @@ class _State:
         pil = [im.pil() for im in images]
         return pil[0] if len(pil) == 1 else pil
 
-    async def rank(self, items: list[ScoringItem], aggregate: str, strategy: str) -> list[Ranking]:
+    async def rank(self, items: list[ScoringItem], aggregate: str, strategy: str) -> list[RerankResult]:
         try:
             return await self.batcher.rank(items, aggregate, strategy)
         except (FormatError, ImageLoadError, ValueError, TypeError) as exc:
@@ -239,53 +151,24 @@ class _State:
                            type="server_error") from None
 
 
-def _prm_field(ranking: Ranking, i: int, rank: int) -> dict:
-    r = ranking.rerank
-    return {
-        "score": finite_or_none(r.scores[i]) if r.scores is not None else None,
-        "step_rewards": r.step_rewards[i] if r.step_rewards is not None else None,
-        "rank": rank,
-        "sample_index": i,
-        "answer": r.answers[i],
-        "error": ranking.errors.get(i),
-    }
+# --------------------------------------------------------------------------
+# the handlers' work
+# --------------------------------------------------------------------------
 
 
-def _summary(ranking: Ranking, samples: int) -> dict:
-    r = ranking.rerank
-    return {
-        "aggregate": r.aggregate,
-        "strategy": r.strategy,
-        "samples": samples,
-        "scores": [finite_or_none(s) for s in r.scores] if r.scores is not None else None,
-        "best_sample_index": r.best_index,
-    }
-
-
-def _ranked_choices(choices: list[dict], ranking: Ranking, n: int, first_index: int = 0) -> list[dict]:
-    """The best n choices, best first, each with its prm field; ``index`` counts on from first_index."""
-    out = []
-    for rank, i in enumerate(ranking.rerank.ranking[:n]):
-        choice = dict(choices[i])
-        choice["index"] = first_index + rank
-        choice["prm"] = _prm_field(ranking, i, rank)
-        out.append(choice)
-    return out
-
-
-async def _chat(state: _State, req: ChatCompletionRequest) -> dict:
+async def _chat(state: State, req: ChatCompletionRequest) -> dict:
     config = state.config
     question = req.question
     if question is None:
         users = [m for m in req.messages if m.role == "user"]
-        question = _text_of(users[-1].content) if users else ""
+        question = text_of(users[-1].content) if users else ""
     if not question.strip():
         raise APIError(400, "no question for the PRM: the request has no user message with text; add one "
                             "or pass 'question'", param="messages")
     state.check_text("question", question)
     parts = []  # (message, part, url) of every image part
     for i, m in enumerate(req.messages):
-        state.check_text(f"messages[{i}].content", _text_of(m.content))
+        state.check_text(f"messages[{i}].content", text_of(m.content))
         for j, p in enumerate(m.content if isinstance(m.content, list) else ()):
             if p.type == "image_url":
                 if p.image_url is None:
@@ -306,12 +189,12 @@ async def _chat(state: _State, req: ChatCompletionRequest) -> dict:
         body = req.model_dump(exclude={"question", "best_of", "messages", "stream_options"}, exclude_none=True)
         body.update(model=await state.upstream.model(), messages=messages, n=samples, stream=False)
         data = await state.upstream.post("/chat/completions", body)
-        choices = _choices(data, samples, "message")
+        choices = policy_choices(data, samples, "message")
         texts = [c["message"].get("content") or "" for c in choices]
         item = ScoringItem(question, texts, state.prm_image(prm_images))
-        ranking = (await state.rank([item], config.aggregate, config.strategy))[0]
-        out = _ranked_choices(choices, ranking, req.n)
-        return _response(data, model, "chat.completion", out, {**_summary(ranking, samples), "question": question})
+        result = (await state.rank([item], config.aggregate, config.strategy))[0]
+        out = ranked_choices(choices, result, req.n)
+        return response(data, model, "chat.completion", out, {**summary(result, samples), "question": question})
 
 
 def _prompt_list(prompt) -> tuple[list, bool]:
@@ -327,7 +210,7 @@ def _prompt_list(prompt) -> tuple[list, bool]:
     return prompts, True
 
 
-def _questions(state: _State, req: CompletionRequest, prompts: list, token_ids: bool) -> list[str]:
+def _questions(state: State, req: CompletionRequest, prompts: list, token_ids: bool) -> list[str]:
     """The PRM's question per prompt: 'question', else the prompt text (token ids: see --decode-token-prompts)."""
     if req.question is not None:
         questions = [req.question] if isinstance(req.question, str) else list(req.question)
@@ -347,7 +230,7 @@ def _questions(state: _State, req: CompletionRequest, prompts: list, token_ids: 
         raise APIError(400, f"cannot decode the token-id prompt with the PRM's tokenizer: {exc}", param="prompt") from None
 
 
-async def _completions(state: _State, req: CompletionRequest) -> dict:
+async def _completions(state: State, req: CompletionRequest) -> dict:
     config = state.config
     prompts, token_ids = _prompt_list(req.prompt)
     if not prompts:
@@ -364,7 +247,7 @@ async def _completions(state: _State, req: CompletionRequest) -> dict:
         body = req.model_dump(exclude={"question", "best_of", "stream_options"}, exclude_none=True)
         body.update(model=await state.upstream.model(), n=samples, stream=False)  # the prompt goes as given
         data = await state.upstream.post("/completions", body)
-        choices = _choices(data, samples * len(prompts), "text")
+        choices = policy_choices(data, samples * len(prompts), "text")
         items = []
         for p, question in enumerate(questions):
             texts = []
@@ -374,15 +257,15 @@ async def _completions(state: _State, req: CompletionRequest) -> dict:
                     text = text[len(prompts[p]):]
                 texts.append(text)
             items.append(ScoringItem(question, texts, None))
-        rankings = await state.rank(items, config.aggregate, config.strategy)
+        results = await state.rank(items, config.aggregate, config.strategy)
         out = []
-        for p, ranking in enumerate(rankings):
-            out += _ranked_choices(choices[p * samples:(p + 1) * samples], ranking, req.n, p * req.n)
-        summary = [_summary(r, samples) for r in rankings]
-        return _response(data, model, "text_completion", out, summary[0] if len(summary) == 1 else summary)
+        for p, result in enumerate(results):
+            out += ranked_choices(choices[p * samples:(p + 1) * samples], result, req.n, p * req.n)
+        summaries = [summary(r, samples) for r in results]
+        return response(data, model, "text_completion", out, summaries[0] if len(summaries) == 1 else summaries)
 
 
-async def _score(state: _State, req: ScoreRequest) -> dict:
+async def _score(state: State, req: ScoreRequest) -> dict:
     config = state.config
     aggregate = req.aggregate or config.aggregate
     strategy = req.strategy or config.strategy
@@ -399,8 +282,7 @@ async def _score(state: _State, req: ScoreRequest) -> dict:
     async with state.admitted():
         images = [await state.images.read(u) for u in urls]
         item = ScoringItem(req.question, req.candidates, state.prm_image(images))
-        ranking = (await state.rank([item], aggregate, strategy))[0]
-        r = ranking.rerank
+        r = (await state.rank([item], aggregate, strategy))[0]
         return {
             "object": "prm.score",
             "question": req.question,
@@ -411,7 +293,7 @@ async def _score(state: _State, req: ScoreRequest) -> dict:
             "ranking": r.ranking,
             "best_index": r.best_index,
             "answers": r.answers,
-            "errors": {str(k): v for k, v in ranking.errors.items()},
+            "errors": {str(k): v for k, v in r.errors.items()},
         }
 
 
@@ -436,112 +318,92 @@ async def _unless_client_left(request: Request, work):
     return task.result()
 
 
+async def _answer(request: Request, req: Sampling, work):
+    result = await _unless_client_left(request, work)
+    if req.stream and isinstance(result, dict):
+        return stream_response(result, bool((req.stream_options or {}).get("include_usage")))
+    return result
+
+
+def _state(request: Request) -> State:
+    return request.app.state.mmprm
+
+
+# --------------------------------------------------------------------------
+# the routes
+# --------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    state = _state(request)
+    b = state.batcher
+    return {"status": "ok", "in_flight": state.inflight, "max_queue": state.config.max_queue,
+            "rejected": state.rejected, "prm_format": state.prm.format.name, "policy_url": state.config.policy_url,
+            "scoring_batches": b.batches if b else 0, "scored_requests": b.batched_jobs if b else 0,
+            "scoring_s": round(b.busy_s, 3) if b else 0.0, "upstream_calls": state.upstream.calls}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    return {"object": "list", "data": [{"id": await _state(request).served_name(), "object": "model",
+                                        "created": int(time.time()), "owned_by": "mmprm-reranker"}]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    return await _answer(request, req, _chat(_state(request), req))
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    return await _answer(request, req, _completions(_state(request), req))
+
+
+@router.post("/v1/prm/score")
+async def prm_score(req: ScoreRequest, request: Request):
+    return await _unless_client_left(request, _score(_state(request), req))
+
+
+async def _api_error(request: Request, exc: APIError):
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                        headers=headers)
+
+
+async def _http_error(request: Request, exc: HTTPException):  # unknown path, wrong method: OpenAI-style too
+    return JSONResponse(error_body(str(exc.detail), code=exc.status_code), status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg')}")
+    return JSONResponse(error_body("invalid request: " + "; ".join(parts), code=400), status_code=400)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state = app.state.mmprm
+    state.open()
+    try:
+        yield
+    finally:
+        await state.close()
+
+
 def create_app(prm: PRM, config: ServerConfig) -> FastAPI:
     config = dataclasses.replace(config, aggregate=resolve_aggregate(config.aggregate, prm))
-    state = _State(prm, config)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        state.upstream = Upstream(config)
-        state.images = ImageReader(config.image_root, config.max_image_pixels, config.max_body_bytes,
-                                   config.image_workers, config.image_timeout_s)
-        state.batcher = PRMBatcher(prm, config.engine, config.batch_window_ms / 1000.0, config.max_batch_candidates)
-        state.batcher.start()
-        try:
-            yield
-        finally:
-            await state.batcher.stop()
-            state.images.close()
-            await state.upstream.close()
-
-    app = FastAPI(title="mmprm reranking server", lifespan=lifespan)
+    app = FastAPI(title="mmprm reranking server", lifespan=_lifespan, exception_handlers={
+        APIError: _api_error, HTTPException: _http_error, RequestValidationError: _validation_error})
     app.add_middleware(Guard, keys=config.client_api_keys, max_body_bytes=config.max_body_bytes)
-    app.state.mmprm = state
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
-                            headers=headers)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException):  # unknown path, wrong method: OpenAI-style too
-        return JSONResponse(error_body(str(exc.detail), code=exc.status_code), status_code=exc.status_code,
-                            headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        parts = []
-        for err in exc.errors()[:5]:
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            parts.append(f"{loc or 'body'}: {err.get('msg')}")
-        return JSONResponse(error_body("invalid request: " + "; ".join(parts), code=400), status_code=400)
-
-    async def answer(request: Request, req, work):
-        result = await _unless_client_left(request, work)
-        if req.stream and isinstance(result, dict):
-            return stream_response(result, bool((req.stream_options or {}).get("include_usage")))
-        return result
-
-    @app.get("/health")
-    async def health():
-        b = state.batcher
-        return {"status": "ok", "in_flight": state.inflight, "max_queue": config.max_queue,
-                "rejected": state.rejected, "prm_format": prm.format.name, "policy_url": config.policy_url,
-                "scoring_batches": b.batches if b else 0, "scored_requests": b.batched_jobs if b else 0,
-                "scoring_s": round(b.busy_s, 3) if b else 0.0, "upstream_calls": state.upstream.calls}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": await state.served_name(), "object": "model",
-                                            "created": int(time.time()), "owned_by": "mmprm-reranker"}]}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        return await answer(request, req, _chat(state, req))
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        return await answer(request, req, _completions(state, req))
-
-    @app.post("/v1/prm/score")
-    async def prm_score(req: ScoreRequest, request: Request):
-        return await _unless_client_left(request, _score(state, req))
-
+    app.state.mmprm = State(prm, config)
+    app.include_router(router)
     return app
-
-
-def _choices(data, expected: int, field: str) -> list[dict]:
-    """The policy's choices in index order; 502 for an answer that is not what the OpenAI API specifies."""
-    raw = data.get("choices") if isinstance(data, dict) else None
-    if not isinstance(raw, list):
-        raise UpstreamError(502, f"the policy answered without a choices list: {str(data)[:300]}")
-    for c in raw:
-        inner = c.get(field) if isinstance(c, dict) else None
-        ok = (isinstance(c, dict) and isinstance(c.get("index", 0), int)
-              and (isinstance(inner, dict) and isinstance(inner.get("content"), (str, type(None)))
-                   if field == "message" else isinstance(inner, (str, type(None)))))
-        if not ok:
-            raise UpstreamError(502, f"the policy answered with a malformed choice (expected an object with an "
-                                     f"integer index and {'a message object' if field == 'message' else 'a text'}"
-                                     f"): {str(c)[:300]}")
-    if len(raw) != expected:
-        raise UpstreamError(502, f"the policy returned {len(raw)} choices, {expected} were asked for (does it "
-                                 "honour n?)")
-    return sorted(raw, key=lambda c: c.get("index", 0))
-
-
-def _response(upstream: dict, model: str, obj: str, choices: list[dict], summary) -> dict:
-    usage = upstream.get("usage")
-    return {
-        "id": f"{'chatcmpl' if obj == 'chat.completion' else 'cmpl'}-prm-{uuid.uuid4().hex[:24]}",
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage if isinstance(usage, dict) else None,
-        "prm": summary,
-    }
 
 
 # --------------------------------------------------------------------------

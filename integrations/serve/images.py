@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .server_errors import APIError
+from .errors import APIError
 
 __all__ = ["ClientImage", "ImageReader", "read_image"]
 

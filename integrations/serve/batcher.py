@@ -3,7 +3,8 @@
 Jobs wait in an asyncio queue; the scorer takes one, waits up to the batch
 window for more (never past ``max_batch_candidates`` candidates unless one
 job alone is larger: a job that does not fit opens the next batch), and
-scores them in a worker thread.  A shared call that fails is retried job by
+scores them in a worker thread (``PRM.score_readable``: a candidate the PRM
+cannot read is ranked last, not failed).  A shared call that fails is retried job by
 job, so one request's bad input fails only that request.  A job whose
 client went away (its future cancelled) is skipped; on shutdown every job
 not answered yet gets 503.
@@ -16,10 +17,10 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
-from mmprm_infer.prm import PRM, ScoringItem
+from mmprm_infer.prm import PRM, ScoringItem, batch_then_each
+from mmprm_infer.rerank import RerankResult, rank_scored
 
-from .scoring import Ranking, rank_scored, score_items
-from .server_errors import APIError
+from .errors import APIError
 
 __all__ = ["PRMBatcher"]
 
@@ -69,7 +70,7 @@ class PRMBatcher:
                 job.future.set_exception(APIError(503, "the server is shutting down; retry shortly",
                                                   type="server_error"))
 
-    async def rank(self, items: list[ScoringItem], aggregate: str, strategy: str) -> list[Ranking]:
+    async def rank(self, items: list[ScoringItem], aggregate: str, strategy: str) -> list[RerankResult]:
         job = _Job(items, aggregate, strategy, asyncio.get_running_loop().create_future())
         await self.queue.put(job)
         return await job.future
@@ -98,15 +99,8 @@ class PRMBatcher:
             if not jobs:
                 continue
             self._current = jobs
-            try:
-                results = await asyncio.to_thread(self._score_jobs, jobs)
-            except Exception:  # one job's input broke the shared call: score them one by one
-                results = []
-                for job in jobs:
-                    try:
-                        results.append((await asyncio.to_thread(self._score_jobs, [job]))[0])
-                    except Exception as exc:  # noqa: BLE001 - handed to that request
-                        results.append(exc)
+            # one job's input may break the shared call: then they are scored one by one, each failure to its job
+            results = await asyncio.to_thread(batch_then_each, self._score_jobs, jobs, lambda _, exc: exc)
             self._current = []
             for job, result in zip(jobs, results):
                 if job.future.done():
@@ -116,11 +110,11 @@ class PRMBatcher:
                 else:
                     job.future.set_result(result)
 
-    def _score_jobs(self, jobs: list[_Job]) -> list[list[Ranking]]:
+    def _score_jobs(self, jobs: list[_Job]) -> list[list[RerankResult]]:
         """All jobs' items in one engine call; rankings handed back per job, in its own item order."""
         items = [it for job in jobs for it in job.items]
         t0 = time.perf_counter()
-        rewards, errors = score_items(self.prm, items, self.engine)
+        rewards, errors = self.prm.score_readable(items, self.engine)
         self.busy_s += time.perf_counter() - t0
         self.batches += 1
         self.batched_jobs += len(jobs)
