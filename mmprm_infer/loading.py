@@ -181,7 +181,8 @@ def check_format_fits_checkpoint(name: str, kind: str, config: dict, path: str |
                                  tokenizer_problem: FormatError | None = None) -> None:
     """Raise CheckpointMismatchError when format ``name`` (model kind ``kind``) cannot run ``path`` as published."""
     archs = config.get("architectures") or []
-    detected = _detect_from_config({k: v for k, v in config.items() if k != FORMAT_KEY}, None) if archs else None
+    published = {k: v for k, v in config.items() if k != FORMAT_KEY}
+    detected = (_detect_from_config(published, None) or detect_vl_prm_format(published, None)) if archs else None
     also = f"; also: {tokenizer_problem}" if tokenizer_problem else ""
     hint = (f"its format is {detected!r} (detected from the checkpoint): drop the format argument or pass that one"
             if detected and detected != name else "pass the format this checkpoint was trained with")

@@ -302,7 +302,7 @@ def test_plain_qwen2_5_vl_needs_the_format_named(vl_dir, tmp_path):
 
 def test_other_formats_on_a_qwen_vl_checkpoint_are_refused(vl_dir, no_weights_built):
     for fmt in ("visualprm", "mm-prm", "qwen2.5-math-prm", "token-classification"):
-        with pytest.raises(CheckpointMismatchError, match="Qwen2_5_VLForConditionalGeneration"):
+        with pytest.raises(CheckpointMismatchError, match="Qwen2_5_VLForConditionalGeneration.*its format is 'vl-prm'"):
             PRM.from_pretrained(vl_dir, format=fmt)
 
 

@@ -166,7 +166,7 @@ class VLPRMFormat(PRMFormat):
     # --- images ------------------------------------------------------------
     def image_processor(self, adapter):
         """transformers' Qwen2-VL image processor (the PIL one: no torchvision), set up for this model."""
-        from transformers import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         vision = adapter.model.config.vision_config
         return Qwen2VLImageProcessorPil(
