@@ -284,14 +284,33 @@ def matmul_rate_onednn(cfg, rows: int, repeats: int = 5) -> dict:
     return _best_pass(one_pass, flops, rows, shapes, repeats)
 
 
+def matmul_rate_packed(cfg, rows: int, repeats: int = 5, dtype=torch.float32) -> dict:
+    """As ``matmul_rate``, through the fast engine's packed path (``linear_paths.packed_linear``:
+    oneDNN's linear on weights reordered once for ``rows``, dense input and output)."""
+    from mmprm_infer.engines import linear_paths
+
+    gen, shapes, x, flops = _gemm_inputs(cfg, rows, dtype)
+    packed = [linear_paths._pack(torch.randn(n, k, generator=gen, dtype=dtype), rows) for k, n in shapes]
+
+    def one_pass():
+        for (k, _), w in zip(shapes, packed):
+            linear_paths.packed_linear(x[k], w, None)
+
+    return _best_pass(one_pass, flops, rows, shapes, repeats)
+
+
 def best_matmul_rate(cfg, rows: int, repeats: int = 5, dtype=torch.float32) -> dict:
     """The fastest GEMM path this machine has for the model's linear shapes in ``dtype``: torch's
     default (``F.linear``; in bf16 it runs oneDNN's avx512_bf16 kernels where the CPU has them) and, in
     fp32, oneDNN with prepacked weights where torch was built with it.  Returns the best path's
     ``matmul_rate`` dict with ``paths`` (every path's result) and ``best_path``."""
+    from mmprm_infer.engines import linear_paths
+
     paths = {"torch F.linear": matmul_rate(cfg, rows, repeats, dtype=dtype)}
     if dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        paths["oneDNN prepacked"] = matmul_rate_onednn(cfg, rows, repeats)
+        paths["oneDNN prepacked (torch.utils.mkldnn)"] = matmul_rate_onednn(cfg, rows, repeats)
+    if linear_paths.onednn_available(dtype):
+        paths["oneDNN packed linear (fast engine)"] = matmul_rate_packed(cfg, rows, repeats, dtype=dtype)
     best = max(paths, key=lambda name: paths[name]["flop_per_s"])
     return {**paths[best], "best_path": best, "paths": paths}
 

@@ -38,7 +38,8 @@ W2_VLLM_REASON = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    p.add_argument("--workload", choices=("W1", "W2", "all"), default="W1")
+    p.add_argument("--workload", choices=("W1", "W2", "W3", "all"), default="W1",
+                   help="W1 text (Qwen2 d512 L8), W2 multimodal, W3 two layers at Qwen2.5-7B's dims")
     p.add_argument("--sweep", action="store_true", help="W1: N in {1,4,16,64} at P=1000, P in {100,1000,4000} at N=16")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per engine and point; the best is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (default 1)")
@@ -65,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.vllm_omp_bind = f"0-{args.threads - 1}"
     elif args.vllm_omp_bind == "auto":
         args.vllm_omp_bind = None
-    if args.dtype != "float32" and args.workload != "W1":
-        p.error("--dtype bfloat16 is for the text workload: use --workload W1")
+    if args.dtype != "float32" and args.workload not in ("W1", "W3"):
+        p.error("--dtype bfloat16 is for the text workloads: use --workload W1 or W3")
     if args.out is None:
         stem = args.workload + ("_sweep" if args.sweep else "") + ("_quick" if args.quick else "") + \
             ("" if args.dtype == "float32" else f"_{args.dtype}")
@@ -185,6 +186,10 @@ def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
             print(f"   {name}: ERROR {type(exc).__name__}: {exc}")
             continue
         engines[name] = _engine_record(timing, "this process (RSS increase during the call)")
+        engines[name]["threads"] = f"torch {torch.get_num_threads()} threads"
+        if name == "fast":
+            path = prm.engine("fast").linear_path(prm.adapter)
+            engines[name]["threads"] += f", linear path {path}"
         engines[name].update(_versus_fp32(point, timing.result))
         if name == "reference":
             ref_rewards = timing.result
@@ -227,6 +232,8 @@ def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point) -> None:
                                          "the call; the KV cache it reserves at start-up is not counted")
             ref = p.get("_rewards", {}).get("reference")
             rec["max_abs_diff_vs_reference"] = _max_diff(ref, timing.result) if ref is not None else None
+            rec["threads"] = (f"OMP bind {engine.settings['VLLM_CPU_OMP_THREADS_BIND']}, reserved CPUs "
+                              f"{engine.settings['VLLM_CPU_NUM_OF_RESERVED_CPU']}")
             rec.update(_versus_fp32(p, timing.result))
             p["engines"]["vllm"] = rec
     finally:
@@ -278,7 +285,8 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
         point["engines"] = run_in_process(args, prm, point, inputs)
         point["engines"]["floor"] = {"status": "ok", "seconds": point["flops"]["total"] / rate["flop_per_s"],
                                      "how": f"FLOPs of the unique tokens / the best measured {args.dtype} GEMM rate "
-                                            f"({rate['best_path']})"}
+                                            f"({rate['best_path']})",
+                                     "threads": f"{rate['best_path']}, {rate['threads']} threads"}
         point["engines"]["vllm"] = {"status": "skipped", "reason": vllm_reason}
 
     if base.multimodal:

@@ -86,6 +86,11 @@ class Workload:
 W1_MODEL = TextModelSpec()
 W1 = Workload("W1", W1_MODEL, n_candidates=16, prompt_tokens=1000, suffix_tokens=200, steps=8)
 W2 = Workload("W2", W1_MODEL, n_candidates=16, prompt_tokens=100, suffix_tokens=300, steps=8, vision=VisionSpec())
+# W3: the GEMM regime of real PRMs -- two decoder layers at Qwen2.5-7B's dimensions (issue #20); the
+# vocabulary only as big as the tokenizer and the inputs need.
+W3_MODEL = TextModelSpec(hidden=3584, layers=2, heads=28, kv_heads=4, intermediate=18944, vocab_size=4096,
+                         max_positions=4096)
+W3 = Workload("W3", W3_MODEL, n_candidates=16, prompt_tokens=1000, suffix_tokens=200, steps=8)
 SWEEP_N = (1, 4, 16, 64)
 SWEEP_P = (100, 1000, 4000)
 
@@ -95,13 +100,16 @@ QUICK_MODEL = TextModelSpec(hidden=64, layers=2, heads=2, kv_heads=1, intermedia
 QUICK_W1 = Workload("W1", QUICK_MODEL, n_candidates=4, prompt_tokens=64, suffix_tokens=48, steps=4)
 QUICK_W2 = Workload("W2", QUICK_MODEL, n_candidates=4, prompt_tokens=20, suffix_tokens=48, steps=4,
                     vision=VisionSpec(hidden=32, layers=1, heads=1, intermediate=64, image_size=224))
+QUICK_W3 = Workload("W3", QUICK_MODEL.__class__(hidden=128, layers=2, heads=4, kv_heads=1, intermediate=384,
+                                                 vocab_size=1024, max_positions=2048),
+                    n_candidates=4, prompt_tokens=64, suffix_tokens=48, steps=4)
 QUICK_SWEEP_N = (1, 2, 4)
 QUICK_SWEEP_P = (32, 64)
 
 
 def base_workloads(which: str, quick: bool) -> list[Workload]:
-    w1, w2 = (QUICK_W1, QUICK_W2) if quick else (W1, W2)
-    return {"W1": [w1], "W2": [w2], "all": [w1, w2]}[which]
+    w1, w2, w3 = (QUICK_W1, QUICK_W2, QUICK_W3) if quick else (W1, W2, W3)
+    return {"W1": [w1], "W2": [w2], "W3": [w3], "all": [w1, w2, w3]}[which]
 
 
 def sweep_points(base: Workload, quick: bool) -> list[tuple[str, Workload]]:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmprm_infer.engines import linear_paths
+
 REPO = Path(__file__).resolve().parent.parent
 ENGINES = ("reference", "fast", "vllm", "floor")
 
@@ -32,13 +34,14 @@ def quick_run(tmp_path_factory):
 
 def test_every_engine_column_is_reported(quick_run):
     results, stdout, _ = quick_run
-    assert [w["name"] for w in results["workloads"]] == ["W1", "W2"]
+    assert [w["name"] for w in results["workloads"]] == ["W1", "W2", "W3"]
     for w in results["workloads"]:
         rate = w["matmul_rate"]
         assert rate["flop_per_s"] > 0
         # the floor is at the fastest GEMM path measured, oneDNN included where torch has it
         assert rate["flop_per_s"] == max(r["flop_per_s"] for r in rate["paths"].values())
-        assert ("oneDNN prepacked" in rate["paths"]) == torch.backends.mkldnn.is_available()
+        assert ("oneDNN prepacked (torch.utils.mkldnn)" in rate["paths"]) == torch.backends.mkldnn.is_available()
+        assert ("oneDNN packed linear (fast engine)" in rate["paths"]) == linear_paths.onednn_available()
         for p in w["points"]:
             engines = p["engines"]
             assert set(ENGINES) <= set(engines), (p["title"], sorted(engines))
@@ -47,6 +50,7 @@ def test_every_engine_column_is_reported(quick_run):
                 assert engines[name]["seconds"] > 0
             for name in ("reference", "fast"):
                 assert len(engines[name]["times"]) == 1
+                assert engines[name]["threads"].startswith(f"torch {torch.get_num_threads()} threads")
                 assert engines[name]["peak_rss_mb"] >= 0
             # vLLM is skipped, and says so -- in the JSON and on stdout
             assert engines["vllm"]["status"] == "skipped"
@@ -71,8 +75,8 @@ def test_fast_agrees_with_reference(quick_run):
 
 def test_token_counts_hit_the_targets(quick_run):
     results, _, _ = quick_run
-    w1, w2 = results["workloads"]
-    for p in w1["points"]:
+    w1, w2, w3 = results["workloads"]
+    for p in w1["points"] + w3["points"]:
         t, spec = p["tokens"], p["workload"]
         assert len(t["suffix_lengths"]) == spec["n_candidates"]
         assert t["markers"] == [spec["steps"]] * spec["n_candidates"]
@@ -85,6 +89,7 @@ def test_token_counts_hit_the_targets(quick_run):
     assert p["tokens"]["question_tokens"] == p["workload"]["prompt_tokens"]
     assert p["flops"]["vision"] > 0
     assert {q["axis"] for q in w1["points"]} == {"base", "N", "P"}
+    assert {q["axis"] for q in w3["points"]} == {"base", "N", "P"}  # --sweep covers every text workload
 
 
 def test_plot_written(quick_run):
