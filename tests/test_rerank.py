@@ -84,3 +84,37 @@ def test_single_candidate(prm):
     res = rerank(Q, ["\\boxed{30}"], prm=prm)
     assert res.best_index == 0 and len(res.step_rewards[0]) == 1
     assert res.to_dict()["best"] == "\\boxed{30}"
+
+
+def test_unreadable_candidates_are_ranked_last_with_their_reason(prm):
+    """rerank_batch(unreadable="last"), the path of the server, the vLLM wrapper and the search (#18): a candidate
+    the PRM cannot read is ranked last with the score -inf; the others are ranked as rerank ranks them alone."""
+    from mmprm_infer import ScoringItem, rerank_batch
+
+    cands = [CANDS[0], "   ", CANDS[1], []]  # a blank solution, and one with no steps at all
+    (res,) = rerank_batch([ScoringItem(Q, cands)], prm, "min", unreadable="last")
+    alone = rerank(Q, [CANDS[0], CANDS[1]], prm=prm, aggregate="min")
+    assert res.ranking == [[0, 2][i] for i in alone.ranking] + [1, 3] and res.best_index == res.ranking[0]
+    assert res.scores[1] == res.scores[3] == float("-inf") and res.step_rewards[1] == res.step_rewards[3] == []
+    assert res.scores[0] == pytest.approx(alone.scores[0]) and res.scores[2] == pytest.approx(alone.scores[1])
+    assert sorted(res.errors) == [1, 3] and all("candidate" in m for m in res.errors.values())
+    assert "errors" in res.to_dict() and "errors" not in alone.to_dict()  # mmprm rerank's records are as before
+    with pytest.raises(Exception, match="candidate 1"):
+        rerank_batch([ScoringItem(Q, cands)], prm, "min")  # the default still fails the batch
+
+
+def test_batch_then_each_fails_only_the_bad_item():
+    from mmprm_infer.prm import batch_then_each
+
+    calls = []
+
+    def run(items):
+        calls.append(list(items))
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [x.upper() for x in items]
+
+    assert batch_then_each(run, ["a", "bad", "c"], lambda item, exc: f"{item}: {exc}") == ["A", "bad: bad item", "C"]
+    assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+    calls.clear()
+    assert batch_then_each(run, ["bad"], lambda item, exc: None) == [None] and calls == [["bad"]]  # tried once
