@@ -394,3 +394,23 @@ def test_more_images_than_context(prm):
             prm.score(QUESTION, [STEPS_A], image=_noise_image(140, 140))
     finally:
         config.max_position_embeddings = saved
+
+
+def test_training_forward_reads_the_scoring_rewards(prm):
+    """mmprm train's marker readout on a Qwen2.5-VL PRM gives the scorer's rewards: M-RoPE positions
+    with an image (padded batches), 1-D ones for text; packing with an image is refused, not run wrong."""
+    from mmprm_infer.train import trainer
+    from mmprm_infer.train.collate import TrainExample
+
+    image = _noise_image(200, 70, seed=2)
+    examples = [TrainExample(QUESTION, STEPS_A, [1.0] * len(STEPS_A), image),
+                TrainExample(QUESTION, STEPS_A[:2], [1.0, 0.0])]
+    with torch.no_grad():
+        diff, cu, _, _ = trainer._marker_logit_diff(prm, examples, [0, 1], packing=False, bf16=False)
+    want = [prm.score(QUESTION, [STEPS_A], image=image, engine="reference")[0],
+            prm.score(QUESTION, [STEPS_A[:2]], engine="reference")[0]]
+    got = torch.sigmoid(diff).tolist()
+    assert [b - a for a, b in zip(cu, cu[1:])] == [len(w) for w in want]
+    assert got == pytest.approx([x for w in want for x in w], abs=1e-5)
+    with pytest.raises(ValueError, match="needs padded batches"):
+        trainer._marker_logit_diff(prm, examples, [0, 1], packing=True, bf16=False)

@@ -208,12 +208,28 @@ def _marker_logit_diff(prm: PRM, examples: Sequence[TrainExample], indices: Sequ
             pad_id = prm.tokenizer.pad_token_id
             pad_id = pad_id if pad_id is not None else (prm.tokenizer.eos_token_id or 0)
             inputs = {"input_ids": place_tokens(layout, [c.input_ids for c in cands], pad_id, device)}
-        out = adapter.decoder(**inputs, attention_mask=layout.attention_mask, position_ids=layout.position_ids,
-                              use_cache=False)
+        out = adapter.decoder(**inputs, attention_mask=layout.attention_mask,
+                              position_ids=_position_ids(adapter, layout, encoded, packing), use_cache=False)
     hidden = out.last_hidden_state
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.marker_index)
     # Outside autocast: the readout is the scoring formula, in fp32.
     return adapter.reward_logit_diff(rows, prm.columns), layout.cu_markers, rows, sum(layout.lengths)
+
+
+def _position_ids(adapter, layout, encoded, packing: bool) -> torch.Tensor:
+    """The layout's 1-D positions, or an M-RoPE model's (t, h, w) ids [3, rows, width] when a sample
+    has an image (Qwen2.5-VL: image tokens take 2-D positions and the text after them is shifted)."""
+    rope = [adapter.position_ids(c.input_ids, f) if f is not None else None for c, f in encoded]
+    if all(r is None for r in rope):
+        return layout.position_ids
+    if packing:
+        raise ValueError("training an M-RoPE model (Qwen2.5-VL) on samples with images needs padded batches: "
+                         "set TrainConfig(packing=False)")
+    ids = layout.position_ids[None].expand(3, -1, -1).clone()
+    for (row, col), n, r in zip(layout.starts, layout.lengths, rope):
+        if r is not None:
+            ids[:, row, col:col + n] = r.to(ids.device)
+    return ids
 
 
 def _targets(examples: Sequence[TrainExample], indices: Sequence[int], label_mode: str, threshold: float,

@@ -75,20 +75,20 @@ class PackedLayout:
 
 
 def _group_kv(layer: int, g: Group, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None):
-    """(suffix k, suffix v, prefix k, prefix v) of group ``g``, [tokens, Hkv, D] views."""
+    """(suffix k, suffix v, prefix K/V buffers) of group ``g``, [tokens, Hkv, D]; the prefix's
+    ``layer`` is asked once per layer (the tree cache's paths require exactly that order)."""
     k_buf, v_buf = g.prefix.layer(layer, k)
     if sliding_window is not None and g.prefix_len + max(b - a for a, b in zip(g.cu_seqlens, g.cu_seqlens[1:])) > sliding_window:
         raise NotImplementedError(
             f"layer {layer} uses sliding-window attention (window {sliding_window}) shorter than the input; "
             "the fast engine does not support it: use engine='reference'"
         )
-    return k[g.start:g.end], v[g.start:g.end], k_buf[:g.prefix_len], v_buf[:g.prefix_len]
+    return k[g.start:g.end], v[g.start:g.end], k_buf, v_buf
 
 
-def _store_prefix(layer: int, g: Group, ks: torch.Tensor, vs: torch.Tensor) -> None:
+def _store_prefix(g: Group, k_buf, v_buf, ks: torch.Tensor, vs: torch.Tensor) -> None:
     """Prefix pass: this chunk's K/V become prefix[prefix_len:] for the later chunks and the suffixes."""
     if g.append:
-        k_buf, v_buf = g.prefix.layer(layer, ks)
         n = g.end - g.start
         k_buf[g.prefix_len:g.prefix_len + n] = ks
         v_buf[g.prefix_len:g.prefix_len + n] = vs
@@ -99,9 +99,10 @@ def attend_packed(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Every packed row's attention: q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
     outs = []
     for g in layout.groups:
-        ks, vs, kp, vp = _group_kv(layer, g, k, v, sliding_window)
+        ks, vs, k_buf, v_buf = _group_kv(layer, g, k, v, sliding_window)
+        kp, vp = k_buf[:g.prefix_len], v_buf[:g.prefix_len]
         outs.append(shared_prefix_attention(q[g.start:g.end], ks, vs, kp, vp, g.cu_seqlens, scale))
-        _store_prefix(layer, g, ks, vs)
+        _store_prefix(g, k_buf, v_buf, ks, vs)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -113,7 +114,8 @@ def attend_rows(layer: int, q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tens
     outs = []
     taken = 0
     for g in layout.groups:
-        ks, vs, kp, vp = _group_kv(layer, g, k, v, sliding_window)
+        ks, vs, k_buf, v_buf = _group_kv(layer, g, k, v, sliding_window)
+        kp, vp = k_buf[:g.prefix_len], v_buf[:g.prefix_len]
         local = []
         while taken + len(local) < len(rows) and g.start <= rows[taken + len(local)] < g.end:
             local.append(rows[taken + len(local)] - g.start)
@@ -121,7 +123,7 @@ def attend_rows(layer: int, q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tens
             q_g = q_rows[taken:taken + len(local)]
             outs.append(shared_prefix_attention_rows(q_g, local, ks, vs, kp, vp, g.cu_seqlens, scale))
             taken += len(local)
-        _store_prefix(layer, g, ks, vs)
+        _store_prefix(g, k_buf, v_buf, ks, vs)
     if taken != len(rows):
         raise RuntimeError(f"layout.rows must be ascending packed rows inside the groups; {len(rows) - taken} were not")
     if not outs:

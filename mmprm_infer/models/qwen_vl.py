@@ -22,6 +22,8 @@ differ from InternVL:
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -42,6 +44,13 @@ class GridImageFeatures:
     @property
     def shape(self) -> torch.Size:
         return self.features.shape
+
+    # the tensor methods training calls on image features (train/trainer.py)
+    def is_inference(self) -> bool:
+        return self.features.is_inference()
+
+    def clone(self) -> "GridImageFeatures":
+        return dataclasses.replace(self, features=self.features.clone())
 
 
 class Qwen2_5_VLAdapter(ModelAdapter):
