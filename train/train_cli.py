@@ -102,9 +102,11 @@ def load_training_data(paths: Sequence[str], data_format: str | None = None) -> 
     return samples
 
 
-def load_base(base: str, format: str | None, dtype: str, device: str):
-    """The base as a PRM of ``format``; a step tag its tokenizer lacks is added (embeddings resized).
-    Returns (prm, added tokens)."""
+def load_base(base: str, format: str | None, dtype: str, device: str, seed: int = 0):
+    """The base as a PRM of ``format``; a step tag its tokenizer lacks is added (embeddings resized,
+    the new rows drawn from ``seed``, so a run and its resume start alike).  Returns (prm, added tokens)."""
+    import torch
+
     from mmprm_infer.formats import get_format
     from mmprm_infer.loading import load_checkpoint
     from mmprm_infer.prm import PRM
@@ -116,7 +118,9 @@ def load_base(base: str, format: str | None, dtype: str, device: str):
     added = []
     if tag and tag not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [tag]})
-        model.resize_token_embeddings(len(tokenizer))
+        with torch.random.fork_rng(devices=[]):  # transformers draws the new rows from the global RNG
+            torch.manual_seed(seed)
+            model.resize_token_embeddings(len(tokenizer))
         added.append(tag)
     return PRM(model, tokenizer, name, **options), added
 
@@ -184,7 +188,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             eval_every=args.eval_every, save_steps=args.save_steps, keep_step_checkpoints=False,
             progress=not args.quiet)
         point = find_resume_point(args.out) if args.resume else None
-        prm, added = load_base(str(point or args.base), args.format, args.dtype, args.device)
+        prm, added = load_base(str(point or args.base), args.format, args.dtype, args.device, args.seed)
         resume = load_resume_point(point) if point else None
         added = _record_added_tokens(Path(args.out), added, resumed=point is not None)
     except (ValueError, OSError) as exc:

@@ -89,10 +89,11 @@ def choose_path(decoder: nn.Module, rows: int, requested: str = "auto", reps: in
     if key not in _choices:
         rows_timed = min(rows, 512)  # enough rows for the GEMM regime, short enough to time at load
         totals = {"torch": 0.0, "onednn": 0.0}
+        gen = torch.Generator().manual_seed(0)  # never the global RNG: callers' draws must not move
         with torch.inference_mode():
             for (out_f, in_f), n in counts.items():
-                x = torch.randn(rows_timed, in_f, dtype=dtype)
-                w = torch.randn(out_f, in_f, dtype=dtype)
+                x = torch.randn(rows_timed, in_f, dtype=dtype, generator=gen)
+                w = torch.randn(out_f, in_f, dtype=dtype, generator=gen)
                 packed = _pack(w, rows)
                 totals["torch"] += n * _best_time(lambda: F.linear(x, w), reps)
                 totals["onednn"] += n * _best_time(lambda: packed_linear(x, packed, None), reps)
