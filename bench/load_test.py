@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--batch-window-ms", type=float, default=10.0)
     ap.add_argument("--prm-threads", type=int, default=1, help="torch threads of the reranker (vLLM keeps a core)")
-    ap.add_argument("--reranker-url", default=None, help="use a running reranking server (then pass --prm, --policy-dir)")
+    ap.add_argument("--reranker-url", default=None,
+                    help="use a running reranking server (then pass --prm, --policy-dir)")
     ap.add_argument("--prm", default=None, help="the PRM the running server uses (to check the rewards)")
     ap.add_argument("--policy-dir", default=None, help="the policy's folder (its tokenizer checks prompt lengths)")
     ap.add_argument("--workdir", default=None, help="where to build the tiny models (default: a temp folder)")

@@ -21,7 +21,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def vllm_server_command(model: str | Path, port: int, name: str = "tiny-policy", max_model_len: int = 1024) -> list[str]:
+def vllm_server_command(
+    model: str | Path, port: int, name: str = "tiny-policy", max_model_len: int = 1024
+) -> list[str]:
     """vLLM's OpenAI server for a tiny CPU policy (fp32, eager, a small KV reservation)."""
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",

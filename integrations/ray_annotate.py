@@ -53,7 +53,8 @@ class AnnotationWorker:
         return out
 
 
-def ray_annotate(problems: Iterable[Any], policy_factory: Callable[[], Policy], out_dir, config: MCTSConfig | None = None,
+def ray_annotate(problems: Iterable[Any], policy_factory: Callable[[], Policy], out_dir,
+                 config: MCTSConfig | None = None,
                  *, verifier=None, text_only: bool = False, progress: bool = True, address: str | None = "auto",
                  workers: int | None = None, worker_cpus: float = 1, worker_gpus: float = 0) -> AnnotationStats:
     """``train.mcts.annotate`` on a Ray cluster: same trees, same files, same resumption.

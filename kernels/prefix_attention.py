@@ -80,7 +80,9 @@ def _cu_list(cu_seqlens, total: int) -> list[int]:
     """cu_seqlens as host ints, checked: 1-D, starts at 0, non-decreasing, ends at T."""
     if isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
-            raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N+1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+            raise ValueError(
+                f"cu_seqlens must be a 1-D integer tensor [N+1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
         cu = cu_seqlens.tolist()
     else:
         cu = [int(c) for c in cu_seqlens]
@@ -429,7 +431,8 @@ def _suffix_fwd_kernel(
         q = q.to(tl.float32)
 
     if HAS_INIT:
-        m_i = tl.load(Lse0 + t * s_l0t + h * s_l0h, mask=row_ok, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        m_i = (tl.load(Lse0 + t * s_l0t + h * s_l0h, mask=row_ok, other=float("-inf")).to(tl.float32)
+               * 1.4426950408889634)
         l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
         acc = tl.load(Out0 + t[:, None] * s_o0t + h[:, None] * s_o0h + d[None, :] * s_o0d,
                       mask=io_mask, other=0.0).to(tl.float32)
@@ -651,7 +654,9 @@ def suffix_partial(q, k_suffix, v_suffix, cu_seqlens, scale: float, backend: str
     """Block-diagonal causal attention within each packed segment: (out [T, H, D] fp32, lse [T, H] fp32)."""
     _check_qkv(q, k_suffix, v_suffix, "k_suffix", "v_suffix")
     if k_suffix.shape[0] != q.shape[0]:
-        raise ValueError(f"k_suffix has {k_suffix.shape[0]} tokens but q has {q.shape[0]}; both hold the packed suffixes")
+        raise ValueError(
+            f"k_suffix has {k_suffix.shape[0]} tokens but q has {q.shape[0]}; both hold the packed suffixes"
+        )
     cu = _cu_list(cu_seqlens, q.shape[0])
     backend = _resolve(backend, q.device, q)
     scale = float(scale)
@@ -695,9 +700,13 @@ def shared_prefix_attention(q, k_suffix, v_suffix, k_prefix, v_prefix, cu_seqlen
     _check_qkv(q, k_suffix, v_suffix, "k_suffix", "v_suffix")
     _check_qkv(q, k_prefix, v_prefix, "k_prefix", "v_prefix")
     if k_suffix.shape[0] != q.shape[0]:
-        raise ValueError(f"k_suffix has {k_suffix.shape[0]} tokens but q has {q.shape[0]}; both hold the packed suffixes")
+        raise ValueError(
+            f"k_suffix has {k_suffix.shape[0]} tokens but q has {q.shape[0]}; both hold the packed suffixes"
+        )
     if k_prefix.shape[1] != k_suffix.shape[1]:
-        raise ValueError(f"k_prefix has {k_prefix.shape[1]} kv heads but k_suffix has {k_suffix.shape[1]}; they must match")
+        raise ValueError(
+            f"k_prefix has {k_prefix.shape[1]} kv heads but k_suffix has {k_suffix.shape[1]}; they must match"
+        )
     cu = _cu_list(cu_seqlens, q.shape[0])
     backend = _resolve(backend, q.device, q)
     scale = float(scale)
@@ -785,7 +794,9 @@ def suffix_rows_partial(q_rows, rows, k_suffix, v_suffix, cu_seqlens, scale: flo
     _check_qkv(q_rows, k_suffix, v_suffix, "k_suffix", "v_suffix")
     rows = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
     if len(rows) != q_rows.shape[0]:
-        raise ValueError(f"rows has {len(rows)} entries but q_rows has {q_rows.shape[0]} queries; give one row per query")
+        raise ValueError(
+            f"rows has {len(rows)} entries but q_rows has {q_rows.shape[0]} queries; give one row per query"
+        )
     cu = _cu_list(cu_seqlens, k_suffix.shape[0])
     _check_backend(backend)
     m, h, d = q_rows.shape
@@ -804,8 +815,11 @@ def shared_prefix_attention_rows(q_rows, rows, k_suffix, v_suffix, k_prefix, v_p
     float64 oracle; the suffix part is the batched-matmul path on every other backend)."""
     _check_qkv(q_rows, k_prefix, v_prefix, "k_prefix", "v_prefix")
     if k_prefix.shape[1] != k_suffix.shape[1]:
-        raise ValueError(f"k_prefix has {k_prefix.shape[1]} kv heads but k_suffix has {k_suffix.shape[1]}; they must match")
+        raise ValueError(
+            f"k_prefix has {k_prefix.shape[1]} kv heads but k_suffix has {k_suffix.shape[1]}; they must match"
+        )
     ref = backend == "reference"
     pre = prefix_partial(q_rows, k_prefix, v_prefix, scale, backend="reference" if ref else backend)
-    suf = suffix_rows_partial(q_rows, rows, k_suffix, v_suffix, cu_seqlens, scale, backend="reference" if ref else "torch")
+    suf = suffix_rows_partial(q_rows, rows, k_suffix, v_suffix, cu_seqlens, scale,
+                              backend="reference" if ref else "torch")
     return merge_partials(*pre, *suf, backend="reference" if ref else "auto").to(q_rows.dtype)

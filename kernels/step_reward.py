@@ -68,7 +68,9 @@ def _cu_list(cu_markers) -> list[int]:
     """cu_markers (tensor or sequence) as host ints."""
     if isinstance(cu_markers, torch.Tensor):
         if cu_markers.dim() != 1 or cu_markers.is_floating_point():
-            raise ValueError(f"cu_markers must be a 1-D integer tensor [N+1], got {cu_markers.dtype} {tuple(cu_markers.shape)}")
+            raise ValueError(
+                f"cu_markers must be a 1-D integer tensor [N+1], got {cu_markers.dtype} {tuple(cu_markers.shape)}"
+            )
         return cu_markers.tolist()
     return [int(c) for c in cu_markers]
 

@@ -79,7 +79,8 @@ def run_jsonl(args) -> int:
             done = process_window(window, prm, options, in_path.parent)
             writer.write(done.results)
             candidates += done.candidates
-            bar.set_postfix(questions=writer.written, candidates_per_s=f"{candidates / (time.perf_counter() - start):.1f}",
+            bar.set_postfix(questions=writer.written,
+                            candidates_per_s=f"{candidates / (time.perf_counter() - start):.1f}",
                             refresh=False)
             bar.update(1)
     return finished(writer.errors, writer.written, args.output)
@@ -90,8 +91,10 @@ def add_ray_arguments(p: argparse.ArgumentParser, what: str) -> None:
     g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster: ADDRESS (ray://host:10001 or host:6379), or none to join "
                         "$RAY_ADDRESS / a running local cluster, else start one on this machine")
-    g.add_argument("--ray-actors", type=positive_int, default=None, help=f"number of actors ({what}; default: fill the cluster)")
-    g.add_argument("--ray-actor-cpus", type=positive_int, default=1, help="CPUs (torch threads) per CPU actor (default 1)")
+    g.add_argument("--ray-actors", type=positive_int, default=None,
+                   help=f"number of actors ({what}; default: fill the cluster)")
+    g.add_argument("--ray-actor-cpus", type=positive_int, default=1,
+                   help="CPUs (torch threads) per CPU actor (default 1)")
     g.add_argument("--ray-actor-gpus", type=float, default=1.0, help="GPUs per actor on a GPU cluster (default 1)")
 
 

@@ -151,11 +151,15 @@ class PRM:
             self._engines[key] = get_engine(key, max_batch_tokens=self.max_batch_tokens)
         return self._engines[key]
 
-    def score(self, question: str, candidates: Sequence[Candidate], image=None, engine: str | None = None) -> list[list[float]]:
+    def score(
+        self, question: str, candidates: Sequence[Candidate], image=None, engine: str | None = None
+    ) -> list[list[float]]:
         """Step rewards in [0, 1]: one list per candidate, one reward per step, input order."""
         return self.score_batch([ScoringItem(question, candidates, image)], engine=engine)[0]
 
-    def score_batch(self, items: Sequence[ScoringItem | tuple | dict], engine: str | Engine | None = None) -> list[list[list[float]]]:
+    def score_batch(
+        self, items: Sequence[ScoringItem | tuple | dict], engine: str | Engine | None = None
+    ) -> list[list[list[float]]]:
         """Score many questions in one call; each question's prefix is shared by its candidates."""
         questions = [self.encode(it.question, it.candidates, it.image) for it in map(_as_item, items)]
         return self.engine(engine).score(self.adapter, self.columns, questions)

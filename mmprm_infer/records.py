@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .files import existing_files
 from .prm import ScoringItem
 
-__all__ = ["RecordError", "BLANK_LINE", "decode_line", "Window", "WindowResult", "PRMSpec", "ScoringOptions", "parse_record", "input_kind", "plan_windows",
+__all__ = ["RecordError", "BLANK_LINE", "decode_line", "Window", "WindowResult", "PRMSpec", "ScoringOptions",
+           "parse_record", "input_kind", "plan_windows",
            "read_windows", "iter_windows", "process_window", "ResultWriter",
            "EXIT_RECORDS_FAILED", "finished"]
 

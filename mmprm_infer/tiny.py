@@ -50,11 +50,13 @@ LLAMA31_CHAT_TEMPLATE = (
     "{{- system_message }}"
     "{{- '<|eot_id|>' }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
-LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>")
 # Llama 3's pre-tokenizer split (tokenizer.json), so newlines and digits split as in the real tokenizer.
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -118,7 +120,8 @@ def build_tokenizer(
     tok.add_tokens([t for t in extra_tokens if tok.token_to_id(t) is None])
     if bos_token:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos_token} $A", pair=f"{bos_token} $A $B", special_tokens=[(bos_token, tok.token_to_id(bos_token))]
+            single=f"{bos_token} $A", pair=f"{bos_token} $A $B",
+            special_tokens=[(bos_token, tok.token_to_id(bos_token))]
         )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -66,7 +66,8 @@ def qwen_prm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def custom_dir(tmp_path_factory):
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("custom"), arch="qwen2", extra_tokens=("<step>", "+", "-"), seed=3)
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("custom"), arch="qwen2", extra_tokens=("<step>", "+", "-"),
+                                seed=3)
 
 
 @pytest.fixture(scope="session")

@@ -225,22 +225,27 @@ def _intern_vit(W: _Weights, pixel_values: torch.Tensor) -> torch.Tensor:
     pos = W[p + "embeddings.position_embedding"]
     side = vc["image_size"] // vc["patch_size"]
     grid = pos[:, 1:].reshape(1, side, side, C).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False).reshape(1, C, gh * gw).permute(0, 2, 1)
+    grid = (F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+            .reshape(1, C, gh * gw).permute(0, 2, 1))
     x = x + torch.cat([pos[:, :1], grid], dim=1)
     hd = C // heads
     for i in range(vc["num_hidden_layers"]):
         q_ = f"{p}encoder.layers.{i}."
         h = _layer_norm(x, W[q_ + "norm1.weight"], W[q_ + "norm1.bias"], eps)
-        qkv = (h @ W[q_ + "attn.qkv.weight"].T + W[q_ + "attn.qkv.bias"]).reshape(n, -1, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        qkv = ((h @ W[q_ + "attn.qkv.weight"].T + W[q_ + "attn.qkv.bias"])
+               .reshape(n, -1, 3, heads, hd).permute(2, 0, 3, 1, 4))
         q, k, v = qkv[0], qkv[1], qkv[2]
         if vc.get("qk_normalization"):
-            q = _rms_norm(q.transpose(1, 2).flatten(-2), W[q_ + "attn.q_norm.weight"], eps).view(n, -1, heads, hd).transpose(1, 2)
-            k = _rms_norm(k.transpose(1, 2).flatten(-2), W[q_ + "attn.k_norm.weight"], eps).view(n, -1, heads, hd).transpose(1, 2)
+            q = (_rms_norm(q.transpose(1, 2).flatten(-2), W[q_ + "attn.q_norm.weight"], eps)
+                 .view(n, -1, heads, hd).transpose(1, 2))
+            k = (_rms_norm(k.transpose(1, 2).flatten(-2), W[q_ + "attn.k_norm.weight"], eps)
+                 .view(n, -1, heads, hd).transpose(1, 2))
         attn = ((q * hd ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
         out = (attn @ v).transpose(1, 2).reshape(n, -1, C)
         x = x + (out @ W[q_ + "attn.proj.weight"].T + W[q_ + "attn.proj.bias"]) * W[q_ + "ls1"]
         h = _layer_norm(x, W[q_ + "norm2.weight"], W[q_ + "norm2.bias"], eps)
-        h = _gelu(h @ W[q_ + "mlp.fc1.weight"].T + W[q_ + "mlp.fc1.bias"]) @ W[q_ + "mlp.fc2.weight"].T + W[q_ + "mlp.fc2.bias"]
+        h = (_gelu(h @ W[q_ + "mlp.fc1.weight"].T + W[q_ + "mlp.fc1.bias"]) @ W[q_ + "mlp.fc2.weight"].T
+             + W[q_ + "mlp.fc2.bias"])
         x = x + h * W[q_ + "ls2"]
     return x
 
@@ -299,17 +304,21 @@ def _decoder(W: _Weights, embeds: torch.Tensor) -> torch.Tensor:
         h = h + out @ W[p + ("attention.wo.weight" if internlm2 else "self_attn.o_proj.weight")].T
         if internlm2:
             x = _rms_norm(h, W[p + "ffn_norm.weight"], eps)
-            mlp = (F.silu(x @ W[p + "feed_forward.w1.weight"].T) * (x @ W[p + "feed_forward.w3.weight"].T)) @ W[p + "feed_forward.w2.weight"].T
+            mlp = ((F.silu(x @ W[p + "feed_forward.w1.weight"].T) * (x @ W[p + "feed_forward.w3.weight"].T))
+                   @ W[p + "feed_forward.w2.weight"].T)
         else:
             x = _rms_norm(h, W[p + "post_attention_layernorm.weight"], eps)
-            mlp = (F.silu(x @ W[p + "mlp.gate_proj.weight"].T) * (x @ W[p + "mlp.up_proj.weight"].T)) @ W[p + "mlp.down_proj.weight"].T
+            mlp = ((F.silu(x @ W[p + "mlp.gate_proj.weight"].T) * (x @ W[p + "mlp.up_proj.weight"].T))
+                   @ W[p + "mlp.down_proj.weight"].T)
         h = h + mlp
     h = _rms_norm(h, W["language_model.model.norm.weight"], eps)
     return h @ W["language_model.output.weight" if internlm2 else "language_model.lm_head.weight"].T
 
 
 @torch.no_grad()
-def published_logits(path: Path, input_ids: list[int], pixel_values: torch.Tensor | None, img_context_id: int) -> torch.Tensor:
+def published_logits(
+    path: Path, input_ids: list[int], pixel_values: torch.Tensor | None, img_context_id: int
+) -> torch.Tensor:
     """InternVLChatModel.forward(pixel_values, input_ids).logits[0] from the raw published tensors."""
     W = _Weights(Path(path))
     internlm2 = W.config["llm_config"]["architectures"][0] == "InternLM2ForCausalLM"

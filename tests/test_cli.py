@@ -33,7 +33,8 @@ def records():
 def test_score_writes_one_record_per_line_in_order(qwen_prm_dir, tmp_path, records):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write(src, [json.dumps(r) for r in records])
-    assert main(["score", "--prm", str(qwen_prm_dir), "-i", str(src), "-o", str(dst), "--quiet", "--batch-questions", "2"]) == 0
+    assert main(["score", "--prm", str(qwen_prm_dir), "-i", str(src), "-o", str(dst), "--quiet",
+                 "--batch-questions", "2"]) == 0
     out = _read(dst)
     assert [o["id"] for o in out] == ["a", "b", "c"]
     prm = PRM.from_pretrained(qwen_prm_dir)
@@ -71,8 +72,8 @@ def test_on_error_skip_keeps_count_and_order(qwen_prm_dir, tmp_path, records):
              json.dumps({"question": "y"}), json.dumps({"question": "z", "candidates": ["a"], "image": "missing.png"}),
              json.dumps(records[1])]
     _write(src, lines)
-    assert main(["score", "--prm", str(qwen_prm_dir), "-i", str(src), "-o", str(dst), "--quiet", "--on-error", "skip"]) \
-        == EXIT_RECORDS_FAILED  # finished, with error records
+    assert main(["score", "--prm", str(qwen_prm_dir), "-i", str(src), "-o", str(dst), "--quiet",
+                 "--on-error", "skip"]) == EXIT_RECORDS_FAILED  # finished, with error records
     out = _read(dst)
     assert [o["line"] for o in out] == [1, 2, 3, 4, 5, 6]
     assert "step_rewards" in out[0] and "step_rewards" in out[5]

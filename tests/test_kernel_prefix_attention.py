@@ -16,7 +16,8 @@ from mmprm_infer.kernels import prefix_attention as pa  # noqa: E402
 TRITON_DEVICE = "cuda" if ON_CUDA else "cpu"
 TRITON_READY = pa.triton is not None and (ON_CUDA or pa.triton_runtime.interpreter_active())
 if not TRITON_READY:  # a hard failure, not a skip: the Triton checks must run
-    raise RuntimeError("Triton cannot run here: install triton, and on CPU set TRITON_INTERPRET=1 before triton is imported (tests/conftest.py does)")
+    raise RuntimeError("Triton cannot run here: install triton, and on CPU set TRITON_INTERPRET=1 before triton is "
+                       "imported (tests/conftest.py does)")
 
 # (segment lengths, P, H, Hkv, D)
 CASES = {
@@ -297,7 +298,8 @@ def test_auto_on_cpu_is_torch():
     "mutate, message",
     [
         (lambda a: {**a, "q": a["q"][:, :, :-1]}, "head dim"),
-        (lambda a: {**a, "k_suffix": a["k_suffix"][:, :1].repeat(1, 3, 1), "v_suffix": a["v_suffix"][:, :1].repeat(1, 3, 1)}, "multiple of kv heads"),
+        (lambda a: {**a, "k_suffix": a["k_suffix"][:, :1].repeat(1, 3, 1),
+                    "v_suffix": a["v_suffix"][:, :1].repeat(1, 3, 1)}, "multiple of kv heads"),
         (lambda a: {**a, "v_suffix": a["v_suffix"][:-1]}, "equal shapes"),
         (lambda a: {**a, "k_suffix": a["k_suffix"][:-1], "v_suffix": a["v_suffix"][:-1]}, "k_suffix has"),
         (lambda a: {**a, "cu_seqlens": a["cu_seqlens"] + 1}, "start at 0"),

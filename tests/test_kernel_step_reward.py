@@ -17,7 +17,8 @@ from mmprm_infer.kernels import triton_runtime  # noqa: E402
 TRITON_DEVICE = "cuda" if ON_CUDA else "cpu"
 TRITON_READY = sr.triton is not None and (ON_CUDA or triton_runtime.interpreter_active())
 if not TRITON_READY:  # a hard failure, not a skip: the Triton checks must run
-    raise RuntimeError("Triton cannot run here: install triton, and on CPU set TRITON_INTERPRET=1 before triton is imported (tests/conftest.py does)")
+    raise RuntimeError("Triton cannot run here: install triton, and on CPU set TRITON_INTERPRET=1 before triton is "
+                       "imported (tests/conftest.py does)")
 BACKENDS = ["torch", "triton"]
 AGGS = sorted(sr.AGGREGATIONS)
 
@@ -50,7 +51,8 @@ def _device(backend):
 @pytest.fixture
 def poison(monkeypatch):
     """Outputs start as NaN so any entry a kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(sr, "_empty", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device))
+    monkeypatch.setattr(sr, "_empty",
+                        lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device))
 
 
 def _close(actual, expected, rtol=1e-5, atol=1e-6):

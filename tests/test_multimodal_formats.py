@@ -124,7 +124,8 @@ def _mm_prm_release(model, tokenizer, question, steps_list, pixel_values, num_pa
             prompt = ("<image>\n" if len(num_patches_list) == 1 else
                       "".join(f"Image-{i}: <image>\n" for i in range(1, len(num_patches_list) + 1))) + prompt
         user = "<|im_start|>user\n<|im_end|>\n" if close_user else "<|im_start|>user\n"  # '' is falsy in get_prompt
-        query = f"<|im_start|>system\n{INTERNVL25_SYSTEM_MESSAGE}<|im_end|>\n{user}<|im_start|>assistant\n{prompt}<|im_end|>\n"
+        query = (f"<|im_start|>system\n{INTERNVL25_SYSTEM_MESSAGE}<|im_end|>\n"
+                 f"{user}<|im_start|>assistant\n{prompt}<|im_end|>\n")
         for n in num_patches_list:
             query = query.replace("<image>", image_token_block(n), 1)
         out.append(_forward_rewards(model, tokenizer, query, lambda ids: [i for i, t in enumerate(ids) if t == prm_id],
@@ -259,7 +260,8 @@ def test_visualprm_system_message_from_the_checkpoint_config(ivl_dir, ivl, tmp_p
 
 
 def test_visualprm_release_prompt_constant():
-    """The library's copy of VisualPRM's prompt (convert_internvl compares checkpoints' messages with it) is the release's."""
+    """The library's copy of VisualPRM's prompt (convert_internvl compares checkpoints' messages with it) is the \
+release's."""
     assert VISUALPRM_SYSTEM_PROMPT == VISUALPRM_RELEASE_PROMPT
 
 
@@ -316,7 +318,8 @@ def test_vision_tower_runs_once_per_question(ivl_dir, engine):
         pytest.skip(f"engine {engine!r} is not registered")
     prm = PRM.from_pretrained(ivl_dir, format="mm-prm", max_tiles=1)
     calls = []
-    handle = prm.model.model.vision_tower.register_forward_hook(lambda m, i, o: calls.append(o.last_hidden_state.shape[0]))
+    handle = prm.model.model.vision_tower.register_forward_hook(
+        lambda m, i, o: calls.append(o.last_hidden_state.shape[0]))
     try:
         image = _noise_image(200, 150)
         rewards = prm.score(QUESTION, [STEPS_A, STEPS_B, STEPS_A[:2], STEPS_B[:1]], image=image, engine=engine)

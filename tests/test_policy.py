@@ -30,7 +30,8 @@ def test_prompt_defaults_and_helpers():
     assert PolicyPrompt("q").images is not p.images
     assert split_steps(" a \n\n\n\nb\n\n ") == ["a", "b"]
     assert join_steps(["a ", " b"]) == "a\n\nb"
-    assert DEFAULT_SAMPLING["temperature"] == 1.0 and DEFAULT_SAMPLING["top_p"] == 0.9 and DEFAULT_SAMPLING["top_k"] == 50
+    assert (DEFAULT_SAMPLING["temperature"] == 1.0 and DEFAULT_SAMPLING["top_p"] == 0.9
+            and DEFAULT_SAMPLING["top_k"] == 50)
     assert sampling_options(DEFAULT_SAMPLING, {"top_k": 5})["top_k"] == 5
     with pytest.raises(TypeError, match="unknown sampling option"):
         sampling_options(DEFAULT_SAMPLING, {"temprature": 0.5})

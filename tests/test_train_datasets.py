@@ -18,7 +18,14 @@ from mmprm_infer.train.datasets import (
     to_stepwise_record,
     to_visualprm_record,
 )
-from mmprm_infer.train.labels import LabelConfig, is_negative, label_stats, tree_paths, tree_to_samples, trees_to_samples
+from mmprm_infer.train.labels import (
+    LabelConfig,
+    is_negative,
+    label_stats,
+    tree_paths,
+    tree_to_samples,
+    trees_to_samples,
+)
 
 
 def node(steps, mc, *children):

@@ -180,14 +180,15 @@ def test_annotate_writes_trees_images_and_skips_finished(tmp_path, problems):
     assert redo.skipped == 3 and redo.annotated == 1
     assert load_tree(tree_path(tmp_path, problems[0].id))["question"] == problems[0].question
     # threads: the same trees (the policy's samples depend only on the question)
-    annotate(annotation_items(problems[:4]), SyntheticPolicy(problems, seed=0), tmp_path / "threads", SMALL, progress=False, workers=3)
+    annotate(annotation_items(problems[:4]), SyntheticPolicy(problems, seed=0), tmp_path / "threads", SMALL,
+             progress=False, workers=3)
     for p in problems[:4]:
         a, b = load_tree(tree_path(tmp_path, p.id)), load_tree(tree_path(tmp_path / "threads", p.id))
         a.pop("image_path"), b.pop("image_path")
         assert a == b
     # text-only: no image, the picture's content in the question
-    t = annotate(annotation_items(problems[4:6], text_only=True), SyntheticPolicy(problems, seed=0), tmp_path / "text", SMALL, text_only=True,
-                 progress=False)
+    t = annotate(annotation_items(problems[4:6], text_only=True), SyntheticPolicy(problems, seed=0), tmp_path / "text",
+                 SMALL, text_only=True, progress=False)
     assert t.annotated == 2
     for tree in load_trees(tmp_path / "text"):
         assert tree["image_path"] is None and tree["question"].startswith("The ")
@@ -254,8 +255,8 @@ def test_kill_and_resume(tmp_path, capsys):
     # nothing lost: the resumed trees equal an uninterrupted run's
     ref = tmp_path / "ref"
     problems = make_problems(n, "train", 0)
-    annotate(annotation_items(problems), SyntheticPolicy(problems, seed=0), ref, MCTSConfig(num_rollouts=4, rollout_budget=24,
-                                                                          max_search_count=4), progress=False)
+    annotate(annotation_items(problems), SyntheticPolicy(problems, seed=0), ref,
+             MCTSConfig(num_rollouts=4, rollout_budget=24, max_search_count=4), progress=False)
     for p in files:
         a, b = load_tree(p), load_tree(ref / "trees" / p.name)
         a.pop("image_path"), b.pop("image_path")

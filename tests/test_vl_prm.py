@@ -114,7 +114,8 @@ def _release(release_model, question, steps_list, images=(), min_pixels=256 * 28
         for k in range(len(steps)):
             first = f"### Question:\n{question}\n\n### Solution Process:\n{steps[0]}"
             messages = [{"role": "system", "content": [{"type": "text", "text": system}]},
-                        {"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": first}]}]
+                        {"role": "user",
+                         "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": first}]}]
             for step in steps[1:k + 1]:
                 messages += [{"role": "assistant", "content": [{"type": "text", "text": "+"}]},
                              {"role": "user", "content": [{"type": "text", "text": step}]}]
@@ -204,7 +205,8 @@ def test_vl_prm_image_and_text_questions_in_one_batch(prm):
 
 
 def test_vl_prm_positions_continue_past_the_image(prm, monkeypatch):
-    """A suffix's M-RoPE ids continue the prefix's: text after an image advances by max(h, w) / 2, not its token count."""
+    """A suffix's M-RoPE ids continue the prefix's: text after an image advances by max(h, w) / 2, not its token \
+count."""
     image = _noise_image(200, 70, seed=2)
     encoded = prm.encode(QUESTION, [STEPS_A], image=image)
     ids = encoded.candidates[0].input_ids
@@ -362,7 +364,8 @@ def test_bad_images_are_named(prm, tmp_path):
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
 def test_non_rgb_images_are_converted(prm, mode):
     image = _noise_image(120, 80, seed=11, mode=mode)
-    _close(prm.score(QUESTION, [STEPS_B], image=image), prm.score(QUESTION, [STEPS_B], image=image.convert("RGB")), 1e-6)
+    _close(prm.score(QUESTION, [STEPS_B], image=image),
+           prm.score(QUESTION, [STEPS_B], image=image.convert("RGB")), 1e-6)
 
 
 def test_image_text_in_the_input_is_refused(prm):

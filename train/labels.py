@@ -37,7 +37,8 @@ from typing import Any, Iterable, Sequence
 from .datasets import StepSample
 from .mcts import iter_nodes
 
-__all__ = ["StepSample", "LabelConfig", "tree_paths", "tree_to_samples", "trees_to_samples", "is_negative", "label_stats"]
+__all__ = ["StepSample", "LabelConfig", "tree_paths", "tree_to_samples", "trees_to_samples", "is_negative",
+           "label_stats"]
 
 
 @dataclass

@@ -307,8 +307,8 @@ def predict_step_rewards(prm: PRM, samples: Iterable, *, batch_size: int = 8, pa
     examples = []
     for i, s in enumerate(samples):
         steps = s.get("steps") if isinstance(s, dict) else getattr(s, "steps", None)
-        filled = dict(s) if isinstance(s, dict) else {k: getattr(s, k, None) for k in
-                                                       ("question", "steps", "images", "image_paths", "image", "image_path")}
+        filled = dict(s) if isinstance(s, dict) else {
+            k: getattr(s, k, None) for k in ("question", "steps", "images", "image_paths", "image", "image_path")}
         if filled.get("labels") is None:
             filled["labels"] = [1.0] * len(steps or [])
         examples.append(as_example(filled, i))
@@ -391,7 +391,8 @@ def _apply_lora(prm: PRM, settings: LoraSettings):
     model = prm.model
     decoder_modules = {id(m) for m in prm.adapter.decoder.modules()}
     names = [n for n, m in model.named_modules()
-             if id(m) in decoder_modules and isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in settings.target_modules]
+             if id(m) in decoder_modules and isinstance(m, nn.Linear)
+             and n.rsplit(".", 1)[-1] in settings.target_modules]
     if not names:
         raise ValueError(f"LoRA found no linear layers named {settings.target_modules} in the text decoder")
     to_save = ["score"] if settings.train_head and prm.format.model_kind == MODEL_QWEN2_PRM else None

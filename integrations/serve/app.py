@@ -227,7 +227,9 @@ def _questions(state: State, req: CompletionRequest, prompts: list, token_ids: b
     try:
         return [state.prm.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
     except Exception as exc:  # noqa: BLE001 - ids outside the vocabulary, in whatever form the tokenizer says it
-        raise APIError(400, f"cannot decode the token-id prompt with the PRM's tokenizer: {exc}", param="prompt") from None
+        raise APIError(
+            400, f"cannot decode the token-id prompt with the PRM's tokenizer: {exc}", param="prompt"
+        ) from None
 
 
 async def _completions(state: State, req: CompletionRequest) -> dict:

@@ -137,7 +137,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="default: the PRM format's release default (mean for visualprm, last for rlhflow, "
                             "else min)")
     serve.add_argument("--strategy", default="best_of_n", choices=("best_of_n", "weighted_vote", "majority_vote"))
-    serve.add_argument("--max-queue", type=positive_int, default=256, help="requests admitted at once; more get HTTP 503")
+    serve.add_argument("--max-queue", type=positive_int, default=256,
+                       help="requests admitted at once; more get HTTP 503")
     serve.add_argument("--batch-window-ms", type=at_least(0, float), default=10.0,
                        help="how long the scorer waits to batch concurrent requests into one PRM pass")
     serve.add_argument("--upstream-timeout", type=at_least(0.001, float), default=60.0,

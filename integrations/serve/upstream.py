@@ -58,7 +58,9 @@ class Upstream:
                     try:
                         return resp.json()
                     except ValueError:
-                        raise UpstreamError(502, f"the policy at {url} answered with non-JSON: {resp.text[:200]!r}") from None
+                        raise UpstreamError(
+                            502, f"the policy at {url} answered with non-JSON: {resp.text[:200]!r}"
+                        ) from None
                 detail = _error_message(resp)
                 if resp.status_code in (400, 422):
                     raise APIError(400, f"the policy rejected the request: {detail}")

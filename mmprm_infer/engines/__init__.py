@@ -27,4 +27,5 @@ def get_engine(engine: str | Engine, **options) -> Engine:
 register_engine("fast", FastEngine)
 
 
-__all__ = ["ENGINES", "DEFAULT_ENGINE", "Engine", "EncodedQuestion", "NonFiniteRewardError", "get_engine", "register_engine"]
+__all__ = ["ENGINES", "DEFAULT_ENGINE", "Engine", "EncodedQuestion", "NonFiniteRewardError", "get_engine",
+           "register_engine"]

@@ -16,7 +16,8 @@ class EncodedQuestion:
     """All candidates of one question, plus its image features computed once."""
 
     candidates: list[EncodedCandidate]
-    image_features: torch.Tensor | None = None  # [image tokens, hidden] (Qwen2.5-VL: with its grid), shared by all candidates
+    # [image tokens, hidden] (Qwen2.5-VL: with its grid), shared by all candidates
+    image_features: torch.Tensor | None = None
 
 
 class NonFiniteRewardError(FloatingPointError):

@@ -78,7 +78,8 @@ def _group_kv(layer: int, g: Group, k: torch.Tensor, v: torch.Tensor, sliding_wi
     """(suffix k, suffix v, prefix K/V buffers) of group ``g``, [tokens, Hkv, D]; the prefix's
     ``layer`` is asked once per layer (the tree cache's paths require exactly that order)."""
     k_buf, v_buf = g.prefix.layer(layer, k)
-    if sliding_window is not None and g.prefix_len + max(b - a for a, b in zip(g.cu_seqlens, g.cu_seqlens[1:])) > sliding_window:
+    if (sliding_window is not None
+            and g.prefix_len + max(b - a for a, b in zip(g.cu_seqlens, g.cu_seqlens[1:])) > sliding_window):
         raise NotImplementedError(
             f"layer {layer} uses sliding-window attention (window {sliding_window}) shorter than the input; "
             "the fast engine does not support it: use engine='reference'"
@@ -156,7 +157,8 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, shared_prefix_attention_forward
 @contextmanager
 def shared_prefix_attention_enabled(decoder: nn.Module):
     """Point every config inside ``decoder`` at the shared-prefix attention; restore on exit."""
-    configs = {id(m.config): m.config for m in decoder.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    configs = {id(m.config): m.config for m in decoder.modules()
+               if hasattr(getattr(m, "config", None), "_attn_implementation")}
     saved = {key: cfg._attn_implementation for key, cfg in configs.items()}
     try:
         for cfg in configs.values():

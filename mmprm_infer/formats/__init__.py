@@ -61,6 +61,7 @@ def get_format(fmt: str | PRMFormat, **options) -> PRMFormat:
 __all__ = [
     "FORMATS", "get_format", "register_format", "PRMFormat", "EncodedCandidate", "RewardColumns",
     "FormatError", "MODEL_CAUSAL_LM", "MODEL_QWEN2_PRM", "MODEL_INTERNVL", "MODEL_TOKEN_CLASSIFICATION",
-    "MODEL_VALUE_HEAD", "MODEL_QWEN2_5_VL", "CustomFormat", "MathShepherdFormat", "QwenMathPRMFormat", "MMPRMFormat", "VisualPRMFormat",
+    "MODEL_VALUE_HEAD", "MODEL_QWEN2_5_VL", "CustomFormat", "MathShepherdFormat", "QwenMathPRMFormat", "MMPRMFormat",
+    "VisualPRMFormat",
     "RLHFlowFormat", "SkyworkFormat", "TokenClassificationFormat", "VLPRMFormat",
 ]

@@ -53,7 +53,8 @@ class CustomFormat(InternVLImages, PRMFormat):
     def __post_init__(self) -> None:
         if self.model_kind not in (MODEL_CAUSAL_LM, MODEL_INTERNVL):
             raise ValueError(
-                f"format 'custom': model_kind must be {MODEL_CAUSAL_LM!r} or {MODEL_INTERNVL!r}, got {self.model_kind!r}"
+                f"format 'custom': model_kind must be {MODEL_CAUSAL_LM!r} or {MODEL_INTERNVL!r}, "
+                f"got {self.model_kind!r}"
             )
 
     @property
@@ -74,7 +75,9 @@ class CustomFormat(InternVLImages, PRMFormat):
         if self.model_kind == MODEL_INTERNVL:
             self.check_image_tokens(tokenizer)
 
-    def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
+    def encode(
+        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
+    ) -> EncodedCandidate:
         if image_tokens and "{images}" not in self.prompt_template:
             raise FormatError("format 'custom': got an image but prompt_template has no {images} placeholder")
         check_steps(steps, self.name)

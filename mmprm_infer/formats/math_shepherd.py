@@ -47,7 +47,9 @@ class MathShepherdFormat(PRMFormat):
         # The release reads tokenizer.encode(step_tag)[-1].
         ids = tokenizer.encode(self.step_tag, add_special_tokens=False)
         if not ids:
-            raise FormatError(f"format 'math-shepherd': the tokenizer encodes the step tag {self.step_tag!r} to nothing")
+            raise FormatError(
+                f"format 'math-shepherd': the tokenizer encodes the step tag {self.step_tag!r} to nothing"
+            )
         return int(ids[-1])
 
     def reward_columns(self, tokenizer) -> RewardColumns:
@@ -66,7 +68,9 @@ class MathShepherdFormat(PRMFormat):
         if positions_of(tokenizer.encode(f"x {self.step_tag}", add_special_tokens=False), tag_id) == []:
             raise FormatError(f"format 'math-shepherd': step tag {self.step_tag!r} is not a stable token")
 
-    def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
+    def encode(
+        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
+    ) -> EncodedCandidate:
         refuse_images(image_tokens, self.name)
         check_steps(steps, self.name)
         solution = "\n".join(f"Step {i}: {step} {self.step_tag}" for i, step in enumerate(steps, 1))

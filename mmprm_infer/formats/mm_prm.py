@@ -86,7 +86,9 @@ class MMPRMFormat(InternVLImages, PRMFormat):
                     + f"{IM_START}assistant\n{text}{IM_END}\n")
         return render_internvl25(self.system_prompt, [("user", ""), ("assistant", text)])
 
-    def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
+    def encode(
+        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
+    ) -> EncodedCandidate:
         check_steps(steps, self.name)
         ids = tokenizer.encode(self.build_query(question, steps, image_tokens))
         positions = positions_of(ids, single_token_id(tokenizer, self.step_tag, "step tag", self.name))

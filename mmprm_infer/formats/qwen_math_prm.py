@@ -45,7 +45,9 @@ class QwenMathPRMFormat(PRMFormat):
                 "tokenizer has none: load the tokenizer that ships with the checkpoint"
             )
 
-    def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
+    def encode(
+        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
+    ) -> EncodedCandidate:
         refuse_images(image_tokens, self.name)
         check_steps(steps, self.name)
         messages = [

@@ -68,7 +68,9 @@ class RLHFlowFormat(PRMFormat):
             turns.append({"role": "assistant", "content": self.good_token})
         return turns
 
-    def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
+    def encode(
+        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
+    ) -> EncodedCandidate:
         refuse_images(image_tokens, self.name)
         check_steps(steps, self.name)
         good = self.reward_columns(tokenizer).good

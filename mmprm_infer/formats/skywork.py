@@ -47,13 +47,17 @@ class SkyworkFormat(PRMFormat):
     def _step_token_id(self, tokenizer) -> int:
         ids = tokenizer.encode(self.step_token)
         if not ids:
-            raise FormatError(f"format {self.name!r}: the tokenizer encodes the step token {self.step_token!r} to nothing")
+            raise FormatError(
+                f"format {self.name!r}: the tokenizer encodes the step token {self.step_token!r} to nothing"
+            )
         return int(ids[-1])
 
     def check_tokenizer(self, tokenizer) -> None:
         self._step_token_id(tokenizer)
 
-    def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
+    def encode(
+        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
+    ) -> EncodedCandidate:
         refuse_images(image_tokens, self.name)
         check_steps(steps, self.name)
         step_id = self._step_token_id(tokenizer)

@@ -66,7 +66,9 @@ class TokenClassificationFormat(PRMFormat):
                 "nothing; pass the separator the checkpoint was trained with (step_separator=...)"
             )
 
-    def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
+    def encode(
+        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
+    ) -> EncodedCandidate:
         refuse_images(image_tokens, self.name)
         check_steps(steps, self.name)
         sep = self.step_separator

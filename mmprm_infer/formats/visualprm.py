@@ -54,7 +54,9 @@ from .internvl_base import (
 
 # InternVL internvl_chat/tools/reasoning_data_pipeline/utils/constants.py
 VISUALPRM_SYSTEM_PROMPT = """
-You are an advanced AI assistant, designed to serve as a process supervision model. In this task, I will provide a problem statement followed by the first step of the solution process. For each subsequent turn, I will give you a new step in the solution. Your role is to assess whether the solution process is correct up to the current step.
+You are an advanced AI assistant, designed to serve as a process supervision model. In this task, I will provide a \
+problem statement followed by the first step of the solution process. For each subsequent turn, I will give you a new \
+step in the solution. Your role is to assess whether the solution process is correct up to the current step.
 
 - In the **first round**, I will input the problem and the first step of the solution process.
 - In **each subsequent round**, I will provide the next step in the solution.
@@ -105,7 +107,9 @@ class VisualPRMFormat(InternVLImages, PRMFormat):
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if not self.placeholder:
-            raise ValueError("placeholder must be a non-empty string (an empty assistant turn renders as a bare header)")
+            raise ValueError(
+                "placeholder must be a non-empty string (an empty assistant turn renders as a bare header)"
+            )
 
     def split_steps(self, solution: str) -> list[str]:
         # As the release: no strip, so a leading or trailing blank line gives an
@@ -134,7 +138,9 @@ class VisualPRMFormat(InternVLImages, PRMFormat):
         target = tokenizer.encode(f"{IM_START}assistant\n{self.placeholder}{IM_END}\n", add_special_tokens=False)
         return find_subsequence_positions(input_ids, target, len(header) - 1)
 
-    def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
+    def encode(
+        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
+    ) -> EncodedCandidate:
         check_steps(steps, self.name)
         ids = tokenizer.encode(self.build_query(question, steps, image_tokens))
         positions = self.reward_positions(tokenizer, ids)

@@ -54,7 +54,8 @@ VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 
 # VisualPRMv2.py's system prompt: prompts.py PRM_SYSTEM_PROMPT_NORMAL_TOK_V2 (its last definition).
-VL_PRM_SYSTEM_PROMPT = """**You are a process supervision model for visual reasoning tasks. You will receive an image and an image-based problem statement, followed by solution steps to evaluate.**
+VL_PRM_SYSTEM_PROMPT = """**You are a process supervision model for visual reasoning tasks. You will receive an image \
+and an image-based problem statement, followed by solution steps to evaluate.**
 
 First round: problem statement and first solution step.  
 Subsequent rounds: one new step per round.
@@ -63,7 +64,8 @@ Assess the cumulative correctness of the entire solution up to each step.
 
 ## Evaluation Criteria:
 
-1. **Visual Accuracy**: Are visual elements from the image correctly identified (shapes, colors, positions, quantities, spatial relationships)?
+1. **Visual Accuracy**: Are visual elements from the image correctly identified (shapes, colors, positions, \
+quantities, spatial relationships)?
 
 2. **Logical Validity**: Do all inferences and calculations follow correctly from the image and previous steps?
 
@@ -143,7 +145,9 @@ class VLPRMFormat(PRMFormat):
         target = tokenizer.encode(f"{IM_START}assistant\n{self.placeholder}{IM_END}\n", add_special_tokens=False)
         return find_subsequence_positions(input_ids, target, len(header) - 1)
 
-    def encode(self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> EncodedCandidate:
+    def encode(
+        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
+    ) -> EncodedCandidate:
         check_steps(steps, self.name)
         ids = tokenizer.encode(self.build_query(question, steps, image_tokens), add_special_tokens=False)
         positions = self.reward_positions(tokenizer, ids)

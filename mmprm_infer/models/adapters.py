@@ -205,4 +205,5 @@ def adapter_for(model: nn.Module, kind: str) -> ModelAdapter:
     return ADAPTERS[kind](model)
 
 
-__all__ = ["ModelAdapter", "Qwen2PRMAdapter", "TokenClassificationAdapter", "ValueHeadAdapter", "adapter_for", "register_adapter", "ADAPTERS", "MODEL_INTERNVL"]
+__all__ = ["ModelAdapter", "Qwen2PRMAdapter", "TokenClassificationAdapter", "ValueHeadAdapter", "adapter_for",
+           "register_adapter", "ADAPTERS", "MODEL_INTERNVL"]

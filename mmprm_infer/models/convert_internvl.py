@@ -251,7 +251,8 @@ def convert_tensor(name: str, tensor: torch.Tensor, lm_kind: str, llm: dict) -> 
         if ".attn.qkv." in name:
             dim = tensor.shape[0] // 3
             base = _vision_name(name)
-            return [(base.replace(".attention.qkv.", f".attention.{p}_proj."), tensor[i * dim:(i + 1) * dim].contiguous())
+            return [(base.replace(".attention.qkv.", f".attention.{p}_proj."),
+                     tensor[i * dim:(i + 1) * dim].contiguous())
                     for i, p in enumerate("qkv")]
         return [(_vision_name(name), tensor)]
     if name.startswith("mlp1."):
@@ -303,7 +304,8 @@ def iter_tensors(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def _saved_name(runtime_name: str) -> str:
     """Runtime parameter name of InternVLForConditionalGeneration -> the name save_pretrained writes."""
     for old, new in (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
-                     ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")):
+                     ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("lm_head.", "language_model.lm_head.")):
         if runtime_name.startswith(old):
             return new + runtime_name[len(old):]
     return runtime_name
@@ -365,7 +367,9 @@ def convert_tokenizer(src: Path, dst: Path, trust_remote_code: bool, log: Callab
             ) from exc
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
     if tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN) in (None, tokenizer.unk_token_id):
-        raise ConversionError(f"the tokenizer in {src} has no {IMG_CONTEXT_TOKEN} token; is this an InternVL checkpoint?")
+        raise ConversionError(
+            f"the tokenizer in {src} has no {IMG_CONTEXT_TOKEN} token; is this an InternVL checkpoint?"
+        )
     verified = False
     if trust_remote_code:
         reference = AutoTokenizer.from_pretrained(str(src), trust_remote_code=True, use_fast=False)
@@ -457,7 +461,9 @@ def convert_internvl(src, dst, *, dtype: str | torch.dtype | None = None, format
                 source_dtype = tensor.dtype
             for new_name, new_tensor in convert_tensor(name, tensor, lm_kind, llm):
                 if new_name not in expected:
-                    raise ConversionError(f"{shard.name}: {name!r} -> {new_name!r}, which the native model does not have")
+                    raise ConversionError(
+                        f"{shard.name}: {name!r} -> {new_name!r}, which the native model does not have"
+                    )
                 if tuple(new_tensor.shape) != expected[new_name]:
                     raise ConversionError(f"{shard.name}: {name!r} has shape {tuple(new_tensor.shape)}, the native "
                                           f"{new_name!r} needs {expected[new_name]}")

@@ -99,7 +99,9 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                 pixel_values.to(device=self.device, dtype=self.dtype), grid_thw, return_dict=True)
         return GridImageFeatures(torch.cat(list(out.pooler_output), dim=0), grid_thw)
 
-    def merge_image_features(self, input_ids: torch.Tensor, image_features: GridImageFeatures | None) -> torch.Tensor | None:
+    def merge_image_features(
+        self, input_ids: torch.Tensor, image_features: GridImageFeatures | None
+    ) -> torch.Tensor | None:
         mask = input_ids == self.image_token_id
         n_tokens = int(mask.sum())
         if image_features is None:

@@ -51,8 +51,8 @@ from mmprm_infer.aggregation import AGGREGATIONS as _LIBRARY_AGGREGATIONS
 from mmprm_infer.aggregation import PROBABILITY_AGGREGATIONS
 from mmprm_infer.selection import select
 
-__all__ = ["PipelineConfig", "ReadingStages", "PRESETS", "preset_config", "run_pipeline", "pipeline_main", "rerank_example",
-           "AGGREGATIONS"]
+__all__ = ["PipelineConfig", "ReadingStages", "PRESETS", "preset_config", "run_pipeline", "pipeline_main",
+           "rerank_example", "AGGREGATIONS"]
 
 # every aggregation of the library, the probability-like ones first (the report's order)
 AGGREGATIONS = (*PROBABILITY_AGGREGATIONS, *(a for a in _LIBRARY_AGGREGATIONS if a not in PROBABILITY_AGGREGATIONS))
@@ -396,7 +396,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
     if config.pretrain_steps:
         from .prm_init import pretrain_reading
 
-        _log(f"(c) pretraining the text model on {len(train_problems)} reference solutions, reading and arithmetic drills, "
+        _log(f"(c) pretraining the text model on {len(train_problems)} reference solutions, "
+             "reading and arithmetic drills, "
              f"{config.pretrain_steps} steps (next-token loss)")
         pretrain_losses = pretrain_reading(prm, train_problems, steps=config.pretrain_steps,
                                            batch_size=config.batch_size, with_image_text=config.with_image_text,

@@ -425,7 +425,9 @@ class Problem:
                 return StepCheck(False, f"{p.target.describe()} was already read")
             true = self.read(p.target)
             if p.values != true:
-                return StepCheck(False, f"misread {p.target.describe()}: {list(p.values)}, the picture shows {list(true)}")
+                return StepCheck(
+                    False, f"misread {p.target.describe()}: {list(p.values)}, the picture shows {list(true)}"
+                )
             return StepCheck(True)
         true_reads = {i: self.read(st.target) for i, st in enumerate(self.plan) if isinstance(st, ReadStage)}
         true_results = self._true_results()
