@@ -22,8 +22,16 @@ import functools
 import pickle
 from typing import Any, Callable, Iterable
 
-from ..train.mcts import (AnnotationProgress, AnnotationStats, MCTSConfig, prepare_annotation, search_question,
-                          tree_path, with_saved_image, write_json_atomic)
+from ..train.mcts import (
+    AnnotationProgress,
+    AnnotationStats,
+    MCTSConfig,
+    prepare_annotation,
+    search_question,
+    tree_path,
+    with_saved_image,
+    write_json_atomic,
+)
 from .policy import Policy
 from .ray_cluster import connect, data_context, map_to_actors, plan_actors
 

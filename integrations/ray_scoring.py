@@ -30,8 +30,16 @@ from typing import Any, Sequence
 from mmprm_infer.files import atomic_output, check_output_path
 from mmprm_infer.progress import progress_bar
 
-from ..records import (PRMSpec, ResultWriter, ScoringOptions, WindowResult, finished, plan_windows, process_window,
-                       read_windows)
+from ..records import (
+    PRMSpec,
+    ResultWriter,
+    ScoringOptions,
+    WindowResult,
+    finished,
+    plan_windows,
+    process_window,
+    read_windows,
+)
 from .ray_cluster import ACTOR_MAX_RESTARTS, ActorPlan, connect, data_context, map_to_actors, plan_actors
 
 __all__ = ["PRMSpec", "RayJobError", "RayScoringStats", "score_file", "score_items", "ray_run_jsonl"]

@@ -28,8 +28,8 @@ import math
 import torch
 
 from . import triton_runtime
-from .triton_runtime import check_triton_usable, jit_lazily as _jit, tl, triton
-
+from .triton_runtime import check_triton_usable, tl, triton
+from .triton_runtime import jit_lazily as _jit
 
 BACKENDS = ("auto", "triton", "torch", "reference", "flash_attn")
 LOG2E = 1.4426950408889634

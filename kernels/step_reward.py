@@ -25,9 +25,8 @@ import torch
 
 from ..aggregation import AGGREGATIONS as _AGG_TABLE
 from ..aggregation import ALIASES, LOG_EPS, REDUCTIONS, TRANSFORMS
-
-from .triton_runtime import check_triton_usable, jit_lazily as _jit, tl, triton
-
+from .triton_runtime import check_triton_usable, tl, triton
+from .triton_runtime import jit_lazily as _jit
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 # name -> (transform of p, reduction over a candidate's steps), from the one table

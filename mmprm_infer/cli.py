@@ -18,11 +18,19 @@ from pathlib import Path
 
 from .aggregation import AGGREGATIONS, ALIASES
 from .arguments import DTYPES, non_negative_int, positive_int
+from .files import OutputError, atomic_output, check_output_path
 from .formats import FORMATS
 from .progress import progress_bar
-from .files import OutputError, atomic_output, check_output_path
-from .records import (EXIT_RECORDS_FAILED, PRMSpec, ResultWriter, ScoringOptions, finished, plan_windows,
-                      process_window, read_windows)
+from .records import (
+    EXIT_RECORDS_FAILED,
+    PRMSpec,
+    ResultWriter,
+    ScoringOptions,
+    finished,
+    plan_windows,
+    process_window,
+    read_windows,
+)
 
 
 def check_scoring_options(args) -> None:
@@ -38,8 +46,10 @@ def check_scoring_options(args) -> None:
         raise SystemExit(f"{prog}: {exc}") from None
     if args.prm is not None and not (Path(args.prm) / "config.json").is_file():
         raise SystemExit(f"{prog}: --prm {args.prm} is not a checkpoint folder (no config.json in it)")
-    from .engines import ENGINES
-    from .engines import tree_cache  # noqa: F401 - registers its engine
+    from .engines import (
+        ENGINES,
+        tree_cache,  # noqa: F401 - registers its engine
+    )
 
     if args.engine is not None and args.engine not in ENGINES:
         raise SystemExit(f"{prog}: unknown --engine {args.engine!r}; choose one of {sorted(ENGINES)}")

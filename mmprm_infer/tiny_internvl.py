@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
 from . import tiny
 from .vision import IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 

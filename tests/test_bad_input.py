@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from mmprm_infer import PRM, rerank
-from mmprm_infer.formats import FormatError
 from mmprm_infer.engines import NonFiniteRewardError
+from mmprm_infer.formats import FormatError
 from mmprm_infer.tiny import build_tiny_causal_lm
 
 Q = "What is 2 + 3?"

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from internvl_published import VISUALPRM_SYSTEM, published_logits, source_tokenizer, write_published_internvl
 from PIL import Image
 from safetensors import safe_open
 
-from internvl_published import VISUALPRM_SYSTEM, published_logits, source_tokenizer, write_published_internvl
 from mmprm_infer import PRM
 from mmprm_infer.cli import main
 from mmprm_infer.formats.internvl_base import INTERNVL25_SYSTEM_MESSAGE

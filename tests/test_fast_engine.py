@@ -14,12 +14,12 @@ import copy
 import random
 
 import pytest
+import spread_models as S
 import torch
 
-import spread_models as S
 from mmprm_infer import PRM, ScoringItem
-from mmprm_infer.engines import NonFiniteRewardError
-from mmprm_infer.engines import last_layer, shared_prefix as sp
+from mmprm_infer.engines import NonFiniteRewardError, last_layer
+from mmprm_infer.engines import shared_prefix as sp
 from mmprm_infer.engines.base import EncodedQuestion
 from mmprm_infer.engines.fast import FastEngine, shared_prefix_length
 from mmprm_infer.engines.last_layer import rows_forward

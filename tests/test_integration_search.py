@@ -13,10 +13,10 @@ import zlib
 
 import numpy as np
 import pytest
+import spread_models as S
 import torch
 from PIL import Image
 
-import spread_models as S
 from mmprm_infer import PRM
 from mmprm_infer.engines.tree_cache import TreeCacheEngine
 from mmprm_infer.integrations.policy import PolicyPrompt, TransformersPolicy, join_steps

@@ -13,16 +13,14 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
-
-from mmprm_infer.cli import build_parser  # noqa: E402
-from mmprm_infer.integrations.serve import PRMBatcher, ServerConfig  # noqa: E402
-from server_fakes import MODEL, TOL, free_port  # noqa: E402
+from server_fakes import MODEL, TOL, free_port  # noqa: E402  # noqa: E402,F401 - fixtures
 from server_fakes import chat as _chat  # noqa: E402
 from server_fakes import check_choices as _check_choices  # noqa: E402
 from server_fakes import data_url as _data_url  # noqa: E402
 from server_fakes import reranker as _reranker  # noqa: E402
-from server_fakes import policy, prm  # noqa: E402,F401 - fixtures
 
+from mmprm_infer.cli import build_parser  # noqa: E402
+from mmprm_infer.integrations.serve import PRMBatcher, ServerConfig  # noqa: E402
 
 # --------------------------------------------------------------------------
 # happy paths

@@ -54,7 +54,6 @@ def test_every_launch_compiles_for_sm80_and_sm90():
 
 def test_a_kernel_only_the_interpreter_accepts_fails_the_aot_check():
     import triton
-
     from aot_bad_kernel import scale_kernel
 
     if not torch.cuda.is_available():  # the interpreter runs it (a plain Python call inside the kernel)

@@ -19,9 +19,9 @@ import ray  # in the dev extra: a missing Ray fails here rather than skipping
 import torch
 
 from mmprm_infer.cli import main
-from mmprm_infer.records import EXIT_RECORDS_FAILED
 from mmprm_infer.integrations.ray_scoring import PRMSpec, score_file, score_items
 from mmprm_infer.prm import PRM, ScoringItem
+from mmprm_infer.records import EXIT_RECORDS_FAILED
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -13,9 +13,10 @@ import torch
 pytest.importorskip("fastapi", reason="the server tests need the 'serve' extra (fastapi, uvicorn, httpx)")
 httpx = pytest.importorskip("httpx")
 
+from server_fakes import FakePolicy, ServerThread, chat, reranker, sample_text, wait_until  # noqa: E402
+
 from mmprm_infer import PRM, ScoringItem  # noqa: E402
 from mmprm_infer.integrations.serve import APIError, PRMBatcher  # noqa: E402
-from server_fakes import FakePolicy, ServerThread, chat, reranker, sample_text, wait_until  # noqa: E402
 
 TOO_LONG = "so we compute x + y and " * 600  # past the tiny PRM's 2048-token context
 

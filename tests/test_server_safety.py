@@ -16,12 +16,11 @@ pytest.importorskip("fastapi", reason="the server tests need the 'serve' extra (
 httpx = pytest.importorskip("httpx")
 
 from PIL import Image, ImageFile  # noqa: E402
+from server_fakes import MODEL, chat, data_url, image_chat, png_header_only, reranker  # noqa: E402  # noqa: E402,F401 - fixtures
 
 from mmprm_infer.cli import main  # noqa: E402
-from mmprm_infer.integrations.serve import app as server_module  # noqa: E402
 from mmprm_infer.integrations.serve import ServerConfig  # noqa: E402
-from server_fakes import MODEL, chat, data_url, image_chat, png_header_only  # noqa: E402
-from server_fakes import policy, prm, reranker  # noqa: E402,F401 - fixtures
+from mmprm_infer.integrations.serve import app as server_module  # noqa: E402
 
 
 @pytest.fixture

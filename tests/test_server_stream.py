@@ -14,8 +14,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the server tests need the 'serve' extra (fastapi, uvicorn, httpx)")
 httpx = pytest.importorskip("httpx")
 
-from server_fakes import MODEL, chat, check_choices, reranker  # noqa: E402
-from server_fakes import policy, prm  # noqa: E402,F401 - fixtures
+from server_fakes import MODEL, chat, check_choices, reranker  # noqa: E402  # noqa: E402,F401 - fixtures
 
 
 def _events(r) -> list:

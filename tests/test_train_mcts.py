@@ -6,12 +6,11 @@ import json
 import math
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+import kill_gate
 import pytest
 
-import kill_gate
 from mmprm_infer.answers import AnswerVerifier
 from mmprm_infer.train.mcts import (
     MCTSConfig,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +19,6 @@ from mmprm_infer.vision import (
     load_images,
     num_tiles,
 )
-
 
 # ---- an independent, plain restatement of InternVL2.5's dynamic_preprocess
 

@@ -38,13 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmprm_infer.evaluation.metrics import step_error_f1, step_macro_f1
 from mmprm_infer.formats import MODEL_QWEN2_PRM, EncodedCandidate
 from mmprm_infer.models.adapters import adapter_for
 from mmprm_infer.prm import PRM
 
 from .collate import TrainExample, as_example, make_layout, place_embeds, place_tokens
-from mmprm_infer.evaluation.metrics import step_error_f1, step_macro_f1
-
 from .resume import ResumeState, save_resume_point
 
 __all__ = [

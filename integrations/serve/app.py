@@ -36,8 +36,18 @@ try:
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
 
-    from .protocol import (ChatCompletionRequest, CompletionRequest, Sampling, ScoreRequest, finite_or_none,
-                           policy_choices, ranked_choices, response, summary, text_of)
+    from .protocol import (
+        ChatCompletionRequest,
+        CompletionRequest,
+        Sampling,
+        ScoreRequest,
+        finite_or_none,
+        policy_choices,
+        ranked_choices,
+        response,
+        summary,
+        text_of,
+    )
     from .stream import stream_response
     from .upstream import Upstream
 except ImportError as exc:  # pragma: no cover - the error says what to install

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.base import RewardColumns
-from ..models.adapters import ModelAdapter
 from ..kernels.step_reward import fused_step_rewards
+from ..models.adapters import ModelAdapter
 from .base import EncodedQuestion, Engine, check_finite
 from .last_layer import last_layer_rows_only
-from .linear_paths import PATHS as LINEAR_PATHS, PackedLinears, choose_path as choose_linear_path
+from .linear_paths import PATHS as LINEAR_PATHS
+from .linear_paths import PackedLinears
+from .linear_paths import choose_path as choose_linear_path
 from .shared_prefix import LAYOUT_KWARG, Group, PackedLayout, PrefixKV, shared_prefix_attention_enabled
 
 

@@ -23,8 +23,8 @@ from ..aggregation import AGGREGATIONS, PROBABILITY_AGGREGATIONS
 from ..arguments import DTYPES, positive_int
 from ..files import check_output_path, existing_files, write_json_atomic
 from ..formats import FORMATS
-from ..progress import quiet_transformers_progress
 from ..prm import ScoringItem
+from ..progress import quiet_transformers_progress
 from ..records import PRMSpec
 from .data import BenchmarkDataError, Record, field, read_records, read_splits
 from .scoring import RewardCache, ScoringFailure, prm_fingerprint, score_with_cache

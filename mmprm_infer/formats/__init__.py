@@ -7,8 +7,8 @@ from typing import Callable
 from .base import (
     MODEL_CAUSAL_LM,
     MODEL_INTERNVL,
-    MODEL_QWEN2_PRM,
     MODEL_QWEN2_5_VL,
+    MODEL_QWEN2_PRM,
     MODEL_TOKEN_CLASSIFICATION,
     MODEL_VALUE_HEAD,
     EncodedCandidate,

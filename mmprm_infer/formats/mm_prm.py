@@ -31,9 +31,9 @@ from .base import (
     check_marker_count,
     check_steps,
     positions_of,
+    reward_token_columns,
     single_token_id,
     split_on_blank_lines,
-    reward_token_columns,
 )
 from .internvl_base import (
     IM_END,

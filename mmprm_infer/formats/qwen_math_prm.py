@@ -13,8 +13,8 @@ from .base import (
     RewardColumns,
     check_marker_count,
     check_steps,
-    refuse_images,
     positions_of,
+    refuse_images,
     single_token_id,
     split_on_blank_lines,
 )

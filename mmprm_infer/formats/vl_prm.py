@@ -34,8 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
 from ..vision import ImageLoadError, open_rgb
 from .base import (
     MODEL_QWEN2_5_VL,

@@ -23,7 +23,6 @@ differ from InternVL:
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 from typing import Sequence
 

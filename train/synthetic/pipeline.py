@@ -294,8 +294,8 @@ def _verification_samples(config: PipelineConfig, problems, train_samples, n: in
 def _score_cases(prm, problems, candidates, config: PipelineConfig, checkpoint: Path) -> list[list[list[float]]]:
     """Step rewards of every candidate, ``score_batch_questions`` problems per engine call
     (with ``config.ray``: the same calls on Ray actors that load ``checkpoint``)."""
-    from mmprm_infer.progress import progress_bar
     from mmprm_infer.prm import ScoringItem
+    from mmprm_infer.progress import progress_bar
 
     from .prm_init import prm_question
 
@@ -318,18 +318,18 @@ def run_pipeline(config: PipelineConfig) -> dict:
     ``config.run_dir`` and returns the report."""
     import torch
 
-    from mmprm_infer.answers import extract_answer
     from mmprm_infer.aggregation import aggregate
-    from mmprm_infer.policy import PolicyPrompt
-    from mmprm_infer.progress import quiet_transformers_progress
-    from mmprm_infer.prm import PRM
-
+    from mmprm_infer.answers import extract_answer
     from mmprm_infer.evaluation.metrics import step_error_f1
+    from mmprm_infer.policy import PolicyPrompt
+    from mmprm_infer.prm import PRM
+    from mmprm_infer.progress import quiet_transformers_progress
+
     from ..mcts import MCTSConfig, annotate
-    from .prm_init import build_task_prm
-    from .policy import SyntheticPolicy
-    from .task import annotation_items, make_problems
     from ..trainer import TrainConfig, train_prm
+    from .policy import SyntheticPolicy
+    from .prm_init import build_task_prm
+    from .task import annotation_items, make_problems
 
     started = time.perf_counter()
     timings: dict[str, float] = {}

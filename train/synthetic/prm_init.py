@@ -231,6 +231,7 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
     import random as _random
 
     import torch
+
     from mmprm_infer.progress import progress_bar
 
     tok = prm.tokenizer
@@ -433,6 +434,7 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
 
     import torch
     import torch.nn.functional as F
+
     from mmprm_infer.progress import progress_bar
 
     if not curriculum:
