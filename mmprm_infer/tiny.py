@@ -140,6 +140,23 @@ def build_tokenizer(
     return wrapped
 
 
+def build_vl_tokenizer(special_tokens: Sequence[str], *, vocab_size: int, chat_template: str,
+                       single_token_words: Sequence[str], **kwargs) -> PreTrainedTokenizerFast:
+    """``build_tokenizer`` as the vision-language tiny checkpoints (InternVL, Qwen2.5-VL) set it up:
+    ChatML turns, so ``<|im_end|>`` ends a turn and generation, ``<|endoftext|>`` pads, and a
+    32768-token context (``model_max_length``); ``kwargs`` go to ``build_tokenizer``."""
+    return build_tokenizer(
+        special_tokens=special_tokens,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        vocab_size=vocab_size,
+        chat_template=chat_template,
+        single_token_words=single_token_words,
+        model_max_length=32768,
+        **kwargs,
+    )
+
+
 def text_config_kwargs(tokenizer, *, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
                        max_positions: int, vocab_size: int | None = None, tie_word_embeddings: bool = False) -> dict:
     """Qwen2Config/LlamaConfig arguments for a tiny text model over ``tokenizer``."""

@@ -94,20 +94,17 @@ def build_tokenizer(
     """An offline byte-level BPE tokenizer carrying InternVL's special tokens,
     ``extra_special_tokens`` and the InternVL2.5 chat template."""
     specials = [PAD_TOKEN, IM_START, IM_END, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, VIDEO_TOKEN]
-    return tiny.build_tokenizer(
-        special_tokens=specials + [t for t in extra_special_tokens if t not in specials],
-        eos_token=IM_END,
-        pad_token=PAD_TOKEN,
+    return tiny.build_vl_tokenizer(
+        specials + [t for t in extra_special_tokens if t not in specials],
         vocab_size=vocab_size,
         chat_template=INTERNVL25_CHAT_TEMPLATE,
-        corpus=_training_corpus(),
         single_token_words=SINGLE_TOKEN_WORDS,
+        corpus=_training_corpus(),
         # Named image tokens: transformers' InternVLProcessor reads these.
         start_image_token=IMG_START_TOKEN,
         end_image_token=IMG_END_TOKEN,
         context_image_token=IMG_CONTEXT_TOKEN,
         video_token=VIDEO_TOKEN,
-        model_max_length=32768,
     )
 
 

@@ -54,15 +54,8 @@ SINGLE_TOKEN_WORDS = ("+", "-")
 
 def build_tokenizer(vocab_size: int = 700):
     """An offline byte-level BPE tokenizer with Qwen2.5-VL's special tokens and chat template."""
-    return tiny.build_tokenizer(
-        special_tokens=QWEN_VL_SPECIAL_TOKENS,
-        eos_token=IM_END,
-        pad_token=PAD_TOKEN,
-        vocab_size=vocab_size,
-        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
-        single_token_words=SINGLE_TOKEN_WORDS,
-        model_max_length=32768,
-    )
+    return tiny.build_vl_tokenizer(QWEN_VL_SPECIAL_TOKENS, vocab_size=vocab_size,
+                                   chat_template=QWEN2_5_VL_CHAT_TEMPLATE, single_token_words=SINGLE_TOKEN_WORDS)
 
 
 def build_tiny_qwen2_5_vl(

@@ -14,12 +14,17 @@ import json
 
 import pytest
 import torch
+from prm_checks import (
+    check_bad_input_errors,
+    close,
+    no_weights_built,  # noqa: F401 - a fixture
+)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer, Qwen2ForCausalLM
 
 from mmprm_infer import PRM
 from mmprm_infer.formats import FORMATS, FormatError
-from mmprm_infer.loading import MODEL_LOADERS, CheckpointMismatchError
+from mmprm_infer.loading import CheckpointMismatchError
 from mmprm_infer.tiny import (
     build_tiny_causal_lm,
     build_tiny_qwen_prm,
@@ -46,10 +51,7 @@ def _spread(path, body: float = 8.0, head: float = 8.0) -> None:
     save_file(weights, str(file), metadata={"format": "pt"})
 
 
-def _close(got, want, tol):
-    assert [len(r) for r in got] == [len(r) for r in want]
-    for g, w in zip(got, want):
-        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=0, atol=tol)
+_close = close
 
 
 def _check_both_engines(prm, want, candidates=CANDIDATES, question=QUESTION):
@@ -278,33 +280,12 @@ def test_bad_input_errors_match_the_other_formats(new_prms, fmt, engine):
     from PIL import Image
 
     prm = new_prms[fmt]
-    with pytest.raises(ValueError, match="candidates is empty"):
-        prm.score(QUESTION, [], engine=engine)
-    with pytest.raises(TypeError, match=r"wrap a single one as \[solution\]"):
-        prm.score(QUESTION, "2 + 3 = 5", engine=engine)
-    for bad in ("", "  \n\n  ", [], ["ok", "  "]):
-        with pytest.raises(FormatError, match="candidate 1 has"):
-            prm.score(QUESTION, [["2 + 3 = 5"], bad], engine=engine)
-    with pytest.raises(TypeError, match="candidate 0 is a int"):
-        prm.score(QUESTION, [5], engine=engine)
+    check_bad_input_errors(prm, QUESTION, engine)
     with pytest.raises(FormatError, match="text-only"):
         prm.score(QUESTION, [["5"]], image=Image.new("RGB", (32, 32)), engine=engine)
-    rewards = prm.score(QUESTION, [["a"], ["b", "c"], ["a"]], engine=engine)
-    assert [len(r) for r in rewards] == [1, 2, 1] and rewards[0] == pytest.approx(rewards[2], abs=1e-5)
 
 
 # ------------------------------------------------------------------ the guard
-
-
-@pytest.fixture
-def no_weights_built(monkeypatch):
-    """Any model construction from weights fails the test: the guard must act before."""
-
-    def refuse(path, dtype):
-        raise AssertionError("weights were built before the format was checked against the checkpoint")
-
-    for kind in list(MODEL_LOADERS):
-        monkeypatch.setitem(MODEL_LOADERS, kind, refuse)
 
 
 def test_mm_prm_on_a_qwen_math_prm_checkpoint_is_refused_before_loading(qwen_prm_ckpt, no_weights_built):

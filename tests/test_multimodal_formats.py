@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prm_checks import check_bad_image_files, close, context_limit, load_release_model, noise_image
 
 from mmprm_infer import PRM
 from mmprm_infer.cli import main
@@ -59,9 +59,7 @@ Please note:
 Your task is to verify the accuracy and correctness of each step in the given solution process."""
 
 
-def _noise_image(width, height, seed=0, mode="RGB"):
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8")).convert(mode)
+_noise_image = noise_image
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +81,9 @@ def ivl_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ivl(ivl_dir):
-    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+    from transformers import InternVLForConditionalGeneration
 
-    model = InternVLForConditionalGeneration.from_pretrained(ivl_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(ivl_dir)
+    return load_release_model(InternVLForConditionalGeneration, ivl_dir)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +92,7 @@ def wide_image():
 
 
 def _close(got, want):
-    assert [len(r) for r in got] == [len(r) for r in want]
-    for g, w in zip(got, want):
-        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-5, atol=1e-5)
+    close(got, want, 1e-5, rtol=1e-5)
 
 
 def _forward_rewards(model, tokenizer, query, positions_fn, pixel_values, good, bad):
@@ -355,19 +350,8 @@ def mm(ivl_dir):
     return PRM.from_pretrained(ivl_dir, format="mm-prm", max_tiles=2)
 
 
-def test_missing_image_file_is_named(mm, tmp_path):
-    missing = tmp_path / "nowhere.png"
-    with pytest.raises(ImageLoadError, match="nowhere.png"):
-        mm.score(QUESTION, [STEPS_A], image=missing)
-
-
-def test_unreadable_image_file_is_named(mm, tmp_path):
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
-    with pytest.raises(ImageLoadError, match="broken.png"):
-        mm.score(QUESTION, [STEPS_A], image=bad)
-    with pytest.raises(TypeError, match="image 2 of 2"):
-        mm.score(QUESTION, [STEPS_A], image=[_noise_image(50, 50), 42])
+def test_missing_and_unreadable_image_files_are_named(mm, tmp_path):
+    check_bad_image_files(mm, QUESTION, STEPS_A, tmp_path)
 
 
 def test_zero_size_image(mm):
@@ -395,17 +379,12 @@ def test_huge_image_is_tiled_within_the_cap(mm, image_work):
 
 
 def test_more_images_than_context(mm):
-    config = mm.model.config.text_config
-    saved = config.max_position_embeddings
-    config.max_position_embeddings = 1024
-    try:
+    with context_limit(mm, 1024):
         with pytest.raises(FormatError, match=r"5 image\(s\) take 1290 tokens .* context of 1024 tokens"):
             mm.score(QUESTION, [STEPS_A], image=[_noise_image(64, 64, seed=s) for s in range(5)])
         # Images that fit, but not with the text: the candidate length check names the sizes.
         with pytest.raises(ValueError, match="more than the model's context of 1024"):
             mm.score(QUESTION, [STEPS_A * 30], image=[_noise_image(64, 64, seed=s) for s in range(3)])
-    finally:
-        config.max_position_embeddings = saved
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "1", "CMYK"])

@@ -16,16 +16,24 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prm_checks import (
+    check_bad_image_files,
+    check_bad_input_errors,
+    close,
+    context_limit,
+    load_release_model,
+    no_weights_built,  # noqa: F401 - a fixture
+    noise_image,
+)
 from safetensors.torch import load_file, save_file
 
 from mmprm_infer import PRM
 from mmprm_infer.engines.fast import FastEngine
 from mmprm_infer.formats import FormatError
-from mmprm_infer.loading import MODEL_LOADERS, CheckpointMismatchError
+from mmprm_infer.loading import CheckpointMismatchError
 from mmprm_infer.tiny_qwen_vl import build_tiny_qwen2_5_vl
 from mmprm_infer.vision import ImageLoadError
 
@@ -56,9 +64,7 @@ RELEASE_SYSTEM_PROMPT = (
 )
 
 
-def _noise_image(width, height, seed=0, mode="RGB"):
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8")).convert(mode)
+_noise_image = noise_image
 
 
 def _spread(path) -> None:
@@ -86,10 +92,9 @@ def vl_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def release_model(vl_dir):
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(vl_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(vl_dir)
+    return load_release_model(Qwen2_5_VLForConditionalGeneration, vl_dir)
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +142,7 @@ def _release(release_model, question, steps_list, images=(), min_pixels=256 * 28
     return out
 
 
-def _close(got, want, tol):
-    assert [len(r) for r in got] == [len(r) for r in want]
-    for g, w in zip(got, want):
-        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=0, atol=tol)
+_close = close
 
 
 def _both_engines(prm, want, question, candidates, image=None, spread=True, chunked=True):
@@ -268,15 +270,6 @@ def test_vl_prm_splits_as_visualprm():
 # ------------------------------------------------------------------ detection and the guard
 
 
-@pytest.fixture
-def no_weights_built(monkeypatch):
-    def refuse(path, dtype):
-        raise AssertionError("weights were built before the format was checked against the checkpoint")
-
-    for kind in list(MODEL_LOADERS):
-        monkeypatch.setitem(MODEL_LOADERS, kind, refuse)
-
-
 def _copy_with(src, dst, drop_weights=(), **config_entries):
     import shutil
 
@@ -331,30 +324,13 @@ def test_checkpoint_without_its_lm_head_is_refused(vl_dir, tmp_path, no_weights_
 
 @pytest.mark.parametrize("engine", ["reference", None])
 def test_bad_input_errors_match_the_other_formats(prm, engine):
-    with pytest.raises(ValueError, match="candidates is empty"):
-        prm.score(QUESTION, [], engine=engine)
-    with pytest.raises(TypeError, match=r"wrap a single one as \[solution\]"):
-        prm.score(QUESTION, "2 + 3 = 5", engine=engine)
-    for bad in ("", "  \n\n  ", [], ["ok", "  "]):
-        with pytest.raises(FormatError, match="candidate 1 has"):
-            prm.score(QUESTION, [["2 + 3 = 5"], bad], engine=engine)
-    with pytest.raises(TypeError, match="candidate 0 is a int"):
-        prm.score(QUESTION, [5], engine=engine)
+    check_bad_input_errors(prm, QUESTION, engine)
     with pytest.raises(FormatError, match="trailing blank|empty step"):
         prm.score(QUESTION, ["\n\n".join(STEPS_A) + "\n\n"], engine=engine)
-    rewards = prm.score(QUESTION, [["a"], ["b", "c"], ["a"]], engine=engine)
-    assert [len(r) for r in rewards] == [1, 2, 1] and rewards[0] == pytest.approx(rewards[2], abs=1e-5)
 
 
 def test_bad_images_are_named(prm, tmp_path):
-    with pytest.raises(ImageLoadError, match="nowhere.png"):
-        prm.score(QUESTION, [STEPS_A], image=tmp_path / "nowhere.png")
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
-    with pytest.raises(ImageLoadError, match="broken.png"):
-        prm.score(QUESTION, [STEPS_A], image=broken)
-    with pytest.raises(TypeError, match="image 2 of 2"):
-        prm.score(QUESTION, [STEPS_A], image=[_noise_image(50, 50), 42])
+    check_bad_image_files(prm, QUESTION, STEPS_A, tmp_path)
     with pytest.raises(ImageLoadError, match="zero size"):
         prm.score(QUESTION, [STEPS_A], image=Image.new("RGB", (0, 10)))
     with pytest.raises(ImageLoadError, match="aspect ratio"):
@@ -386,17 +362,12 @@ def test_interleaved_placeholders_put_the_images_in_the_question(prm):
 
 
 def test_more_images_than_context(prm):
-    config = prm.model.config.text_config
-    saved = config.max_position_embeddings
-    config.max_position_embeddings = 40
-    try:
+    with context_limit(prm, 40):
         with pytest.raises(FormatError, match=r"3 image\(s\) take 54 tokens .* context of 40 tokens"):
             prm.score(QUESTION, [STEPS_A], image=[_noise_image(140, 140, seed=s) for s in range(3)])
         # Images that fit, but not with the text: the candidate length check names the sizes.
         with pytest.raises(ValueError, match="more than the model's context of 40"):
             prm.score(QUESTION, [STEPS_A], image=_noise_image(140, 140))
-    finally:
-        config.max_position_embeddings = saved
 
 
 def test_training_forward_reads_the_scoring_rewards(prm):

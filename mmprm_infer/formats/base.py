@@ -128,11 +128,16 @@ def positions_of(input_ids: Sequence[int], token_id: int) -> list[int]:
 
 def check_marker_count(positions: list[int], steps: Sequence[str], tag: str, fmt: str) -> None:
     """Every step must give exactly one marker, or rewards would shift between steps."""
+    check_reward_count(positions, steps, fmt, f"step marker(s) {tag!r}",
+                       f"a step's text (or the question) probably contains {tag!r} itself: remove it from the "
+                       "text before scoring")
+
+
+def check_reward_count(positions: Sequence[int], steps: Sequence[str], fmt: str, what: str, cause: str) -> None:
+    """One reward position per step, or a FormatError: expected N ``what`` but found M; ``cause``."""
     if len(positions) != len(steps):
         raise FormatError(
-            f"format {fmt!r}: expected {len(steps)} step marker(s) {tag!r} but the encoded "
-            f"input has {len(positions)}; a step's text (or the question) probably contains "
-            f"{tag!r} itself: remove it from the text before scoring"
+            f"format {fmt!r}: expected {len(steps)} {what} but the encoded input has {len(positions)}; {cause}"
         )
 
 

@@ -80,15 +80,24 @@ def place_images(text: str, image_tokens: Sequence[str], fmt: str, *, exact: boo
     """
     if not image_tokens:
         return text
-    n = len(image_tokens)
     if IMAGE_PLACEHOLDER not in text:
-        text = image_prefix(n) + text
+        text = image_prefix(len(image_tokens)) + text
+    return fill_placeholders(
+        text, image_tokens, fmt, exact=exact,
+        hint=f"put one {IMAGE_PLACEHOLDER!r} per image in the question, or none to have them placed in front of it",
+    )
+
+
+def fill_placeholders(text: str, image_tokens: Sequence[str], fmt: str, *, exact: bool, hint: str) -> str:
+    """Replace the ``<image>`` placeholders of ``text`` by the image blocks, the first occurrence
+    once per image, in order; fewer placeholders than images (or, ``exact``, any other number)
+    is a FormatError that ends with ``hint`` (what to do about it)."""
+    n = len(image_tokens)
     found = text.count(IMAGE_PLACEHOLDER)
     if found < n or (exact and found != n):
         raise FormatError(
             f"format {fmt!r}: got {n} image(s) but the question holds {found} {IMAGE_PLACEHOLDER!r} "
-            f"placeholder(s); put one {IMAGE_PLACEHOLDER!r} per image in the question, or none to "
-            "have them placed in front of it"
+            f"placeholder(s); {hint}"
         )
     for block in image_tokens:
         text = text.replace(IMAGE_PLACEHOLDER, block, 1)
@@ -106,6 +115,24 @@ def as_image_list(image: Any) -> list:
     raise TypeError(
         f"image must be a PIL.Image, a file path, or a list of them; got {type(image).__name__}"
     )
+
+
+def open_images(adapter, image, kind: str, family: str, fmt: str) -> list:
+    """The image(s) a format's ``prepare_images`` was given, opened as RGB (a list, empty for None),
+    once the model is known to be of ``kind`` (``family`` names it: "an InternVL")."""
+    if getattr(adapter, "kind", None) != kind:
+        raise FormatError(
+            f"format {fmt!r} reads images only on {family} model, but the model was "
+            f"loaded as {getattr(adapter, 'kind', type(adapter).__name__)!r}"
+        )
+    images = as_image_list(image)
+    opened = []
+    for i, im in enumerate(images):
+        try:
+            opened.append(open_rgb(im))
+        except TypeError as exc:
+            raise TypeError(f"image {i + 1} of {len(images)}: {exc}") from None
+    return opened
 
 
 class InternVLImages:
@@ -132,27 +159,16 @@ class InternVLImages:
         All tiles of all images go through the vision tower in one call; the
         token budget is checked before any pixels are made.
         """
-        if getattr(adapter, "kind", None) != MODEL_INTERNVL:
-            raise FormatError(
-                f"format {self.name!r} reads images only on an InternVL model, but the model was "
-                f"loaded as {getattr(adapter, 'kind', type(adapter).__name__)!r}"
-            )
-        images = as_image_list(image)
-        if not images:
+        opened = open_images(adapter, image, MODEL_INTERNVL, "an InternVL", self.name)
+        if not opened:
             return [], None
         cfg = self.image_config(adapter)
-        opened = []
-        for i, im in enumerate(images):
-            try:
-                opened.append(open_rgb(im))
-            except TypeError as exc:
-                raise TypeError(f"image {i + 1} of {len(images)}: {exc}") from None
         tiles = [num_tiles(im.width, im.height, cfg) for im in opened]
         block_tokens = [t * cfg.tokens_per_tile + 2 for t in tiles]
         limit = adapter.max_positions
         if limit is not None and sum(block_tokens) >= limit:
             raise FormatError(
-                f"{len(images)} image(s) take {sum(block_tokens)} tokens ({sum(tiles)} tiles x "
+                f"{len(opened)} image(s) take {sum(block_tokens)} tokens ({sum(tiles)} tiles x "
                 f"{cfg.tokens_per_tile} + 2 per image), which leaves no room in the model's context of "
                 f"{limit} tokens; pass fewer images or a smaller max_tiles (now {cfg.max_tiles})"
             )
@@ -195,5 +211,6 @@ def detect_internvl_format(config: dict, tokenizer) -> str | None:
 
 __all__ = [
     "IMAGE_PLACEHOLDER", "INTERNVL25_SYSTEM_MESSAGE", "InternVLImages", "render_internvl25", "image_prefix",
-    "place_images", "as_image_list", "find_subsequence_positions", "detect_internvl_format",
+    "place_images", "fill_placeholders", "as_image_list", "open_images", "find_subsequence_positions",
+    "detect_internvl_format",
 ]

@@ -33,24 +33,9 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import (
-    MODEL_INTERNVL,
-    EncodedCandidate,
-    FormatError,
-    PRMFormat,
-    RewardColumns,
-    check_steps,
-    reward_token_columns,
-)
-from .internvl_base import (
-    IM_END,
-    IM_START,
-    INTERNVL25_SYSTEM_MESSAGE,
-    InternVLImages,
-    find_subsequence_positions,
-    place_images,
-    render_internvl25,
-)
+from .base import MODEL_INTERNVL, PRMFormat
+from .internvl_base import INTERNVL25_SYSTEM_MESSAGE, InternVLImages, place_images, render_internvl25
+from .step_turns import StepTurnsFormat, step_turns
 
 # InternVL internvl_chat/tools/reasoning_data_pipeline/utils/constants.py
 VISUALPRM_SYSTEM_PROMPT = """
@@ -83,10 +68,7 @@ def split_response(response: str, sep: str = "\n\n", max_steps: int | None = Non
 
 
 @dataclass
-class VisualPRMFormat(InternVLImages, PRMFormat):
-    good_token: str = "+"
-    bad_token: str = "-"
-    placeholder: str = "+"
+class VisualPRMFormat(InternVLImages, StepTurnsFormat, PRMFormat):
     # InternVL's default; loading puts the checkpoint config's system_message here when set.
     system_prompt: str = INTERNVL25_SYSTEM_MESSAGE
     max_steps: int | None = None
@@ -116,9 +98,6 @@ class VisualPRMFormat(InternVLImages, PRMFormat):
         # empty step, which is refused (the release renders it as a bare header).
         return split_response(solution, "\n\n", self.max_steps)
 
-    def reward_columns(self, tokenizer) -> RewardColumns:
-        return reward_token_columns(tokenizer, self.good_token, self.bad_token, self.name)
-
     def check_tokenizer(self, tokenizer) -> None:
         self.reward_columns(tokenizer)
         self.check_image_tokens(tokenizer)
@@ -126,29 +105,4 @@ class VisualPRMFormat(InternVLImages, PRMFormat):
     def build_query(self, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> str:
         """The release's query string, images already expanded."""
         question = place_images(question, image_tokens, self.name, exact=True)
-        turns: list[tuple[str, str]] = []
-        for k, step in enumerate(steps):
-            content = f"### Question:\n{question}\n\n### Solution Process:\n{step}" if k == 0 else step
-            turns += [("user", content), ("assistant", self.placeholder)]
-        return render_internvl25(self.system_prompt, turns)
-
-    def reward_positions(self, tokenizer, input_ids: Sequence[int]) -> list[int]:
-        """``find_placeholder_idx``: the last token of each assistant header before the placeholder."""
-        header = tokenizer.encode(f"{IM_START}assistant\n", add_special_tokens=False)
-        target = tokenizer.encode(f"{IM_START}assistant\n{self.placeholder}{IM_END}\n", add_special_tokens=False)
-        return find_subsequence_positions(input_ids, target, len(header) - 1)
-
-    def encode(
-        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
-    ) -> EncodedCandidate:
-        check_steps(steps, self.name)
-        ids = tokenizer.encode(self.build_query(question, steps, image_tokens))
-        positions = self.reward_positions(tokenizer, ids)
-        if len(positions) != len(steps):
-            raise FormatError(
-                f"format {self.name!r}: expected {len(steps)} assistant turn(s) "
-                f"'<|im_start|>assistant\\n{self.placeholder}<|im_end|>' but the encoded input has "
-                f"{len(positions)}; a step (or the question) probably contains that text itself: "
-                "remove it before scoring"
-            )
-        return EncodedCandidate(list(ids), positions)
+        return render_internvl25(self.system_prompt, step_turns(question, steps, self.placeholder))

@@ -34,18 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..vision import ImageLoadError, open_rgb
-from .base import (
-    MODEL_QWEN2_5_VL,
-    EncodedCandidate,
-    FormatError,
-    PRMFormat,
-    RewardColumns,
-    check_steps,
-    reward_token_columns,
-    single_token_id,
-)
-from .internvl_base import IM_END, IM_START, IMAGE_PLACEHOLDER, as_image_list, find_subsequence_positions
+from ..vision import ImageLoadError
+from .base import MODEL_QWEN2_5_VL, FormatError, PRMFormat, single_token_id
+from .internvl_base import IM_END, IM_START, IMAGE_PLACEHOLDER, fill_placeholders, open_images
+from .step_turns import StepTurnsFormat, step_turns
 
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
@@ -84,10 +76,7 @@ def render_chatml(system: str, turns: Sequence[tuple[str, str]]) -> str:
 
 
 @dataclass
-class VLPRMFormat(PRMFormat):
-    good_token: str = "+"
-    bad_token: str = "-"
-    placeholder: str = "+"
+class VLPRMFormat(StepTurnsFormat, PRMFormat):
     system_prompt: str = VL_PRM_SYSTEM_PROMPT
     min_pixels: int = 256 * 28 * 28
     max_pixels: int = 1280 * 28 * 28
@@ -96,6 +85,7 @@ class VLPRMFormat(PRMFormat):
     model_kind = MODEL_QWEN2_5_VL
     supports_images = True
     default_aggregate = "mean"
+    add_special_tokens = False  # the chat template's text, tokenized as it is
 
     def __post_init__(self) -> None:
         if not self.placeholder:
@@ -107,9 +97,6 @@ class VLPRMFormat(PRMFormat):
         # The release scores the steps its search produced, split on "\n\n" (VisualPRM's rule, no strip).
         return solution.split("\n\n")
 
-    def reward_columns(self, tokenizer) -> RewardColumns:
-        return reward_token_columns(tokenizer, self.good_token, self.bad_token, self.name)
-
     def check_tokenizer(self, tokenizer) -> None:
         self.reward_columns(tokenizer)
         for token in (VISION_START, VISION_END, IMAGE_PAD):
@@ -119,51 +106,24 @@ class VLPRMFormat(PRMFormat):
     def build_query(self, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> str:
         """The release's conversation text with every assistant turn answered, images expanded."""
         if IMAGE_PLACEHOLDER in question:  # interleaved: one "<image>" per image, in order
-            found = question.count(IMAGE_PLACEHOLDER)
-            if found != len(image_tokens):
-                raise FormatError(
-                    f"format {self.name!r}: got {len(image_tokens)} image(s) but the question holds {found} "
-                    f"{IMAGE_PLACEHOLDER!r} placeholder(s); put one per image where it belongs, or none to have "
-                    "the images placed before the text as the release does"
-                )
-            for block in image_tokens:
-                question = question.replace(IMAGE_PLACEHOLDER, block, 1)
+            question = fill_placeholders(
+                question, image_tokens, self.name, exact=True,
+                hint="put one per image where it belongs, or none to have the images placed before the text as "
+                "the release does",
+            )
             images = ""
         else:
             images = "".join(image_tokens)
-        turns: list[tuple[str, str]] = []
-        for k, step in enumerate(steps):
-            content = f"{images}### Question:\n{question}\n\n### Solution Process:\n{step}" if k == 0 else step
-            turns += [("user", content), ("assistant", self.placeholder)]
-        return render_chatml(self.system_prompt, turns)
+        return render_chatml(self.system_prompt, step_turns(question, steps, self.placeholder, images))
 
-    def reward_positions(self, tokenizer, input_ids: Sequence[int]) -> list[int]:
-        """The last token of each assistant header: where the generation prompt of each step ends."""
-        header = tokenizer.encode(f"{IM_START}assistant\n", add_special_tokens=False)
-        target = tokenizer.encode(f"{IM_START}assistant\n{self.placeholder}{IM_END}\n", add_special_tokens=False)
-        return find_subsequence_positions(input_ids, target, len(header) - 1)
-
-    def encode(
-        self, tokenizer, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()
-    ) -> EncodedCandidate:
-        check_steps(steps, self.name)
-        ids = tokenizer.encode(self.build_query(question, steps, image_tokens), add_special_tokens=False)
-        positions = self.reward_positions(tokenizer, ids)
-        if len(positions) != len(steps):
-            raise FormatError(
-                f"format {self.name!r}: expected {len(steps)} assistant turn(s) "
-                f"'<|im_start|>assistant\\n{self.placeholder}<|im_end|>' but the encoded input has "
-                f"{len(positions)}; a step (or the question) probably contains that text itself: "
-                "remove it before scoring"
-            )
+    def check_encoded(self, tokenizer, input_ids: list[int], image_tokens: Sequence[str]) -> None:
         pad = single_token_id(tokenizer, IMAGE_PAD, "image token", self.name)
         expected = sum(block.count(IMAGE_PAD) for block in image_tokens)
-        if ids.count(pad) != expected:
+        if input_ids.count(pad) != expected:
             raise FormatError(
                 f"format {self.name!r}: the question or a step contains {IMAGE_PAD!r} itself; remove it "
                 "(images are passed with image=..., not as text)"
             )
-        return EncodedCandidate(list(ids), positions)
 
     # --- images ------------------------------------------------------------
     def image_processor(self, adapter):
@@ -180,20 +140,9 @@ class VLPRMFormat(PRMFormat):
         """Image(s) -> (one placeholder block per image, features + grid), the vision tower run once."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-        if getattr(adapter, "kind", None) != MODEL_QWEN2_5_VL:
-            raise FormatError(
-                f"format {self.name!r} reads images only on a Qwen2.5-VL model, but the model was loaded as "
-                f"{getattr(adapter, 'kind', type(adapter).__name__)!r}"
-            )
-        images = as_image_list(image)
-        if not images:
+        opened = open_images(adapter, image, MODEL_QWEN2_5_VL, "a Qwen2.5-VL", self.name)
+        if not opened:
             return [], None
-        opened = []
-        for i, im in enumerate(images):
-            try:
-                opened.append(open_rgb(im))
-            except TypeError as exc:
-                raise TypeError(f"image {i + 1} of {len(images)}: {exc}") from None
         processor = self.image_processor(adapter)
         factor = processor.patch_size * processor.merge_size
         tokens = []

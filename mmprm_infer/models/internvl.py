@@ -15,38 +15,21 @@ MM-PRM-8B, VisualPRM-8B) are converted first with ``mmprm convert-internvl``.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..formats.base import MODEL_INTERNVL
-from .adapters import ModelAdapter, register_adapter
+from .adapters import register_adapter
+from .vision_language import VisionLanguageAdapter
 
 
-class InternVLAdapter(ModelAdapter):
+class InternVLAdapter(VisionLanguageAdapter):
     """Vision tower + projector + text decoder + LM head of an InternVL model."""
 
     kind = MODEL_INTERNVL
-
-    def __init__(self, model: nn.Module):
-        inner = getattr(model, "model", None)
-        if inner is None or not hasattr(inner, "vision_tower") or not hasattr(inner, "language_model"):
-            raise ValueError(
-                f"a {type(model).__name__} is not an InternVL vision-language model (no vision_tower / "
-                "language_model); load it with InternVLForConditionalGeneration, or pick a text format"
-            )
-        super().__init__(model)
-
-    # --- structure -----------------------------------------------------
-    @property
-    def decoder(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def text_config(self):
-        return self.model.config.text_config
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
+    family = "an InternVL"
+    vision_attr = "vision_tower"
+    model_class = "InternVLForConditionalGeneration"
+    image_token = "<IMG_CONTEXT>"
+    image_token_noun = "image-context tokens"
 
     # --- images ----------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -87,26 +70,6 @@ class InternVLAdapter(ModelAdapter):
             features = features.reshape(features.shape[0], -1, features.shape[-1])
         features = inner.multi_modal_projector(features)
         return features.reshape(-1, features.shape[-1])
-
-    def merge_image_features(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor | None:
-        mask = input_ids == self.image_token_id
-        n_tokens = int(mask.sum())
-        if image_features is None:
-            if n_tokens:
-                raise ValueError(
-                    f"the input holds {n_tokens} image-context tokens (<IMG_CONTEXT>, id {self.image_token_id}) "
-                    "but no image was given; pass the image, or remove the placeholder text from the input"
-                )
-            return None
-        if n_tokens != image_features.shape[0]:
-            raise ValueError(
-                f"image placeholders and image features differ: the input holds {n_tokens} <IMG_CONTEXT> "
-                f"tokens but the image(s) gave {image_features.shape[0]} feature rows; the text must carry "
-                "exactly the image blocks the format's prepare_images returned"
-            )
-        embeds = self.embed(input_ids)
-        # The same op as InternVLModel.forward, so the merged rows are bit-identical.
-        return embeds.masked_scatter(mask[:, None].to(embeds.device), image_features.to(embeds.device, embeds.dtype))
 
     # --- full forward (reference) -------------------------------------
     def full_logits(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

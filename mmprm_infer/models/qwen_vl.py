@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from ..formats.base import MODEL_QWEN2_5_VL
-from .adapters import ModelAdapter, register_adapter
+from .adapters import register_adapter
+from .vision_language import VisionLanguageAdapter
 
 
 @dataclass
@@ -52,30 +52,17 @@ class GridImageFeatures:
         return dataclasses.replace(self, features=self.features.clone())
 
 
-class Qwen2_5_VLAdapter(ModelAdapter):
+class Qwen2_5_VLAdapter(VisionLanguageAdapter):
     """Vision tower + merger + text decoder (M-RoPE) + LM head of a Qwen2.5-VL model."""
 
     kind = MODEL_QWEN2_5_VL
     multimodal_rope = True
-
-    def __init__(self, model: nn.Module):
-        inner = getattr(model, "model", None)
-        if inner is None or not hasattr(inner, "visual") or not hasattr(inner, "language_model"):
-            raise ValueError(
-                f"a {type(model).__name__} is not a Qwen2.5-VL vision-language model (no visual / language_model); "
-                "load it with Qwen2_5_VLForConditionalGeneration, or pick a text format"
-            )
-        super().__init__(model)
+    family = "a Qwen2.5-VL"
+    vision_attr = "visual"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    image_token = "<|image_pad|>"
 
     # --- structure -----------------------------------------------------
-    @property
-    def decoder(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def text_config(self):
-        return self.model.config.text_config
-
     @property
     def vision_config(self):
         return self.model.config.vision_config
@@ -98,28 +85,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                 pixel_values.to(device=self.device, dtype=self.dtype), grid_thw, return_dict=True)
         return GridImageFeatures(torch.cat(list(out.pooler_output), dim=0), grid_thw)
 
-    def merge_image_features(
-        self, input_ids: torch.Tensor, image_features: GridImageFeatures | None
-    ) -> torch.Tensor | None:
-        mask = input_ids == self.image_token_id
-        n_tokens = int(mask.sum())
-        if image_features is None:
-            if n_tokens:
-                raise ValueError(
-                    f"the input holds {n_tokens} image tokens (<|image_pad|>, id {self.image_token_id}) but no image "
-                    "was given; pass the image, or remove the placeholder text from the input"
-                )
-            return None
-        features = image_features.features
-        if n_tokens != features.shape[0]:
-            raise ValueError(
-                f"image placeholders and image features differ: the input holds {n_tokens} <|image_pad|> tokens "
-                f"but the image(s) gave {features.shape[0]} feature rows; the text must carry exactly the image "
-                "blocks the format's prepare_images returned"
-            )
-        embeds = self.embed(input_ids)
-        # The same op as Qwen2_5_VLModel.forward, so the merged rows are bit-identical.
-        return embeds.masked_scatter(mask[:, None].to(embeds.device), features.to(embeds.device, embeds.dtype))
+    def feature_rows(self, image_features: GridImageFeatures) -> torch.Tensor:
+        return image_features.features
 
     # --- positions -------------------------------------------------------
     def position_ids(self, input_ids: Sequence[int] | torch.Tensor,
