@@ -188,12 +188,19 @@ def text_flops(cfg, prefix: int, suffixes: Sequence[int], markers: int) -> dict:
     attention = 4 * heads * d * keys
     linear = linear_per_token * tokens
     readout = 2 * h * markers
+    # The fast engine's last layer: K/V projections for every token, the rest for the markers only
+    # (each marker attending to at most prefix + its candidate's suffix keys).
+    kv_per_token = 2 * h * 2 * kv * d
+    last_at_markers = kv_per_token * tokens + (linear_per_token - kv_per_token) * markers + \
+        4 * heads * d * markers * (prefix + max(suffixes, default=0))
     return {
         "tokens": tokens,
         "linear": layers * linear,
         "attention": layers * attention,
         "readout": readout,
         "total": layers * (linear + attention) + readout,
+        # the same with the last layer computed at the markers only (what the fast engine does)
+        "total_last_layer_at_markers": (layers - 1) * (linear + attention) + last_at_markers + readout,
     }
 
 

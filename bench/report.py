@@ -125,6 +125,11 @@ def format_point(point: dict, quick: bool) -> str:
             lines.append(f"   {name:<10} vs the fp32 reference: max|diff| {e['max_abs_diff_vs_fp32_reference']:.2e}, "
                          f"best-of-N (min) {'same' if e['best_of_n_same_as_fp32'] else 'CHANGED'}, ranking "
                          f"{'same' if e['ranking_same_as_fp32'] else 'changed'}")
+    floor, fast = point["engines"]["floor"], point["engines"]["fast"]
+    if floor.get("seconds_last_layer_at_markers") and fast.get("status") == "ok":
+        pruned = floor["seconds_last_layer_at_markers"]
+        lines.append(f"   floor with the last layer at the markers only (the fast engine's work): {pruned:.3f} s; "
+                     f"fast / that floor {fast['seconds'] / pruned:.2f}x")
     ratio = point.get("fast_over_reference_peak_rss")
     lines.append(f"   peak RSS increase fast / reference: {_fmt(ratio, '{:.3f}x')}"
                  + ("   (* vLLM: its engine processes' RSS increase, see JSON note)"

@@ -286,7 +286,9 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
         point["engines"]["floor"] = {"status": "ok", "seconds": point["flops"]["total"] / rate["flop_per_s"],
                                      "how": f"FLOPs of the unique tokens / the best measured {args.dtype} GEMM rate "
                                             f"({rate['best_path']})",
-                                     "threads": f"{rate['best_path']}, {rate['threads']} threads"}
+                                     "threads": f"{rate['best_path']}, {rate['threads']} threads",
+                                     "seconds_last_layer_at_markers":
+                                         point["flops"]["total_last_layer_at_markers"] / rate["flop_per_s"]}
         point["engines"]["vllm"] = {"status": "skipped", "reason": vllm_reason}
 
     if base.multimodal:
