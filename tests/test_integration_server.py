@@ -12,8 +12,9 @@ fastapi = pytest.importorskip("fastapi", reason="the server tests need the 'serv
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+import server_fakes  # noqa: E402
 from PIL import Image  # noqa: E402
-from server_fakes import MODEL, TOL, free_port  # noqa: E402  # noqa: E402,F401 - fixtures
+from server_fakes import MODEL, TOL, free_port  # noqa: E402
 from server_fakes import chat as _chat  # noqa: E402
 from server_fakes import check_choices as _check_choices  # noqa: E402
 from server_fakes import data_url as _data_url  # noqa: E402
@@ -21,6 +22,9 @@ from server_fakes import reranker as _reranker  # noqa: E402
 
 from mmprm_infer.cli import build_parser  # noqa: E402
 from mmprm_infer.integrations.serve import PRMBatcher, ServerConfig  # noqa: E402
+
+# the fixtures these tests take (assigned, not imported: a linter would drop an "unused" import)
+prm, policy = server_fakes.prm, server_fakes.policy
 
 # --------------------------------------------------------------------------
 # happy paths

@@ -15,12 +15,16 @@ import pytest
 pytest.importorskip("fastapi", reason="the server tests need the 'serve' extra (fastapi, uvicorn, httpx)")
 httpx = pytest.importorskip("httpx")
 
+import server_fakes  # noqa: E402
 from PIL import Image, ImageFile  # noqa: E402
-from server_fakes import MODEL, chat, data_url, image_chat, png_header_only, reranker  # noqa: E402  # noqa: E402,F401 - fixtures
+from server_fakes import MODEL, chat, data_url, image_chat, png_header_only, reranker  # noqa: E402
 
 from mmprm_infer.cli import main  # noqa: E402
 from mmprm_infer.integrations.serve import ServerConfig  # noqa: E402
 from mmprm_infer.integrations.serve import app as server_module  # noqa: E402
+
+# the fixtures these tests take (assigned, not imported: a linter would drop an "unused" import)
+prm, policy = server_fakes.prm, server_fakes.policy
 
 
 @pytest.fixture

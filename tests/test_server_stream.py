@@ -14,7 +14,11 @@ import pytest
 pytest.importorskip("fastapi", reason="the server tests need the 'serve' extra (fastapi, uvicorn, httpx)")
 httpx = pytest.importorskip("httpx")
 
-from server_fakes import MODEL, chat, check_choices, reranker  # noqa: E402  # noqa: E402,F401 - fixtures
+import server_fakes  # noqa: E402
+from server_fakes import MODEL, chat, check_choices, reranker  # noqa: E402
+
+# the fixtures these tests take (assigned, not imported: a linter would drop an "unused" import)
+prm, policy = server_fakes.prm, server_fakes.policy
 
 
 def _events(r) -> list:
