@@ -161,12 +161,12 @@ class PipelineConfig(ReadingStages):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # about 4 minutes on 2 cores: the full preset's stages, short (2 layers; 800 pretraining, 1200 + 600
+    # about 4 minutes on 2 cores: the full preset's stages, short (2 layers; 400 pretraining, 600 + 300
     # verification and 2400 PRM steps; 2 threads: 1.5x faster per step than 1 on an idle machine);
-    # 100 held-out problems.  Time against quality: RESULTS.md beside this file
+    # 300 held-out problems (scoring them takes seconds).  Time against quality: RESULTS.md beside this file
     "demo": dict(train_problems=300, pretrain_steps=400, verification_steps=600, verification_arithmetic=0.3,
-                 row_verification_steps=300, verification_token_verdicts=1.0, verification_mix=0.5, max_steps=1200,
-                 test_problems=100, layers=2, learning_rate=1e-3, balance_positions=True, threads=2),
+                 row_verification_steps=300, verification_token_verdicts=1.0, verification_mix=0.5, max_steps=2400,
+                 test_problems=300, layers=2, learning_rate=1e-3, balance_positions=True, threads=2),
     # >= 200 held-out problems
     # ~35 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
     # picture's text; the PRM stage then runs at a lower rate so as not to erase it, on a position-balanced loss

@@ -34,6 +34,7 @@ train and test splits disjoint seeds (even / odd problem seeds).
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -161,6 +162,7 @@ class ParsedStep:
     result: int | None = None  # arithmetic result or answer value
 
 
+@functools.lru_cache(maxsize=1 << 16)  # MCTS re-checks the same step texts ~1M times per annotation
 def parse_step(text: str) -> ParsedStep:
     s = " ".join(text.split())
     m = _READ_RE.match(s)
