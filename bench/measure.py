@@ -297,7 +297,7 @@ def matmul_rate_packed(cfg, rows: int, repeats: int = 5, dtype=torch.float32) ->
     from mmprm_infer.engines import linear_paths
 
     gen, shapes, x, flops = _gemm_inputs(cfg, rows, dtype)
-    packed = [linear_paths._pack(torch.randn(n, k, generator=gen, dtype=dtype), rows) for k, n in shapes]
+    packed = [linear_paths.pack_weight(torch.randn(n, k, generator=gen, dtype=dtype), rows) for k, n in shapes]
 
     def one_pass():
         for (k, _), w in zip(shapes, packed):

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import prefix_attention, step_reward
+from . import step_reward
+from .prefix_attention import triton_ops
 
 # What the engines feed the kernels: model dtypes, and head dims from tiny models to 7B-class ones
 # (80 is a non-power of two: BLOCK_D pads it).
@@ -99,7 +100,7 @@ class _Recorder:
 def _recording():
     """Swap the kernel modules' launcher (``_jit``) for a recorder."""
     recorder = _Recorder()
-    saved = {m: m._jit for m in (prefix_attention, step_reward)}
+    saved = {m: m._jit for m in (triton_ops, step_reward)}
     try:
         for m in saved:
             m._jit = recorder.jit
@@ -112,7 +113,7 @@ def _recording():
 def record_launches(dtypes=DTYPES, head_dims=HEAD_DIMS, hidden_sizes=HIDDEN_SIZES) -> list[Launch]:
     """Every distinct Triton launch of the public entry points' Triton paths (as ``prefix_attention``'s
     and ``step_reward``'s dispatchers call them) over the given dtypes and sizes."""
-    pa, sr = prefix_attention, step_reward
+    pa, sr = triton_ops, step_reward
     t, p, h, hkv, cu = 6, 5, 4, 2, [0, 2, 6]
     with _recording() as rec:
         for dtype in dtypes:
@@ -120,13 +121,13 @@ def record_launches(dtypes=DTYPES, head_dims=HEAD_DIMS, hidden_sizes=HIDDEN_SIZE
                 q = torch.zeros(t, h, d, dtype=dtype)
                 k, kp = torch.zeros(t, hkv, d, dtype=dtype), torch.zeros(p, hkv, d, dtype=dtype)
                 part = (torch.zeros(t, h, d), torch.zeros(t, h))
-                pa._prefix_partial_triton(q, kp, kp, 1.0)  # prefix_partial
-                pa._suffix_triton(q, k, k, cu, 1.0)  # suffix_partial
+                pa.prefix_partial(q, kp, kp, 1.0)  # prefix_partial
+                pa.suffix(q, k, k, cu, 1.0)  # suffix_partial
                 # shared_prefix_attention: prefix partial, then the suffix kernel with the merge fused in
-                pa._suffix_triton(q, k, k, cu, 1.0, init=part, out_dtype=dtype, write_lse=False)
+                pa.suffix(q, k, k, cu, 1.0, init=part, out_dtype=dtype, write_lse=False)
                 # flash_attn backend: its partials (out in q's dtype, lse fp32) merged into q's dtype
-                pa._merge_triton(part[0].to(dtype), part[1], part[0].to(dtype), part[1], out_dtype=dtype)
-            pa._merge_triton(*part, *part)  # merge_partials (fp32)
+                pa.merge(part[0].to(dtype), part[1], part[0].to(dtype), part[1], out_dtype=dtype)
+            pa.merge(*part, *part)  # merge_partials (fp32)
             for hidden_size in hidden_sizes:
                 hidden = torch.zeros(t, hidden_size, dtype=dtype)
                 w = torch.zeros(hidden_size, dtype=dtype)

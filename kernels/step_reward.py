@@ -25,8 +25,9 @@ import torch
 
 from ..aggregation import AGGREGATIONS as _AGG_TABLE
 from ..aggregation import ALIASES, LOG_EPS, REDUCTIONS, TRANSFORMS
-from .triton_runtime import check_triton_usable, tl, triton
+from . import backends
 from .triton_runtime import jit_lazily as _jit
+from .triton_runtime import tl, triton
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 # name -> (transform of p, reduction over a candidate's steps), from the one table
@@ -34,11 +35,6 @@ AGGREGATIONS: dict[str, tuple[str, str]] = {name: (a.transform, a.reduce) for na
 # integer codes the Triton kernel is specialized on
 _TRANSFORM_CODE = {"p": 0, "log": 1, "logit": 2, "odds": 3}
 _REDUCE_CODE = {"min": 0, "max": 1, "sum": 2, "mean": 3, "last": 4, "prod": 5}
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Output allocator; tests swap it for a NaN-filled one to catch unwritten entries."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def resolve_aggregation(name: str) -> tuple[str, str]:
@@ -63,22 +59,9 @@ def _check_positions(positions, num_rows: int) -> None:
             raise ValueError(f"positions must index rows of hidden in [0, {num_rows}), got values in [{lo}, {hi}]")
 
 
-def _cu_list(cu_markers) -> list[int]:
-    """cu_markers (tensor or sequence) as host ints."""
-    if isinstance(cu_markers, torch.Tensor):
-        if cu_markers.dim() != 1 or cu_markers.is_floating_point():
-            raise ValueError(
-                f"cu_markers must be a 1-D integer tensor [N+1], got {cu_markers.dtype} {tuple(cu_markers.shape)}"
-            )
-        return cu_markers.tolist()
-    return [int(c) for c in cu_markers]
-
-
-def _check_cu(cu: list[int], num_markers: int, what: str) -> None:
-    if len(cu) < 2:
-        raise ValueError(f"cu_markers needs N+1 >= 2 entries (one candidate at least), got {len(cu)}")
-    if cu[0] != 0:
-        raise ValueError(f"cu_markers must start at 0, got cu_markers[0]={cu[0]}")
+def _marker_offsets(cu_markers, num_markers: int, what: str) -> list[int]:
+    """cu_markers as host ints: from 0 to ``num_markers``, every candidate with at least one marker."""
+    cu = backends.host_offsets(cu_markers, "cu_markers", "candidate")
     if cu[-1] != num_markers:
         raise ValueError(f"cu_markers[-1]={cu[-1]} must equal the number of {what} M={num_markers}")
     empty = [n for n, (a, b) in enumerate(zip(cu, cu[1:])) if b <= a]
@@ -87,6 +70,7 @@ def _check_cu(cu: list[int], num_markers: int, what: str) -> None:
             f"every candidate needs at least one marker, but candidates {empty[:10]} have none "
             "(cu_markers must be strictly increasing); drop those candidates or give them a final marker"
         )
+    return cu
 
 
 def _check_weights(hidden, norm_weight, w_diff, positions) -> None:
@@ -104,23 +88,13 @@ def _check_weights(hidden, norm_weight, w_diff, positions) -> None:
 
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton is not None else "torch"
-    if backend == "triton":
-        check_triton_usable(device)
-    return backend
-
-
 # --------------------------------------------------------------------------
 # reference: one marker and one candidate at a time, Python floats
 # --------------------------------------------------------------------------
 
 
 def _rewards_reference(hidden, positions, norm_weight, eps, w_diff, b_diff):
-    rewards = _empty((positions.numel(),), torch.float32, hidden.device)
+    rewards = backends.empty((positions.numel(),), torch.float32, hidden.device)
     w_diff = w_diff.double()
     for i, pos in enumerate(positions.tolist()):
         x = hidden[pos].double()
@@ -133,7 +107,7 @@ def _rewards_reference(hidden, positions, norm_weight, eps, w_diff, b_diff):
 def _aggregate_reference(rewards, cu: list[int], aggregation: str):
     transform, reduce = resolve_aggregation(aggregation)
     values = [float(p) for p in rewards.tolist()]
-    scores = _empty((len(cu) - 1,), torch.float32, rewards.device)
+    scores = backends.empty((len(cu) - 1,), torch.float32, rewards.device)
     for n, (a, b) in enumerate(zip(cu, cu[1:])):
         scores[n] = REDUCTIONS[reduce]([TRANSFORMS[transform](p) for p in values[a:b]])
     return scores
@@ -255,7 +229,7 @@ def _segment_aggregate_kernel(R, Cu, Scores, TRANSFORM: tl.constexpr, REDUCE: tl
 
 def _rewards_triton(hidden, positions, norm_weight, eps, w_diff, b_diff, block_m=16, block_d=None):
     m, d = positions.numel(), hidden.shape[1]
-    rewards = _empty((m,), torch.float32, hidden.device)
+    rewards = backends.empty((m,), torch.float32, hidden.device)
     if m == 0:
         return rewards
     block_d = block_d or min(1024, triton.next_power_of_2(d))
@@ -271,7 +245,7 @@ def _rewards_triton(hidden, positions, norm_weight, eps, w_diff, b_diff, block_m
 def _aggregate_triton(rewards, cu: list[int], aggregation: str):
     transform, reduce = resolve_aggregation(aggregation)
     n = len(cu) - 1
-    scores = _empty((n,), torch.float32, rewards.device)
+    scores = backends.empty((n,), torch.float32, rewards.device)
     cu_t = torch.tensor(cu, dtype=torch.int32).to(rewards.device)
     _jit(_segment_aggregate_kernel)[(n,)](
         rewards, cu_t, scores, TRANSFORM=_TRANSFORM_CODE[transform], REDUCE=_REDUCE_CODE[reduce],
@@ -289,9 +263,8 @@ def aggregate_step_rewards(rewards, cu_markers, aggregation: str = "min", backen
     if rewards.dim() != 1 or not rewards.is_floating_point():
         raise ValueError(f"rewards must be a floating [M] tensor, got {rewards.dtype} {tuple(rewards.shape)}")
     resolve_aggregation(aggregation)
-    cu = _cu_list(cu_markers)
-    _check_cu(cu, rewards.numel(), "rewards")
-    backend = _resolve_backend(backend, rewards.device)
+    cu = _marker_offsets(cu_markers, rewards.numel(), "rewards")
+    backend = backends.resolve(backend, rewards.device, BACKENDS)
     rewards = rewards.float()
     if backend == "reference":
         return _aggregate_reference(rewards, cu, aggregation)
@@ -313,9 +286,8 @@ def fused_step_rewards(hidden, positions, cu_markers, norm_weight, eps: float, w
     _check_weights(hidden, norm_weight, w_diff, positions)
     resolve_aggregation(aggregation)
     _check_positions(positions, hidden.shape[0])
-    cu = _cu_list(cu_markers)
-    _check_cu(cu, positions.numel(), "positions")
-    backend = _resolve_backend(backend, hidden.device)
+    cu = _marker_offsets(cu_markers, positions.numel(), "positions")
+    backend = backends.resolve(backend, hidden.device, BACKENDS)
     b_diff = float(b_diff)
     if backend == "reference":
         rewards = _rewards_reference(hidden, positions, norm_weight, eps, w_diff, b_diff)

@@ -25,6 +25,7 @@ import torch
 
 from mmprm_infer.engines import fast as fast_module
 from mmprm_infer.engines import shared_prefix as sp
+from mmprm_infer.kernels.prefix_attention import AttentionPlan
 
 # Weight scales: every 2-D weight of the text decoder except the embeddings
 # is multiplied by BODY (context matters), the reward head by HEAD (logits
@@ -130,23 +131,23 @@ def _patched(obj, name, value):
 
 def attention_scale_off():
     """The shared-prefix attention runs with its softmax scale 2 % too large (fast and tree-cache engines)."""
-    kernel = sp.shared_prefix_attention
+    run = AttentionPlan.run
 
-    def wrong(q, ks, vs, kp, vp, cu, scale, **kw):
-        return kernel(q, ks, vs, kp, vp, cu, scale * 1.02, **kw)
+    def wrong(plan, q, ks, vs, kp, vp, scale):
+        return run(plan, q, ks, vs, kp, vp, scale * 1.02)
 
-    return _patched(sp, "shared_prefix_attention", wrong)
+    return _patched(AttentionPlan, "run", wrong)
 
 
 def prefix_keys_short():
     """Tokens after a cached prefix attend to its first P - 1 keys only: the prefix length off by one
     inside the attention (fast and tree-cache engines)."""
-    kernel = sp.shared_prefix_attention
+    run = AttentionPlan.run
 
-    def wrong(q, ks, vs, kp, vp, cu, scale, **kw):
-        return kernel(q, ks, vs, kp[:-1], vp[:-1], cu, scale, **kw)
+    def wrong(plan, q, ks, vs, kp, vp, scale):
+        return run(plan, q, ks, vs, kp[:-1], vp[:-1], scale)
 
-    return _patched(sp, "shared_prefix_attention", wrong)
+    return _patched(AttentionPlan, "run", wrong)
 
 
 def prefix_one_too_long():

@@ -18,13 +18,14 @@ import spread_models as S
 import torch
 
 from mmprm_infer import PRM, ScoringItem
-from mmprm_infer.engines import NonFiniteRewardError, last_layer
+from mmprm_infer.engines import NonFiniteRewardError, fused_layers, last_layer
 from mmprm_infer.engines import shared_prefix as sp
 from mmprm_infer.engines.base import EncodedQuestion
 from mmprm_infer.engines.fast import FastEngine, shared_prefix_length
 from mmprm_infer.engines.last_layer import rows_forward
 from mmprm_infer.engines.reference import ReferenceEngine
 from mmprm_infer.formats import EncodedCandidate
+from mmprm_infer.kernels.prefix_attention import AttentionPlan
 from mmprm_infer.models.adapters import ModelAdapter
 
 QUESTION = "Janet's ducks lay 16 eggs per day. She eats three and bakes with four. How many are left?"
@@ -155,18 +156,18 @@ def test_prefix_once_and_no_full_lm_head(prms, monkeypatch):
     decoder = prm.adapter.decoder
     h1 = head.register_forward_pre_hook(lambda m, args: head_rows.append(args[0].shape[:-1].numel()))
     h2 = decoder.layers[0].register_forward_pre_hook(lambda m, args: layer_tokens.append(args[0].shape[1]))
-    kernel, rows_kernel = sp.shared_prefix_attention, sp.shared_prefix_attention_rows
+    run, run_rows = AttentionPlan.run, AttentionPlan.run_rows
 
-    def spy(q, ks, vs, kp, vp, cu, scale, **kw):
+    def spy(plan, q, ks, vs, kp, vp, scale):
         prefix_shapes.append(("all rows", tuple(kp.shape)))
-        return kernel(q, ks, vs, kp, vp, cu, scale, **kw)
+        return run(plan, q, ks, vs, kp, vp, scale)
 
-    def rows_spy(q, rows, ks, vs, kp, vp, cu, scale, **kw):
+    def rows_spy(plan, q, ks, vs, kp, vp, scale):
         prefix_shapes.append(("marker rows", tuple(kp.shape)))
-        return rows_kernel(q, rows, ks, vs, kp, vp, cu, scale, **kw)
+        return run_rows(plan, q, ks, vs, kp, vp, scale)
 
-    monkeypatch.setattr(sp, "shared_prefix_attention", spy)
-    monkeypatch.setattr(sp, "shared_prefix_attention_rows", rows_spy)
+    monkeypatch.setattr(AttentionPlan, "run", spy)
+    monkeypatch.setattr(AttentionPlan, "run_rows", rows_spy)
     try:
         prm.score(QUESTION, cands, engine="fast")
     finally:
@@ -255,18 +256,22 @@ def test_non_finite_names_question_and_candidate(shepherd_dir):
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_last_layer_on_marker_rows_equals_the_whole_layer(prms, reference, fmt, monkeypatch):
-    """The last layer computed for the marker rows only (pruned path for Llama/Qwen2 layers, and the
-    run-whole-then-cut path any other layer takes) gives the whole layer's rewards."""
+    """The last layer computed for the marker rows only (pruned path for Llama/Qwen2 layers, fused or on
+    transformers' modules, and the run-whole-then-cut path any other layer takes) gives the whole layer's
+    rewards."""
     prm = prms[fmt]
     items = [ScoringItem(QUESTION, _candidates(16, seed=16)), ScoringItem(QUESTION[:20], _candidates(3, seed=3))]
     whole = prm.score_batch(items, engine=FastEngine(prune_last_layer=False))
     calls = []
-    monkeypatch.setattr(last_layer, "rows_forward", lambda *a: calls.append(1) or rows_forward(*a))
-    for budget in (None, 7):  # 7 tokens: many batches, some holding no marker at all
-        pruned = prm.score_batch(items, engine=FastEngine(max_batch_tokens=budget))
-        for a, b in zip(pruned, whole):
-            _close(a, b, 1e-5)
-    assert calls, "the pruned path never ran"
+    monkeypatch.setattr(last_layer, "rows_forward", lambda *a: calls.append("modules") or rows_forward(*a))
+    fused_rows = fused_layers.rows_layer_forward
+    monkeypatch.setattr(fused_layers, "rows_layer_forward", lambda *a: calls.append("fused") or fused_rows(*a))
+    for fused in (True, False):
+        for budget in (None, 7):  # 7 tokens: many batches, some holding no marker at all
+            pruned = prm.score_batch(items, engine=FastEngine(max_batch_tokens=budget, fused=fused))
+            for a, b in zip(pruned, whole):
+                _close(a, b, 1e-5)
+    assert set(calls) == {"modules", "fused"}, "a pruned path never ran"
     monkeypatch.setattr(last_layer, "PRUNABLE", ())  # an unknown layer type: run whole, keep the rows
     cut = prm.score_batch(items, engine=FastEngine())
     for a, b in zip(cut, whole):

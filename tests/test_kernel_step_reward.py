@@ -11,8 +11,8 @@ import torch
 
 ON_CUDA = torch.cuda.is_available()
 
+from mmprm_infer.kernels import backends, triton_runtime  # noqa: E402
 from mmprm_infer.kernels import step_reward as sr
-from mmprm_infer.kernels import triton_runtime  # noqa: E402
 
 TRITON_DEVICE = "cuda" if ON_CUDA else "cpu"
 TRITON_READY = sr.triton is not None and (ON_CUDA or triton_runtime.interpreter_active())
@@ -51,7 +51,7 @@ def _device(backend):
 @pytest.fixture
 def poison(monkeypatch):
     """Outputs start as NaN so any entry a kernel forgets to write fails the comparison."""
-    monkeypatch.setattr(sr, "_empty",
+    monkeypatch.setattr(backends, "empty",
                         lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype, device=device))
 
 

@@ -19,7 +19,7 @@ def test_packed_linear_equals_f_linear(shape, bias):
     x = torch.randn(*shape, generator=gen)
     w = torch.randn(48, shape[-1], generator=gen)
     b = torch.randn(48, generator=gen) if bias else None
-    got = lp.packed_linear(x, lp._pack(w, 16), b)
+    got = lp.packed_linear(x, lp.pack_weight(w, 16), b)
     assert got.shape == (*shape[:-1], 48)
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5 * shape[-1] ** 0.5)
 
@@ -29,7 +29,7 @@ def test_packed_linear_bf16_within_bf16_rounding():
     x = torch.randn(9, 128).bfloat16()
     w = torch.randn(32, 128).bfloat16()
     exact = F.linear(x.float(), w.float())
-    got = lp.packed_linear(x, lp._pack(w, 9), None).float()
+    got = lp.packed_linear(x, lp.pack_weight(w, 9), None).float()
     assert (got - exact).abs().max() <= 2e-2 * exact.abs().max()
 
 

@@ -14,19 +14,22 @@ head never sees the other tokens.
 from __future__ import annotations
 
 import os
+import time
+import warnings
 import weakref
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from ..formats.base import RewardColumns
+from ..formats.base import EncodedCandidate, RewardColumns
 from ..kernels.step_reward import fused_step_rewards
 from ..models.adapters import ModelAdapter
 from .base import EncodedQuestion, Engine, check_finite
+from .fused_layers import FusedDecoder
 from .last_layer import last_layer_rows_only
 from .linear_paths import PATHS as LINEAR_PATHS
-from .linear_paths import PackedLinears
+from .linear_paths import PackedLinears, compute_dtype
 from .linear_paths import choose_path as choose_linear_path
 from .shared_prefix import LAYOUT_KWARG, Group, PackedLayout, PrefixKV, shared_prefix_attention_enabled
 
@@ -57,7 +60,8 @@ class FastEngine(Engine):
     # about half the peak memory (bench/README.md); GPUs want large batches.
     DEFAULT_BUDGET = {"cpu": 1024, "cuda": 16384}
 
-    def __init__(self, max_batch_tokens: int | None = None, prune_last_layer: bool = True, linear: str = "auto"):
+    def __init__(self, max_batch_tokens: int | None = None, prune_last_layer: bool = True, linear: str = "auto",
+                 fused: bool = True):
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if linear not in LINEAR_PATHS:
@@ -70,6 +74,11 @@ class FastEngine(Engine):
         # The last decoder layer runs its queries, attention, MLP and final norm for the marker rows
         # only (last_layer.py); False runs it whole (the equivalence tests compare both).
         self.prune_last_layer = prune_last_layer
+        # Llama/Qwen2/Mistral decoders run as fused steps (fused_layers.py); False keeps transformers'
+        # modules with the shared-prefix attention plugged in (what every other decoder runs).
+        self.fused = fused
+        self._fused: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> FusedDecoder
+        self._told: set = set()  # (decoder id, dtype) whose fp32 fallback was announced
 
     def batch_budget(self, adapter: ModelAdapter) -> int:
         return self.max_batch_tokens or self.DEFAULT_BUDGET.get(adapter.device.type, 16384)
@@ -79,8 +88,7 @@ class FastEngine(Engine):
         results: list[list] = [[None] * len(q.candidates) for q in questions]
         budget = self.batch_budget(adapter)
         decoder = adapter.decoder
-        rows_only = last_layer_rows_only(decoder) if self.prune_last_layer else nullcontext()
-        with shared_prefix_attention_enabled(decoder), rows_only, self._linear_path(adapter, decoder, budget):
+        with self._decoder_path(adapter, decoder, budget):
             batch: list[_Item] = []
             batch_tokens = 0
             for qi, question in enumerate(questions):
@@ -103,7 +111,71 @@ class FastEngine(Engine):
         """The path this engine's linear layers take for ``adapter``'s model: "torch" or "onednn"."""
         if adapter.device.type != "cpu":
             return "torch"
-        return choose_linear_path(decoder or adapter.decoder, self.batch_budget(adapter), self.linear)
+        return choose_linear_path(decoder or adapter.decoder, self.batch_budget(adapter), self.linear,
+                                  dtype=self.compute_dtype(adapter)[0])
+
+    def compute_dtype(self, adapter: ModelAdapter) -> tuple[torch.dtype, str]:
+        """(dtype, why) the decoder body runs in: the model's, or fp32 for a half-precision model on a CPU
+        without fast half-precision GEMMs (fused path; transformers' modules keep the model's dtype)."""
+        if not self._uses_fused(adapter.decoder):
+            return adapter.dtype, "the model's dtype (transformers' modules)"
+        return compute_dtype(adapter.dtype, adapter.device)
+
+    def describe(self, adapter: ModelAdapter) -> dict:
+        """How this engine runs ``adapter``'s model here: decoder path, compute dtype and why, linear path."""
+        dtype, why = self.compute_dtype(adapter)
+        return {"decoder": "fused layers" if self._uses_fused(adapter.decoder) else "transformers modules",
+                "compute_dtype": str(dtype).removeprefix("torch."), "compute_dtype_why": why,
+                "linear_path": self.linear_path(adapter), "last_layer": "marker rows" if self.prune_last_layer
+                else "every row"}
+
+    def warmup(self, adapter: ModelAdapter, columns: RewardColumns, prefix_tokens: int = 512,
+               candidates: int = 2, suffix_tokens: int = 64) -> dict[str, float]:
+        """Make the one-time choices and preparations now, outside a user's first call; seconds per step.
+
+        "choices": the linear path, the compute dtype and the CPU's prefix-attention path, measured once
+        per process and shape class; "prepare": fused and packed weights; "first_call": one scoring call
+        on synthetic ids of these sizes (oneDNN creates its kernels per shape on first use).  A server or
+        CLI calls it once after loading (``PRM.warmup``)."""
+        seconds = {}
+        start = time.perf_counter()
+        self.describe(adapter)
+        seconds["choices"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if self._uses_fused(adapter.decoder):
+            self._fused_decoder(adapter, adapter.decoder, self.batch_budget(adapter)).prepared()
+        seconds["prepare"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self.score(adapter, columns, [_synthetic_question(prefix_tokens, candidates, suffix_tokens)])
+        seconds["first_call"] = time.perf_counter() - start
+        return seconds
+
+    def _uses_fused(self, decoder) -> bool:
+        return self.fused and FusedDecoder.supports(decoder)
+
+    def _fused_decoder(self, adapter: ModelAdapter, decoder, budget: int) -> FusedDecoder:
+        dtype, why = self.compute_dtype(adapter)
+        if dtype != adapter.dtype and (id(decoder), dtype) not in self._told:
+            self._told.add((id(decoder), dtype))
+            warnings.warn(f"mmprm fast engine: a {adapter.dtype} model computes in {why}", stacklevel=3)
+        path = self.linear_path(adapter, decoder)
+        fused = self._fused.get(decoder)
+        if fused is None or (fused.dtype, fused.path, fused.rows) != (dtype, path, budget):
+            fused = self._fused[decoder] = FusedDecoder(decoder, dtype, path, budget)
+        return fused
+
+    def _decoder_path(self, adapter: ModelAdapter, decoder, budget: int) -> ExitStack:
+        """Shared-prefix attention, plus the fused layers or (other decoders) the last-layer pruning and
+        packed linears on transformers' modules."""
+        stack = ExitStack()
+        stack.enter_context(shared_prefix_attention_enabled(decoder))
+        if self._uses_fused(decoder):
+            stack.enter_context(self._fused_decoder(adapter, decoder, budget).active())
+            return stack
+        if self.prune_last_layer:
+            stack.enter_context(last_layer_rows_only(decoder))
+        stack.enter_context(self._linear_path(adapter, decoder, budget))
+        return stack
 
     def _linear_path(self, adapter: ModelAdapter, decoder, budget: int):
         if self.linear_path(adapter, decoder) == "torch":
@@ -192,6 +264,18 @@ class FastEngine(Engine):
         values = rewards.tolist()
         for item, a, b in zip(batch, cu_markers, cu_markers[1:]):
             results[item.question][item.candidate] = values[a:b]
+
+
+def _synthetic_question(prefix_tokens: int, candidates: int, suffix_tokens: int) -> EncodedQuestion:
+    """Token ids 1, 2, ... (any vocabulary has them): a shared prefix, then candidates with a marker at every
+    16th suffix token and at their last one."""
+    prefix = list(range(1, prefix_tokens + 1))
+    cands = []
+    for c in range(candidates):
+        ids = prefix + [1 + (c * suffix_tokens + i) % 97 for i in range(suffix_tokens)]
+        markers = sorted({len(ids) - 1, *range(prefix_tokens + 15, len(ids), 16)})
+        cands.append(EncodedCandidate(ids, markers))
+    return EncodedQuestion(cands)
 
 
 def _positions(rope: torch.Tensor | None, start: int, end: int) -> list:

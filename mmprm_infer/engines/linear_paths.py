@@ -26,6 +26,8 @@ PATHS = ("auto", "torch", "onednn")
 ENV_VAR = "MMPRM_CPU_LINEAR"  # overrides "auto": torch | onednn
 CLEAR_WIN = 0.95  # oneDNN must take at most this fraction of torch's time to be chosen
 _choices: dict[tuple, str] = {}  # (shapes, dtype, rows, threads) -> measured path
+_half_fast: dict[tuple, bool] = {}  # (dtype, threads) -> measured
+HALF_WIN = 0.8  # a half-precision GEMM must take at most this fraction of fp32's time to be used
 
 
 def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -43,7 +45,8 @@ def _linears(decoder: nn.Module) -> list[nn.Linear]:
     return [m for m in decoder.modules() if type(m) is nn.Linear]
 
 
-def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """W [out, in] reordered once into oneDNN's blocked layout for about ``rows`` input rows per call."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
@@ -51,6 +54,12 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     """F.linear(x, W, bias) with W given as oneDNN's packed weight; x [..., in] in W's dtype."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def packed_linear_add(x: torch.Tensor, residual: torch.Tensor, packed: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """residual + F.linear(x, W, bias) in one oneDNN call (a binary post-op): x [T, in], residual [T, out]."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
 
 
 def _time_once(fn) -> float:
@@ -65,8 +74,10 @@ def _best_time(fn, reps: int) -> float:
     return min(_time_once(fn) for _ in range(reps))
 
 
-def choose_path(decoder: nn.Module, rows: int, requested: str = "auto", reps: int = 3) -> str:
-    """"torch" or "onednn" for this decoder's linears at ``rows`` tokens per call.
+def choose_path(decoder: nn.Module, rows: int, requested: str = "auto", reps: int = 3,
+                dtype: torch.dtype | None = None) -> str:
+    """"torch" or "onednn" for this decoder's linears at ``rows`` tokens per call, computed in ``dtype``
+    (default: the weights' dtype).
 
     An explicit ``requested`` path (or $MMPRM_CPU_LINEAR) wins; "auto" measures both on each
     distinct weight shape (times the layers of that shape) and caches the answer."""
@@ -76,7 +87,7 @@ def choose_path(decoder: nn.Module, rows: int, requested: str = "auto", reps: in
     if requested not in PATHS:
         raise ValueError(f"${ENV_VAR}={requested!r} is not a linear path; use one of {list(PATHS[1:])}")
     linears = _linears(decoder)
-    dtype = linears[0].weight.dtype if linears else torch.float32
+    dtype = dtype or (linears[0].weight.dtype if linears else torch.float32)
     if requested == "onednn" and not onednn_available(dtype):
         raise RuntimeError(f"linear path 'onednn' needs torch built with oneDNN and, for {dtype}, CPU support "
                            "for it (torch.backends.mkldnn); use 'torch'")
@@ -98,7 +109,7 @@ def choose_path(decoder: nn.Module, rows: int, requested: str = "auto", reps: in
             for (out_f, in_f), n in counts.items():
                 x = torch.randn(rows_timed, in_f, dtype=dtype, generator=gen)
                 w = torch.randn(out_f, in_f, dtype=dtype, generator=gen)
-                packed = _pack(w, rows)
+                packed = pack_weight(w, rows)
                 calls = {"torch": lambda: F.linear(x, w), "onednn": lambda: packed_linear(x, packed, None)}
                 best = {path: _best_time(call, 1) for path, call in calls.items()}  # warm-up + one timing
                 for _ in range(reps - 1):  # interleaved, so a burst of load hits both paths alike
@@ -108,6 +119,45 @@ def choose_path(decoder: nn.Module, rows: int, requested: str = "auto", reps: in
                     totals[path] += n * seconds
         _choices[key] = "onednn" if totals["onednn"] <= CLEAR_WIN * totals["torch"] else "torch"
     return _choices[key]
+
+
+def half_precision_is_fast(dtype: torch.dtype, reps: int = 3) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bf16, fp16) clearly faster than fp32: it has the units
+    (avx512_bf16 or AMX for bf16; oneDNN packs the weights only there) and a measured GEMM of a
+    decoder's size confirms it.  Without them a bf16 GEMM runs 7-10x slower than fp32 (AMD Zen 3).
+    Measured once per process and thread count (a few ms)."""
+    key = (dtype, torch.get_num_threads())
+    if key not in _half_fast:
+        fast = onednn_available(dtype)
+        if fast:
+            try:  # oneDNN refuses to pack half precision where the CPU (or DNNL_MAX_CPU_ISA) lacks the units
+                pack_weight(torch.zeros(64, 64, dtype=dtype), 16)
+            except RuntimeError:
+                fast = False
+        if fast:
+            gen = torch.Generator().manual_seed(0)
+            x, w = torch.randn(256, 512, generator=gen), torch.randn(1024, 512, generator=gen)
+            calls = {"half": lambda x=x.to(dtype), w=w.to(dtype): F.linear(x, w), "fp32": lambda: F.linear(x, w)}
+            best = {name: _best_time(call, 1) for name, call in calls.items()}
+            for _ in range(reps - 1):
+                for name, call in calls.items():
+                    best[name] = min(best[name], _time_once(call))
+            fast = best["half"] <= HALF_WIN * best["fp32"]
+        _half_fast[key] = fast
+    return _half_fast[key]
+
+
+def compute_dtype(model_dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype a model in ``model_dtype`` is best computed in on ``device``, and why.
+
+    Half precision stays where the hardware runs it fast (any CUDA device; a CPU with bf16 units);
+    on a CPU without them the engine computes in fp32 (``half_precision_is_fast``)."""
+    if model_dtype not in (torch.bfloat16, torch.float16) or device.type != "cpu":
+        return model_dtype, "the model's dtype"
+    if half_precision_is_fast(model_dtype):
+        return model_dtype, f"the model's dtype; this CPU multiplies {model_dtype} faster than fp32"
+    return torch.float32, (f"fp32: this CPU has no fast {model_dtype} GEMM (no avx512_bf16/AMX, or measured "
+                           f"slower than fp32), so the engine computes in fp32")
 
 
 class PackedLinears:
@@ -127,7 +177,7 @@ class PackedLinears:
         stamp = self._stamp(linear.weight)
         entry = self._packed.get(id(linear))
         if entry is None or entry[0] != stamp:
-            entry = (stamp, _pack(linear.weight, self.rows))
+            entry = (stamp, pack_weight(linear.weight, self.rows))
             self._packed[id(linear)] = entry
         return entry[1]
 

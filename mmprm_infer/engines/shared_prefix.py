@@ -23,13 +23,13 @@ it once per layer, never repeated per candidate.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from ..kernels.prefix_attention import shared_prefix_attention, shared_prefix_attention_rows
+from ..kernels.prefix_attention import AttentionPlan, plan_attention
 
 ATTN_IMPLEMENTATION = "mmprm_shared_prefix"
 LAYOUT_KWARG = "shared_prefix_layout"
@@ -64,6 +64,9 @@ class Group:
     prefix_len: int
     cu_seqlens: list[int]  # local to the group; a list avoids a device sync in the kernel
     append: bool = False  # prefix pass: store this chunk's K/V at prefix[prefix_len:]
+    # Planned at the first layer of the forward (backend, checked offsets, this group's rows), then
+    # run by every layer; engines build a fresh Group per forward.
+    plan: AttentionPlan | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -72,6 +75,22 @@ class PackedLayout:
     # Packed rows whose outputs the caller reads (the reward markers), ascending within each group;
     # None = every row.  The last decoder layer computes only these (``last_layer``).
     rows: list[int] | None = None
+
+    def plans(self, q: torch.Tensor) -> list[AttentionPlan]:
+        """Each group's attention plan, made once per forward from the first layer's queries [T, H, D]."""
+        if any(g.plan is None for g in self.groups):
+            rows, taken = self.rows or [], 0
+            for g in self.groups:
+                local = []
+                while taken < len(rows) and g.start <= rows[taken] < g.end:
+                    local.append(rows[taken] - g.start)
+                    taken += 1
+                g.plan = plan_attention(g.cu_seqlens, g.end - g.start, device=q.device, dtype=q.dtype,
+                                        head_dim=q.shape[-1], rows=local if self.rows is not None else None)
+            if taken != len(rows):
+                raise RuntimeError(f"layout.rows must be ascending packed rows inside the groups; "
+                                   f"{len(rows) - taken} were not")
+        return [g.plan for g in self.groups]
 
 
 def _group_kv(layer: int, g: Group, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None):
@@ -99,10 +118,9 @@ def attend_packed(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """Every packed row's attention: q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
     outs = []
-    for g in layout.groups:
+    for g, plan in zip(layout.groups, layout.plans(q)):
         ks, vs, k_buf, v_buf = _group_kv(layer, g, k, v, sliding_window)
-        kp, vp = k_buf[:g.prefix_len], v_buf[:g.prefix_len]
-        outs.append(shared_prefix_attention(q[g.start:g.end], ks, vs, kp, vp, g.cu_seqlens, scale))
+        outs.append(plan.run(q[g.start:g.end], ks, vs, k_buf[:g.prefix_len], v_buf[:g.prefix_len], scale))
         _store_prefix(g, k_buf, v_buf, ks, vs)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -111,22 +129,15 @@ def attend_rows(layer: int, q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tens
                 scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """Attention of ``layout.rows`` only: q_rows [M, H, D] (their queries, in that order),
     k/v [T, Hkv, D] for every row -> [M, H, D].  Prefix K/V are still stored on append."""
-    rows = layout.rows
     outs = []
     taken = 0
-    for g in layout.groups:
+    for g, plan in zip(layout.groups, layout.plans(q_rows)):
         ks, vs, k_buf, v_buf = _group_kv(layer, g, k, v, sliding_window)
-        kp, vp = k_buf[:g.prefix_len], v_buf[:g.prefix_len]
-        local = []
-        while taken + len(local) < len(rows) and g.start <= rows[taken + len(local)] < g.end:
-            local.append(rows[taken + len(local)] - g.start)
-        if local:
-            q_g = q_rows[taken:taken + len(local)]
-            outs.append(shared_prefix_attention_rows(q_g, local, ks, vs, kp, vp, g.cu_seqlens, scale))
-            taken += len(local)
+        if plan.rows:
+            q_g = q_rows[taken:taken + len(plan.rows)]
+            outs.append(plan.run_rows(q_g, ks, vs, k_buf[:g.prefix_len], v_buf[:g.prefix_len], scale))
+            taken += len(plan.rows)
         _store_prefix(g, k_buf, v_buf, ks, vs)
-    if taken != len(rows):
-        raise RuntimeError(f"layout.rows must be ascending packed rows inside the groups; {len(rows) - taken} were not")
     if not outs:
         return q_rows.new_empty(q_rows.shape)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
