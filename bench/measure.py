@@ -132,6 +132,7 @@ class Timing:
     times: list[float] = field(default_factory=list)  # timed calls
     peak_mb: list[float] = field(default_factory=list)  # timed calls
     warmup_peak_mb: list[float] = field(default_factory=list)  # warm-up calls (first touch, lazy init)
+    warmup_times: list[float] = field(default_factory=list)  # warm-up calls' wall seconds
     memory_method: str = ""
     result: object = None
 
@@ -156,6 +157,7 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1,
             out.peak_mb.append(mem.peak_mb)
         else:
             out.warmup_peak_mb.append(mem.peak_mb)
+            out.warmup_times.append(dt)
     return out
 
 

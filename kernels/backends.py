@@ -1,5 +1,5 @@
 """What every kernel dispatcher shares: the backend name resolved for a device, packed offsets
-checked on the host, and the output allocator.
+checked on the host, the output allocator, and the timing that picks between paths.
 
 Offsets (``cu_seqlens``, ``cu_markers``) delimit N packed segments as N+1
 ascending ints; they come as tensors or lists and are read on the host once,
@@ -7,6 +7,9 @@ so a dispatcher never syncs a device twice for them.
 """
 
 from __future__ import annotations
+
+import math
+import time
 
 import torch
 
@@ -44,3 +47,19 @@ def host_offsets(offsets, name: str, unit: str) -> list[int]:
     if cu[0] != 0:
         raise ValueError(f"{name} must start at 0, got {name}[0]={cu[0]}")
     return cu
+
+
+def time_interleaved(calls: dict, reps: int = 3, sync=None) -> dict[str, float]:
+    """Best wall seconds of each call over ``reps`` rounds after one warm-up round, the calls taking turns so
+    a burst of load from elsewhere hits all of them alike.  sync: called before each clock read (CUDA)."""
+    sync = sync or (lambda: None)
+    best = {name: math.inf for name in calls}
+    for round_ in range(reps + 1):
+        for name, call in calls.items():
+            sync()
+            start = time.perf_counter()
+            call()
+            sync()
+            if round_:  # round 0 warms up
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best

@@ -151,6 +151,14 @@ class PRM:
             self._engines[key] = get_engine(key, max_batch_tokens=self.max_batch_tokens)
         return self._engines[key]
 
+    def warmup(self, engine: str | Engine | None = None, **sizes) -> dict[str, float]:
+        """Make ``engine``'s one-time choices and preparations now (path measurements, packed weights, the
+        first call's kernel set-up), so a server's or CLI's first request does not pay them; seconds per
+        step, {} for an engine without any.  sizes: the warm-up call's shape (see ``FastEngine.warmup``)."""
+        chosen = self.engine(engine)
+        warm = getattr(chosen, "warmup", None)
+        return warm(self.adapter, self.columns, **sizes) if warm is not None else {}
+
     def score(
         self, question: str, candidates: Sequence[Candidate], image=None, engine: str | None = None
     ) -> list[list[float]]:

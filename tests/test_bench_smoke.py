@@ -119,3 +119,9 @@ def test_bf16_run_is_judged_against_the_fp32_reference(tmp_path):
     assert "torch F.linear" in paths
     assert ("oneDNN packed linear (fast engine)" in paths) == linear_paths.onednn_available(torch.bfloat16)
     assert "oneDNN prepacked (torch.utils.mkldnn)" not in paths
+
+
+def test_readme_lists_the_harness_targets():
+    from bench.report import targets_markdown
+
+    assert targets_markdown() in (REPO / "bench" / "README.md").read_text()

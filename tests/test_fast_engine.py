@@ -185,8 +185,10 @@ def test_prefix_once_and_no_full_lm_head(prms, monkeypatch):
     assert decoder.config._attn_implementation != sp.ATTN_IMPLEMENTATION  # restored
 
 
-def test_no_shared_prefix_and_whole_candidate_prefix(prms):
-    """P = 0 (first tokens differ) and a candidate equal to the common prefix still score exactly."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_shared_prefix_and_whole_candidate_prefix(prms, fused):
+    """P = 0 (first tokens differ) and a candidate equal to the common prefix (a one-token suffix) still
+    score exactly, on the fused layers and on transformers' modules."""
     prm = prms["custom"]
     rng = random.Random(0)
     tag = prm.tokenizer.convert_tokens_to_ids("<step>")
@@ -205,7 +207,8 @@ def test_no_shared_prefix_and_whole_candidate_prefix(prms):
     assert shared_prefix_length(no_prefix) == 0 and shared_prefix_length(contained) == 6
     ref = ReferenceEngine().score(prm.adapter, prm.columns, [no_prefix, contained])
     for budget in (16384, 3):
-        fast = FastEngine(max_batch_tokens=budget).score(prm.adapter, prm.columns, [no_prefix, contained])
+        fast = FastEngine(max_batch_tokens=budget, fused=fused).score(prm.adapter, prm.columns,
+                                                                      [no_prefix, contained])
         for a, b in zip(fast, ref):
             S.assert_matches(a, b)
 
@@ -278,6 +281,70 @@ def test_last_layer_on_marker_rows_equals_the_whole_layer(prms, reference, fmt, 
         _close(a, b, 1e-5)
     S.assert_matches(whole[0], reference(fmt, 16))
 
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_fused_layers_on_edge_shapes(prms, fmt):
+    """The fused layers against the reference engine where shapes are thin: one candidate of one step, a
+    long candidate split over many token budgets, and batches holding no marker; fp32 at the spread
+    models' tolerance and bf16 at the bf16 ones (against the bf16 reference)."""
+    prm32 = prms[fmt]
+    prm16 = PRM(copy.deepcopy(prm32.model).to(torch.bfloat16), prm32.tokenizer, format=fmt, **OPTIONS.get(fmt, {}))
+    long = _candidates(4, seed=7)[-1:]  # 8 steps of 30 words
+    cases = [([["the area is 12"]], None), (long, None), (long, 5), (_candidates(3, seed=9), 2)]
+    for prm, tol, margin in ((prm32, S.FP32_TOL, S.RANK_MARGIN), (prm16, BF16_TOL_VS_BF16, BF16_RANK_MARGIN)):
+        for cands, budget in cases:
+            engine = FastEngine(max_batch_tokens=budget)
+            assert engine.describe(prm.adapter)["decoder"] == "fused layers"
+            ref = prm.score(QUESTION, cands, engine="reference")
+            S.assert_matches(prm.score(QUESTION, cands, engine=engine), ref, tol=tol, margin=margin)
+
+
+def test_half_precision_model_computes_in_fp32_where_the_cpu_has_no_fast_bf16(prms, reference, monkeypatch):
+    """Without bf16 units (measured by linear_paths.half_precision_is_fast) a bf16 model runs in fp32, says
+    so, and scores as closely to the fp32 reference as its bf16 weights allow."""
+    from mmprm_infer.engines import linear_paths
+
+    prm32 = prms["math-shepherd"]
+    prm16 = PRM(copy.deepcopy(prm32.model).to(torch.bfloat16), prm32.tokenizer, format="math-shepherd")
+    monkeypatch.setattr(linear_paths, "half_precision_is_fast", lambda dtype: False)
+    engine = FastEngine()
+    info = engine.describe(prm16.adapter)
+    assert info["compute_dtype"] == "float32" and "no fast torch.bfloat16 GEMM" in info["compute_dtype_why"]
+    cands = _candidates(16, seed=16)
+    with pytest.warns(UserWarning, match="computes in fp32"):
+        got = prm16.score(QUESTION, cands, engine=engine)
+    assert engine._fused[prm16.adapter.decoder].dtype == torch.float32  # what the layers ran in
+    S.assert_matches(got, reference("math-shepherd", 16), tol=BF16_TOL_VS_FP32, margin=BF16_RANK_MARGIN)
+
+
+def test_a_cpu_limited_to_avx2_computes_bf16_models_in_fp32(shepherd_dir):
+    """oneDNN held to AVX2 (as on an AMD Zen 3) refuses bf16 packing: the engine picks fp32 by itself."""
+    import subprocess
+    import sys
+
+    script = ("import warnings, torch\n"
+              "from mmprm_infer import PRM\n"
+              "prm = PRM.from_pretrained(__import__('sys').argv[1], format='math-shepherd', dtype='bfloat16')\n"
+              "with warnings.catch_warnings(record=True) as seen:\n"
+              "    warnings.simplefilter('always')\n"
+              "    prm.score('What is 2 + 3?', [['2 + 3 = 5']], engine='fast')\n"
+              "print(prm.engine('fast').describe(prm.adapter)['compute_dtype'], len(seen))\n")
+    env = {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run([sys.executable, "-c", script, str(shepherd_dir)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dtype, warned = proc.stdout.split()[-2:]
+    assert dtype == "float32" and int(warned) >= 1
+
+
+def test_warmup_takes_the_one_time_costs_out_of_the_first_call(prms):
+    prm = prms["qwen2.5-math-prm"]
+    seconds = prm.warmup(prefix_tokens=40, candidates=2, suffix_tokens=20)
+    assert set(seconds) == {"choices", "prepare", "first_call"} and all(s >= 0 for s in seconds.values())
+    assert prm.warmup(engine="reference") == {}
+    S.assert_matches(prm.score(QUESTION, _candidates(3, seed=3)), prm.score(QUESTION, _candidates(3, seed=3),
+                                                                             engine="reference"))
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

@@ -360,3 +360,81 @@ def test_rows_attention_no_rows_and_bad_rows():
         pa.shared_prefix_attention_rows(q[:2], [0], ks, vs, kp, vp, cu, scale)
     with pytest.raises(ValueError, match=r"query row 53 lies outside the packed suffixes \[0, 53\)"):
         pa.shared_prefix_attention_rows(q[:1], [53], ks, vs, kp, vp, cu, scale)
+
+
+# --- plan once, run per layer -----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_a_plan_runs_every_layer_like_the_one_shot_call(backend, poison):
+    """One plan, two "layers" with different tensors: each run equals the one-shot function."""
+    q, ks, vs, kp, vp, cu, scale = make_inputs("ragged_gqa_d40", device=_device(backend))
+    planned = pa.plan_attention(cu, q.shape[0], device=q.device, dtype=q.dtype, head_dim=q.shape[2], backend=backend)
+    assert planned.backend == backend and planned.cu == cu.tolist()
+    for layer in range(2):
+        args = [x * (1 + layer) for x in (q, ks, vs, kp, vp)]
+        assert_close_rel(planned.run(*args, scale), _attend(backend, *args[:3], *args[3:], cu, scale), 1e-6)
+
+
+def test_plan_checks_offsets_and_rows_once():
+    with pytest.raises(ValueError, match="must equal the number of packed"):
+        pa.plan_attention([0, 3, 9], 10, device="cpu")
+    with pytest.raises(ValueError, match="non-decreasing"):
+        pa.plan_attention([0, 5, 3, 10], 10, device="cpu")
+    with pytest.raises(ValueError, match=r"query row 10 lies outside the packed suffixes \[0, 10\)"):
+        pa.plan_attention([0, 4, 10], 10, device="cpu", rows=[3, 10])
+    with pytest.raises(ValueError, match="unknown prefix path"):
+        pa.plan_attention([0, 10], 10, device="cpu", prefix_path="cuda")
+    planned = pa.plan_attention(torch.tensor([0, 4, 10]), 10, device="cpu", rows=[3, 9])
+    assert (planned.rows, planned.starts) == ([3, 9], [0, 4])
+    with pytest.raises(ValueError, match="made without rows"):
+        pa.plan_attention([0, 10], 10, device="cpu").run_rows(*make_inputs("n1")[:5], 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("path", ["flash", "matmul"])
+@pytest.mark.parametrize("name", ["ragged_gqa_d40", "p0", "all_s1", "longish"])
+def test_both_cpu_prefix_paths_match_reference(name, path, dtype, poison):
+    """ATen's flash kernel and Hydragen's batched GEMMs over the prefix, whichever a CPU measures faster."""
+    q, ks, vs, kp, vp, cu, scale = make_inputs(name, dtype=dtype)
+    planned = pa.plan_attention(cu, q.shape[0], device="cpu", dtype=dtype, head_dim=q.shape[2], backend="torch",
+                                prefix_path=path)
+    out = planned.run(q, ks, vs, kp, vp, scale)
+    assert out.dtype == dtype and planned.prefix_path == path
+    assert_close_rel(out, _attend("reference", q, ks, vs, kp, vp, cu, scale),
+                     1e-5 if dtype == torch.float32 else HALF_TOLERANCE[dtype])
+
+
+def test_prefix_path_choice_is_explicit_by_variable_or_measured_once(monkeypatch):
+    shape = (64, 48, 4, 2, 32, torch.float32)
+    assert torch_ops.choose_prefix_path(*shape, requested="matmul") == "matmul"
+    monkeypatch.setenv(torch_ops.PREFIX_PATH_ENV, "flash")
+    assert torch_ops.choose_prefix_path(*shape) == "flash"
+    monkeypatch.setenv(torch_ops.PREFIX_PATH_ENV, "fastest")
+    with pytest.raises(ValueError, match=r"\$MMPRM_PREFIX_ATTENTION='fastest' is not a prefix path"):
+        torch_ops.choose_prefix_path(*shape)
+    monkeypatch.delenv(torch_ops.PREFIX_PATH_ENV)
+    torch_ops._prefix_choices.clear()
+    monkeypatch.setattr(torch_ops.backends, "time_interleaved", lambda calls, reps: {"flash": 1.0, "matmul": 0.95})
+    assert torch_ops.choose_prefix_path(*shape) == "flash"  # 5 % is not a clear win
+    monkeypatch.setattr(torch_ops.backends, "time_interleaved", lambda calls, reps: pytest.fail("measured twice"))
+    assert torch_ops.choose_prefix_path(60, 40, *shape[2:]) == "flash"  # same shape class: cached
+    torch_ops._prefix_choices.clear()
+    monkeypatch.setattr(torch_ops.backends, "time_interleaved", lambda calls, reps: {"flash": 1.0, "matmul": 0.5})
+    assert torch_ops.choose_prefix_path(*shape) == "matmul"
+    torch_ops._prefix_choices.clear()
+
+
+def test_flash_attn_probe_runs_once():
+    flash_attn_ops.varlen_func.cache_clear()
+    for _ in range(3):
+        flash_attn_ops.usable(torch.device("cuda"), torch.bfloat16, 64)
+    info = flash_attn_ops.varlen_func.cache_info()
+    assert info.misses == 1 and info.hits == 2
+
+
+def test_merge_with_suffix_equals_the_general_merge():
+    """The engine's one-pass merge (every suffix row sees itself) against merge_partials, P = 0 included."""
+    for name in ("ragged_gqa_d40", "p0"):
+        q, ks, vs, kp, vp, cu, scale = make_inputs(name)
+        pre, suf = pa.prefix_partial(q, kp, vp, scale), pa.suffix_partial(q, ks, vs, cu, scale)
+        assert_close_rel(torch_ops.merge_with_suffix(pre, suf, torch.float32), pa.merge_partials(*pre, *suf), 1e-6)

@@ -103,17 +103,13 @@ def test_choose_path_explicit_env_and_fallbacks(monkeypatch):
 def test_auto_measures_once_and_keeps_torch_without_a_clear_win(monkeypatch):
     model = _decoder()
     lp._choices.clear()
-    timings = iter([1.0, 0.97] * 10)  # oneDNN 3 % faster: not a clear win
-    monkeypatch.setattr(lp, "_best_time", lambda fn, reps: next(timings))
-    monkeypatch.setattr(lp, "_time_once", lambda fn: next(timings))
+    # oneDNN 3 % faster: not a clear win
+    monkeypatch.setattr(lp, "time_interleaved", lambda calls, reps: {"torch": 1.0, "onednn": 0.97})
     assert lp.choose_path(model, 32) == "torch"
-    monkeypatch.setattr(lp, "_best_time", lambda fn, reps: pytest.fail("measured twice"))
-    monkeypatch.setattr(lp, "_time_once", lambda fn: pytest.fail("measured twice"))
+    monkeypatch.setattr(lp, "time_interleaved", lambda calls, reps: pytest.fail("measured twice"))
     assert lp.choose_path(model, 32) == "torch"  # cached for this shape set
     lp._choices.clear()
-    timings = iter([1.0, 0.5] * 10)
-    monkeypatch.setattr(lp, "_best_time", lambda fn, reps: next(timings))
-    monkeypatch.setattr(lp, "_time_once", lambda fn: next(timings))
+    monkeypatch.setattr(lp, "time_interleaved", lambda calls, reps: {"torch": 1.0, "onednn": 0.5})
     assert lp.choose_path(model, 32) == "onednn"
     lp._choices.clear()
 

@@ -39,6 +39,7 @@ from .dispatch import (
     suffix_rows_partial,
 )
 from .plan import AttentionPlan, plan_attention
+from .torch_ops import prefix_attention_paths
 
-__all__ = ["BACKENDS", "AttentionPlan", "merge_partials", "plan_attention", "prefix_partial", "shared_prefix_attention",
-           "shared_prefix_attention_rows", "suffix_partial", "suffix_rows_partial"]
+__all__ = ["BACKENDS", "AttentionPlan", "merge_partials", "plan_attention", "prefix_attention_paths", "prefix_partial",
+           "shared_prefix_attention", "shared_prefix_attention_rows", "suffix_partial", "suffix_rows_partial"]

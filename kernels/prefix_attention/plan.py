@@ -20,6 +20,7 @@ from . import flash_attn_ops, reference, torch_ops, triton_ops
 from .partials import no_keys
 
 BACKENDS = ("auto", "triton", "torch", "reference", "flash_attn")
+_cuda_choices: dict[tuple, str] = {}  # (shape class, dtype, device) -> measured backend
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
@@ -34,6 +35,28 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head
             "use backend='triton' or 'auto'"
         )
     return resolved
+
+
+def choose_cuda_backend(rows: int, prefix: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        device: torch.device, reps: int = 3) -> str:
+    """"flash_attn" or "triton", whichever runs these shapes faster on this GPU (both usable: half
+    precision, flash-attn installed); timed once per shape class (powers of two) on random inputs."""
+    rows_class, prefix_class = 1 << max(0, rows - 1).bit_length(), 1 << max(0, prefix - 1).bit_length()
+    key = (rows_class, prefix_class, heads, kv_heads, head_dim, dtype, str(device))
+    if key not in _cuda_choices:
+        gen = torch.Generator(device=device).manual_seed(0)
+        t = min(rows_class, 8192)
+        q = torch.randn(t, heads, head_dim, generator=gen, device=device, dtype=dtype)
+        ks, vs = torch.randn(2, t, kv_heads, head_dim, generator=gen, device=device, dtype=dtype).unbind(0)
+        kp, vp = torch.randn(2, prefix_class, kv_heads, head_dim, generator=gen, device=device, dtype=dtype).unbind(0)
+        cu = list(range(0, t, max(1, t // 16))) + [t]
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
+        scale = head_dim ** -0.5
+        calls = {"flash_attn": lambda: flash_attn_ops.attention(q, ks, vs, kp, vp, cu, scale, cu_t),
+                 "triton": lambda: triton_ops.attention(q, ks, vs, kp, vp, cu, scale, {})}
+        best = backends.time_interleaved(calls, reps, sync=torch.cuda.synchronize)
+        _cuda_choices[key] = min(best, key=best.get)
+    return _cuda_choices[key]
 
 
 def segment_offsets(cu_seqlens, total: int) -> list[int]:
@@ -67,13 +90,15 @@ class AttentionPlan:
     backend: resolved ("reference", "torch", "triton" or "flash_attn"); rows: the packed rows the
     rows-only variant computes (None: not planned), with ``starts`` their segments' first rows;
     prefix_path: the torch backend's prefix partial, "flash", "matmul" or "auto" (measured at the
-    first run, ``torch_ops.choose_prefix_path``)."""
+    first run, ``torch_ops.choose_prefix_path``); measure_cuda: "auto" resolved to flash-attn on CUDA,
+    to be confirmed against Triton at the first run (``choose_cuda_backend``)."""
 
     backend: str
     cu: list[int]
     rows: list[int] | None = None
     starts: list[int] | None = None
     prefix_path: str = "auto"
+    measure_cuda: bool = False
     _built: dict = field(default_factory=dict, repr=False)  # what backends build once per plan
 
     @property
@@ -88,6 +113,10 @@ class AttentionPlan:
 
     def run(self, q, k_suffix, v_suffix, k_prefix, v_prefix, scale: float) -> torch.Tensor:
         """q [T, H, D], k/v_suffix [T, Hkv, D], k/v_prefix [P, Hkv, D] -> [T, H, D] in q's dtype."""
+        if self.measure_cuda:
+            self.backend = choose_cuda_backend(q.shape[0], k_prefix.shape[0], q.shape[1], k_prefix.shape[1],
+                                               q.shape[2], q.dtype, q.device)
+            self.measure_cuda = False
         if self.backend == "torch":
             path = self._torch_prefix_path(q, k_prefix)
             return torch_ops.attention(q, k_suffix, v_suffix, k_prefix, v_prefix, self.cu, scale, path)
@@ -141,4 +170,5 @@ def plan_attention(cu_seqlens, num_tokens: int, *, device, dtype: torch.dtype = 
     if rows is not None:
         rows = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
         starts = segment_starts(rows, cu)
-    return AttentionPlan(resolved, cu, rows, starts, prefix_path)
+    return AttentionPlan(resolved, cu, rows, starts, prefix_path,
+                         measure_cuda=backend == "auto" and resolved == "flash_attn")

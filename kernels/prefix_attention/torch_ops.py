@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from contextlib import contextmanager
 
 import torch
@@ -229,6 +228,11 @@ def suffix_rows_partial(q, rows, starts, k_suffix, v_suffix, scale):
 # --------------------------------------------------------------------------
 
 
+def prefix_attention_paths() -> str:
+    """The CPU prefix paths chosen so far in this process ("flash", "matmul", both), or "not measured yet"."""
+    return "+".join(sorted(set(_prefix_choices.values()))) or "not measured yet"
+
+
 def choose_prefix_path(rows: int, prefix: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                        requested: str = "auto", reps: int = 3) -> str:
     """"flash" or "matmul" for the prefix partial of ``rows`` queries over ``prefix`` keys on this CPU.
@@ -253,14 +257,7 @@ def choose_prefix_path(rows: int, prefix: int, heads: int, kv_heads: int, head_d
         k, v = torch.randn(2, min(prefix_class, 4096), kv_heads, head_dim, generator=gen).to(dtype).unbind(0)
         calls = {path: (lambda path=path: prefix_partial(q, k, v, head_dim ** -0.5, path))
                  for path in ("flash", "matmul")}
-        best = {path: math.inf for path in calls}
         with torch.inference_mode():
-            for call in calls.values():
-                call()  # warm-up
-            for _ in range(reps):  # interleaved, so a burst of load hits both paths alike
-                for path, call in calls.items():
-                    start = time.perf_counter()
-                    call()
-                    best[path] = min(best[path], time.perf_counter() - start)
+            best = backends.time_interleaved(calls, reps)
         _prefix_choices[key] = "matmul" if best["matmul"] <= 0.9 * best["flash"] else "flash"
     return _prefix_choices[key]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.base import EncodedCandidate, RewardColumns
+from ..kernels.prefix_attention import prefix_attention_paths
 from ..kernels.step_reward import fused_step_rewards
 from ..models.adapters import ModelAdapter
 from .base import EncodedQuestion, Engine, check_finite
@@ -127,7 +128,7 @@ class FastEngine(Engine):
         return {"decoder": "fused layers" if self._uses_fused(adapter.decoder) else "transformers modules",
                 "compute_dtype": str(dtype).removeprefix("torch."), "compute_dtype_why": why,
                 "linear_path": self.linear_path(adapter), "last_layer": "marker rows" if self.prune_last_layer
-                else "every row"}
+                else "every row", "prefix_attention": prefix_attention_paths()}
 
     def warmup(self, adapter: ModelAdapter, columns: RewardColumns, prefix_tokens: int = 512,
                candidates: int = 2, suffix_tokens: int = 64) -> dict[str, float]:

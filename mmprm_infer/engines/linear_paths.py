@@ -15,19 +15,20 @@ the decoder through them.  Outputs equal ``F.linear`` to fp32 rounding.
 from __future__ import annotations
 
 import os
-import time
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.backends import time_interleaved
+
 PATHS = ("auto", "torch", "onednn")
 ENV_VAR = "MMPRM_CPU_LINEAR"  # overrides "auto": torch | onednn
 CLEAR_WIN = 0.95  # oneDNN must take at most this fraction of torch's time to be chosen
 _choices: dict[tuple, str] = {}  # (shapes, dtype, rows, threads) -> measured path
 _half_fast: dict[tuple, bool] = {}  # (dtype, threads) -> measured
-HALF_WIN = 0.8  # a half-precision GEMM must take at most this fraction of fp32's time to be used
+HALF_WIN = 1.0  # a half-precision GEMM must take at most this fraction of fp32's time to be used
 
 
 def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -60,18 +61,6 @@ def packed_linear_add(x: torch.Tensor, residual: torch.Tensor, packed: torch.Ten
                       bias: torch.Tensor | None) -> torch.Tensor:
     """residual + F.linear(x, W, bias) in one oneDNN call (a binary post-op): x [T, in], residual [T, out]."""
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
-
-
-def _time_once(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _best_time(fn, reps: int) -> float:
-    """Best of ``reps`` timed calls after one untimed warm-up call."""
-    fn()
-    return min(_time_once(fn) for _ in range(reps))
 
 
 def choose_path(decoder: nn.Module, rows: int, requested: str = "auto", reps: int = 3,
@@ -111,38 +100,33 @@ def choose_path(decoder: nn.Module, rows: int, requested: str = "auto", reps: in
                 w = torch.randn(out_f, in_f, dtype=dtype, generator=gen)
                 packed = pack_weight(w, rows)
                 calls = {"torch": lambda: F.linear(x, w), "onednn": lambda: packed_linear(x, packed, None)}
-                best = {path: _best_time(call, 1) for path, call in calls.items()}  # warm-up + one timing
-                for _ in range(reps - 1):  # interleaved, so a burst of load hits both paths alike
-                    for path, call in calls.items():
-                        best[path] = min(best[path], _time_once(call))
-                for path, seconds in best.items():
+                for path, seconds in time_interleaved(calls, reps).items():
                     totals[path] += n * seconds
         _choices[key] = "onednn" if totals["onednn"] <= CLEAR_WIN * totals["torch"] else "torch"
     return _choices[key]
 
 
 def half_precision_is_fast(dtype: torch.dtype, reps: int = 3) -> bool:
-    """Whether this CPU multiplies ``dtype`` (bf16, fp16) clearly faster than fp32: it has the units
-    (avx512_bf16 or AMX for bf16; oneDNN packs the weights only there) and a measured GEMM of a
-    decoder's size confirms it.  Without them a bf16 GEMM runs 7-10x slower than fp32 (AMD Zen 3).
-    Measured once per process and thread count (a few ms)."""
+    """Whether this CPU has fast ``dtype`` (bf16, fp16) GEMMs: oneDNN packs such weights only where the
+    CPU has the units (avx512_bf16 or AMX for bf16; DNNL_MAX_CPU_ISA can hold it back), and a packed GEMM
+    of a decoder's size must then not be slower than the faster fp32 path (a loose bar: noise must not
+    flip the answer; without the units half precision runs 7-10x slower, AMD Zen 3).  Measured once per
+    process and thread count (tens of ms)."""
     key = (dtype, torch.get_num_threads())
     if key not in _half_fast:
-        fast = onednn_available(dtype)
-        if fast:
-            try:  # oneDNN refuses to pack half precision where the CPU (or DNNL_MAX_CPU_ISA) lacks the units
-                pack_weight(torch.zeros(64, 64, dtype=dtype), 16)
-            except RuntimeError:
-                fast = False
+        try:  # oneDNN refuses to pack half precision where the CPU (or DNNL_MAX_CPU_ISA) lacks the units
+            fast = onednn_available(dtype) and pack_weight(torch.zeros(64, 64, dtype=dtype), 16) is not None
+        except RuntimeError:
+            fast = False
         if fast:
             gen = torch.Generator().manual_seed(0)
-            x, w = torch.randn(256, 512, generator=gen), torch.randn(1024, 512, generator=gen)
-            calls = {"half": lambda x=x.to(dtype), w=w.to(dtype): F.linear(x, w), "fp32": lambda: F.linear(x, w)}
-            best = {name: _best_time(call, 1) for name, call in calls.items()}
-            for _ in range(reps - 1):
-                for name, call in calls.items():
-                    best[name] = min(best[name], _time_once(call))
-            fast = best["half"] <= HALF_WIN * best["fp32"]
+            x, w = torch.randn(512, 1024, generator=gen), torch.randn(1024, 1024, generator=gen)
+            xh, packed_h, packed = x.to(dtype), pack_weight(w.to(dtype), 512), pack_weight(w, 512)
+            calls = {"half": lambda: packed_linear(xh, packed_h, None), "fp32": lambda: F.linear(x, w),
+                     "fp32 packed": lambda: packed_linear(x, packed, None)}
+            with torch.inference_mode():
+                best = time_interleaved(calls, reps)
+            fast = best["half"] <= HALF_WIN * min(best["fp32"], best["fp32 packed"])
         _half_fast[key] = fast
     return _half_fast[key]
 
