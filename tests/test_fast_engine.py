@@ -309,13 +309,30 @@ def test_half_precision_model_computes_in_fp32_where_the_cpu_has_no_fast_bf16(pr
     prm16 = PRM(copy.deepcopy(prm32.model).to(torch.bfloat16), prm32.tokenizer, format="math-shepherd")
     monkeypatch.setattr(linear_paths, "half_precision_is_fast", lambda dtype: False)
     engine = FastEngine()
-    info = engine.describe(prm16.adapter)
+    with pytest.warns(UserWarning, match="computes in fp32"):  # said once, by whichever call comes first
+        info = engine.describe(prm16.adapter)
     assert info["compute_dtype"] == "float32" and "no fast torch.bfloat16 GEMM" in info["compute_dtype_why"]
     cands = _candidates(16, seed=16)
-    with pytest.warns(UserWarning, match="computes in fp32"):
-        got = prm16.score(QUESTION, cands, engine=engine)
+    got = prm16.score(QUESTION, cands, engine=engine)
     assert engine._fused[prm16.adapter.decoder].dtype == torch.float32  # what the layers ran in
     S.assert_matches(got, reference("math-shepherd", 16), tol=BF16_TOL_VS_FP32, margin=BF16_RANK_MARGIN)
+
+
+def test_fused_layers_compute_on_the_model_weights_when_memory_is_short(prms, reference, monkeypatch):
+    """No room for a fused copy of the weights: the fused layers run projection by projection on the model's
+    own weights (bf16 ones cast per call when the engine computes in fp32), same rewards."""
+    from mmprm_infer.engines import fused_layers, linear_paths
+
+    monkeypatch.setattr(fused_layers, "available_bytes", lambda device: 0)
+    prm32 = prms["qwen2.5-math-prm"]
+    engine = FastEngine()
+    assert engine.describe(prm32.adapter)["decoder"].startswith("fused layers on the model's weights")
+    S.assert_matches(prm32.score(QUESTION, _candidates(16, seed=16), engine=engine), reference("qwen2.5-math-prm", 16))
+    prm16 = PRM(copy.deepcopy(prm32.model).to(torch.bfloat16), prm32.tokenizer, format="qwen2.5-math-prm")
+    monkeypatch.setattr(linear_paths, "half_precision_is_fast", lambda dtype: False)
+    with pytest.warns(UserWarning, match="computes in fp32"):
+        got = prm16.score(QUESTION, _candidates(16, seed=16), engine=engine)
+    S.assert_matches(got, reference("qwen2.5-math-prm", 16), tol=BF16_TOL_VS_FP32, margin=BF16_RANK_MARGIN)
 
 
 def test_a_cpu_limited_to_avx2_computes_bf16_models_in_fp32(shepherd_dir):

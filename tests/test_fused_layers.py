@@ -46,18 +46,33 @@ def test_rope_in_place_equals_transformers(dtype):
 PATHS = ["torch"] + (["onednn"] if onednn_available() else [])
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path, copy", [(p, True) for p in PATHS] + [("torch", False)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [0, 1, 13])
-def test_fused_linear_and_its_residual_add(path, bias, rows):
+@pytest.mark.parametrize("parts", [1, 3])
+def test_fused_linear_and_its_residual_add(path, copy, bias, rows, parts):
+    """One GEMM on a fused (or packed) copy of the parts' weights, or, without a copy, one per part."""
     gen = torch.Generator().manual_seed(rows)
-    w = torch.randn(24, 40, generator=gen)
-    b = torch.randn(24, generator=gen) if bias else None
-    x, residual = torch.randn(rows, 40, generator=gen), torch.randn(rows, 24, generator=gen)
-    lin = fl.FusedLinear(w, b, path, rows=16)
-    want = F.linear(x, w, b)
+    ws = [torch.randn(8 * (i + 1), 40, generator=gen) for i in range(parts)]
+    bs = [torch.randn(8 * (i + 1), generator=gen) if bias else None for i in range(parts)]
+    x = torch.randn(rows, 40, generator=gen)
+    lin = fl.FusedLinear(ws, bs, torch.float32, path, rows=16, copy=copy)
+    want = F.linear(x, torch.cat(ws), torch.cat(bs) if bias else None)
+    residual = torch.randn(want.shape, generator=gen)
     torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lin.add_to(residual, x), residual + want, rtol=1e-5, atol=1e-5)
+    if not copy:  # the model's own weights, not copies
+        assert all(a.data_ptr() == b.data_ptr() for a, b in zip(lin.parts or [lin.weight_t], ws))
+
+
+def test_fused_linear_without_a_copy_casts_per_call():
+    """A bf16 model computed in fp32 without room for an fp32 copy: the parts are cast per call."""
+    gen = torch.Generator().manual_seed(5)
+    ws = [torch.randn(16, 32, generator=gen).bfloat16() for _ in range(2)]
+    x = torch.randn(6, 32, generator=gen)
+    lin = fl.FusedLinear(ws, [None, None], torch.float32, "torch", rows=8, copy=False)
+    assert lin.parts is not None and all(p.dtype == torch.bfloat16 for p in lin.parts)
+    torch.testing.assert_close(lin(x), x @ torch.cat(ws).float().t(), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_decoder_only_takes_prunable_decoders_and_restores_forwards(tmp_path):

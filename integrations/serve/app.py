@@ -443,5 +443,9 @@ def serve_main(args) -> int:
             args.device, args.threads)
     except Exception as exc:  # noqa: BLE001 - a checkpoint can fail in many ways; name it and the cause
         raise SystemExit(f"mmprm serve: cannot load the PRM from {args.prm}: {type(exc).__name__}: {exc}") from None
+    # the engine's one-time costs (path measurements, packed weights, kernel set-up) paid before the first request
+    seconds = prm.warmup()
+    log.warning("mmprm serve: engine warmed up in %.1f s (%s)", sum(seconds.values()),
+                ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) or "nothing to do")
     run_server(prm, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -123,12 +123,18 @@ class FastEngine(Engine):
         return compute_dtype(adapter.dtype, adapter.device)
 
     def describe(self, adapter: ModelAdapter) -> dict:
-        """How this engine runs ``adapter``'s model here: decoder path, compute dtype and why, linear path."""
+        """How this engine runs ``adapter``'s model here: decoder path, compute dtype and why, linear path
+        (the fused layers' own where they compute on the model's weights for lack of memory)."""
         dtype, why = self.compute_dtype(adapter)
-        return {"decoder": "fused layers" if self._uses_fused(adapter.decoder) else "transformers modules",
-                "compute_dtype": str(dtype).removeprefix("torch."), "compute_dtype_why": why,
-                "linear_path": self.linear_path(adapter), "last_layer": "marker rows" if self.prune_last_layer
-                else "every row", "prefix_attention": prefix_attention_paths()}
+        info = {"decoder": "transformers modules", "compute_dtype": str(dtype).removeprefix("torch."),
+                "compute_dtype_why": why, "linear_path": self.linear_path(adapter),
+                "last_layer": "marker rows" if self.prune_last_layer else "every row",
+                "prefix_attention": prefix_attention_paths()}
+        if self._uses_fused(adapter.decoder):
+            fused = self._fused_decoder(adapter, adapter.decoder, self.batch_budget(adapter))
+            info.update(decoder="fused layers" if fused.copies else "fused layers on the model's weights "
+                        "(no memory for a fused copy)", linear_path=fused.path)
+        return info
 
     def warmup(self, adapter: ModelAdapter, columns: RewardColumns, prefix_tokens: int = 512,
                candidates: int = 2, suffix_tokens: int = 64) -> dict[str, float]:

@@ -25,6 +25,7 @@ decoder's own forward (embeddings, RoPE tables, final norm) stay as they are.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,34 +38,55 @@ from .linear_paths import pack_weight, packed_linear, packed_linear_add
 from .shared_prefix import LAYOUT_KWARG, PackedLayout, attend_packed, attend_rows
 
 
-class FusedLinear:
-    """y = x @ W^T + b for x [T, in], on torch's GEMM or through oneDNN with W packed once."""
+def _cat(tensors: list[torch.Tensor | None], dtype) -> torch.Tensor | None:
+    return None if any(t is None for t in tensors) else torch.cat([t.detach() for t in tensors]).to(dtype)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, path: str, rows: int):
-        self.bias = bias
-        self.out_features = weight.shape[0]
-        self.packed = pack_weight(weight, rows) if path == "onednn" else None
-        self.weight_t = None if self.packed is not None else weight.t()
+
+class FusedLinear:
+    """y = x @ W^T + b for x [T, in], W the rows of ``weights`` one after the other, computed in ``dtype``.
+
+    copy=True: one GEMM on a concatenated copy (packed once for oneDNN on path "onednn").  copy=False
+    (memory is short): the model's own weights, one GEMM per part into one output, cast per call where
+    ``dtype`` differs; no second copy of the weights is kept."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], dtype: torch.dtype,
+                 path: str, rows: int, copy: bool = True):
+        self.dtype = dtype
+        self.bias = _cat(biases, dtype)
+        self.out_features = sum(w.shape[0] for w in weights)
+        self.packed = self.weight_t = self.parts = None
+        if copy and path == "onednn":
+            self.packed = pack_weight(_cat(weights, dtype), rows)
+        elif copy:
+            self.weight_t = _cat(weights, dtype).t()
+        elif len(weights) == 1 and weights[0].dtype == dtype:
+            self.weight_t = weights[0].detach().t()  # a view: one part needs no concatenation
+        else:
+            self.parts = [w.detach() for w in weights]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:  # oneDNN rejects empty inputs
             return x.new_empty(0, self.out_features)
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
+        if self.parts is not None:
+            out, start = x.new_empty(x.shape[0], self.out_features), 0
+            for w in self.parts:
+                torch.mm(x, w.to(self.dtype).t(), out=out[:, start:start + w.shape[0]])
+                start += w.shape[0]
+            return out if self.bias is None else out.add_(self.bias)
         return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """residual + (x @ W^T + b), the add done by the GEMM itself (a new tensor)."""
+        """residual + (x @ W^T + b), the add done by the GEMM itself where it can (a new tensor)."""
         if x.shape[0] == 0:
             return residual.clone()
         if self.packed is not None:
             return packed_linear_add(x, residual, self.packed, self.bias)
+        if self.parts is not None:
+            return self(x).add_(residual)
         out = torch.addmm(residual, x, self.weight_t)
         return out if self.bias is None else out.add_(self.bias)
-
-
-def _cat(tensors: list[torch.Tensor | None], dtype) -> torch.Tensor | None:
-    return None if any(t is None for t in tensors) else torch.cat([t.detach() for t in tensors]).to(dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -108,7 +130,7 @@ class _Layer:
     intermediate: int
 
 
-def _prepare(layer: nn.Module, last: bool, dtype: torch.dtype, path: str, rows: int) -> _Layer:
+def _prepare(layer: nn.Module, last: bool, dtype: torch.dtype, path: str, rows: int, copy: bool) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     d = attn.head_dim
     heads = attn.q_proj.out_features // d
@@ -116,7 +138,7 @@ def _prepare(layer: nn.Module, last: bool, dtype: torch.dtype, path: str, rows: 
     lin = [attn.q_proj, attn.k_proj, attn.v_proj]
 
     def fused(mods):
-        return FusedLinear(_cat([m.weight for m in mods], dtype), _cat([m.bias for m in mods], dtype), path, rows)
+        return FusedLinear([m.weight for m in mods], [m.bias for m in mods], dtype, path, rows, copy)
 
     return _Layer(
         layer_idx=attn.layer_idx, heads=heads, kv_heads=kv_heads, head_dim=d, scale=attn.scaling,
@@ -164,17 +186,35 @@ def rows_layer_forward(w: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch
     return _mlp_add(w, y)
 
 
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on ``device`` (CUDA: the driver's count; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class FusedDecoder:
-    """A decoder whose layers are all prunable, prepared for the fused path: weights fused, cast to
-    ``dtype`` and (on the oneDNN path) packed for ``rows`` tokens per call, once; re-prepared when a
-    weight tensor is replaced or written in place."""
+    """A decoder whose layers are all prunable, prepared for the fused path once (re-prepared when a
+    weight tensor is replaced or written in place).  Where a second copy of the layers' weights fits in
+    half the free memory, they are fused, cast to ``dtype`` and (path "onednn") packed for ``rows`` tokens
+    per call; otherwise the layers compute on the model's own weights, projection by projection, on
+    torch's GEMMs (a 7B model in bf16 on a 24 GiB machine: no room for a copy)."""
+
+    COPY_SHARE = 0.5  # of the free memory a fused copy of the weights may take
 
     def __init__(self, decoder: nn.Module, dtype: torch.dtype, path: str, rows: int):
         self.decoder = decoder
         self.dtype = dtype
-        self.path = path
         self.rows = rows
         self.layers = list(decoder.layers[: decoder.config.num_hidden_layers])
+        weights = [m.weight for layer in self.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+        copy_bytes = sum(w.numel() for w in weights) * torch.finfo(dtype).bits // 8
+        self.copies = copy_bytes <= self.COPY_SHARE * available_bytes(weights[0].device)
+        self.path = path if self.copies else "torch"
         self._stamp = None
         self._prepared: list[_Layer] = []
 
@@ -191,7 +231,7 @@ class FusedDecoder:
         if stamp != self._stamp:
             last = len(self.layers) - 1
             with torch.inference_mode():
-                self._prepared = [_prepare(layer, i == last, self.dtype, self.path, self.rows)
+                self._prepared = [_prepare(layer, i == last, self.dtype, self.path, self.rows, self.copies)
                                   for i, layer in enumerate(self.layers)]
             self._stamp = stamp
         return self._prepared
