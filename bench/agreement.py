@@ -2,14 +2,15 @@
 
     python -m bench.agreement --seeds 200                     # W1 model, N=16, P=1000, S=200, fast bf16
     python -m bench.agreement --seeds 50 --oracle reference   # the fp32 reference engine as the oracle
+    python -m bench.agreement --engines fast,reference        # also the bf16 reference: what bf16 itself costs
 
 Each seed draws a new question and N candidates with the W1 workload's
 generator (``bench.workloads.make_inputs``, ``Workload.seed``) on the W1
 checkpoint.  The oracle (the fp32 reference engine, or the fp32 fast engine,
-which equals it to 1e-6 and is ~7x cheaper) scores them; the bf16 engine
+which equals it to 1e-6 and is ~7x cheaper) scores them; each bf16 engine
 scores the same ids; best-of-N takes each aggregation's argmax.  Reported per
-aggregation: the share of questions whose pick is the same, and for the
-disagreements the oracle's gap between its pick and the bf16 pick (a gap
+engine and aggregation: the share of questions whose pick is the oracle's,
+and for the others the oracle's gap between its pick and the bf16 pick (a gap
 below bf16's error is a near-tie, not a wrong ranking).  A measurement, not a
 test: run it on any machine; it prints the CPU and load.
 """
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--first-seed", type=int, default=1)
     p.add_argument("--oracle", choices=("reference", "fast"), default="fast",
                    help="fp32 engine whose best-of-N is the truth (fast equals reference to 1e-6)")
-    p.add_argument("--engine", default="fast", help="engine run in bf16")
+    p.add_argument("--engines", default="fast", help="engines run in bf16 (comma list: fast,reference)")
     p.add_argument("--candidates", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=1000)
     p.add_argument("--suffix-tokens", type=int, default=200)
@@ -59,41 +60,45 @@ def main(argv=None) -> int:
                               suffix_tokens=args.suffix_tokens)
     prm32 = _load(base, args.cache_dir, "float32")[0]
     prm16 = _load(base, args.cache_dir, "bfloat16")[0]
-    same = {how: 0 for how in AGGREGATIONS}
-    gaps: dict[str, list[float]] = {how: [] for how in AGGREGATIONS}
-    max_diff = 0.0
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    same = {e: {how: 0 for how in AGGREGATIONS} for e in engines}
+    gaps: dict = {e: {how: [] for how in AGGREGATIONS} for e in engines}
+    max_diff = {e: 0.0 for e in engines}
     start = time.perf_counter()
     for n, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds), 1):
         inputs = workloads.make_inputs(prm32, base.with_(seed=seed))
         truth = prm32.score(inputs.question, inputs.candidates, engine=args.oracle)
-        got = prm16.score(inputs.question, inputs.candidates, engine=args.engine)
-        max_diff = max(max_diff, max(abs(a - b) for x, y in zip(truth, got) for a, b in zip(x, y)))
-        for how in AGGREGATIONS:
-            (i, scores), (j, _) = best(truth, how), best(got, how)
-            same[how] += i == j
-            if i != j:
-                gaps[how].append(scores[i] - scores[j])
+        for e in engines:
+            got = prm16.score(inputs.question, inputs.candidates, engine=e)
+            max_diff[e] = max(max_diff[e], max(abs(a - b) for x, y in zip(truth, got) for a, b in zip(x, y)))
+            for how in AGGREGATIONS:
+                (i, scores), (j, _) = best(truth, how), best(got, how)
+                same[e][how] += i == j
+                if i != j:
+                    gaps[e][how].append(scores[i] - scores[j])
         if n % 10 == 0 or n == args.seeds:
-            print(f"  {n}/{args.seeds} questions, {time.perf_counter() - start:.0f} s: "
-                  + ", ".join(f"{how} {same[how] / n:.1%}" for how in AGGREGATIONS), flush=True)
+            print(f"  {n}/{args.seeds} questions, {time.perf_counter() - start:.0f} s: " + "; ".join(
+                f"{e} " + ", ".join(f"{how} {same[e][how] / n:.1%}" for how in AGGREGATIONS) for e in engines),
+                flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    described = {e: prm16.engine(e).describe(prm16.adapter) for e in engines if hasattr(prm16.engine(e), "describe")}
     result = {"seeds": args.seeds, "first_seed": args.first_seed, "oracle": f"{args.oracle} fp32",
-              "engine": f"{args.engine} bf16", "workload": base.label(), "cpu": cpu,
+              "engines_bf16": engines, "workload": base.label(), "cpu": cpu,
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
-              "loadavg_end": os.getloadavg(), "max_abs_diff": max_diff,
-              "bf16_engine": prm16.engine(args.engine).describe(prm16.adapter)
-              if hasattr(prm16.engine(args.engine), "describe") else None,
-              "agreement": {how: same[how] / args.seeds for how in AGGREGATIONS},
+              "loadavg_end": os.getloadavg(), "max_abs_diff": max_diff, "described": described,
+              "agreement": {e: {how: same[e][how] / args.seeds for how in AGGREGATIONS} for e in engines},
               "disagreement_gaps": gaps}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"\n{base.label()}, {args.seeds} questions, oracle {args.oracle} fp32, {args.engine} bf16 "
-          f"(computes in {result['bf16_engine']['compute_dtype'] if result['bf16_engine'] else '?'}); "
-          f"{cpu}, {result['cpu_capability']}; max |reward diff| {max_diff:.2e}")
-    for how in AGGREGATIONS:
-        g = sorted(gaps[how])
-        print(f"  best-of-N by {how:<5} same pick {same[how] / args.seeds:.1%}"
-              + (f"; oracle gaps where it differs: median {g[len(g) // 2]:.2e}, max {g[-1]:.2e}" if g else ""))
+    print(f"\n{base.label()}, {args.seeds} questions, oracle {args.oracle} fp32; {cpu}, "
+          f"{result['cpu_capability']}")
+    for e in engines:
+        how_run = described.get(e, {}).get("compute_dtype", "bfloat16")
+        print(f"  {e} bf16 (computes in {how_run}), max |reward diff| {max_diff[e]:.2e}")
+        for how in AGGREGATIONS:
+            g = sorted(gaps[e][how])
+            print(f"    best-of-N by {how:<5} same pick {same[e][how] / args.seeds:.1%}"
+                  + (f"; oracle gaps where it differs: median {g[len(g) // 2]:.2e}, max {g[-1]:.2e}" if g else ""))
     print(f"JSON: {args.out}")
     return 0
 
