@@ -22,7 +22,9 @@ import functools
 import pickle
 from typing import Any, Callable, Iterable
 
-from ..train.mcts import (
+from mmprm_infer.integrations.policy import Policy
+from mmprm_infer.integrations.ray_cluster import connect, data_context, map_to_actors, plan_actors
+from mmprm_infer.train.mcts import (
     AnnotationProgress,
     AnnotationStats,
     MCTSConfig,
@@ -32,8 +34,6 @@ from ..train.mcts import (
     with_saved_image,
     write_json_atomic,
 )
-from .policy import Policy
-from .ray_cluster import connect, data_context, map_to_actors, plan_actors
 
 __all__ = ["ray_annotate", "synthetic_policy_factory", "openai_policy_factory", "vllm_policy_factory"]
 
@@ -106,8 +106,8 @@ def ray_annotate(problems: Iterable[Any], policy_factory: Callable[[], Policy], 
 # policy factories (module-level functions + partial: picklable for the workers)
 # --------------------------------------------------------------------------
 def _synthetic_policy(num_problems: int, split: str, seed: int, rates, policy_seed: int, latency_s: float) -> Policy:
-    from ..train.synthetic.policy import SyntheticPolicy
-    from ..train.synthetic.task import make_problems
+    from mmprm_infer.train.synthetic.policy import SyntheticPolicy
+    from mmprm_infer.train.synthetic.task import make_problems
 
     return SyntheticPolicy(make_problems(num_problems, split, seed), rates=rates, seed=policy_seed,
                            latency_s=latency_s)
@@ -121,7 +121,7 @@ def synthetic_policy_factory(num_problems: int, split: str, seed: int, rates, po
 
 
 def _openai_policy(base_url: str, model: str, api_key: str | None, sampling: dict) -> Policy:
-    from .policy import OpenAIPolicy
+    from mmprm_infer.integrations.policy import OpenAIPolicy
 
     return OpenAIPolicy(base_url, model, api_key, **sampling)
 
@@ -134,7 +134,7 @@ def openai_policy_factory(base_url: str, model: str, api_key: str | None = None,
 def _hf_policy(path: str, seed: int | None, sampling: dict) -> Policy:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, InternVLForConditionalGeneration
 
-    from .policy import TransformersPolicy
+    from mmprm_infer.integrations.policy import TransformersPolicy
 
     vision = "InternVLForConditionalGeneration" in (AutoConfig.from_pretrained(path).architectures or [])
     model = (InternVLForConditionalGeneration if vision else AutoModelForCausalLM).from_pretrained(path)
@@ -150,7 +150,7 @@ def hf_policy_factory(path: str, seed: int | None = 0, **sampling) -> Callable[[
 def _vllm_policy(model: str, tensor_parallel_size: int, llm_kwargs: dict, sampling: dict) -> Policy:
     import vllm
 
-    from .vllm_policy import VLLMPolicy
+    from mmprm_infer.integrations.vllm_policy import VLLMPolicy
 
     return VLLMPolicy(vllm.LLM(model=model, tensor_parallel_size=tensor_parallel_size, **llm_kwargs), **sampling)
 

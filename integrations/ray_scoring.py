@@ -28,9 +28,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mmprm_infer.files import atomic_output, check_output_path
+from mmprm_infer.integrations.ray_cluster import (
+    ACTOR_MAX_RESTARTS,
+    ActorPlan,
+    connect,
+    data_context,
+    map_to_actors,
+    plan_actors,
+)
 from mmprm_infer.progress import progress_bar
-
-from ..records import (
+from mmprm_infer.records import (
     PRMSpec,
     ResultWriter,
     ScoringOptions,
@@ -40,7 +47,6 @@ from ..records import (
     process_window,
     read_windows,
 )
-from .ray_cluster import ACTOR_MAX_RESTARTS, ActorPlan, connect, data_context, map_to_actors, plan_actors
 
 __all__ = ["PRMSpec", "RayJobError", "RayScoringStats", "score_file", "score_items", "ray_run_jsonl"]
 

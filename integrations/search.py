@@ -45,10 +45,9 @@ from mmprm_infer.aggregation import get_aggregation
 from mmprm_infer.answers import extract_answer
 from mmprm_infer.engines import Engine
 from mmprm_infer.engines.tree_cache import TreeCacheEngine
+from mmprm_infer.integrations.policy import STEP_SEPARATOR, PolicyPrompt, split_steps
 from mmprm_infer.prm import PRM, ScoringItem
 from mmprm_infer.selection import get_strategy, select
-
-from .policy import STEP_SEPARATOR, PolicyPrompt, split_steps
 
 __all__ = ["SearchConfig", "StepSample", "Beam", "RoundStats", "SearchResult", "beam_search", "dvts", "search",
            "sample_steps", "has_boxed_answer"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .policy import (
+from mmprm_infer.integrations.policy import (
     DEFAULT_SAMPLING,
     DEFAULT_SYSTEM_PROMPT,
     STEP_SEPARATOR,
@@ -38,7 +38,7 @@ from .policy import (
     join_steps,
     sampling_options,
 )
-from .search import StepSample
+from mmprm_infer.integrations.search import StepSample
 
 __all__ = ["VLLMPolicy", "vllm_available"]
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import prefix_attention, step_reward
+from mmprm_infer.kernels import prefix_attention, step_reward
 
 # What the engines feed the kernels: model dtypes, and head dims from tiny models to 7B-class ones
 # (80 is a non-power of two: BLOCK_D pads it).
@@ -155,7 +155,7 @@ def compile_launch(launch: Launch, capability: int, warp_size: int = 32):
 
 def compile_all(targets=TARGETS, progress: bool = True) -> list[tuple[str, int, str]]:
     """Compile every recorded launch for every target; returns (kernel, capability, error) per failure."""
-    from .triton_runtime import interpreter_active, triton
+    from mmprm_infer.kernels.triton_runtime import interpreter_active, triton
 
     if triton is None:
         raise RuntimeError("AOT compilation needs the triton package")

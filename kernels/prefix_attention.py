@@ -27,9 +27,9 @@ import math
 
 import torch
 
-from . import triton_runtime
-from .triton_runtime import check_triton_usable, tl, triton
-from .triton_runtime import jit_lazily as _jit
+from mmprm_infer.kernels import triton_runtime
+from mmprm_infer.kernels.triton_runtime import check_triton_usable, tl, triton
+from mmprm_infer.kernels.triton_runtime import jit_lazily as _jit
 
 BACKENDS = ("auto", "triton", "torch", "reference", "flash_attn")
 LOG2E = 1.4426950408889634

@@ -23,10 +23,10 @@ per-candidate reduction kernel), "auto" (Triton on CUDA, torch elsewhere).
 
 import torch
 
-from ..aggregation import AGGREGATIONS as _AGG_TABLE
-from ..aggregation import ALIASES, LOG_EPS, REDUCTIONS, TRANSFORMS
-from .triton_runtime import check_triton_usable, tl, triton
-from .triton_runtime import jit_lazily as _jit
+from mmprm_infer.aggregation import AGGREGATIONS as _AGG_TABLE
+from mmprm_infer.aggregation import ALIASES, LOG_EPS, REDUCTIONS, TRANSFORMS
+from mmprm_infer.kernels.triton_runtime import check_triton_usable, tl, triton
+from mmprm_infer.kernels.triton_runtime import jit_lazily as _jit
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 # name -> (transform of p, reduction over a candidate's steps), from the one table

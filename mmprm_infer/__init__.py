@@ -5,10 +5,10 @@
     res = rerank(question, candidates, prm=prm, aggregate="min")
 """
 
-from .aggregation import AGGREGATIONS, aggregate
-from .formats import FORMATS, get_format, register_format
-from .prm import PRM, ScoringItem
-from .rerank import RerankResult, rerank, rerank_batch
+from mmprm_infer.aggregation import AGGREGATIONS, aggregate
+from mmprm_infer.formats import FORMATS, get_format, register_format
+from mmprm_infer.prm import PRM, ScoringItem
+from mmprm_infer.rerank import RerankResult, rerank, rerank_batch
 
 __version__ = "0.1.0"
 

@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from .aggregation import AGGREGATIONS, ALIASES
-from .arguments import DTYPES, non_negative_int, positive_int
-from .files import OutputError, atomic_output, check_output_path
-from .formats import FORMATS
-from .progress import progress_bar
-from .records import (
+from mmprm_infer.aggregation import AGGREGATIONS, ALIASES
+from mmprm_infer.arguments import DTYPES, non_negative_int, positive_int
+from mmprm_infer.files import OutputError, atomic_output, check_output_path
+from mmprm_infer.formats import FORMATS
+from mmprm_infer.progress import progress_bar
+from mmprm_infer.records import (
     EXIT_RECORDS_FAILED,
     PRMSpec,
     ResultWriter,
@@ -46,7 +46,7 @@ def check_scoring_options(args) -> None:
         raise SystemExit(f"{prog}: {exc}") from None
     if args.prm is not None and not (Path(args.prm) / "config.json").is_file():
         raise SystemExit(f"{prog}: --prm {args.prm} is not a checkpoint folder (no config.json in it)")
-    from .engines import (
+    from mmprm_infer.engines import (
         ENGINES,
         tree_cache,  # noqa: F401 - registers its engine
     )
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     serve = sub.add_parser("serve", help="OpenAI-compatible reranking server in front of a policy server "
                            "(needs the 'serve' extra: fastapi, uvicorn, httpx)")
-    from .integrations.serve.options import add_serve_arguments  # no fastapi: the serve extra is optional
+    from mmprm_infer.integrations.serve.options import add_serve_arguments  # no fastapi: the serve extra is optional
 
     add_serve_arguments(serve)
     demo = sub.add_parser("demo", help="the built-in default job: the demo-preset pipeline (MCTS annotation -> train a "
@@ -170,19 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "annotate":
-        from .train.annotate import annotate_main
+        from mmprm_infer.train.annotate import annotate_main
 
         return annotate_main(argv[1:])
     if argv and argv[0] == "train":
-        from .train.train_cli import train_main
+        from mmprm_infer.train.train_cli import train_main
 
         return train_main(argv[1:])
     if argv and argv[0] == "eval":
-        from .evaluation.cli import eval_main
+        from mmprm_infer.evaluation.cli import eval_main
 
         return eval_main(argv[1:])
     if argv and argv[0] == "pipeline":
-        from .train.synthetic.pipeline import pipeline_main
+        from mmprm_infer.train.synthetic.pipeline import pipeline_main
 
         return pipeline_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         check_scoring_options(args)
         try:
             if args.ray is not None:
-                from .integrations.ray_scoring import RayJobError, ray_run_jsonl
+                from mmprm_infer.integrations.ray_scoring import RayJobError, ray_run_jsonl
 
                 try:
                     return ray_run_jsonl(args)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mmprm {args.command}: interrupted; nothing was written to {args.output}", file=sys.stderr)
             return 130
     if args.command == "convert-internvl":
-        from .models.convert_internvl import ConversionError, convert_internvl
+        from mmprm_infer.models.convert_internvl import ConversionError, convert_internvl
 
         try:
             convert_internvl(args.src, args.dst, dtype=args.dtype, format=args.format,
@@ -215,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"mmprm convert-internvl: {exc}") from None
         return 0
     if args.command == "serve":
-        from .integrations.serve.app import serve_main
+        from mmprm_infer.integrations.serve.app import serve_main
 
         return serve_main(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from mmprm_infer.demo import run_demo
 
         return run_demo(args.workdir)
     return 2

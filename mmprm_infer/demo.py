@@ -27,7 +27,7 @@ from pathlib import Path
 
 
 def run_demo(workdir: str | Path = "runs/demo") -> int:
-    from .train.synthetic.pipeline import preset_config, run_pipeline
+    from mmprm_infer.train.synthetic.pipeline import preset_config, run_pipeline
 
     run_pipeline(preset_config("demo", run_dir=str(workdir), example=True))
     return 0

@@ -30,7 +30,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
-from .formats import (
+from mmprm_infer.formats import (
     FORMATS,
     MODEL_CAUSAL_LM,
     MODEL_INTERNVL,
@@ -40,12 +40,12 @@ from .formats import (
     MODEL_VALUE_HEAD,
     FormatError,
 )
-from .formats.internvl_base import detect_internvl_format
-from .formats.vl_prm import QWEN_VL_ARCHITECTURE, detect_vl_prm_format
-from .models import internvl as _internvl  # noqa: F401  (registers the InternVL adapter)
-from .models import qwen_vl as _qwen_vl  # noqa: F401  (registers the Qwen2.5-VL adapter)
-from .models.qwen2_prm import Qwen2ForProcessRewardModel
-from .models.value_head import Qwen2ForPrmModel
+from mmprm_infer.formats.internvl_base import detect_internvl_format
+from mmprm_infer.formats.vl_prm import QWEN_VL_ARCHITECTURE, detect_vl_prm_format
+from mmprm_infer.models import internvl as _internvl  # noqa: F401  (registers the InternVL adapter)
+from mmprm_infer.models import qwen_vl as _qwen_vl  # noqa: F401  (registers the Qwen2.5-VL adapter)
+from mmprm_infer.models.qwen2_prm import Qwen2ForProcessRewardModel
+from mmprm_infer.models.value_head import Qwen2ForPrmModel
 
 FORMAT_KEY = "mmprm_format"
 FORMAT_OPTIONS_KEY = "mmprm_format_options"

@@ -9,10 +9,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .engines import DEFAULT_ENGINE, EncodedQuestion, Engine, get_engine
-from .formats import EncodedCandidate, FormatError, PRMFormat, get_format
-from .loading import FORMAT_KEY, FORMAT_OPTIONS_KEY, load_checkpoint
-from .models.adapters import adapter_for
+from mmprm_infer.engines import DEFAULT_ENGINE, EncodedQuestion, Engine, get_engine
+from mmprm_infer.formats import EncodedCandidate, FormatError, PRMFormat, get_format
+from mmprm_infer.loading import FORMAT_KEY, FORMAT_OPTIONS_KEY, load_checkpoint
+from mmprm_infer.models.adapters import adapter_for
 
 Candidate = str | Sequence[str]
 

@@ -23,8 +23,8 @@ from typing import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from .files import existing_files
-from .prm import ScoringItem
+from mmprm_infer.files import existing_files
+from mmprm_infer.prm import ScoringItem
 
 __all__ = ["RecordError", "BLANK_LINE", "decode_line", "Window", "WindowResult", "PRMSpec", "ScoringOptions",
            "parse_record", "input_kind", "plan_windows",
@@ -78,7 +78,7 @@ class PRMSpec:
     def load(self, device: str = "cpu", threads: int | None = None):
         import torch
 
-        from .prm import PRM
+        from mmprm_infer.prm import PRM
 
         if threads:
             torch.set_num_threads(threads)
@@ -229,7 +229,7 @@ def _result_record(record: dict, line: int, step_rewards, rerank_result, aggrega
     if "id" in record:
         out["id"] = record["id"]
     if rerank_result is None:
-        from .aggregation import aggregate as reduce_steps
+        from mmprm_infer.aggregation import aggregate as reduce_steps
 
         out["step_rewards"] = step_rewards
         out["scores"] = [reduce_steps(r, aggregate) for r in step_rewards]
@@ -241,8 +241,8 @@ def _result_record(record: dict, line: int, step_rewards, rerank_result, aggrega
 
 def _score(batch: list[tuple[int, dict, ScoringItem]], prm, options: ScoringOptions) -> list[dict | RecordError]:
     """Score parsed records in one engine call; if it fails, one by one so only the bad record fails."""
-    from .prm import batch_then_each
-    from .rerank import rerank_batch, resolve_aggregate
+    from mmprm_infer.prm import batch_then_each
+    from mmprm_infer.rerank import rerank_batch, resolve_aggregate
 
     aggregate = resolve_aggregate(options.aggregate, prm)
 

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .answers import group_answers, has_answer
+from mmprm_infer.answers import group_answers, has_answer
 
 __all__ = ["Selection", "select", "STRATEGIES", "get_strategy", "register_strategy"]
 

@@ -24,8 +24,8 @@ from transformers import (
     Qwen2ForTokenClassification,
 )
 
-from .models.qwen2_prm import Qwen2ForProcessRewardModel
-from .models.value_head import Qwen2ForPrmModel
+from mmprm_infer.models.qwen2_prm import Qwen2ForProcessRewardModel
+from mmprm_infer.models.value_head import Qwen2ForPrmModel
 
 # ChatML, as the Qwen2.5 and InternVL2.5 tokenizers format chats.
 CHATML_TEMPLATE = (

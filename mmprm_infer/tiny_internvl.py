@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from . import tiny
-from .vision import IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from mmprm_infer import tiny
+from mmprm_infer.vision import IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

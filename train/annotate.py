@@ -23,8 +23,8 @@ __all__ = ["annotate_main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .mcts import MCTSConfig
-    from .synthetic.policy import ErrorRates
+    from mmprm_infer.train.mcts import MCTSConfig
+    from mmprm_infer.train.synthetic.policy import ErrorRates
 
     cfg, rates = MCTSConfig(), ErrorRates()
     p = argparse.ArgumentParser(
@@ -129,7 +129,7 @@ def load_questions(path: str) -> list[dict]:
 
 def policy_factory(args, rates):
     """A picklable callable that builds the policy (in this process, or in each Ray worker)."""
-    from ..integrations import ray_annotate as factories
+    from mmprm_infer.integrations import ray_annotate as factories
 
     if args.policy_vllm:
         if args.ray is None or not args.policy_model:
@@ -156,10 +156,10 @@ def policy_factory(args, rates):
 
 
 def _run(args, problems, factory, config):
-    from .mcts import annotate
+    from mmprm_infer.train.mcts import annotate
 
     if args.ray is not None:
-        from ..integrations.ray_annotate import ray_annotate
+        from mmprm_infer.integrations.ray_annotate import ray_annotate
 
         # a vLLM worker holds its GPU; with tensor parallelism vLLM's own Ray workers hold them instead
         worker_gpus = 1 if args.policy_vllm and args.tensor_parallel_size == 1 else 0
@@ -171,12 +171,12 @@ def _run(args, problems, factory, config):
 
 
 def annotate_main(argv: Sequence[str] | None = None) -> int:
-    from .datasets import save_samples
-    from .labels import LabelConfig, label_stats, trees_to_samples
-    from .mc_annotation import MCConfig
-    from .mcts import MCTSConfig, load_trees
-    from .synthetic.policy import ErrorRates
-    from .synthetic.task import annotation_items, make_problems
+    from mmprm_infer.train.datasets import save_samples
+    from mmprm_infer.train.labels import LabelConfig, label_stats, trees_to_samples
+    from mmprm_infer.train.mc_annotation import MCConfig
+    from mmprm_infer.train.mcts import MCTSConfig, load_trees
+    from mmprm_infer.train.synthetic.policy import ErrorRates
+    from mmprm_infer.train.synthetic.task import annotation_items, make_problems
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

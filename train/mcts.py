@@ -482,7 +482,7 @@ def search_question(item: AnnotationItem, policy: Policy, config: MCTSConfig,
     """One question's finished tree (MM-PRM layout + id, config, extras) and its rollout count;
     ``item.image`` is a path (``with_saved_image``) or None.  With an ``MCConfig``: per-step
     Monte Carlo estimates instead (``train.mc_annotation``)."""
-    from .mc_annotation import MCConfig, mc_estimate_question
+    from mmprm_infer.train.mc_annotation import MCConfig, mc_estimate_question
 
     if isinstance(config, MCConfig):
         return mc_estimate_question(item, policy, config, verifier)

@@ -90,7 +90,7 @@ def _resolve_images(sample, base_dir: Path):
 
 
 def load_training_data(paths: Sequence[str], data_format: str | None = None) -> list:
-    from .datasets import load_samples
+    from mmprm_infer.train.datasets import load_samples
 
     samples = []
     for path in paths:
@@ -156,7 +156,7 @@ def _check_out(args) -> None:
         raise ValueError(f"--out {out} is a file; give a folder")
     busy = out.is_dir() and any(out.iterdir())
     if args.resume:
-        from .resume import find_resume_point
+        from mmprm_infer.train.resume import find_resume_point
 
         if find_resume_point(out) is None:
             raise ValueError(f"--resume: {out} holds no resume point (train with --save-steps to keep one)")
@@ -166,9 +166,8 @@ def _check_out(args) -> None:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     from mmprm_infer.progress import quiet_transformers_progress
-
-    from .resume import find_resume_point, load_resume_point
-    from .trainer import LoraSettings, TrainConfig, train_prm
+    from mmprm_infer.train.resume import find_resume_point, load_resume_point
+    from mmprm_infer.train.trainer import LoraSettings, TrainConfig, train_prm
 
     args = build_parser().parse_args(argv)
     quiet_transformers_progress()

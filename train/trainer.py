@@ -42,9 +42,8 @@ from mmprm_infer.evaluation.metrics import step_error_f1, step_macro_f1
 from mmprm_infer.formats import MODEL_QWEN2_PRM, EncodedCandidate
 from mmprm_infer.models.adapters import adapter_for
 from mmprm_infer.prm import PRM
-
-from .collate import TrainExample, as_example, make_layout, place_embeds, place_tokens
-from .resume import ResumeState, save_resume_point
+from mmprm_infer.train.collate import TrainExample, as_example, make_layout, place_embeds, place_tokens
+from mmprm_infer.train.resume import ResumeState, save_resume_point
 
 __all__ = [
     "LoraSettings", "TrainConfig", "TrainResult", "train_prm", "train_prm_from_checkpoint",

@@ -18,17 +18,16 @@ from pathlib import Path
 
 from mmprm_infer.aggregation import get_aggregation
 from mmprm_infer.formats import FormatError
+from mmprm_infer.integrations.serve.batcher import PRMBatcher
+from mmprm_infer.integrations.serve.errors import APIError, UpstreamError, error_body
+from mmprm_infer.integrations.serve.guard import Guard
+from mmprm_infer.integrations.serve.images import ImageReader
+from mmprm_infer.integrations.serve.options import ServerConfig, add_serve_arguments, config_from_args
 from mmprm_infer.prm import PRM, ScoringItem
 from mmprm_infer.records import PRMSpec
 from mmprm_infer.rerank import RerankResult, resolve_aggregate
 from mmprm_infer.selection import get_strategy
 from mmprm_infer.vision import ImageLoadError
-
-from .batcher import PRMBatcher
-from .errors import APIError, UpstreamError, error_body
-from .guard import Guard
-from .images import ImageReader
-from .options import ServerConfig, add_serve_arguments, config_from_args
 
 try:
     from fastapi import APIRouter, FastAPI, Request
@@ -36,7 +35,7 @@ try:
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
 
-    from .protocol import (
+    from mmprm_infer.integrations.serve.protocol import (
         ChatCompletionRequest,
         CompletionRequest,
         Sampling,
@@ -48,8 +47,8 @@ try:
         summary,
         text_of,
     )
-    from .stream import stream_response
-    from .upstream import Upstream
+    from mmprm_infer.integrations.serve.stream import stream_response
+    from mmprm_infer.integrations.serve.upstream import Upstream
 except ImportError as exc:  # pragma: no cover - the error says what to install
     raise ImportError("the reranking server needs the 'serve' extra: pip install 'mmprm-infer[serve]' "
                       f"(fastapi, uvicorn, httpx); missing: {exc.name}") from exc

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .errors import APIError
+from mmprm_infer.integrations.serve.errors import APIError
 
 __all__ = ["ClientImage", "ImageReader", "read_image"]
 

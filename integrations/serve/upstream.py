@@ -6,8 +6,8 @@ import asyncio
 
 import httpx
 
-from .errors import APIError, UpstreamError
-from .options import ServerConfig
+from mmprm_infer.integrations.serve.errors import APIError, UpstreamError
+from mmprm_infer.integrations.serve.options import ServerConfig
 
 __all__ = ["Upstream"]
 

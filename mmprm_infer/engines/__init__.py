@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import EncodedQuestion, Engine, NonFiniteRewardError
-from .fast import FastEngine
-from .reference import ReferenceEngine
+from mmprm_infer.engines.base import EncodedQuestion, Engine, NonFiniteRewardError
+from mmprm_infer.engines.fast import FastEngine
+from mmprm_infer.engines.reference import ReferenceEngine
 
 ENGINES: dict[str, Callable[..., Engine]] = {"reference": ReferenceEngine}
 DEFAULT_ENGINE = "fast"  # passes equivalence with the reference (tests/test_fast_engine.py)

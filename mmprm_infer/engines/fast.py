@@ -20,15 +20,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.base import RewardColumns
-from ..kernels.step_reward import fused_step_rewards
-from ..models.adapters import ModelAdapter
-from .base import EncodedQuestion, Engine, check_finite
-from .last_layer import last_layer_rows_only
-from .linear_paths import PATHS as LINEAR_PATHS
-from .linear_paths import PackedLinears
-from .linear_paths import choose_path as choose_linear_path
-from .shared_prefix import LAYOUT_KWARG, Group, PackedLayout, PrefixKV, shared_prefix_attention_enabled
+from mmprm_infer.engines.base import EncodedQuestion, Engine, check_finite
+from mmprm_infer.engines.last_layer import last_layer_rows_only
+from mmprm_infer.engines.linear_paths import PATHS as LINEAR_PATHS
+from mmprm_infer.engines.linear_paths import PackedLinears
+from mmprm_infer.engines.linear_paths import choose_path as choose_linear_path
+from mmprm_infer.engines.shared_prefix import (
+    LAYOUT_KWARG,
+    Group,
+    PackedLayout,
+    PrefixKV,
+    shared_prefix_attention_enabled,
+)
+from mmprm_infer.formats.base import RewardColumns
+from mmprm_infer.kernels.step_reward import fused_step_rewards
+from mmprm_infer.models.adapters import ModelAdapter
 
 
 def shared_prefix_length(question: EncodedQuestion) -> int:

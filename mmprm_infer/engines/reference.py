@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.base import RewardColumns
-from ..models.adapters import ModelAdapter
-from .base import EncodedQuestion, Engine, check_finite
+from mmprm_infer.engines.base import EncodedQuestion, Engine, check_finite
+from mmprm_infer.formats.base import RewardColumns
+from mmprm_infer.models.adapters import ModelAdapter
 
 
 class ReferenceEngine(Engine):

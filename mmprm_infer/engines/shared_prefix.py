@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from ..kernels.prefix_attention import shared_prefix_attention, shared_prefix_attention_rows
+from mmprm_infer.kernels.prefix_attention import shared_prefix_attention, shared_prefix_attention_rows
 
 ATTN_IMPLEMENTATION = "mmprm_shared_prefix"
 LAYOUT_KWARG = "shared_prefix_layout"

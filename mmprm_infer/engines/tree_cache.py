@@ -45,11 +45,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats.base import RewardColumns
-from ..models.adapters import ModelAdapter
-from .base import EncodedQuestion, Engine, check_finite
-from .fast import FastEngine
-from .shared_prefix import LAYOUT_KWARG, Group, PackedLayout, shared_prefix_attention_enabled
+from mmprm_infer.engines.base import EncodedQuestion, Engine, check_finite
+from mmprm_infer.engines.fast import FastEngine
+from mmprm_infer.engines.shared_prefix import LAYOUT_KWARG, Group, PackedLayout, shared_prefix_attention_enabled
+from mmprm_infer.formats.base import RewardColumns
+from mmprm_infer.models.adapters import ModelAdapter
 
 __all__ = ["TreeCacheEngine", "TreeCacheStats", "CallStats"]
 
@@ -476,7 +476,7 @@ def _digest(features: torch.Tensor) -> str:
 
 
 def _register() -> None:
-    from . import register_engine
+    from mmprm_infer.engines import register_engine
 
     register_engine(TreeCacheEngine.name, TreeCacheEngine)
 

@@ -29,9 +29,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..aggregation import aggregate
-from ..answers import answers_equivalent, extract_answer, group_answers
-from ..selection import select
+from mmprm_infer.aggregation import aggregate
+from mmprm_infer.answers import answers_equivalent, extract_answer, group_answers
+from mmprm_infer.selection import select
 
 __all__ = ["BonQuestion", "matches_gold", "default_ns", "question_accuracy", "accuracy_curves", "METHODS_WITHOUT_PRM"]
 

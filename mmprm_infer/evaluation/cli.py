@@ -19,15 +19,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ..aggregation import AGGREGATIONS, PROBABILITY_AGGREGATIONS
-from ..arguments import DTYPES, positive_int
-from ..files import check_output_path, existing_files, write_json_atomic
-from ..formats import FORMATS
-from ..prm import ScoringItem
-from ..progress import quiet_transformers_progress
-from ..records import PRMSpec
-from .data import BenchmarkDataError, Record, field, read_records, read_splits
-from .scoring import RewardCache, ScoringFailure, prm_fingerprint, score_with_cache
+from mmprm_infer.aggregation import AGGREGATIONS, PROBABILITY_AGGREGATIONS
+from mmprm_infer.arguments import DTYPES, positive_int
+from mmprm_infer.evaluation.data import BenchmarkDataError, Record, field, read_records, read_splits
+from mmprm_infer.evaluation.scoring import RewardCache, ScoringFailure, prm_fingerprint, score_with_cache
+from mmprm_infer.files import check_output_path, existing_files, write_json_atomic
+from mmprm_infer.formats import FORMATS
+from mmprm_infer.prm import ScoringItem
+from mmprm_infer.progress import quiet_transformers_progress
+from mmprm_infer.records import PRMSpec
 
 __all__ = ["eval_main", "build_parser", "resolve_images"]
 
@@ -80,7 +80,7 @@ def score(args, items: list[ScoringItem], wheres: list[str], collector: Collecto
     cache = RewardCache(None if args.no_cache else f"{args.report}.rewards.json", prm_fingerprint(spec))
     remote = None
     if args.ray is not None:
-        from ..integrations.ray_scoring import score_items
+        from mmprm_infer.integrations.ray_scoring import score_items
 
         def remote(todo):
             return score_items(todo, spec, batch_questions=args.batch_questions, address=args.ray,
@@ -118,7 +118,7 @@ def finish(args, report: dict, collector: Collector, table: list[str]) -> int:
 # benchmarks
 # --------------------------------------------------------------------------
 def run_processbench(args) -> int:
-    from .processbench import read_case, split_metrics
+    from mmprm_infer.evaluation.processbench import read_case, split_metrics
 
     collector = Collector(args.on_error)
     splits = {name: collector.parse(records, read_case) for name, records in read_splits(args.data).items()}
@@ -150,7 +150,7 @@ def _step_table(title: str, rows: list[tuple[str, dict]], score_key: str = "macr
 
 
 def run_visualprocessbench(args) -> int:
-    from .visualprocessbench import metrics, read_case
+    from mmprm_infer.evaluation.visualprocessbench import metrics, read_case
 
     base = Path(args.data).parent
     collector = Collector(args.on_error)
@@ -166,7 +166,7 @@ def run_visualprocessbench(args) -> int:
 
 
 def run_prmbench(args) -> int:
-    from .prmbench import metrics, read_case
+    from mmprm_infer.evaluation.prmbench import metrics, read_case
 
     collector = Collector(args.on_error)
     records = [r for rs in read_splits(args.data).values() for r in rs]
@@ -199,8 +199,8 @@ def _bon_question(args, base_dir: Path):
 
 
 def run_bon(args) -> int:
-    from .best_of_n import BonQuestion, accuracy_curves
-    from .plot import plot_curves
+    from mmprm_infer.evaluation.best_of_n import BonQuestion, accuracy_curves
+    from mmprm_infer.evaluation.plot import plot_curves
 
     collector = Collector(args.on_error)
     parsed = collector.parse(list(read_records(args.input)), _bon_question(args, Path(args.input).parent))

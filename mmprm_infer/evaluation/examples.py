@@ -26,8 +26,8 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 def write_examples(root: str | Path) -> Path:
     from PIL import Image
 
-    from ..tiny import build_tiny_qwen_prm
-    from ..tiny_internvl import build_tiny_internvl
+    from mmprm_infer.tiny import build_tiny_qwen_prm
+    from mmprm_infer.tiny_internvl import build_tiny_internvl
 
     root = Path(root)
     build_tiny_qwen_prm(root / "prm", seed=2)

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from ..vision import (
+from mmprm_infer.formats.base import MODEL_INTERNVL, FormatError, single_token_id
+from mmprm_infer.vision import (
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
@@ -38,7 +39,6 @@ from ..vision import (
     open_rgb,
     tiles_to_tensor,
 )
-from .base import MODEL_INTERNVL, FormatError, single_token_id
 
 IMAGE_PLACEHOLDER = "<image>"
 IM_START = "<|im_start|>"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats.base import (
+from mmprm_infer.formats.base import (
     MODEL_CAUSAL_LM,
     MODEL_INTERNVL,
     MODEL_QWEN2_PRM,

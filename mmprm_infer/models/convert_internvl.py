@@ -339,7 +339,7 @@ def convert_tokenizer(src: Path, dst: Path, trust_remote_code: bool, log: Callab
     sentencepiece + protobuf, and for InternLM2 its remote tokenizer code)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from ..tiny_internvl import INTERNVL25_CHAT_TEMPLATE
+    from mmprm_infer.tiny_internvl import INTERNVL25_CHAT_TEMPLATE
 
     config_file = src / "tokenizer_config.json"
     tcfg = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -403,8 +403,8 @@ def _detect_format(config: dict, tokenizer, src: Path) -> str | None:
 
 def _format_options(name: str | None, config: dict, log) -> dict:
     """Options that make the format read the checkpoint as its release code does."""
-    from ..formats.internvl_base import INTERNVL25_SYSTEM_MESSAGE
-    from ..formats.visualprm import VISUALPRM_SYSTEM_PROMPT
+    from mmprm_infer.formats.internvl_base import INTERNVL25_SYSTEM_MESSAGE
+    from mmprm_infer.formats.visualprm import VISUALPRM_SYSTEM_PROMPT
 
     if name != "visualprm":
         return {}  # MM-PRM's batch_prm always uses the template's default system message
@@ -427,8 +427,8 @@ def convert_internvl(src, dst, *, dtype: str | torch.dtype | None = None, format
     """Convert a published InternVLChatModel checkpoint in ``src`` to a native one in ``dst``."""
     from safetensors.torch import save_file
 
-    from ..formats import FORMATS
-    from ..loading import FORMAT_KEY, FORMAT_OPTIONS_KEY, resolve_dtype
+    from mmprm_infer.formats import FORMATS
+    from mmprm_infer.loading import FORMAT_KEY, FORMAT_OPTIONS_KEY, resolve_dtype
 
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
@@ -511,7 +511,7 @@ def convert_internvl(src, dst, *, dtype: str | torch.dtype | None = None, format
 def _write_image_processor(dst: Path, native, config: dict) -> None:
     from transformers import GotOcr2ImageProcessorPil
 
-    from ..vision import IMAGENET_MEAN, IMAGENET_STD
+    from mmprm_infer.vision import IMAGENET_MEAN, IMAGENET_STD
 
     size = native.vision_config.image_size
     size = size[0] if isinstance(size, (list, tuple)) else size

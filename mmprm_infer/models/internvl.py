@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.base import MODEL_INTERNVL
-from .adapters import register_adapter
-from .vision_language import VisionLanguageAdapter
+from mmprm_infer.formats.base import MODEL_INTERNVL
+from mmprm_infer.models.adapters import register_adapter
+from mmprm_infer.models.vision_language import VisionLanguageAdapter
 
 
 class InternVLAdapter(VisionLanguageAdapter):

@@ -28,9 +28,9 @@ from typing import Sequence
 
 import torch
 
-from ..formats.base import MODEL_QWEN2_5_VL
-from .adapters import register_adapter
-from .vision_language import VisionLanguageAdapter
+from mmprm_infer.formats.base import MODEL_QWEN2_5_VL
+from mmprm_infer.models.adapters import register_adapter
+from mmprm_infer.models.vision_language import VisionLanguageAdapter
 
 
 @dataclass

@@ -145,7 +145,7 @@ class PipelineConfig(ReadingStages):
     def __post_init__(self):
         self.ns = tuple(int(n) for n in self.ns)
         if self.templates is not None:
-            from .task import TEMPLATES
+            from mmprm_infer.train.synthetic.task import TEMPLATES
 
             self.templates = tuple(self.templates)
             unknown = [t for t in self.templates if t not in TEMPLATES]
@@ -253,9 +253,9 @@ def _log(msg: str) -> None:
 
 
 def _build_samples(config: PipelineConfig, problems, ann_dir: Path):
-    from ..labels import LabelConfig, label_stats, trees_to_samples
-    from ..mcts import load_trees
-    from .prm_init import prm_question
+    from mmprm_infer.train.labels import LabelConfig, label_stats, trees_to_samples
+    from mmprm_infer.train.mcts import load_trees
+    from mmprm_infer.train.synthetic.prm_init import prm_question
 
     by_id = {p.id: p for p in problems}
     trees = [t for t in load_trees(ann_dir) if str(t.get("id")) in by_id]
@@ -276,8 +276,8 @@ def _final_loss(losses: list[float], last: int = 50) -> float | None:
 def _verification_samples(config: PipelineConfig, problems, train_samples, n: int):
     """``n`` step-verification drills (``prm_init.verification_drill``, the PRM's full question) as
     labelled samples, over the problems (and with the images) of ``train_samples``."""
-    from ..datasets import StepSample
-    from .prm_init import verification_drill
+    from mmprm_infer.train.datasets import StepSample
+    from mmprm_infer.train.synthetic.prm_init import verification_drill
 
     images = {s.id: s.image_paths for s in train_samples}
     pool = [p for p in problems if p.id in images]
@@ -296,8 +296,7 @@ def _score_cases(prm, problems, candidates, config: PipelineConfig, checkpoint: 
     (with ``config.ray``: the same calls on Ray actors that load ``checkpoint``)."""
     from mmprm_infer.prm import ScoringItem
     from mmprm_infer.progress import progress_bar
-
-    from .prm_init import prm_question
+    from mmprm_infer.train.synthetic.prm_init import prm_question
 
     items = [ScoringItem(prm_question(p, config.with_image_text), cands,
                          None if config.model_kind == "text" else p.image) for p, cands in zip(problems, candidates)]
@@ -324,12 +323,11 @@ def run_pipeline(config: PipelineConfig) -> dict:
     from mmprm_infer.policy import PolicyPrompt
     from mmprm_infer.prm import PRM
     from mmprm_infer.progress import quiet_transformers_progress
-
-    from ..mcts import MCTSConfig, annotate
-    from ..trainer import TrainConfig, train_prm
-    from .policy import SyntheticPolicy
-    from .prm_init import build_task_prm
-    from .task import annotation_items, make_problems
+    from mmprm_infer.train.mcts import MCTSConfig, annotate
+    from mmprm_infer.train.synthetic.policy import SyntheticPolicy
+    from mmprm_infer.train.synthetic.prm_init import build_task_prm
+    from mmprm_infer.train.synthetic.task import annotation_items, make_problems
+    from mmprm_infer.train.trainer import TrainConfig, train_prm
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -374,7 +372,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
                                     round(config.verification_mix * len(train_samples)))
               if config.verification_mix else [])
     train_samples += drills
-    from ..datasets import save_samples
+    from mmprm_infer.train.datasets import save_samples
 
     save_samples(samples, run_dir / "samples.jsonl", "stepwise")
     timings["labels_s"] = time.perf_counter() - t0
@@ -394,7 +392,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     verification_losses: list[float] = []
     row_verification_losses: list[float] = []
     if config.pretrain_steps:
-        from .prm_init import pretrain_reading
+        from mmprm_infer.train.synthetic.prm_init import pretrain_reading
 
         _log(f"(c) pretraining the text model on {len(train_problems)} reference solutions, "
              "reading and arithmetic drills, "
@@ -403,7 +401,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
                                            batch_size=config.batch_size, with_image_text=config.with_image_text,
                                            seed=config.seed, progress=config.progress)
     if config.verification_steps:
-        from .prm_init import pretrain_step_verification
+        from mmprm_infer.train.synthetic.prm_init import pretrain_step_verification
 
         _log(f"(c) step verification at the step marker (true and perturbed readings and calculations), "
              f"{config.verification_steps} steps")
@@ -412,7 +410,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
                                                          token_verdicts=config.verification_token_verdicts,
                                                          seed=config.seed, progress=config.progress)
     if config.row_verification_steps:
-        from .prm_init import ROW_VERIFICATION_CURRICULUM, pretrain_step_verification
+        from mmprm_infer.train.synthetic.prm_init import ROW_VERIFICATION_CURRICULUM, pretrain_step_verification
 
         _log(f"(c) step verification on row and column readings only, {config.row_verification_steps} steps")
         row_verification_losses = pretrain_step_verification(
@@ -574,8 +572,7 @@ def rerank_example(prm, problems, step_lists, config: PipelineConfig, aggregate:
     (``rerank_batch``); prefers a question where majority vote and the PRM disagree."""
     from mmprm_infer.prm import ScoringItem
     from mmprm_infer.rerank import rerank_batch
-
-    from .prm_init import prm_question
+    from mmprm_infer.train.synthetic.prm_init import prm_question
 
     aggregate = aggregate or "min"
     k = min(8, config.n_candidates)
@@ -608,7 +605,7 @@ def rerank_example(prm, problems, step_lists, config: PipelineConfig, aggregate:
 # command line
 # --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .task import TEMPLATES
+    from mmprm_infer.train.synthetic.task import TEMPLATES
 
     p = argparse.ArgumentParser(prog="mmprm pipeline", description="Annotate (MCTS) -> label -> train a small PRM -> "
                                 "evaluate Best-of-N and step-error F1 on held-out synthetic multimodal problems")

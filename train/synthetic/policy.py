@@ -46,8 +46,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
 from mmprm_infer.policy import PolicyPrompt, join_steps, sampling_options
-
-from .task import (
+from mmprm_infer.train.synthetic.task import (
     BAR_NAMES,
     ArithStage,
     Problem,

@@ -54,7 +54,7 @@ def picture_facts(problem) -> str:
     column and cell of a table ("Row 2 is 4, 7, 2.", "Column C is 3, 2, 9.", "Row 2, column C is 2."),
     every bar of a chart ("Bar B is 7.").  A right reading step then appears verbatim above it --
     checking it is a copy task that a two-layer transformer learns (induction heads)."""
-    from .task import Target, format_read
+    from mmprm_infer.train.synthetic.task import Target, format_read
 
     targets = []
     if problem.kind == "grid":
@@ -78,7 +78,7 @@ def prm_question(problem, with_image_text: bool = True) -> str:
 
 def task_corpus(num_problems: int = 200, seed: int = 12345) -> list[str]:
     """Text of the synthetic task (questions, picture renderings, solutions) and every number."""
-    from .task import make_problems
+    from mmprm_infer.train.synthetic.task import make_problems
 
     lines: list[str] = []
     for p in make_problems(num_problems, "train", seed):
@@ -96,7 +96,7 @@ def reading_keys() -> list[str]:
     token each in the task tokenizer, so a reading step and the picture fact it must match share a
     single key token and checking the value is a one-hop copy (an induction head: find the earlier
     occurrence of this token, read the token after it) instead of matching a five-token phrase."""
-    from .task import BAR_NAMES, COL_NAMES, GRID_COLS, GRID_ROWS, Target
+    from mmprm_infer.train.synthetic.task import BAR_NAMES, COL_NAMES, GRID_COLS, GRID_ROWS, Target
 
     targets = [Target("row", r) for r in range(1, GRID_ROWS + 1)]
     targets += [Target("col", col=c) for c in range(1, GRID_COLS + 1)]
@@ -181,7 +181,7 @@ def arithmetic_drill(rng, k: int = 8) -> list[str]:
     a small digit, a product of two digits, a product plus a row sum, a difference of sums), written
     as the task writes them: practice for checking a calculation's result, which reference solutions
     alone show once or twice per problem."""
-    from .task import apply_op, format_arith
+    from mmprm_infer.train.synthetic.task import apply_op, format_arith
 
     out = []
     for _ in range(k):
@@ -268,8 +268,8 @@ def perturb_reading(statement: str, rng, problem=None) -> str:
     """A reading statement made wrong the way a reader errs: one value changed to a look-alike digit,
     a neighbouring digit or any other digit (always a different digit from 1 to 9), or -- given its
     ``problem``, one time in five -- the values of the neighbouring row / column / cell / bar."""
-    from .policy import LOOKALIKE_DIGITS, neighbour_target
-    from .task import format_read, parse_step
+    from mmprm_infer.train.synthetic.policy import LOOKALIKE_DIGITS, neighbour_target
+    from mmprm_infer.train.synthetic.task import format_read, parse_step
 
     read = parse_step(statement)
     values = list(read.values)
@@ -289,8 +289,8 @@ def perturb_reading(statement: str, rng, problem=None) -> str:
 
 def perturb_calculation(statement: str, rng) -> str:
     """A calculation with its result off by 1, 2 or 10 (the policy's arithmetic slips)."""
-    from .policy import SLIP_OFFSETS
-    from .task import format_arith, parse_step
+    from mmprm_infer.train.synthetic.policy import SLIP_OFFSETS
+    from mmprm_infer.train.synthetic.task import format_arith, parse_step
 
     calc = parse_step(statement)
     return format_arith(calc.ops[0], calc.values, calc.result + rng.choice(SLIP_OFFSETS))
@@ -318,7 +318,7 @@ def verification_drill(problem, rng, *, statements: int = 6, layout: str = "full
     several values (rows, columns) has them read with probability ``multi_value_share`` (``None``:
     every fact line alike; ``ROW_VERIFICATION_CURRICULUM`` draws only those).  ``truths``, when
     given, gets each statement's true version appended (the statement itself where it is true)."""
-    from .task import parse_step
+    from mmprm_infer.train.synthetic.task import parse_step
 
     _check_layout(layout)
     facts = picture_facts(problem).split("\n")

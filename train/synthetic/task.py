@@ -367,7 +367,7 @@ class Problem:
         """The problem as the annotator takes it (``mcts.AnnotationItem``): the question as the
         policy sees it, the answer, and the image (None when ``text_only``: the picture is then in
         the question's text)."""
-        from ..mcts import AnnotationItem
+        from mmprm_infer.train.mcts import AnnotationItem
 
         return AnnotationItem(self.id, self.prompt_question(text_only), str(self.answer),
                               None if text_only else self.image)
