@@ -41,7 +41,7 @@ def write_questions(prm, base: workloads.Workload, n_questions: int, path: Path)
 
 
 def single_machine(path: Path, src: Path, dst: Path, threads: int, batch_questions: int) -> float:
-    from mmprm_infer.cli import run_jsonl
+    from mmprm_infer.cli.score import run_jsonl
 
     args = SimpleNamespace(input=str(src), output=str(dst), prm=str(path), format=workloads.TEXT_FORMAT,
                            device="cpu", dtype="float32", engine=None, max_tiles=None, threads=threads,

@@ -1,7 +1,7 @@
 """Dataset-scale scoring on Ray: `mmprm score|rerank --ray [ADDRESS]`.
 
 The input (JSONL or Parquet) is cut into the same windows as the
-single-machine run (``mmprm_infer.records``): Ray Data streams the window
+single-machine run (``mmprm_infer.io.records``): Ray Data streams the window
 indices to a pool of PRM actors that read their windows (one per GPU, or CPU actors) scores each window
 with the fast engine in one call, so a question and all its candidates stay
 on one actor with their shared prefix, and the driver writes the results in
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmprm_infer.files import atomic_output, check_output_path
 from mmprm_infer.integrations.ray_cluster import (
     ACTOR_MAX_RESTARTS,
     ActorPlan,
@@ -36,8 +35,9 @@ from mmprm_infer.integrations.ray_cluster import (
     map_to_actors,
     plan_actors,
 )
-from mmprm_infer.progress import progress_bar
-from mmprm_infer.records import (
+from mmprm_infer.io.files import atomic_output, check_output_path
+from mmprm_infer.io.progress import progress_bar
+from mmprm_infer.io.records import (
     PRMSpec,
     ResultWriter,
     ScoringOptions,
@@ -165,7 +165,7 @@ def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, com
                progress: bool = True, actor_max_restarts: int = ACTOR_MAX_RESTARTS) -> RayScoringStats:
     """Score or rerank a JSONL/Parquet file on Ray; writes ``output`` in input order (error
     records with ``on_error="skip"``) and returns counts and timings.  ``output`` appears
-    only when the run finishes (``mmprm_infer.files.atomic_output``)."""
+    only when the run finishes (``mmprm_infer.io.files.atomic_output``)."""
     spec = prm if isinstance(prm, PRMSpec) else PRMSpec(str(prm))
     in_path = Path(input).resolve()
     if not in_path.is_file():

@@ -8,7 +8,7 @@ import torch
 from mmprm_infer import PRM, rerank
 from mmprm_infer.engines import NonFiniteRewardError
 from mmprm_infer.formats import FormatError
-from mmprm_infer.tiny import build_tiny_causal_lm
+from mmprm_infer.testing.tiny import build_tiny_causal_lm
 
 Q = "What is 2 + 3?"
 

@@ -13,7 +13,7 @@ from mmprm_infer.cli import main
 from mmprm_infer.evaluation.best_of_n import BonQuestion, accuracy_curves, default_ns, matches_gold, question_accuracy
 from mmprm_infer.evaluation.metrics import step_error_f1
 from mmprm_infer.evaluation.processbench import ProcessBenchCase, split_metrics
-from mmprm_infer.records import PRMSpec
+from mmprm_infer.io.records import PRMSpec
 
 
 # --- ProcessBench --------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def test_the_readme_eval_commands_run(tmp_path, monkeypatch):
     import shlex
     from pathlib import Path
 
-    from mmprm_infer.evaluation.examples import write_examples
+    from mmprm_infer.testing.eval_examples import write_examples
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = re.search(r"## Evaluate a PRM.*?```bash\n(.*?)```", readme, re.S).group(1)
@@ -310,7 +310,7 @@ def test_the_readme_eval_commands_run(tmp_path, monkeypatch):
     assert len(lines) == 5
     for line in lines:
         argv = shlex.split(line)
-        if argv[:3] == ["python", "-m", "mmprm_infer.evaluation.examples"]:
+        if argv[:3] == ["python", "-m", "mmprm_infer.testing.eval_examples"]:
             write_examples(argv[3])
         else:
             assert argv[0] == "mmprm" and main([*argv[1:], "--quiet"]) == 0, line

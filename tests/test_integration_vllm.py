@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmprm_infer.integrations.local_server import ServerProcess, free_port, vllm_server_command
+from mmprm_infer.testing.local_server import ServerProcess, free_port, vllm_server_command
 
 try:
     import vllm  # noqa: F401
@@ -48,7 +48,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
-    from mmprm_infer.integrations.tiny_policy import build_tiny_step_policy
+    from mmprm_infer.testing.tiny_policy import build_tiny_step_policy
 
     return build_tiny_step_policy(tmp_path_factory.mktemp("vllm_policy"))
 

@@ -20,8 +20,8 @@ import torch
 
 from mmprm_infer.cli import main
 from mmprm_infer.integrations.ray_scoring import PRMSpec, score_file, score_items
+from mmprm_infer.io.records import EXIT_RECORDS_FAILED
 from mmprm_infer.prm import PRM, ScoringItem
-from mmprm_infer.records import EXIT_RECORDS_FAILED
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -317,11 +317,12 @@ def test_annotate_cli_on_your_own_questions_through_an_endpoint(cluster, synthet
 
 
 def test_annotate_cli_builds_the_policy_it_is_asked_for():
-    from mmprm_infer.train.annotate import build_parser, policy_factory
+    from mmprm_infer.cli import build_parser
+    from mmprm_infer.cli.annotate import policy_factory
     from mmprm_infer.train.synthetic.policy import ErrorRates
 
     def factory(*argv):
-        return policy_factory(build_parser().parse_args(["--out-dir", "x", *argv]), ErrorRates())
+        return policy_factory(build_parser().parse_args(["annotate", "--out-dir", "x", *argv]), ErrorRates())
 
     vllm = factory("--ray", "--policy-vllm", "--policy-model", "M", "--tensor-parallel-size", "2")
     assert vllm.args == ("M", 2, {"distributed_executor_backend": "ray"}, {"max_new_tokens": 1024})

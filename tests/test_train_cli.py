@@ -8,7 +8,7 @@ import pytest
 
 from mmprm_infer import PRM
 from mmprm_infer.cli import main
-from mmprm_infer.tiny import build_tiny_causal_lm
+from mmprm_infer.testing.tiny import build_tiny_causal_lm
 from mmprm_infer.train.datasets import StepSample, save_samples
 
 SAMPLES = [StepSample(f"What is {i} + {i}?", [f"{i} + {i} = {2 * i + k % 2}.", f"So the answer is {2 * i + k % 2}."],
@@ -132,12 +132,11 @@ def test_mc_estimation_by_hand(tmp_path):
 
 
 def test_annotate_mc_with_a_local_transformers_policy(base, tmp_path):
-    from mmprm_infer.train.annotate import annotate_main
 
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"id": "a", "question": "What is 1 + 1?", "answer": "2"}) + "\n")
     out = tmp_path / "ann"
-    assert annotate_main(["--questions", str(questions), "--policy-hf", str(base), "--method", "mc",
+    assert main(["annotate", "--questions", str(questions), "--policy-hf", str(base), "--method", "mc",
                           "--num-solutions", "2", "--k", "2", "--max-new-tokens", "8", "--out-dir", str(out),
                           "--no-progress", "--export", str(out / "trl.jsonl"), "--export-format", "stepwise"]) in (0,)
     record = json.loads(next((out / "trees").glob("*.json")).read_text())
@@ -154,13 +153,13 @@ def test_the_readme_train_commands_run(tmp_path, monkeypatch):
     import shlex
     from pathlib import Path
 
-    from mmprm_infer.train.examples import write_examples
+    from mmprm_infer.testing.train_examples import write_examples
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = re.search(r"Offline on a tiny base and tiny files.*?```bash\n(.*?)```", readme, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     lines = [line for line in block.splitlines() if line.strip()]
-    assert len(lines) == 2 and lines[0].startswith("python -m mmprm_infer.train.examples")
+    assert len(lines) == 2 and lines[0].startswith("python -m mmprm_infer.testing.train_examples")
     write_examples(shlex.split(lines[0])[3])
     assert main([*shlex.split(lines[1])[1:], "--quiet"]) == 0
     summary = json.loads((tmp_path / "runs/train-example/prm/train_summary.json").read_text())

@@ -214,7 +214,7 @@ def test_a_failing_question_is_reported_and_the_rest_go_on(tmp_path, problems):
 
 
 def test_kill_and_resume(tmp_path, capsys):
-    from mmprm_infer.train.annotate import annotate_main
+    from mmprm_infer.cli import main
 
     out = tmp_path / "run"
     n, done_first = 8, 3
@@ -238,7 +238,7 @@ def test_kill_and_resume(tmp_path, capsys):
 
     # the same command again (in this process: one interpreter start less)
     capsys.readouterr()
-    assert annotate_main(args) == 0
+    assert main(["annotate", *args]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["skipped"] == len(before) and summary["annotated"] == n - len(before)
 

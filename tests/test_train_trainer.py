@@ -1,6 +1,6 @@
 """The PRM trainer: marker-only loss, learning, save/reload, accumulation, metrics.
 
-Tiny models from mmprm_infer.tiny (session fixtures in conftest.py).  Torch
+Tiny models from mmprm_infer.testing.tiny (session fixtures in conftest.py).  Torch
 runs on one thread here: for these tiny matmuls thread hand-off costs more
 than it saves, and on a shared 2-core machine two threads can stall for
 100+ ms per step.
@@ -416,7 +416,7 @@ def test_step_macro_f1():
 def test_mm_prm_training_freezes_vision_tower(tmp_path):
     from PIL import Image
 
-    from mmprm_infer.tiny_internvl import build_tiny_internvl
+    from mmprm_infer.testing.tiny_internvl import build_tiny_internvl
 
     path = build_tiny_internvl(tmp_path / "ckpt", extra_special_tokens=("<prm>",))
     prm = PRM.from_pretrained(path)

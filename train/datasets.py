@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from mmprm_infer.files import atomic_output
+from mmprm_infer.io.files import atomic_output
 
 __all__ = [
     "StepSample",

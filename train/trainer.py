@@ -494,7 +494,7 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    from mmprm_infer.progress import progress_bar
+    from mmprm_infer.io.progress import progress_bar
 
     config = config or TrainConfig()
     started = time.perf_counter()

@@ -38,7 +38,7 @@ retries with exponential backoff on connection errors, timeouts, 429 and
 502 too.  A request the policy rejects with 400/422 is answered 400 with the
 policy's message.
 
-Limits and safety (options.py has the flags and defaults): a client
+Limits and safety (options.py has the defaults, mmprm_infer/cli/serve.py the flags): a client
 key (401), body bytes (413), characters per text, samples per request
 (prompts x n), images per request and pixels per image (400); local image
 paths only under ``--image-root`` (images.py).  Client errors are
@@ -47,23 +47,21 @@ paths only under ``--image-root`` (images.py).  Client errors are
 scoring included.
 
 The package: ``protocol`` (request models, reranked responses), ``app``
-(``create_app``, the routes, ``serve_main``), ``batcher`` (the PRM scorer),
+(``create_app``, the routes, ``run_server``), ``batcher`` (the PRM scorer),
 ``upstream`` (the policy client), ``guard`` (key and body size), ``images``,
-``stream``, ``errors``, and ``options`` (the ``mmprm serve`` flags and
-``ServerConfig``; no fastapi there, so the CLI builds its parser without the
-'serve' extra).  ``from mmprm_infer.integrations.serve import create_app``
-imports the app (and fastapi) only when asked for.
+``stream``, ``errors``, and ``options`` (``ServerConfig`` and its defaults;
+no fastapi there, so the CLI builds its parser without the 'serve' extra).
+``from mmprm_infer.integrations.serve import create_app`` imports the app (and fastapi) only when asked for.
 """
 
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["ServerConfig", "add_serve_arguments", "config_from_args", "create_app", "run_server", "serve_main",
+__all__ = ["ServerConfig", "create_app", "run_server",
            "PRMBatcher", "Upstream", "APIError", "UpstreamError"]
 
-_HOMES = {"ServerConfig": "options", "add_serve_arguments": "options", "config_from_args": "options",
-          "create_app": "app", "run_server": "app", "serve_main": "app", "PRMBatcher": "batcher",
+_HOMES = {"ServerConfig": "options", "create_app": "app", "run_server": "app", "PRMBatcher": "batcher",
           "Upstream": "upstream", "APIError": "errors", "UpstreamError": "errors"}
 
 

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from pathlib import Path
 
 from mmprm_infer.aggregation import get_aggregation
 from mmprm_infer.formats import FormatError
@@ -22,9 +21,8 @@ from mmprm_infer.integrations.serve.batcher import PRMBatcher
 from mmprm_infer.integrations.serve.errors import APIError, UpstreamError, error_body
 from mmprm_infer.integrations.serve.guard import Guard
 from mmprm_infer.integrations.serve.images import ImageReader
-from mmprm_infer.integrations.serve.options import ServerConfig, add_serve_arguments, config_from_args
+from mmprm_infer.integrations.serve.options import ServerConfig
 from mmprm_infer.prm import PRM, ScoringItem
-from mmprm_infer.records import PRMSpec
 from mmprm_infer.rerank import RerankResult, resolve_aggregate
 from mmprm_infer.selection import get_strategy
 from mmprm_infer.vision import ImageLoadError
@@ -53,7 +51,7 @@ except ImportError as exc:  # pragma: no cover - the error says what to install
     raise ImportError("the reranking server needs the 'serve' extra: pip install 'mmprm-infer[serve]' "
                       f"(fastapi, uvicorn, httpx); missing: {exc.name}") from exc
 
-__all__ = ["ServerConfig", "State", "create_app", "run_server", "serve_main", "add_serve_arguments", "PRMBatcher",
+__all__ = ["ServerConfig", "State", "create_app", "run_server", "PRMBatcher",
            "Upstream", "UpstreamError", "APIError"]
 
 log = logging.getLogger("mmprm.server")
@@ -427,20 +425,3 @@ def run_server(prm: PRM, config: ServerConfig, host: str = "127.0.0.1", port: in
     import uvicorn
 
     uvicorn.run(create_app(prm, config), host=host, port=port, log_level=log_level)
-
-
-def serve_main(args) -> int:
-    """``mmprm serve``: check every option, then load the PRM (minutes for an 8B model), then start uvicorn."""
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        raise SystemExit(f"mmprm serve: {exc}") from None
-    if not Path(args.prm).is_dir():
-        raise SystemExit(f"mmprm serve: --prm {args.prm!r} is not a directory; give the PRM checkpoint's folder")
-    try:
-        prm = PRMSpec(args.prm, format=args.format, dtype=args.dtype, max_tiles=args.max_tiles).load(
-            args.device, args.threads)
-    except Exception as exc:  # noqa: BLE001 - a checkpoint can fail in many ways; name it and the cause
-        raise SystemExit(f"mmprm serve: cannot load the PRM from {args.prm}: {type(exc).__name__}: {exc}") from None
-    run_server(prm, config, host=args.host, port=args.port, log_level=args.log_level)
-    return 0

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmprm_infer.records import decode_line
+from mmprm_infer.io.records import decode_line
 
 __all__ = ["Record", "BenchmarkDataError", "read_records", "read_splits", "field", "string_list", "SUFFIXES"]
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mmprm_infer.files import write_json_atomic
+from mmprm_infer.io.files import write_json_atomic
+from mmprm_infer.io.progress import progress_bar
+from mmprm_infer.io.records import PRMSpec
 from mmprm_infer.prm import ScoringItem, batch_then_each
-from mmprm_infer.progress import progress_bar
-from mmprm_infer.records import PRMSpec
 
 __all__ = ["RewardCache", "prm_fingerprint", "score_with_cache", "ScoringFailure"]
 

@@ -51,6 +51,35 @@ INTERNVL25_SYSTEM_MESSAGE = (
 )
 
 
+# InternVL2.5 template (MPT separator style): the system turn is always
+# present (default message when none is given); ``<image>`` stands where the
+# caller substitutes ``vision.image_token_block(...)``, as InternVL's chat()
+# does.
+INTERNVL25_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_message = messages[0]['content'] -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system_message = '" + INTERNVL25_SYSTEM_MESSAGE + "' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' -}}"
+    "{%- for message in loop_messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
 def render_internvl25(system: str, turns: Sequence[tuple[str, str | None]]) -> str:
     """``get_conv_template('internvl2_5').get_prompt()`` for these turns.
 
@@ -210,7 +239,8 @@ def detect_internvl_format(config: dict, tokenizer) -> str | None:
 
 
 __all__ = [
-    "IMAGE_PLACEHOLDER", "INTERNVL25_SYSTEM_MESSAGE", "InternVLImages", "render_internvl25", "image_prefix",
+    "IMAGE_PLACEHOLDER", "INTERNVL25_CHAT_TEMPLATE", "INTERNVL25_SYSTEM_MESSAGE",
+    "InternVLImages", "render_internvl25", "image_prefix",
     "place_images", "fill_placeholders", "as_image_list", "open_images", "find_subsequence_positions",
     "detect_internvl_format",
 ]

@@ -339,7 +339,7 @@ def convert_tokenizer(src: Path, dst: Path, trust_remote_code: bool, log: Callab
     sentencepiece + protobuf, and for InternLM2 its remote tokenizer code)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from mmprm_infer.tiny_internvl import INTERNVL25_CHAT_TEMPLATE
+    from mmprm_infer.formats.internvl_base import INTERNVL25_CHAT_TEMPLATE
 
     config_file = src / "tokenizer_config.json"
     tcfg = json.loads(config_file.read_text()) if config_file.is_file() else {}

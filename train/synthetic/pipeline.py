@@ -35,12 +35,9 @@ floating-point nondeterminism of multi-threaded CPU kernels).
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import math
 import random
-import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -51,7 +48,7 @@ from mmprm_infer.aggregation import AGGREGATIONS as _LIBRARY_AGGREGATIONS
 from mmprm_infer.aggregation import PROBABILITY_AGGREGATIONS
 from mmprm_infer.selection import select
 
-__all__ = ["PipelineConfig", "ReadingStages", "PRESETS", "preset_config", "run_pipeline", "pipeline_main",
+__all__ = ["PipelineConfig", "ReadingStages", "PRESETS", "preset_config", "run_pipeline",
            "rerank_example", "AGGREGATIONS"]
 
 # every aggregation of the library, the probability-like ones first (the report's order)
@@ -294,8 +291,8 @@ def _verification_samples(config: PipelineConfig, problems, train_samples, n: in
 def _score_cases(prm, problems, candidates, config: PipelineConfig, checkpoint: Path) -> list[list[list[float]]]:
     """Step rewards of every candidate, ``score_batch_questions`` problems per engine call
     (with ``config.ray``: the same calls on Ray actors that load ``checkpoint``)."""
+    from mmprm_infer.io.progress import progress_bar
     from mmprm_infer.prm import ScoringItem
-    from mmprm_infer.progress import progress_bar
     from mmprm_infer.train.synthetic.prm_init import prm_question
 
     items = [ScoringItem(prm_question(p, config.with_image_text), cands,
@@ -320,9 +317,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
     from mmprm_infer.aggregation import aggregate
     from mmprm_infer.answers import extract_answer
     from mmprm_infer.evaluation.metrics import step_error_f1
+    from mmprm_infer.io.progress import quiet_transformers_progress
     from mmprm_infer.policy import PolicyPrompt
     from mmprm_infer.prm import PRM
-    from mmprm_infer.progress import quiet_transformers_progress
     from mmprm_infer.train.mcts import MCTSConfig, annotate
     from mmprm_infer.train.synthetic.policy import SyntheticPolicy
     from mmprm_infer.train.synthetic.prm_init import build_task_prm
@@ -599,85 +596,3 @@ def rerank_example(prm, problems, step_lists, config: PipelineConfig, aggregate:
           f"({'right' if res.answers[res.best_index] == p.answer else 'wrong'}); majority vote: "
           f"{maj.answers[maj.best_index]}; reference {p.answer}", flush=True)
     return res.to_dict()
-
-
-# --------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from mmprm_infer.train.synthetic.task import TEMPLATES
-
-    p = argparse.ArgumentParser(prog="mmprm pipeline", description="Annotate (MCTS) -> label -> train a small PRM -> "
-                                "evaluate Best-of-N and step-error F1 on held-out synthetic multimodal problems")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    p.add_argument("--run-dir", default=None, help="output folder (default runs/pipeline-<preset>)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--templates", nargs="+", choices=TEMPLATES, default=None,
-                   help="question types of the synthetic task (default: the preset's; the demo uses the bar charts)")
-    p.add_argument("--train-problems", type=int, default=None)
-    p.add_argument("--test-problems", type=int, default=None)
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--pretrain-steps", type=int, default=None,
-                   help="next-token pretraining steps on picture facts + reference solutions before PRM training")
-    p.add_argument("--verification-steps", type=int, default=None,
-                   help="step-verification steps at the step marker after pretraining (prm_init)")
-    p.add_argument("--verification-arithmetic", type=float, default=None,
-                   help="share of calculations among the step-verification statements")
-    p.add_argument("--row-verification-steps", type=int, default=None,
-                   help="a second step-verification stage on row and column readings only (prm_init)")
-    p.add_argument("--verification-token-verdicts", type=float, default=None,
-                   help="weight of a right-so-far verdict at every statement token in the verification stages")
-    p.add_argument("--verification-mix", type=float, default=None,
-                   help="step-verification drills added to the PRM's training set, per MCTS sample")
-    p.add_argument("--balance-positions", action="store_true",
-                   help="weight the loss so every step index has the overall good/bad label mix")
-    p.add_argument("--hidden", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--model-kind", choices=("internvl", "text"), default=None)
-    p.add_argument("--no-image-text", action="store_true",
-                   help="the PRM's question carries no text rendering of the picture (image only)")
-    p.add_argument("--soft-labels", action="store_true", help="train on MC values instead of 1/0 labels")
-    p.add_argument("--granularity", choices=("node", "step"), default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                   help="score the held-out candidates on a Ray cluster (the 'ray' extra)")
-    p.add_argument("--no-example", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def pipeline_main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    overrides = {k: v for k, v in {
-        "seed": args.seed, "train_problems": args.train_problems, "test_problems": args.test_problems,
-        "max_steps": args.max_steps, "learning_rate": args.learning_rate, "hidden": args.hidden,
-        "layers": args.layers, "pretrain_steps": args.pretrain_steps, "verification_steps": args.verification_steps,
-        "row_verification_steps": args.row_verification_steps,
-        "verification_arithmetic": args.verification_arithmetic, "verification_mix": args.verification_mix,
-        "verification_token_verdicts": args.verification_token_verdicts,
-        "model_kind": args.model_kind, "granularity": args.granularity, "templates": args.templates,
-        "threads": args.threads, "ray": args.ray}.items() if v is not None}
-    if args.no_image_text:
-        overrides["with_image_text"] = False
-    if args.balance_positions:
-        overrides["balance_positions"] = True
-    if args.soft_labels:
-        overrides["hard_labels"] = False
-    if args.no_example:
-        overrides["example"] = False
-    if args.no_progress:
-        overrides["progress"] = False
-    overrides["run_dir"] = args.run_dir or f"runs/pipeline-{args.preset}"
-    try:
-        config = preset_config(args.preset, **overrides)
-    except ValueError as e:
-        print(f"mmprm pipeline: {e}", file=sys.stderr)
-        return 2
-    run_pipeline(config)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(pipeline_main())

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from mmprm_infer import tiny, tiny_internvl
+from mmprm_infer.testing import tiny, tiny_internvl
 
 __all__ = ["NUMBER_RANGE", "task_corpus", "build_task_tokenizer", "build_task_prm", "prm_question",
            "MMPRM_FORMAT_OPTIONS", "reading_keys", "picture_facts", "pretrain_reading", "reading_drill",
@@ -232,7 +232,7 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
 
     import torch
 
-    from mmprm_infer.progress import progress_bar
+    from mmprm_infer.io.progress import progress_bar
 
     tok = prm.tokenizer
     model = prm.model
@@ -435,7 +435,7 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
     import torch
     import torch.nn.functional as F
 
-    from mmprm_infer.progress import progress_bar
+    from mmprm_infer.io.progress import progress_bar
 
     if not curriculum:
         raise ValueError("curriculum needs at least one VerificationPhase (e.g. VERIFICATION_CURRICULUM)")

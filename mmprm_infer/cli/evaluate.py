@@ -20,16 +20,19 @@ from pathlib import Path
 from typing import Callable
 
 from mmprm_infer.aggregation import AGGREGATIONS, PROBABILITY_AGGREGATIONS
-from mmprm_infer.arguments import DTYPES, positive_int
+from mmprm_infer.cli.arguments import DTYPES, positive_int
 from mmprm_infer.evaluation.data import BenchmarkDataError, Record, field, read_records, read_splits
 from mmprm_infer.evaluation.scoring import RewardCache, ScoringFailure, prm_fingerprint, score_with_cache
-from mmprm_infer.files import check_output_path, existing_files, write_json_atomic
 from mmprm_infer.formats import FORMATS
+from mmprm_infer.io.files import check_output_path, existing_files, write_json_atomic
+from mmprm_infer.io.progress import quiet_transformers_progress
+from mmprm_infer.io.records import PRMSpec
 from mmprm_infer.prm import ScoringItem
-from mmprm_infer.progress import quiet_transformers_progress
-from mmprm_infer.records import PRMSpec
 
-__all__ = ["eval_main", "build_parser", "resolve_images"]
+__all__ = ["configure", "run", "resolve_images"]
+
+HELP = ("evaluate a PRM on a benchmark's own files: processbench, visualprocessbench, prmbench, bon")
+DESCRIPTION = "Evaluate a PRM on a benchmark's own files"
 
 
 class EvalError(Exception):
@@ -250,8 +253,7 @@ def _threshold(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="a step is predicted wrong below this reward")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmprm eval", description="Evaluate a PRM on a benchmark's own files")
+def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", required=True)
     p = sub.add_parser("processbench", help="ProcessBench: earliest wrong step (acc on error / correct cases, F1)")
     p.add_argument("--data", required=True, help="a split file (JSONL, JSON, Parquet) or a folder of them")
@@ -284,7 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="accuracy-vs-N PNG (default: accuracy_vs_n.png beside the report)")
     _common(p, "bon-report.json")
     p.set_defaults(func=run_bon)
-    return parser
 
 
 def _check(args) -> None:
@@ -304,8 +305,7 @@ def _check(args) -> None:
         raise EvalError(f"--image-root {args.image_root} is not a folder")
 
 
-def eval_main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     quiet_transformers_progress()
     try:
         _check(args)

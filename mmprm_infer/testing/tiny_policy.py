@@ -7,7 +7,7 @@ on ChatML conversations "What is a + b?" -> 1-3 steps of words, then
 ``<|im_end|>`` and EOS.  Served by vLLM or transformers it writes several
 steps and stops, so step-level search and reranking see real multi-step
 samples.  No hub access: the tokenizer and model come from
-``mmprm_infer.tiny``.
+``mmprm_infer.testing.tiny``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mmprm_infer.tiny import build_tiny_causal_lm
+from mmprm_infer.testing.tiny import build_tiny_causal_lm
 
 __all__ = ["build_tiny_step_policy", "STEP_WORDS"]
 

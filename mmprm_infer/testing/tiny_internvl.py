@@ -20,46 +20,14 @@ from typing import Sequence
 
 import torch
 
-from mmprm_infer import tiny
+from mmprm_infer.formats.internvl_base import INTERNVL25_CHAT_TEMPLATE, INTERNVL25_SYSTEM_MESSAGE
+from mmprm_infer.testing import tiny
 from mmprm_infer.vision import IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 VIDEO_TOKEN = "<video>"  # transformers' InternVLProcessor requires one
-
-# InternVL2.5's default system message (conversation template "internvl2_5").
-INTERNVL25_SYSTEM_MESSAGE = (
-    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-)
-
-# InternVL2.5 template (MPT separator style): the system turn is always
-# present (default message when none is given); ``<image>`` stands where the
-# caller substitutes ``vision.image_token_block(...)``, as InternVL's chat()
-# does.
-INTERNVL25_CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system_message = messages[0]['content'] -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- set system_message = '" + INTERNVL25_SYSTEM_MESSAGE + "' -%}"
-    "{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{{- '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' -}}"
-    "{%- for message in loop_messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}"
-    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
 
 # Words that must each be one token: reward tokens of the PRM formats.
 SINGLE_TOKEN_WORDS = ("Yes", "No", "+", "-")

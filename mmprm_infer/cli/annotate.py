@@ -1,6 +1,6 @@
 """Command line: MCTS-annotate synthetic problems (``mmprm annotate``).
 
-    python -m mmprm_infer.train.annotate --num-problems 100 --out-dir runs/ann \\
+    mmprm annotate --num-problems 100 --out-dir runs/ann \\
         --k 16 --rollout-budget 200 --max-search-count 20
 
 Writes one OmegaPRM tree per question under ``OUT_DIR/trees`` (see
@@ -17,21 +17,19 @@ import dataclasses
 import json
 import logging
 import sys
-from typing import Sequence
 
-__all__ = ["annotate_main", "build_parser"]
+__all__ = ["configure", "run", "load_questions", "policy_factory"]
+
+HELP = "MCTS (OmegaPRM) or Monte Carlo step annotation of synthetic problems or your own questions"
+DESCRIPTION = ("OmegaPRM (MM-PRM) MCTS step annotation of synthetic multimodal problems with the "
+                    "synthetic policy; resumable.")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def configure(p: argparse.ArgumentParser) -> None:
     from mmprm_infer.train.mcts import MCTSConfig
     from mmprm_infer.train.synthetic.policy import ErrorRates
 
     cfg, rates = MCTSConfig(), ErrorRates()
-    p = argparse.ArgumentParser(
-        prog="mmprm annotate",
-        description="OmegaPRM (MM-PRM) MCTS step annotation of synthetic multimodal problems with the "
-                    "synthetic policy; resumable.",
-    )
     g = p.add_argument_group("problems")
     g.add_argument("--num-problems", type=int, default=100, help="number of problems (default 100)")
     g.add_argument("--seed", type=int, default=0, help="problem seed (default 0)")
@@ -105,7 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--soft-labels", action="store_true",
                    help="stepwise export: write the MC values (under 'soft_labels') instead of TRL's bool labels "
                         "(MC > threshold), which is the default there")
-    return p
 
 
 def load_questions(path: str) -> list[dict]:
@@ -130,6 +127,7 @@ def load_questions(path: str) -> list[dict]:
 def policy_factory(args, rates):
     """A picklable callable that builds the policy (in this process, or in each Ray worker)."""
     from mmprm_infer.integrations import ray_annotate as factories
+    from mmprm_infer.train.synthetic.policy import synthetic_policy_factory
 
     if args.policy_vllm:
         if args.ray is None or not args.policy_model:
@@ -151,7 +149,7 @@ def policy_factory(args, rates):
     if args.questions:
         raise SystemExit("mmprm annotate: --questions needs a policy that can answer them: --policy-hf, --policy-url "
                          "or --policy-vllm")
-    return factories.synthetic_policy_factory(args.num_problems, args.split, args.seed, rates, args.policy_seed,
+    return synthetic_policy_factory(args.num_problems, args.split, args.seed, rates, args.policy_seed,
                                               args.policy_latency)
 
 
@@ -170,7 +168,7 @@ def _run(args, problems, factory, config):
                     progress=not args.no_progress, workers=args.workers or 1)
 
 
-def annotate_main(argv: Sequence[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     from mmprm_infer.train.datasets import save_samples
     from mmprm_infer.train.labels import LabelConfig, label_stats, trees_to_samples
     from mmprm_infer.train.mc_annotation import MCConfig
@@ -178,7 +176,6 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
     from mmprm_infer.train.synthetic.policy import ErrorRates
     from mmprm_infer.train.synthetic.task import annotation_items, make_problems
 
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.method == "mc":
@@ -222,6 +219,3 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(summary))
     return 1 if stats.failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(annotate_main())

@@ -1,6 +1,6 @@
 """Tiny files in every benchmark's layout, and a tiny PRM, to try `mmprm eval` offline:
 
-    python -m mmprm_infer.evaluation.examples runs/eval-example
+    python -m mmprm_infer.testing.eval_examples runs/eval-example
 
 writes ``prm/`` (a random tiny Qwen2.5-Math-PRM-format checkpoint), ``mm-prm/`` (a random
 tiny InternVL PRM in MM-PRM's format, for the image benchmark),
@@ -26,8 +26,8 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 def write_examples(root: str | Path) -> Path:
     from PIL import Image
 
-    from mmprm_infer.tiny import build_tiny_qwen_prm
-    from mmprm_infer.tiny_internvl import build_tiny_internvl
+    from mmprm_infer.testing.tiny import build_tiny_qwen_prm
+    from mmprm_infer.testing.tiny_internvl import build_tiny_internvl
 
     root = Path(root)
     build_tiny_qwen_prm(root / "prm", seed=2)

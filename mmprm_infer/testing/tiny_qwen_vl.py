@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mmprm_infer import tiny
+from mmprm_infer.testing import tiny
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

@@ -22,15 +22,17 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from mmprm_infer.arguments import DTYPES, positive_int
+from mmprm_infer.cli.arguments import DTYPES, positive_int
 
-__all__ = ["train_main", "build_parser", "load_training_data", "load_base"]
+__all__ = ["configure", "run", "load_training_data", "load_base"]
+
+HELP = "train a PRM from your checkpoint and step-labelled data"
+DESCRIPTION = "Train a PRM on step-labelled data"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def configure(p: argparse.ArgumentParser) -> None:
     from mmprm_infer.formats import FORMATS
 
-    p = argparse.ArgumentParser(prog="mmprm train", description="Train a PRM on step-labelled data")
     p.add_argument("--base", required=True, help="checkpoint folder: a causal LM, an InternVL, or a PRM")
     p.add_argument("--data", required=True, help="training file(s), comma-separated (JSONL, or JSON for MM-PRM's "
                    "traverse layout); layouts are detected per file")
@@ -77,11 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-steps", type=positive_int, default=None,
                    help="keep a resume point every this many steps (OUT/checkpoint-last)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 def _resolve_images(sample, base_dir: Path):
-    from mmprm_infer.files import existing_files
+    from mmprm_infer.io.files import existing_files
 
     sample.image_paths = existing_files(sample.image_paths, base_dir, lambda _, full: ValueError(
         f"image {full} of sample {sample.id or sample.question[:40]!r} not found (image paths are relative to "
@@ -164,12 +165,11 @@ def _check_out(args) -> None:
         raise ValueError(f"--out {out} is not empty; pass --resume to continue a run there, or --overwrite")
 
 
-def train_main(argv: Sequence[str] | None = None) -> int:
-    from mmprm_infer.progress import quiet_transformers_progress
+def run(args: argparse.Namespace) -> int:
+    from mmprm_infer.io.progress import quiet_transformers_progress
     from mmprm_infer.train.resume import find_resume_point, load_resume_point
     from mmprm_infer.train.trainer import LoraSettings, TrainConfig, train_prm
 
-    args = build_parser().parse_args(argv)
     quiet_transformers_progress()
     try:
         if not (Path(args.base) / "config.json").is_file():

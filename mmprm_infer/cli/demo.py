@@ -23,11 +23,19 @@ train/synthetic/RESULTS.md).
 
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
+
+HELP = ("the built-in default job: the demo-preset pipeline (MCTS annotation -> train a tiny multimodal PRM -> "
+        "Best-of-N evaluation), then a reranking example")
+DESCRIPTION = HELP
 
 
-def run_demo(workdir: str | Path = "runs/demo") -> int:
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", default="runs/demo")
+
+
+def run(args: argparse.Namespace) -> int:
     from mmprm_infer.train.synthetic.pipeline import preset_config, run_pipeline
 
-    run_pipeline(preset_config("demo", run_dir=str(workdir), example=True))
+    run_pipeline(preset_config("demo", run_dir=str(args.workdir), example=True))
     return 0

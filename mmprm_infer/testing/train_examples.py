@@ -1,6 +1,6 @@
 """A tiny base model and step-labelled files in two layouts, to try `mmprm train` offline:
 
-    python -m mmprm_infer.train.examples runs/train-example
+    python -m mmprm_infer.testing.train_examples runs/train-example
 
 writes ``base/`` (a random tiny Qwen2 causal LM whose tokenizer lacks the
 ``custom`` format's ``<step>`` tag, as a real base would), ``steps.jsonl``
@@ -19,7 +19,7 @@ __all__ = ["write_examples"]
 
 
 def write_examples(root: str | Path, n: int = 48, seed: int = 0) -> Path:
-    from mmprm_infer.tiny import build_tiny_causal_lm
+    from mmprm_infer.testing.tiny import build_tiny_causal_lm
     from mmprm_infer.train.datasets import StepSample, save_samples
 
     root, rng = Path(root), random.Random(seed)

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from mmprm_infer.files import existing_files
+from mmprm_infer.io.files import existing_files
 from mmprm_infer.prm import ScoringItem
 
 __all__ = ["RecordError", "BLANK_LINE", "decode_line", "Window", "WindowResult", "PRMSpec", "ScoringOptions",

@@ -1,0 +1,132 @@
+"""``mmprm serve``: the OpenAI-compatible reranking server in front of a policy server.
+
+Its flags and checks live here; the server itself is ``mmprm_infer.integrations.serve`` (fastapi,
+imported only when the server starts, so ``mmprm -h`` works without the 'serve' extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from mmprm_infer.aggregation import AGGREGATIONS, ALIASES
+from mmprm_infer.cli.arguments import DTYPES, arg_type, at_least, non_negative_int, positive_int
+from mmprm_infer.formats import FORMATS
+from mmprm_infer.integrations.serve.options import (
+    CLIENT_KEY_ENV,
+    IMAGE_TIMEOUT_S,
+    IMAGE_WORKERS,
+    MAX_BODY_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGES,
+    MAX_SAMPLES,
+    MAX_TEXT_CHARS,
+    POLICY_KEY_ENV,
+    ServerConfig,
+    existing_directory,
+    http_url,
+    read_key_file,
+)
+
+HELP = ("OpenAI-compatible reranking server in front of a policy server (needs the 'serve' extra: fastapi, uvicorn, "
+        "httpx)")
+DESCRIPTION = HELP
+
+
+def configure(serve: argparse.ArgumentParser) -> None:
+    """The ``mmprm serve`` flags (read by ``config_from_args`` and ``run``)."""
+    serve.add_argument("--policy-url", required=True, type=arg_type(http_url, "url"),
+                       help="the policy's OpenAI API root, e.g. http://127.0.0.1:8000/v1")
+    serve.add_argument("--policy-model", default=None, help="model name to ask the policy for (default: its first)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients must use, listed by /v1/models (default: the policy's model)")
+    serve.add_argument("--api-key", default=None, help=f"Bearer token for the policy (or ${POLICY_KEY_ENV})")
+    serve.add_argument("--client-api-key-file", default=None, metavar="PATH",
+                       help=f"require clients to send one of the keys in PATH (one per line) as 'Authorization: "
+                            f"Bearer KEY' (or set ${CLIENT_KEY_ENV}); default: no key asked; /health stays open")
+    serve.add_argument("--prm", required=True, help="PRM checkpoint directory")
+    serve.add_argument("--format", choices=sorted(FORMATS), help="PRM format (default: read from the checkpoint)")
+    serve.add_argument("--engine", default=None, help="scoring engine (default: fast)")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--dtype", default=None, choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
+    serve.add_argument("--max-tiles", type=positive_int, default=None, help="InternVL formats: tiles per image")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=non_negative_int, default=8080)
+    serve.add_argument("--n", type=positive_int, default=8, help="samples drawn from the policy per request")
+    serve.add_argument("--aggregate", default=None, choices=sorted([*AGGREGATIONS, *ALIASES]),
+                       help="default: the PRM format's release default (mean for visualprm, last for rlhflow, "
+                            "else min)")
+    serve.add_argument("--strategy", default="best_of_n", choices=("best_of_n", "weighted_vote", "majority_vote"))
+    serve.add_argument("--max-queue", type=positive_int, default=256,
+                       help="requests admitted at once; more get HTTP 503")
+    serve.add_argument("--batch-window-ms", type=at_least(0, float), default=10.0,
+                       help="how long the scorer waits to batch concurrent requests into one PRM pass")
+    serve.add_argument("--upstream-timeout", type=at_least(0.001, float), default=60.0,
+                       help="seconds per policy request attempt")
+    serve.add_argument("--retries", type=non_negative_int, default=2,
+                       help="retries toward the policy (errors, 429, 5xx, timeouts)")
+    serve.add_argument("--image-root", default=None, type=arg_type(existing_directory, "directory"),
+                       help="allow local image paths, only for files under this folder (default: data: URLs only)")
+    serve.add_argument("--ignore-images", action="store_true", help="text-only PRM: score image requests on text")
+    serve.add_argument("--threads", type=positive_int, default=None,
+                       help="torch CPU threads for the PRM (default: torch's; leave cores to a policy on the same box)")
+    limits = serve.add_argument_group("limits (a request over one gets 400, or 413 for the body)")
+    limits.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
+                        help=f"request body size (default {MAX_BODY_BYTES})")
+    limits.add_argument("--max-text-chars", type=positive_int, default=MAX_TEXT_CHARS,
+                        help=f"characters per question, candidate, prompt or message (default {MAX_TEXT_CHARS})")
+    limits.add_argument("--max-samples", type=positive_int, default=MAX_SAMPLES,
+                        help=f"samples asked of the policy per request: prompts x max(n, best_of, --n) "
+                             f"(default {MAX_SAMPLES})")
+    limits.add_argument("--max-images", type=positive_int, default=MAX_IMAGES,
+                        help=f"images per request (default {MAX_IMAGES})")
+    limits.add_argument("--max-image-pixels", type=positive_int, default=MAX_IMAGE_PIXELS,
+                        help=f"width x height per image, read from the header before decoding (default "
+                             f"{MAX_IMAGE_PIXELS})")
+    limits.add_argument("--image-timeout", type=at_least(0.001, float), default=IMAGE_TIMEOUT_S,
+                        help=f"seconds to decode one image (default {IMAGE_TIMEOUT_S:g})")
+    limits.add_argument("--image-workers", type=positive_int, default=IMAGE_WORKERS,
+                        help=f"threads decoding images, beside the event loop (default {IMAGE_WORKERS})")
+    serve.add_argument("--decode-token-prompts", action="store_true",
+                       help="/v1/completions: turn token-id prompts into the PRM's question with the PRM's "
+                            "tokenizer (only right when the policy uses the same tokenizer); default: such "
+                            "requests must carry 'question'")
+    serve.add_argument("--log-level", default="info")
+
+
+def config_from_args(args: argparse.Namespace, environ=os.environ) -> ServerConfig:
+    """The server's config from parsed flags; ValueError naming the option when they do not fit together."""
+    keys = read_key_file(args.client_api_key_file) if args.client_api_key_file else ()
+    if not keys and environ.get(CLIENT_KEY_ENV, "").strip():
+        keys = (environ[CLIENT_KEY_ENV].strip(),)
+    return ServerConfig(
+        policy_url=args.policy_url, policy_model=args.policy_model, served_model_name=args.served_model_name,
+        api_key=args.api_key or environ.get(POLICY_KEY_ENV), client_api_keys=keys,
+        n=args.n, aggregate=args.aggregate, strategy=args.strategy, max_queue=args.max_queue,
+        batch_window_ms=args.batch_window_ms, upstream_timeout=args.upstream_timeout, retries=args.retries,
+        engine=args.engine, image_root=args.image_root, ignore_images=args.ignore_images,
+        max_images=args.max_images, max_image_pixels=args.max_image_pixels, image_timeout_s=args.image_timeout,
+        image_workers=args.image_workers, max_body_bytes=args.max_body_bytes, max_text_chars=args.max_text_chars,
+        max_samples=args.max_samples, decode_token_prompts=args.decode_token_prompts,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``mmprm serve``: check every option, then load the PRM (minutes for an 8B model), then start uvicorn."""
+    from mmprm_infer.integrations.serve.app import run_server  # fastapi: the 'serve' extra
+    from mmprm_infer.io.records import PRMSpec  # torch: not needed for `mmprm -h`
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"mmprm serve: {exc}") from None
+    if not Path(args.prm).is_dir():
+        raise SystemExit(f"mmprm serve: --prm {args.prm!r} is not a directory; give the PRM checkpoint's folder")
+    try:
+        prm = PRMSpec(args.prm, format=args.format, dtype=args.dtype, max_tiles=args.max_tiles).load(
+            args.device, args.threads)
+    except Exception as exc:  # noqa: BLE001 - a checkpoint can fail in many ways; name it and the cause
+        raise SystemExit(f"mmprm serve: cannot load the PRM from {args.prm}: {type(exc).__name__}: {exc}") from None
+    run_server(prm, config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
