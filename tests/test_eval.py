@@ -133,6 +133,31 @@ def test_best_of_n_by_hand_on_every_subset():
     assert acc["weighted_vote/min"] == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 0.0})
 
 
+def test_disjoint_groups_and_tie_split_votes_by_hand():
+    # 4 candidates: 1 (right, .9), 2 (wrong, .2), 1 (right, .4), 3 (wrong, .8), none without an answer
+    q = BonQuestion.from_candidates(["\\boxed{1}", "\\boxed{2}", "\\boxed{1}", "\\boxed{3}"], "1",
+                                    [[0.9], [0.2], [0.4], [0.8]])
+    acc = question_accuracy(q, [1, 2, 4], ["min"], groups="disjoint", tie_split=True)
+    # n = 2: groups {0,1} and {2,3}; each a 1-1 tie of answers, split: 1/2 each
+    assert acc["majority_tie_split"] == pytest.approx({1: 0.5, 2: 0.5, 4: 1.0})
+    # the selection breaks the tie toward the first group seen: right in both pairs
+    assert acc["majority"] == pytest.approx({1: 0.5, 2: 1.0, 4: 1.0})
+    # weighted: {0,1} -> 1 (.9 > .2, right); {2,3} -> 3 (.8 > .4, wrong); all four -> 1 (1.3)
+    assert acc["weighted_vote_tie_split/min"] == pytest.approx({1: 0.5, 2: 0.5, 4: 1.0})
+    assert acc["best_of_n/min"] == pytest.approx({1: 0.5, 2: 0.5, 4: 1.0})
+    assert acc["random"] == pytest.approx({1: 0.5, 2: 0.5, 4: 0.5})
+    # a weighted tie is split too: equal scores on two answers give 1/2, not the first
+    tied = BonQuestion.from_candidates(["\\boxed{2}", "\\boxed{1}"], "1", [[0.5], [0.5]])
+    assert question_accuracy(tied, [2], ["min"], groups="disjoint", tie_split=True)[
+        "weighted_vote_tie_split/min"] == {2: 0.5}
+    # no tie_split: no such methods; disjoint groups need every n to divide the candidates
+    assert "majority_tie_split" not in question_accuracy(q, [2], ["min"], groups="disjoint")
+    with pytest.raises(ValueError, match="divide"):
+        question_accuracy(q, [3], ["min"], groups="disjoint")
+    with pytest.raises(ValueError, match="groups"):
+        question_accuracy(q, [2], ["min"], groups="pairs")
+
+
 def test_curves_average_questions_with_a_band_and_categories():
     right = BonQuestion.from_candidates(["\\boxed{1}", "\\boxed{1}"], "1", [[0.9], [0.8]], "easy")
     wrong = BonQuestion.from_candidates(["\\boxed{2}", "\\boxed{3}"], "1", [[0.9], [0.8]], "hard")

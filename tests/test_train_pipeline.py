@@ -145,7 +145,7 @@ def test_step_verification_options_are_checked_before_any_work(tmp_path):
 
 
 def test_summary_is_a_small_table_with_the_paths(tiny_run, capsys):
-    from mmprm_infer.train.synthetic.pipeline import print_summary
+    from mmprm_infer.train.synthetic.report import print_summary
 
     run_dir, report = tiny_run
     print_summary(report, run_dir)
