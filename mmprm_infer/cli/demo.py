@@ -1,23 +1,16 @@
-"""The built-in default job (``mmprm demo``, ``bash scripts/demo.sh``).
+"""``mmprm demo`` (what ``bash scripts/demo.sh`` runs): the built-in default job, offline, on CPU, in a few
+minutes (``mmprm_infer.train.synthetic.demo``).
 
-Runs the whole PRM pipeline on the synthetic multimodal task with the
-``demo`` preset (``mmprm_infer.train.synthetic.pipeline``), offline, on CPU, in a few
-minutes:
+1. A trained PRM shipped with the package (the ``full`` preset's) scores and reranks 16 candidates for each of
+   300 fresh held-out synthetic chart problems (a 3x3 table of digits or a 5-bar chart, rendered as an image,
+   with a multi-step arithmetic question): step-error F1, Best-of-N, PRM-weighted vote, majority vote,
+   random pick and pass@N.
+2. The pipeline in miniature: OmegaPRM (MCTS) annotation, a tiny InternVL PRM built from scratch and trained
+   on the labels, scored on the same candidates.
+3. A reranking example, the report (``WORKDIR/report.json``), the plot (``WORKDIR/accuracy_vs_n.png``) and
+   the claim checked on this machine.
 
-1. MCTS (OmegaPRM) annotation of a few hundred training problems -- 3x3
-   digit tables and bar charts rendered as images -- with the synthetic
-   policy writing the rollouts;
-2. the trees become step-labelled samples;
-3. a tiny InternVL PRM (mm-prm format, the image as input plus the picture as
-   text) is built from scratch and trained on them;
-4. on held-out problems, 16 policy samples per problem are scored with the
-   trained PRM and Best-of-N (every aggregation), PRM-weighted vote, majority
-   vote, random and pass@N are reported with the step-error F1
-   (``WORKDIR/report.json``, ``WORKDIR/accuracy_vs_n.png``);
-5. it ends with a reranking example: a held-out question, its candidates
-   with their step rewards, and the answer the PRM chooses.
-
-``mmprm pipeline --preset full`` is the larger run (docs/training.md; its numbers in
+``mmprm pipeline --preset full`` is the run that built the shipped PRM (docs/training.md; its numbers in
 train/synthetic/RESULTS.md).
 """
 
@@ -25,17 +18,25 @@ from __future__ import annotations
 
 import argparse
 
-HELP = ("the built-in default job: the demo-preset pipeline (MCTS annotation -> train a tiny multimodal PRM -> "
-        "Best-of-N evaluation), then a reranking example")
+from mmprm_infer.cli.arguments import non_negative_int, positive_int
+
+HELP = ("the built-in default job: a shipped PRM reranks fresh held-out problems, then the whole pipeline "
+        "(MCTS annotation -> train a tiny multimodal PRM -> Best-of-N) in miniature")
 DESCRIPTION = HELP
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--workdir", default="runs/demo", help="where the report, plot and trained PRM go")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="held-out problems, policy samples and the miniature run's seed")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--test-problems", type=positive_int, default=300, help="fresh held-out problems")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmprm_infer.train.synthetic.pipeline import preset_config, run_pipeline
+    from mmprm_infer.train.synthetic.demo import run_demo  # torch and the recipe: not needed for `mmprm -h`
 
-    run_pipeline(preset_config("demo", run_dir=str(args.workdir), example=True))
+    run_demo(args.workdir, seed=args.seed, threads=args.threads, test_problems=args.test_problems,
+             progress=not args.no_progress)
     return 0

@@ -62,6 +62,7 @@ from mmprm_infer.train.synthetic.task import (
     operand_values,
     parse_step,
     problem_from_image,
+    split_steps,
 )
 
 __all__ = ["ErrorRates", "SyntheticPolicy", "Trap", "policy_report", "error_kind", "LOOKALIKE_DIGITS",
@@ -341,7 +342,7 @@ def policy_report(problems: Sequence[Problem], policy, n: int = 16, text_only: b
         maj += (p.answer in winners) / len(winners)
         agree += any(k >= 3 and a != p.answer for a, k in counts.items())
         for s in sols:
-            steps = [x.strip() for x in s.split("\n\n") if x.strip()]
+            steps = split_steps(s)
             e = p.first_error(steps)
             if e is not None:
                 kinds[error_kind(p.check_step(steps[:e], steps[e]).reason)] += 1

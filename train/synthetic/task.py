@@ -45,6 +45,8 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from mmprm_infer.formats.base import split_on_blank_lines
+
 __all__ = [
     "Target",
     "ReadStage",
@@ -487,7 +489,8 @@ class Problem:
 
 
 def split_steps(text: str) -> list[str]:
-    return [s.strip() for s in text.split("\n\n") if s.strip()]
+    """A solution's steps: the blank-line rule most PRM formats use (``formats.base.split_on_blank_lines``)."""
+    return split_on_blank_lines(text)
 
 
 def operand_values(stage: ArithStage, reads: dict[int, Sequence[int]], results: dict[int, int]) -> list[int]:
