@@ -118,14 +118,15 @@ class PipelineConfig(ReadingStages):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # about 4 minutes on 2 cores: the full preset's stages, short (2 layers; 400 pretraining, 600 + 300
-    # verification and 2400 PRM steps; 2 threads: 1.5x faster per step than 1 on an idle machine);
-    # 300 held-out problems (scoring them takes seconds).  Time against quality: RESULTS.md beside this file
-    "demo": dict(train_problems=300, pretrain_steps=400, verification_steps=600, verification_arithmetic=0.3,
-                 row_verification_steps=300, verification_token_verdicts=1.0, verification_mix=0.5, max_steps=2400,
+    # the pipeline in miniature that `mmprm demo` runs beside the shipped PRM (about 2 minutes on 2 cores): the
+    # full preset's stages, short (2 layers; 200 pretraining, 300 + 150 verification and 900 PRM steps;
+    # 2 threads: 1.5x faster per step than 1 on an idle machine).  It shows training at work, not a finished
+    # PRM: that takes the full preset (RESULTS.md beside this file: time against quality)
+    "demo": dict(train_problems=300, pretrain_steps=200, verification_steps=300, verification_arithmetic=0.3,
+                 row_verification_steps=150, verification_token_verdicts=1.0, verification_mix=0.5, max_steps=900,
                  test_problems=300, layers=2, learning_rate=1e-3, balance_positions=True, threads=2),
-    # >= 200 held-out problems
-    # ~35 min: reading pretraining (with drills) grows the copy circuit that checks a reading against the
+    # the PRM the demo ships (trained_prm/ beside this file, 88 min under load on 1 thread, ~35 idle):
+    # reading pretraining (with drills) grows the copy circuit that checks a reading against the
     # picture's text; the PRM stage then runs at a lower rate so as not to erase it, on a position-balanced loss
     # step verification (verification_steps; its drills also join the PRM's training set, verification_mix)
     # then gives the marker a comparison to start from, and a second pass on rows and columns
