@@ -26,13 +26,10 @@ def register() -> None:
     """vLLM's entry point: patch this process's vLLM, or log loudly why not (never raises into vLLM)."""
     from . import patches
 
+    if status().startswith("active"):  # vLLM loads plugins once per process; a second call changes nothing
+        return
     version = installed_vllm_version()
-    reason = version_refusal(version)
-    if reason is None:
-        missing = patches.missing_targets()
-        if missing:
-            reason = (f"vLLM {version} lacks what the patch changes ({', '.join(missing)}); tested on "
-                      f"{', '.join(TESTED_VLLM_VERSIONS)}: token-wise pooling keeps vLLM's own behaviour")
+    reason = refusal(version)
     if reason is not None:
         patches.mark(f"refused: {reason}")
         logger.error("mmprm-infer vLLM plugin not applied: %s", reason)
@@ -41,8 +38,22 @@ def register() -> None:
     logger.info("mmprm-infer vLLM plugin: token-wise pooling reads the prefix cache (vLLM %s)", version)
 
 
+def refusal(version: str) -> str | None:
+    """Why this process's vLLM must not be patched (an untested version, or classes that moved); None: patch."""
+    from . import patches
+
+    reason = version_refusal(version)
+    if reason is None:
+        missing = patches.missing_targets()
+        if missing:
+            reason = (f"vLLM {version} lacks what the patch changes ({', '.join(missing)}); tested on "
+                      f"{', '.join(TESTED_VLLM_VERSIONS)}: token-wise pooling keeps vLLM's own behaviour")
+    return reason
+
+
 def status() -> str:
     """'active: ...', 'refused: <why>', or 'not loaded' (vLLM has not called register() in this process)."""
     from .patches import MARKER, targets
 
     return getattr(targets()["pooler"][0], MARKER, "not loaded")
+
