@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class VllmStats:
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    cached_per_request: list[int] = field(default_factory=list)  # candidate order, questions one after another
 
     @property
     def computed_tokens(self) -> int:
@@ -86,13 +87,10 @@ class VllmPoolingEngine(Engine):
 
     # --- vLLM ------------------------------------------------------------------
     def _start(self, step_tag: int):
-        try:
-            from vllm import LLM
-            from vllm.config import PoolerConfig
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.split(".")[0] == "vllm":
-                raise ModuleNotFoundError(INSTALL_HINT) from exc
-            raise
+        _require_vllm()
+        from vllm import LLM
+        from vllm.config import PoolerConfig
+
         kwargs: dict[str, Any] = {"dtype": self.dtype, "seed": 0, **self.route.llm_kwargs,
                                   "enable_prefix_caching": self.prefix_reuse}
         if self.chunked_prefill is not None:
@@ -121,12 +119,11 @@ class VllmPoolingEngine(Engine):
         if self.route is None:
             raise RuntimeError("engine 'vllm' scores through a PRM: call prm.score(..., engine='vllm') (or pass "
                                "this engine to PRM.score), which tells it the checkpoint and format")
-        prompts, params, shape = [], [], []
+        prompts, params = [], []
         for qi, question in enumerate(questions):
             if question.image_features is not None:
                 raise VllmUnsupportedError(f"engine 'vllm' scores text-only PRMs; question {qi} has an image: "
                                            f"{ALTERNATIVES}")
-            shape.append(len(question.candidates))
             for ci, cand in enumerate(question.candidates):
                 tag = step_tag_of(cand.input_ids, cand.reward_positions, f"question {qi} candidate {ci}")
                 prompts.append(cand.input_ids)
@@ -136,7 +133,7 @@ class VllmPoolingEngine(Engine):
         outputs = self._encode(prompts, params)
         rewards, flat = [], iter(zip(prompts, outputs))
         stats = VllmStats()
-        for qi, (question, count) in enumerate(zip(questions, shape)):
+        for qi, question in enumerate(questions):
             per_question = []
             for ci, cand in enumerate(question.candidates):
                 ids, out = next(flat)
@@ -149,19 +146,29 @@ class VllmPoolingEngine(Engine):
                 per_question.append(column.tolist())
                 stats.requests += 1
                 stats.prompt_tokens += len(ids)
-                stats.cached_tokens += int(getattr(out, "num_cached_tokens", 0) or 0)
+                stats.cached_per_request.append(int(getattr(out, "num_cached_tokens", 0) or 0))
+                stats.cached_tokens += stats.cached_per_request[-1]
             rewards.append(per_question)
         self.last_stats = stats
         return rewards
 
     def _encode(self, prompts: list[list[int]], tags: list[int]):
+        llm = self.llm if self.llm is not None else self._start(tags[0])
         from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
-        llm = self.llm if self.llm is not None else self._start(tags[0])
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
         pooling = [PoolingParams(step_tag_id=tag) for tag in tags]
         return llm.encode(requests, pooling, pooling_task="token_classify", use_tqdm=False)
+
+
+def _require_vllm() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] == "vllm":
+            raise ModuleNotFoundError(INSTALL_HINT) from exc
+        raise
 
 
 def plugin_status() -> str:
