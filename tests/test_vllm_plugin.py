@@ -215,6 +215,68 @@ class TestShepherdPrefixReuse:
             torch.testing.assert_close(a.outputs.data, b.outputs.data, rtol=0, atol=TOL)
 
 
+    def test_mmprm_score_cli_engine_vllm(self, shepherd, engine, tmp_path, monkeypatch):
+        """``mmprm score --engine vllm``: the CLI's PRM gets the running engine (one LLM per test config)."""
+        import json
+
+        from mmprm_infer import cli
+        from mmprm_infer.engines import ENGINES
+
+        monkeypatch.setitem(ENGINES, "vllm", lambda **options: engine)
+        records = [{"question": QUESTION, "candidates": ["\n\n".join(c) for c in candidates(3, seed=4)]},
+                   {"question": "What is 7 + 9?", "candidates": [["so we compute x + y", "the answer is 16"]]}]
+        src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert cli.main(["score", "--prm", shepherd.model.name_or_path, "--engine", "vllm", "-i", str(src),
+                         "-o", str(dst), "--quiet", "--dtype", "float32"]) == 0
+        out = [json.loads(line) for line in dst.read_text().splitlines()]
+        for rec, got in zip(records, out):
+            assert_close(got["step_rewards"], shepherd.score(rec["question"], rec["candidates"], engine="reference"))
+        assert engine.last_stats.cached_tokens > 0
+
+    def test_reranking_llm_takes_engine_vllm(self, shepherd, engine):
+        """RerankingLLM(policy, prm, engine=...) scores its samples with vLLM; the policy here replays fixed
+        samples in vLLM's own output classes (a vLLM policy is tests/test_integration_vllm.py's)."""
+        from vllm.outputs import CompletionOutput, RequestOutput
+
+        from mmprm_infer.integrations.vllm_reranking import RerankingLLM
+
+        samples = ["\n\n".join(c) for c in candidates(4, seed=5)]
+
+        class ReplayPolicy:
+            def generate(self, prompts, params, use_tqdm=False, **kwargs):
+                assert [p.n for p in params] == [4] * len(prompts)
+                outs = [CompletionOutput(index=i, text=t, token_ids=[], cumulative_logprob=None, logprobs=None)
+                        for i, t in enumerate(samples)]
+                return [RequestOutput(request_id=str(k), prompt=p, prompt_token_ids=[], prompt_logprobs=None,
+                                      outputs=list(outs), finished=True) for k, p in enumerate(prompts)]
+
+        out = RerankingLLM(ReplayPolicy(), shepherd, n=4, engine=engine).generate([QUESTION])[0]
+        want = shepherd.score(QUESTION, samples, engine="reference")
+        by_index = {c.index: c for c in out.outputs}
+        assert_close([by_index[i].step_rewards for i in range(4)], want)
+        scores = [c.score for c in out.outputs]
+        assert scores == sorted(scores, reverse=True)  # best first
+        assert scores == pytest.approx(sorted((min(r) for r in want), reverse=True), abs=TOL)
+        assert engine.last_stats.cached_tokens > 0
+
+    def test_mmprm_serve_engine_vllm(self, shepherd, engine, monkeypatch):
+        """``mmprm serve --engine vllm``: the reranking server scores the policy's samples through vLLM."""
+        import httpx
+        from server_fakes import FakePolicy, ServerThread, chat, check_choices, reranker
+
+        monkeypatch.setitem(shepherd._engines, "vllm", engine)  # the PRM's "vllm" engine: this running one
+        fake = FakePolicy()
+        with ServerThread(fake.app) as policy:
+            with reranker(shepherd, policy.url + "/v1", engine="vllm") as srv:
+                r = httpx.post(srv.url + "/v1/chat/completions", json=chat("request 7: what is 3 + 4?", n=2),
+                               timeout=120)
+            fake.gate.set()
+        assert r.status_code == 200, r.text
+        check_choices(shepherd, "request 7: what is 3 + 4?", r.json(), tag="7")
+        assert engine.last_stats.requests == 4
+
+
 # --------------------------------------------------------------------------
 # chunked prefill on: requests computed in pieces of at most 48 tokens
 # --------------------------------------------------------------------------

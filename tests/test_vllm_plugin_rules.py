@@ -123,6 +123,8 @@ def test_routes():
                        ("mm-prm", "internvl")):
         with pytest.raises(VllmUnsupportedError, match=f"cannot score format '{name}'.*engine='fast'"):
             route_for(name, kind, ["X"], RewardColumns(11, 13), tok)
+    with pytest.raises(VllmUnsupportedError, match="'custom' on InternVL: vLLM runs InternVL only with torchvision"):
+        route_for("custom", "internvl", ["InternVLForConditionalGeneration"], RewardColumns(11, 13), tok)
     with pytest.raises(VllmUnsupportedError, match="model kind 'value_head'"):
         route_for("my-format", "value_head", ["X"], RewardColumns(11, 13), tok)
 

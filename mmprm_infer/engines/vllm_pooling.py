@@ -81,9 +81,10 @@ class VllmPoolingEngine(Engine):
         architectures = list(getattr(config, "architectures", None) or [])
         route = route_for(prm.format.name, prm.format.model_kind, architectures, prm.columns, prm.tokenizer)
         dtype = str(getattr(prm.model, "dtype", "float32")).replace("torch.", "")
-        if self.llm is not None and self._prm_id is not None and (path, route.key) != (self.path, self.route.key):
+        path = str(Path(path).resolve())
+        if self.llm is not None and self.route is not None and (path, route.key) != (self.path, self.route.key):
             raise ValueError(f"this vLLM engine runs {self.path}; make a new VllmPoolingEngine for {path}")
-        self._prm_id, self.path, self.route, self.dtype = id(prm), str(Path(path).resolve()), route, dtype
+        self._prm_id, self.path, self.route, self.dtype = id(prm), path, route, dtype
 
     # --- vLLM ------------------------------------------------------------------
     def _start(self, step_tag: int):

