@@ -137,10 +137,15 @@ def shepherd_inputs(shepherd, crafted_batch):
     return items, text_ref, crafted_ref
 
 
-def vllm_engine(**options):
+def vllm_engine(llm_kwargs=None, **options):
     from mmprm_infer.engines.vllm_pooling import VllmPoolingEngine
 
-    return VllmPoolingEngine(llm_kwargs=LLM_KWARGS, **options)
+    return VllmPoolingEngine(llm_kwargs={**LLM_KWARGS, **(llm_kwargs or {})}, **options)
+
+
+def preemptions(engine) -> int:
+    """How many times vLLM's scheduler preempted a request (needs disable_log_stats=False)."""
+    return int(sum(m.value for m in engine.llm.get_metrics() if m.name == "vllm:num_preemptions"))
 
 
 def started(engine, prm):
@@ -284,7 +289,12 @@ class TestShepherdPrefixReuse:
 
 @pytest.fixture(scope="class")
 def chunked_engine(shepherd):
-    engine = started(vllm_engine(chunked_prefill=True, max_batch_tokens=48), shepherd)
+    """Chunks of at most 48 tokens per request, several requests prefilling at once, and a KV cache of 16 usable
+    blocks (512 tokens; vLLM keeps one more) that they overflow: vLLM preempts requests mid-prefill and restarts
+    them, from another cache hit."""
+    tight = dict(num_gpu_blocks_override=17, max_model_len=512, long_prefill_token_threshold=48,
+                 disable_log_stats=False)
+    engine = started(vllm_engine(tight, chunked_prefill=True, max_batch_tokens=256), shepherd)
     yield engine
     engine.close()
 
@@ -298,6 +308,7 @@ class TestShepherdChunkedPrefill:
         items, text_ref, crafted_ref = shepherd_inputs
         assert_close(shepherd.score_batch(items, engine=engine), text_ref)
         assert engine.last_stats.cached_tokens > 0
+        assert preemptions(engine) > 0  # restarted prefills were pooled from their new chunks only
         assert_close(engine.score(shepherd.adapter, shepherd.columns, crafted_batch), crafted_ref)
         cached = assert_capped(engine, crafted_batch)
         assert sum(cached) > 0 and cached[8] == 0, cached

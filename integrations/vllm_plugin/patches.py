@@ -1,7 +1,8 @@
 """The patch itself: three small changes to vLLM's classes, each a wrapper or a replacement method written here.
 
 1. ``StepPool.forward`` (the pooler): maps each step-tag position to the hidden-state row that was computed for it
-   (``positions.reward_rows``), instead of indexing the computed rows with prompt positions.
+   (``positions.reward_rows``), instead of indexing the computed rows with prompt positions; under chunked prefill
+   it drops the chunks a preempted request computed before it restarted.
 2. ``KVCacheManager.get_computed_blocks`` (the scheduler): a token-wise pooling request's prefix-cache hit is cut
    back to whole blocks before its first reward position (``positions.cache_hit_limit``), so every reward is
    computed by the model; other requests get vLLM's hit unchanged.
@@ -26,6 +27,8 @@ def _step_pool_forward(self, hidden_states: torch.Tensor, pooling_metadata) -> l
     from vllm.model_executor.layers.pooler.tokwise.methods import AllPool
     from vllm.utils.torch_utils import async_tensor_h2d
 
+    if self.enable_chunked_prefill:
+        _drop_stale_chunks(pooling_metadata)
     pooled = AllPool.forward(self, hidden_states, pooling_metadata)  # per request: the computed tail, or None
     token_ids = pooling_metadata.get_prompt_token_ids_cpu()
     out: list[torch.Tensor | None] = []
@@ -47,6 +50,22 @@ def _step_pool_forward(self, hidden_states: torch.Tensor, pooling_metadata) -> l
             data = data[async_tensor_h2d(torch.tensor(rows, dtype=torch.long), data.device)]
         out.append(data)
     return out
+
+
+def _drop_stale_chunks(pooling_metadata) -> None:
+    """Keep each request's stored prefill chunks contiguous with the chunk computed now.
+
+    AllPool concatenates a request's chunks when its prefill finishes.  A request that was preempted and resumed
+    restarts its prefill (from a prefix-cache hit that may differ from the first one), but vLLM keeps its earlier
+    chunks: their rows would shift every reward (stock vLLM then reads wrong rows even without prefix caching).
+    Chunks that do not end where this step's chunk starts are dropped here, by position bookkeeping on vLLM's
+    per-request PoolingStates."""
+    cursor = pooling_metadata.get_pooling_cursor()
+    starts = (cursor.seq_lens_cpu - cursor.num_scheduled_tokens_cpu).tolist()
+    for state, start, end in zip(pooling_metadata.pooling_states, starts, cursor.seq_lens_cpu.tolist()):
+        if state.hidden_states_cache and getattr(state, "mmprm_next_position", None) != start:
+            state.clean()
+        state.mmprm_next_position = end
 
 
 def _capped_get_computed_blocks(original):
