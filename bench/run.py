@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="VLLM_CPU_OMP_THREADS_BIND for vLLM's worker (default: 0-(threads-1), the cores the library "
                         "uses, with no core reserved; 'auto' keeps vLLM's own binding, which on 2 cores gives its "
                         "worker 1 thread and reserves the other core)")
+    p.add_argument("--vllm-block-size", type=int, default=None,
+                   help="vLLM's KV block size for both vLLM columns (default: vLLM's, 128 on CPU); prefix-cache hits "
+                        "are whole blocks, so the plugin column recomputes up to block-1 question tokens per candidate")
     p.add_argument("--vllm-max-batched-tokens", type=int, default=16384,
                    help="vLLM max_num_batched_tokens (default 16384, the fast engine's max_batch_tokens)")
     args = p.parse_args(argv)
@@ -215,7 +218,7 @@ def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point, column: str
     try:
         engine = VllmStepPooler(path, prm, max_model_len=max_model_len, threads=args.threads, dtype=args.dtype,
                                 max_batched_tokens=args.vllm_max_batched_tokens, omp_bind=args.vllm_omp_bind,
-                                prefix_reuse=prefix_reuse)
+                                prefix_reuse=prefix_reuse, block_size=args.vllm_block_size)
     except Exception as exc:
         for p in points:
             p["engines"][column] = {"status": "error", "reason": f"engine start failed: {type(exc).__name__}: {exc}"}

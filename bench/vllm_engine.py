@@ -57,7 +57,7 @@ class VllmStepPooler:
 
     def __init__(self, path, prm, *, max_model_len: int, threads: int, max_batched_tokens: int = 16384,
                  omp_bind: str | None = None, memory_fraction: float = 0.2, dtype: str = "float32",
-                 prefix_reuse: bool = False):
+                 prefix_reuse: bool = False, block_size: int | None = None):
         from vllm import LLM
         from vllm.config import PoolerConfig
 
@@ -89,6 +89,7 @@ class VllmStepPooler:
             max_num_batched_tokens=self.settings["max_num_batched_tokens"], seed=0,
             hf_overrides=self.settings["hf_overrides"], enable_prefix_caching=prefix_reuse,
             pooler_config=PoolerConfig(task="token_classify", tok_pooling_type="STEP", step_tag_id=tag),
+            **({} if block_size is None else {"block_size": block_size}),
         )
         self.settings["block_size"] = self.llm.llm_engine.vllm_config.cache_config.block_size
         if prefix_reuse:
