@@ -159,3 +159,17 @@ def test_without_vllm_the_engine_says_how_to_install(shepherd_dir):
     prm = PRM.from_pretrained(shepherd_dir, format="math-shepherd", dtype=torch.float32)
     with pytest.raises(ModuleNotFoundError, match="engine 'vllm' needs vLLM"):
         prm.score("What is 1 + 1?", [["it is 2"]], engine="vllm")
+
+
+def test_engine_options(monkeypatch):
+    from mmprm_infer.engines.vllm_pooling import ARGS_ENV, VllmPoolingEngine
+
+    monkeypatch.setenv(ARGS_ENV, '{"gpu_memory_utilization": 0.3, "enforce_eager": true}')
+    engine = VllmPoolingEngine(llm_kwargs={"enforce_eager": False})
+    assert engine.llm_kwargs == {"gpu_memory_utilization": 0.3, "enforce_eager": False}  # the caller's win
+    monkeypatch.setenv(ARGS_ENV, "[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        VllmPoolingEngine()
+    monkeypatch.delenv(ARGS_ENV)
+    with pytest.raises(ValueError, match=r"sets \['pooler_config'\] itself"):
+        VllmPoolingEngine(llm_kwargs={"pooler_config": None})

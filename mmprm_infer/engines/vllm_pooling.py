@@ -59,6 +59,10 @@ class VllmPoolingEngine(Engine):
         self.prefix_reuse = prefix_reuse
         self.chunked_prefill = chunked_prefill
         self.llm_kwargs = {**_env_kwargs(), **(llm_kwargs or {})}
+        fixed = sorted({"pooler_config", "model", "runner", "convert", "hf_overrides"} & set(self.llm_kwargs))
+        if fixed:
+            raise ValueError(f"engine 'vllm' sets {fixed} itself from the PRM's format; leave them out of llm_kwargs "
+                             f"and {ARGS_ENV} (or build the LLM yourself and pass llm=)")
         self.llm = llm
         self._owns_llm = llm is None
         self._prm_id: int | None = None
@@ -98,11 +102,15 @@ class VllmPoolingEngine(Engine):
             kwargs["enable_chunked_prefill"] = self.chunked_prefill
         if self.max_batch_tokens is not None:
             kwargs["max_num_batched_tokens"] = self.max_batch_tokens
-        kwargs.update({k: v for k, v in self.llm_kwargs.items() if k != "pooler_config"})
+        kwargs.update(self.llm_kwargs)
         pooler = PoolerConfig(task="token_classify", tok_pooling_type="STEP", step_tag_id=step_tag)
         self.llm = LLM(model=self.path, pooler_config=pooler, **kwargs)
         if self.prefix_reuse:
-            check_plugin()
+            try:
+                check_plugin()
+            except RuntimeError:
+                self.close()
+                raise
         return self.llm
 
     def close(self) -> None:
