@@ -230,8 +230,11 @@ def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point, column: str
         for p, inputs in zip(points, inputs_by_point):
             print(f"   {column} @ {p['title']}: {args.warmup} warm-up + {args.repeats} timed calls ...", flush=True)
             try:
+                # every call starts with an empty prefix cache: each W1 call is a new question, whose
+                # candidates may reuse only what earlier candidates of the same call computed
                 timing = measure.time_call(lambda: engine.score(prm, inputs.question, inputs.candidates),
-                                           args.repeats, args.warmup, memory_pids=engine.engine_pids)
+                                           args.repeats, args.warmup, memory_pids=engine.engine_pids,
+                                           before=engine.reset_prefix_cache)
             except Exception as exc:
                 p["engines"][column] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
                 print(f"   {column}: ERROR {type(exc).__name__}: {exc}")

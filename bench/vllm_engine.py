@@ -122,6 +122,11 @@ class VllmStepPooler:
             rewards.append(data[:, 0].float().tolist())
         return rewards
 
+    def reset_prefix_cache(self) -> None:
+        """Empty vLLM's prefix cache (a no-op without prefix caching), so no call reuses an earlier call's work."""
+        if self.settings["enable_prefix_caching"] and not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not reset its prefix cache; the plugin column would reuse earlier calls")
+
     def engine_pids(self) -> list[int]:
         return descendants_of_self()
 
