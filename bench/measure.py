@@ -141,10 +141,14 @@ class Timing:
 
 
 def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1,
-              memory_pids: Callable[[], Sequence[int | str]] | None = None) -> Timing:
-    """``warmup`` untimed calls, then ``repeats`` timed ones; the peak RSS increase of every call."""
+              memory_pids: Callable[[], Sequence[int | str]] | None = None,
+              before: Callable[[], object] | None = None) -> Timing:
+    """``warmup`` untimed calls, then ``repeats`` timed ones; the peak RSS increase of every call.
+    ``before`` runs ahead of every call, untimed (e.g. emptying a cache the previous call filled)."""
     out = Timing()
     for i in range(warmup + repeats):
+        if before is not None:
+            before()
         pids = memory_pids() if memory_pids else ["self"]
         with PeakRSS(pids) as mem:
             t0 = time.perf_counter()

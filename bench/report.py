@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ENGINES = ("reference", "fast", "vllm", "floor")
+ENGINES = ("reference", "fast", "vllm", "vllm_plugin", "floor")
+# vllm_plugin: "vLLM + prefix reuse (plugin)", vLLM's STEP pooler with prefix caching read through the package's
+# vLLM plugin (integrations/vllm_plugin); same engine settings and cores as the vllm column.
+LABELS = {"vllm_plugin": "vllm+plugin"}
 
 # From the issue ("Fast engine ... benchmarks against the reference and vLLM"):
 # (text, value, ">=" or "<=", threshold)
@@ -16,6 +19,10 @@ TARGETS = {
         ("fast vs vLLM STEP pooler speedup", lambda e: _ratio(e, "vllm", "fast"), ">=", 5.0),
         ("fast time / floor time", lambda e: _ratio(e, "fast", "floor"), "<=", 1.3),
         ("fast / reference peak memory", lambda e: _mem_ratio(e), "<=", 0.3),
+    ],
+    "W1 plugin": [
+        # issue #30: the plugin makes vLLM >= 3.5x faster on W1 (its unique tokens are 4.6x fewer)
+        ("vLLM + prefix reuse (plugin) vs stock vLLM", lambda e: _ratio(e, "vllm", "vllm_plugin"), ">=", 3.5),
     ],
     "W1 bfloat16": [
         ("fast vs vLLM STEP pooler speedup (both bf16)", lambda e: _ratio(e, "vllm", "fast"), ">=", 4.0),
@@ -63,6 +70,7 @@ def derive(point: dict) -> None:
             continue
         e["speedup_vs_reference"] = _ratio(engines, "reference", name)
         e["speedup_vs_vllm"] = _ratio(engines, "vllm", name)
+        e["speedup_vs_vllm_plugin"] = _ratio(engines, "vllm_plugin", name)
         e["ratio_to_floor"] = _ratio(engines, name, "floor")
     point["fast_over_reference_peak_rss"] = _mem_ratio(engines)
 
@@ -70,7 +78,8 @@ def derive(point: dict) -> None:
 def check_targets(point: dict, dtype: str = "float32") -> list[dict]:
     name = point["workload"]["name"]
     out = []
-    for text, value, op, threshold in TARGETS.get(name if dtype == "float32" else f"{name} {dtype}", []):
+    targets = TARGETS.get(name if dtype == "float32" else f"{name} {dtype}", []) + TARGETS.get(f"{name} plugin", [])
+    for text, value, op, threshold in targets:
         v = value(point["engines"])
         ok = v is not None and (v >= threshold if op == ">=" else v <= threshold)
         out.append({"target": f"{text} {op} {threshold:g}", "value": v, "op": op, "threshold": threshold,
@@ -105,17 +114,19 @@ def format_point(point: dict, quick: bool) -> str:
     ]
     for name in ENGINES:
         e = point["engines"][name]
+        label = LABELS.get(name, name)
         if e.get("status") != "ok":
-            lines.append(f"   {name:<10} {'skipped':>9}  ({e.get('reason', '')})")
+            lines.append(f"   {label:<10} {'skipped' if e.get('status') == 'skipped' else 'error':>9}  "
+                         f"({e.get('reason', '')})")
             continue
         mem = e.get("peak_rss_mb")
         mem_s = "-" if name == "floor" else ("n/a" if mem is None else f"{mem:.1f}")
-        if name == "vllm" and mem is not None:
+        if name.startswith("vllm") and mem is not None:
             mem_s += "*"
         diff = e.get("max_abs_diff_vs_reference")
         times = " ".join(f"{x:.3f}" for x in e.get("times", []))
         lines.append(
-            f"   {name:<10} {e['seconds']:>9.3f} {_fmt(e.get('speedup_vs_reference'), '{:.2f}x'):>8} "
+            f"   {label:<10} {e['seconds']:>9.3f} {_fmt(e.get('speedup_vs_reference'), '{:.2f}x'):>8} "
             f"{_fmt(e.get('speedup_vs_vllm'), '{:.2f}x'):>8} {_fmt(e.get('ratio_to_floor'), '{:.2f}x'):>8} "
             f"{mem_s:>9}  {_fmt(diff, '{:.2e}'):>16}  {e.get('threads', '-')}; {times}"
         )
@@ -125,6 +136,13 @@ def format_point(point: dict, quick: bool) -> str:
             lines.append(f"   {name:<10} vs the fp32 reference: max|diff| {e['max_abs_diff_vs_fp32_reference']:.2e}, "
                          f"best-of-N (min) {'same' if e['best_of_n_same_as_fp32'] else 'CHANGED'}, ranking "
                          f"{'same' if e['ranking_same_as_fp32'] else 'changed'}")
+    plugin = point["engines"].get("vllm_plugin", {})
+    if plugin.get("status") == "ok":
+        lines.append(
+            f"   vllm+plugin = vLLM + prefix reuse (plugin): computed {plugin.get('computed_tokens')} of "
+            f"{plugin.get('prompt_tokens')} prompt tokens (the rest from the prefix cache); plugin vs stock vLLM "
+            f"{_fmt(_ratio(point['engines'], 'vllm', 'vllm_plugin'), '{:.2f}x')}, fast vs plugin "
+            f"{_fmt(_ratio(point['engines'], 'vllm_plugin', 'fast'), '{:.2f}x')}")
     floor, fast = point["engines"]["floor"], point["engines"]["fast"]
     if floor.get("seconds_last_layer_at_markers") and fast.get("status") == "ok":
         pruned = floor["seconds_last_layer_at_markers"]
@@ -161,7 +179,7 @@ def plot(results: dict, path: Path) -> str:
     swept = [w for w in results["workloads"] if any(p["axis"] in ("N", "P") for p in w["points"])]
     sweeps = [p for w in swept[:1] for p in w["points"]]
     lines = [("fast", "fast vs reference", "o-"), ("vllm", "vLLM vs reference", "s--"),
-             ("floor", "floor vs reference", "k:")]
+             ("vllm_plugin", "vLLM + prefix reuse (plugin) vs reference", "d--"), ("floor", "floor vs reference", "k:")]
     if sweeps:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, axis, key in ((axes[0], "N", "n_candidates"), (axes[1], "P", "prompt_tokens")):
@@ -192,7 +210,7 @@ def plot(results: dict, path: Path) -> str:
         width = 0.8 / len(ENGINES)
         for i, engine in enumerate(ENGINES):
             ys = [p["engines"][engine].get("seconds") or 0 for p in base_pts]
-            ax.bar([j + i * width for j in range(len(base_pts))], ys, width, label=engine)
+            ax.bar([j + i * width for j in range(len(base_pts))], ys, width, label=LABELS.get(engine, engine))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(base_pts))], [p["workload"]["name"] for p in base_pts])
         ax.set_ylabel("seconds (best of k)")
         ax.legend(fontsize=8)

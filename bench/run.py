@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of every engine (text workloads); with bfloat16 each engine's rewards are also "
                         "compared with the fp32 reference, rankings included, and the floor uses the bf16 GEMM rate")
-    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM column")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM columns")
+    p.add_argument("--no-vllm-plugin", action="store_true",
+                   help="skip the 'vLLM + prefix reuse (plugin)' column (stock vLLM only)")
     p.add_argument("--engines", default="reference,fast", help="in-process engines to run (comma list)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default bench/results/<workload>[_sweep][_quick].json); the PNG goes next to it")
@@ -57,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="VLLM_CPU_OMP_THREADS_BIND for vLLM's worker (default: 0-(threads-1), the cores the library "
                         "uses, with no core reserved; 'auto' keeps vLLM's own binding, which on 2 cores gives its "
                         "worker 1 thread and reserves the other core)")
+    p.add_argument("--vllm-block-size", type=int, default=None,
+                   help="vLLM's KV block size for both vLLM columns (default: vLLM's, 128 on CPU); prefix-cache hits "
+                        "are whole blocks, so the plugin column recomputes up to block-1 question tokens per candidate")
     p.add_argument("--vllm-max-batched-tokens", type=int, default=16384,
                    help="vLLM max_num_batched_tokens (default 16384, the fast engine's max_batch_tokens)")
     args = p.parse_args(argv)
@@ -201,32 +206,38 @@ def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
     return engines
 
 
-def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point) -> None:
-    """All points of one text workload through one vLLM engine (started once, closed at the end)."""
+def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point, column: str = "vllm") -> None:
+    """All points of one text workload through one vLLM engine (started once, closed at the end).
+    ``column`` "vllm_plugin": the same engine with prefix caching on, read by the package's vLLM plugin."""
     points = w_result["points"]
+    prefix_reuse = column == "vllm_plugin"
     max_len = max(max(p["tokens"]["candidate_lengths"]) for p in points)
     max_model_len = min(w_result["model"]["max_positions"], ((max_len + 16 + 255) // 256) * 256)
-    print(f"\n-- vLLM: starting engine on {path} (max_model_len {max_model_len}) ...", flush=True)
+    print(f"\n-- {column}: starting engine on {path} (max_model_len {max_model_len}) ...", flush=True)
     t0 = time.perf_counter()
     try:
         engine = VllmStepPooler(path, prm, max_model_len=max_model_len, threads=args.threads, dtype=args.dtype,
-                                max_batched_tokens=args.vllm_max_batched_tokens, omp_bind=args.vllm_omp_bind)
+                                max_batched_tokens=args.vllm_max_batched_tokens, omp_bind=args.vllm_omp_bind,
+                                prefix_reuse=prefix_reuse, block_size=args.vllm_block_size)
     except Exception as exc:
         for p in points:
-            p["engines"]["vllm"] = {"status": "error", "reason": f"engine start failed: {type(exc).__name__}: {exc}"}
-        print(f"   vLLM: engine start FAILED: {type(exc).__name__}: {exc}")
+            p["engines"][column] = {"status": "error", "reason": f"engine start failed: {type(exc).__name__}: {exc}"}
+        print(f"   {column}: engine start FAILED: {type(exc).__name__}: {exc}")
         return
-    w_result["vllm"] = {"version": vllm_version(), "init_s": time.perf_counter() - t0, "settings": engine.settings}
-    print(f"   vLLM engine up in {w_result['vllm']['init_s']:.1f} s", flush=True)
+    w_result[column] = {"version": vllm_version(), "init_s": time.perf_counter() - t0, "settings": engine.settings}
+    print(f"   {column} engine up in {w_result[column]['init_s']:.1f} s", flush=True)
     try:
         for p, inputs in zip(points, inputs_by_point):
-            print(f"   vllm @ {p['title']}: {args.warmup} warm-up + {args.repeats} timed calls ...", flush=True)
+            print(f"   {column} @ {p['title']}: {args.warmup} warm-up + {args.repeats} timed calls ...", flush=True)
             try:
+                # every call starts with an empty prefix cache: each W1 call is a new question, whose
+                # candidates may reuse only what earlier candidates of the same call computed
                 timing = measure.time_call(lambda: engine.score(prm, inputs.question, inputs.candidates),
-                                           args.repeats, args.warmup, memory_pids=engine.engine_pids)
+                                           args.repeats, args.warmup, memory_pids=engine.engine_pids,
+                                           before=engine.reset_prefix_cache)
             except Exception as exc:
-                p["engines"]["vllm"] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-                print(f"   vllm: ERROR {type(exc).__name__}: {exc}")
+                p["engines"][column] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+                print(f"   {column}: ERROR {type(exc).__name__}: {exc}")
                 continue
             rec = _engine_record(timing, "vLLM's engine processes (children of this one): RSS increase during "
                                          "the call; the KV cache it reserves at start-up is not counted")
@@ -235,7 +246,11 @@ def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point) -> None:
             rec["threads"] = (f"OMP bind {engine.settings['VLLM_CPU_OMP_THREADS_BIND']}, reserved CPUs "
                               f"{engine.settings['VLLM_CPU_NUM_OF_RESERVED_CPU']}")
             rec.update(_versus_fp32(p, timing.result))
-            p["engines"]["vllm"] = rec
+            # tokens of the last timed call: what vLLM computed (prompt tokens less prefix-cache hits)
+            rec["prompt_tokens"] = engine.last_tokens["prompt"]
+            rec["cached_tokens"] = engine.last_tokens["cached"]
+            rec["computed_tokens"] = rec["prompt_tokens"] - rec["cached_tokens"]
+            p["engines"][column] = rec
     finally:
         engine.close()
 
@@ -290,12 +305,18 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
                                      "seconds_last_layer_at_markers":
                                          point["flops"]["total_last_layer_at_markers"] / rate["flop_per_s"]}
         point["engines"]["vllm"] = {"status": "skipped", "reason": vllm_reason}
+        point["engines"]["vllm_plugin"] = {"status": "skipped",
+                                           "reason": "--no-vllm-plugin given" if args.no_vllm_plugin and vllm_ok
+                                           else vllm_reason}
 
     if base.multimodal:
         for p in w_result["points"]:
-            p["engines"]["vllm"] = {"status": "skipped", "reason": W2_VLLM_REASON if vllm_ok else vllm_reason}
+            for column in ("vllm", "vllm_plugin"):
+                p["engines"][column] = {"status": "skipped", "reason": W2_VLLM_REASON if vllm_ok else vllm_reason}
     elif vllm_ok:
         run_vllm_phase(args, w_result, prm, path, inputs_by_point)
+        if not args.no_vllm_plugin:
+            run_vllm_phase(args, w_result, prm, path, inputs_by_point, column="vllm_plugin")
 
     for p in w_result["points"]:
         p.pop("_rewards", None)

@@ -11,6 +11,9 @@
     outs[0].outputs[0].step_rewards  # its per-step rewards
     outs[0].rerank                   # the RerankResult (indices = the samples' CompletionOutput.index)
 
+``engine="vllm"`` scores the samples with the PRM in vLLM too (a second ``LLM``, in pooling mode, reusing each
+prompt's question through the prefix cache: docs/vllm_plugin.md), so policy and PRM both run on vLLM.
+
 ``generate`` samples ``n`` candidates per prompt in ONE ``vllm.LLM.generate``
 call (a copy of the caller's ``SamplingParams`` with ``n`` set), scores all
 prompts' candidates in one PRM engine call, and returns vLLM's own

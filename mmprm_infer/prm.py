@@ -145,11 +145,16 @@ class PRM:
     # --- scoring --------------------------------------------------------
     def engine(self, name: str | Engine | None = None) -> Engine:
         if isinstance(name, Engine):
-            return name
-        key = name or self.default_engine
-        if key not in self._engines:
-            self._engines[key] = get_engine(key, max_batch_tokens=self.max_batch_tokens)
-        return self._engines[key]
+            engine = name
+        else:
+            key = name or self.default_engine
+            if key not in self._engines:
+                self._engines[key] = get_engine(key, max_batch_tokens=self.max_batch_tokens)
+            engine = self._engines[key]
+        attach = getattr(engine, "attach", None)
+        if attach is not None:  # an engine that runs the checkpoint itself (vLLM) learns its path and format
+            attach(self)
+        return engine
 
     def score(
         self, question: str, candidates: Sequence[Candidate], image=None, engine: str | None = None

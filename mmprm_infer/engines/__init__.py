@@ -7,6 +7,7 @@ from typing import Callable
 from mmprm_infer.engines.base import EncodedQuestion, Engine, NonFiniteRewardError
 from mmprm_infer.engines.fast import FastEngine
 from mmprm_infer.engines.reference import ReferenceEngine
+from mmprm_infer.engines.vllm_pooling import VllmPoolingEngine  # imports vLLM only when it scores
 
 ENGINES: dict[str, Callable[..., Engine]] = {"reference": ReferenceEngine}
 DEFAULT_ENGINE = "fast"  # passes equivalence with the reference (tests/test_fast_engine.py)
@@ -25,6 +26,7 @@ def get_engine(engine: str | Engine, **options) -> Engine:
 
 
 register_engine("fast", FastEngine)
+register_engine("vllm", VllmPoolingEngine)
 
 
 __all__ = ["ENGINES", "DEFAULT_ENGINE", "Engine", "EncodedQuestion", "NonFiniteRewardError", "get_engine",
