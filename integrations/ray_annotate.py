@@ -22,8 +22,8 @@ import functools
 import pickle
 from typing import Any, Callable, Iterable
 
-from mmprm_infer.integrations.policy import Policy
 from mmprm_infer.integrations.ray_cluster import connect, data_context, map_to_actors, plan_actors
+from mmprm_infer.policy import Policy
 from mmprm_infer.train.mcts import (
     AnnotationProgress,
     AnnotationStats,

@@ -42,8 +42,6 @@ from mmprm_infer.formats import (
 )
 from mmprm_infer.formats.internvl_base import detect_internvl_format
 from mmprm_infer.formats.vl_prm import QWEN_VL_ARCHITECTURE, detect_vl_prm_format
-from mmprm_infer.models import internvl as _internvl  # noqa: F401  (registers the InternVL adapter)
-from mmprm_infer.models import qwen_vl as _qwen_vl  # noqa: F401  (registers the Qwen2.5-VL adapter)
 from mmprm_infer.models.qwen2_prm import Qwen2ForProcessRewardModel
 from mmprm_infer.models.value_head import Qwen2ForPrmModel
 

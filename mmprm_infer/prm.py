@@ -12,7 +12,7 @@ import torch
 from mmprm_infer.engines import DEFAULT_ENGINE, EncodedQuestion, Engine, get_engine
 from mmprm_infer.formats import EncodedCandidate, FormatError, PRMFormat, get_format
 from mmprm_infer.loading import FORMAT_KEY, FORMAT_OPTIONS_KEY, load_checkpoint
-from mmprm_infer.models.adapters import adapter_for
+from mmprm_infer.models import RewardHead, adapter_for
 
 Candidate = str | Sequence[str]
 
@@ -45,6 +45,12 @@ class PRM:
         self.max_batch_tokens = max_batch_tokens
         self.default_engine = engine or DEFAULT_ENGINE
         self._engines: dict[str, Engine] = {}
+
+    @property
+    def reward_head(self) -> RewardHead:
+        """The adapter's reward head on this format's columns: ``rewards`` / ``logit_diff`` of final-normed
+        hidden rows at step markers (what the engines score with and the trainer's loss differentiates)."""
+        return self.adapter.reward_head(self.columns)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, format: str | None = None, device="cpu", dtype=None,

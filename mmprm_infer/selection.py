@@ -147,17 +147,18 @@ def majority_vote(scores: list[float] | None, answers: list[str | None], group_i
     return _vote(counts, tie, scores, answers, group_ids)
 
 
-STRATEGIES: dict[str, StrategyFn] = {
-    "best_of_n": best_of_n,
-    "weighted_vote": weighted_vote,
-    "majority_vote": majority_vote,
-}
+STRATEGIES: dict[str, StrategyFn] = {}
 
 
 def register_strategy(name: str, fn: StrategyFn) -> StrategyFn:
     """Add a strategy ``fn(scores | None, answers, group_ids) -> Selection``."""
     STRATEGIES[name] = fn
     return fn
+
+
+register_strategy("best_of_n", best_of_n)
+register_strategy("weighted_vote", weighted_vote)
+register_strategy("majority_vote", majority_vote)
 
 
 def get_strategy(name: str) -> StrategyFn:

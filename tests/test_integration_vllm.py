@@ -111,8 +111,8 @@ def _assert_close(got, ref, tol=TOL):
 
 
 def test_vllm_policy_generates_and_continues(llm):
-    from mmprm_infer.integrations.policy import Policy, PolicyPrompt
     from mmprm_infer.integrations.vllm_policy import VLLMPolicy
+    from mmprm_infer.policy import Policy, PolicyPrompt
 
     policy = VLLMPolicy(llm, system_prompt=None, seed=0, max_new_tokens=64)
     assert isinstance(policy, Policy)
@@ -132,8 +132,8 @@ def test_vllm_policy_generates_and_continues(llm):
 
 
 def test_vllm_policy_generate_steps(llm):
-    from mmprm_infer.integrations.policy import PolicyPrompt
     from mmprm_infer.integrations.vllm_policy import VLLMPolicy
+    from mmprm_infer.policy import PolicyPrompt
 
     policy = VLLMPolicy(llm, system_prompt=None, seed=2, max_new_tokens=64)
     rows = policy.generate_steps([PolicyPrompt("What is 5 + 2?")], 8)

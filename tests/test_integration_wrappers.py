@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mmprm_infer import PRM
-from mmprm_infer.integrations.policy import Policy, PolicyPrompt
+from mmprm_infer.policy import Policy, PolicyPrompt
 
 
 @dataclass

@@ -11,13 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from mmprm_infer.integrations.policy import (
+from mmprm_infer.integrations.policy import OpenAIPolicy, TransformersPolicy
+from mmprm_infer.policy import (
     DEFAULT_SAMPLING,
-    OpenAIPolicy,
     Policy,
     PolicyError,
     PolicyPrompt,
-    TransformersPolicy,
     join_steps,
     sampling_options,
     split_steps,

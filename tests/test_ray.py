@@ -247,7 +247,7 @@ def synthetic_endpoint():
     """The synthetic policy behind a stdlib chat-completions endpoint: (base url, problems, request log)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from mmprm_infer.integrations.policy import PolicyPrompt, split_steps
+    from mmprm_infer.policy import PolicyPrompt, split_steps
     from mmprm_infer.train.synthetic.policy import SyntheticPolicy
     from mmprm_infer.train.synthetic.task import make_problems
 

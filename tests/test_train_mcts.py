@@ -118,7 +118,7 @@ def test_binary_search_finds_the_first_error(problems, error_at):
 
 
 def _continue(policy, p, steps):
-    from mmprm_infer.integrations.policy import PolicyPrompt, split_steps
+    from mmprm_infer.policy import PolicyPrompt, split_steps
 
     return split_steps(policy.generate([PolicyPrompt(p.question, [p.image], steps)], n=1)[0][0])
 

@@ -49,7 +49,7 @@ from mmprm_infer.io.files import atomic_output
 __all__ = [
     "StepSample",
     "PRM_TAG",
-    "FORMATS",
+    "LAYOUTS",
     "to_mmprm_record",
     "from_mmprm_record",
     "to_visualprm_record",
@@ -60,12 +60,12 @@ __all__ = [
     "from_mmprm_traverse_record",
     "save_samples",
     "load_samples",
-    "detect_format",
+    "detect_layout",
     "DatasetFormatError",
 ]
 
 PRM_TAG = "<prm>"
-FORMATS = ("mm-prm", "mm-prm-traverse", "visualprm", "stepwise")
+LAYOUTS = ("mm-prm", "mm-prm-traverse", "visualprm", "stepwise")
 
 
 class DatasetFormatError(ValueError):
@@ -246,7 +246,7 @@ def from_stepwise_record(rec: dict[str, Any]) -> StepSample:
 
 # --- files -------------------------------------------------------------------
 
-def detect_format(rec: dict[str, Any]) -> str:
+def detect_layout(rec: dict[str, Any]) -> str:
     if "conversations" in rec:
         return "mm-prm"
     if "steps_with_score" in rec:
@@ -255,7 +255,7 @@ def detect_format(rec: dict[str, Any]) -> str:
         return "stepwise"
     if "process" in rec and "labels" in rec:
         return "mm-prm-traverse"
-    raise DatasetFormatError(f"unknown sample layout with keys {sorted(rec)}; known: {', '.join(FORMATS)}")
+    raise DatasetFormatError(f"unknown sample layout with keys {sorted(rec)}; known: {', '.join(LAYOUTS)}")
 
 
 def save_samples(samples: Iterable[StepSample], path: str | os.PathLike, format: str = "mm-prm", *,
@@ -264,8 +264,8 @@ def save_samples(samples: Iterable[StepSample], path: str | os.PathLike, format:
     ``hard_threshold``: labels become 1/0 by MC > threshold (``stepwise`` always writes bools,
     by MC > 0 unless given, except with ``soft_labels``).  Written to a temp file and renamed
     into place.  Returns the count."""
-    if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    if format not in LAYOUTS:
+        raise ValueError(f"unknown format {format!r}; choose from {', '.join(LAYOUTS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     records = []
@@ -316,14 +316,14 @@ def _records(path: Path) -> list[dict[str, Any]]:
 
 
 def load_samples(path: str | os.PathLike, format: str | None = None) -> list[StepSample]:
-    """Read a sample file in any of ``FORMATS`` (detected from the first record when not given)."""
+    """Read a sample file in any of ``LAYOUTS`` (``format``; detected from the first record when not given)."""
     path = Path(path)
     records = _records(path)
     if not records:
         return []
-    fmt = format or detect_format(records[0])
+    fmt = format or detect_layout(records[0])
     if fmt not in _READERS:
-        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(LAYOUTS)}")
     out = []
     where = "item" if path.read_text(encoding="utf-8").lstrip().startswith("[") else "line"
     for n, rec in enumerate(records, 1):

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 from mmprm_infer.train.datasets import StepSample
 from mmprm_infer.train.mcts import iter_nodes
 
-__all__ = ["StepSample", "LabelConfig", "tree_paths", "tree_to_samples", "trees_to_samples", "is_negative",
+__all__ = ["LabelConfig", "tree_paths", "tree_to_samples", "trees_to_samples", "is_negative",
            "label_stats"]
 
 

@@ -4,11 +4,11 @@ Every sample is encoded by the PRM's own format (``PRM.encode``, the code path
 scoring takes, images included), so training and scoring see identical
 inputs.  The text decoder runs on the padded (or packed) micro-batch; only
 the final-normed hidden rows at the reward markers are gathered and turned
-into ``d = logit_good - logit_bad`` by the adapter's reward readout
-(``ModelAdapter.reward_logit_diff``: two LM-head rows for math-shepherd /
-custom / mm-prm / visualprm, the 2-label MLP for qwen2.5-math-prm), the same
-function ``rewards_from_hidden`` (scoring) applies a sigmoid to.  The full
-vocabulary logits are never formed.
+into ``d = logit_good - logit_bad`` by the PRM's reward head
+(``PRM.reward_head.logit_diff``: two LM-head rows for math-shepherd /
+custom / mm-prm / visualprm, the 2-label MLP for qwen2.5-math-prm), the
+logit whose sigmoid the engines score with (``reward_head.rewards``).  The
+full vocabulary logits are never formed.
 
 Loss per step with Monte-Carlo label ``mc``: cross-entropy over the two
 logits (good, bad) with soft target ``[mc, 1 - mc]``, which equals
@@ -40,7 +40,7 @@ from torch import nn
 
 from mmprm_infer.evaluation.metrics import step_error_f1, step_macro_f1
 from mmprm_infer.formats import MODEL_QWEN2_PRM, EncodedCandidate
-from mmprm_infer.models.adapters import adapter_for
+from mmprm_infer.models import adapter_for
 from mmprm_infer.prm import PRM
 from mmprm_infer.train.collate import TrainExample, as_example, make_layout, place_embeds, place_tokens
 from mmprm_infer.train.resume import ResumeState, save_resume_point
@@ -211,7 +211,7 @@ def _marker_logit_diff(prm: PRM, examples: Sequence[TrainExample], indices: Sequ
     hidden = out.last_hidden_state
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.marker_index)
     # Outside autocast: the readout is the scoring formula, in fp32.
-    return adapter.reward_logit_diff(rows, prm.columns), layout.cu_markers, rows, sum(layout.lengths)
+    return prm.reward_head.logit_diff(rows), layout.cu_markers, rows, sum(layout.lengths)
 
 
 def _position_ids(adapter, layout, encoded, packing: bool) -> torch.Tensor:
@@ -268,14 +268,15 @@ def marker_loss(prm: PRM, samples: Iterable, *, label_mode: str = "soft", hard_l
 
 
 def _check_readout(prm: PRM, rows: torch.Tensor, diff: torch.Tensor) -> None:
-    """The loss's logit difference must be the scoring formula (an adapter overriding only one would differ)."""
+    """The loss's logit difference must be the scoring formula (a head overriding only one would differ)."""
+    head = prm.reward_head
     with torch.no_grad():
-        scored = prm.adapter.rewards_from_hidden(rows.detach(), prm.columns).float()
+        scored = head.rewards(rows.detach()).float()
         trained = torch.sigmoid(diff.detach())
     if not torch.allclose(scored, trained, atol=1e-4, rtol=1e-3):
         raise RuntimeError(
-            f"{type(prm.adapter).__name__}.reward_logit_diff disagrees with its rewards_from_hidden "
-            f"(max |dp| = {(scored - trained).abs().max().item():.3g}); an adapter that overrides the reward "
+            f"{type(head).__name__}.logit_diff disagrees with its rewards "
+            f"(max |dp| = {(scored - trained).abs().max().item():.3g}); a reward head that overrides the "
             "readout must override both so training optimizes what scoring reads"
         )
 
@@ -317,7 +318,7 @@ def evaluate_prm(prm: PRM, samples: Iterable, *, batch_size: int = 8, threshold:
                  label_threshold: float = 0.5, label_mode: str = "soft", hard_label_threshold: float = 0.5,
                  packing: bool = False, bf16: bool = False) -> dict:
     """Marker loss, ProcessBench first-error metrics (``step_error_f1``) and per-step macro F1
-    (``step_macro_f1``) of ``prm`` on labelled samples; see train/evaluate.py for the definitions."""
+    (``step_macro_f1``) of ``prm`` on labelled samples; see mmprm_infer.evaluation.metrics for the definitions."""
     examples = [as_example(s, i) for i, s in enumerate(samples)]
     return _evaluate(prm, examples, None, batch_size=batch_size, threshold=threshold,
                      label_threshold=label_threshold, label_mode=label_mode,

@@ -46,10 +46,7 @@ def check_scoring_options(args) -> None:
         raise SystemExit(f"{prog}: {exc}") from None
     if args.prm is not None and not (Path(args.prm) / "config.json").is_file():
         raise SystemExit(f"{prog}: --prm {args.prm} is not a checkpoint folder (no config.json in it)")
-    from mmprm_infer.engines import (
-        ENGINES,
-        tree_cache,  # noqa: F401 - registers its engine
-    )
+    from mmprm_infer.engines import ENGINES
 
     if args.engine is not None and args.engine not in ENGINES:
         raise SystemExit(f"{prog}: unknown --engine {args.engine!r}; choose one of {sorted(ENGINES)}")

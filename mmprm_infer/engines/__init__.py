@@ -7,9 +7,10 @@ from typing import Callable
 from mmprm_infer.engines.base import EncodedQuestion, Engine, NonFiniteRewardError
 from mmprm_infer.engines.fast import FastEngine
 from mmprm_infer.engines.reference import ReferenceEngine
+from mmprm_infer.engines.tree_cache import TreeCacheEngine
 from mmprm_infer.engines.vllm_pooling import VllmPoolingEngine  # imports vLLM only when it scores
 
-ENGINES: dict[str, Callable[..., Engine]] = {"reference": ReferenceEngine}
+ENGINES: dict[str, Callable[..., Engine]] = {}
 DEFAULT_ENGINE = "fast"  # passes equivalence with the reference (tests/test_fast_engine.py)
 
 
@@ -25,7 +26,9 @@ def get_engine(engine: str | Engine, **options) -> Engine:
     return ENGINES[engine](**options)
 
 
+register_engine("reference", ReferenceEngine)
 register_engine("fast", FastEngine)
+register_engine("tree_cache", TreeCacheEngine)
 register_engine("vllm", VllmPoolingEngine)
 
 

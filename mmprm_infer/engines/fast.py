@@ -33,7 +33,6 @@ from mmprm_infer.engines.shared_prefix import (
     shared_prefix_attention_enabled,
 )
 from mmprm_infer.formats.base import RewardColumns
-from mmprm_infer.kernels.step_reward import fused_step_rewards
 from mmprm_infer.models.adapters import ModelAdapter
 
 
@@ -189,7 +188,7 @@ class FastEngine(Engine):
         else:
             index = torch.tensor(markers, dtype=torch.long, device=hidden.device)
         rows = hidden.index_select(0, index)
-        rewards = _marker_rewards(adapter, columns, hidden, index, rows, cu_markers)
+        rewards = adapter.reward_head(columns).rewards(rows)
         # One device sync per batch; on failure find and name the first bad candidate.
         if not (torch.isfinite(rows).all() and torch.isfinite(rewards).all()):
             for item, a, b in zip(batch, cu_markers, cu_markers[1:]):
@@ -204,14 +203,3 @@ def _positions(rope: torch.Tensor | None, start: int, end: int) -> list:
     """Positions start..end-1, or there the (t, h, w) rows of an M-RoPE model's ids [3, T] for the whole
     candidate (``adapter.position_ids``): a suffix continues its prefix's positions, image offsets included."""
     return list(range(start, end)) if rope is None else rope[:, start:end].T.tolist()
-
-
-def _marker_rewards(adapter: ModelAdapter, columns: RewardColumns, hidden: torch.Tensor, index: torch.Tensor,
-                    rows: torch.Tensor, cu_markers: list[int]) -> torch.Tensor:
-    """p_good per marker row: the fused two-row kernel for LM-head rewards, else the adapter's head."""
-    if adapter.two_row_head and all(b > a for a, b in zip(cu_markers, cu_markers[1:])):
-        w_diff, b_diff = adapter.reward_weights(columns)
-        # hidden is final-normed by the decoder already: no norm weight.
-        rewards, _ = fused_step_rewards(hidden, index, cu_markers, None, 0.0, w_diff, float(b_diff))
-        return rewards
-    return adapter.rewards_from_hidden(rows, columns).float()

@@ -425,7 +425,7 @@ class TreeCacheEngine(Engine):
             inputs = {"input_ids": id_tensor[None]}
         out = decoder(**inputs, position_ids=pos, use_cache=False, **{LAYOUT_KWARG: PackedLayout(groups)})
         hidden = out.last_hidden_state[0]
-        rewards = adapter.rewards_from_hidden(hidden, columns).float()
+        rewards = adapter.reward_head(columns).rewards(hidden)
         for prefix in prefixes:
             prefix.finish()
         for seg in segments:
@@ -473,12 +473,3 @@ def _nbytes(node: _Node) -> int:
 def _digest(features: torch.Tensor) -> str:
     data = features.detach().to("cpu", torch.float32).contiguous()
     return hashlib.sha1(data.numpy().tobytes()).hexdigest() + str(tuple(features.shape))
-
-
-def _register() -> None:
-    from mmprm_infer.engines import register_engine
-
-    register_engine(TreeCacheEngine.name, TreeCacheEngine)
-
-
-_register()

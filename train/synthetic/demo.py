@@ -104,7 +104,7 @@ def run_demo(workdir: str | Path = "runs/demo", *, seed: int = 0, threads: int |
     stages.log(f"(1) the shipped PRM ({SHIPPED_PRM.name}/, built by `mmprm pipeline --preset full`) scores "
                f"{len(held_out)} fresh held-out problems x {config.n_candidates} candidates")
     shipped = PRM.from_pretrained(SHIPPED_PRM)
-    shipped_eval = stages.evaluate_prm(shipped, held_out, candidates, config, SHIPPED_PRM)
+    shipped_eval = stages.evaluate_candidates(shipped, held_out, candidates, config, SHIPPED_PRM)
     timings["shipped_prm_score_s"] = shipped_eval.score_s
 
     stages.log("(2) the pipeline in miniature: annotate, label and train a tiny PRM from scratch")
@@ -112,7 +112,7 @@ def run_demo(workdir: str | Path = "runs/demo", *, seed: int = 0, threads: int |
     ann = stages.annotate_problems(config, train_problems, policy, workdir / "annotation")
     samples = stages.labelled_samples(config, train_problems, workdir)
     trained = stages.train_task_prm(config, train_problems, samples, workdir)
-    trained_eval = stages.evaluate_prm(trained.prm, held_out, candidates, config, trained.checkpoint)
+    trained_eval = stages.evaluate_candidates(trained.prm, held_out, candidates, config, trained.checkpoint)
     timings["pipeline_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 

@@ -48,10 +48,10 @@ from mmprm_infer.io.progress import quiet_transformers_progress
 from mmprm_infer.train.synthetic import report as reports
 from mmprm_infer.train.synthetic import stages
 from mmprm_infer.train.synthetic.policy import SyntheticPolicy
-from mmprm_infer.train.synthetic.presets import AGGREGATIONS, PRESETS, PipelineConfig, ReadingStages, preset_config
+from mmprm_infer.train.synthetic.presets import PRESETS, PipelineConfig, ReadingStages, preset_config
 from mmprm_infer.train.synthetic.task import make_problems
 
-__all__ = ["PipelineConfig", "ReadingStages", "PRESETS", "preset_config", "run_pipeline", "AGGREGATIONS"]
+__all__ = ["PipelineConfig", "ReadingStages", "PRESETS", "preset_config", "run_pipeline"]
 
 
 def model_inputs(config: PipelineConfig) -> str:
@@ -88,7 +88,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     timings["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     candidates = stages.sample_candidates(policy, test_problems, config)
-    evaluation = stages.evaluate_prm(trained.prm, test_problems, candidates, config, trained.checkpoint)
+    evaluation = stages.evaluate_candidates(trained.prm, test_problems, candidates, config, trained.checkpoint)
     timings["score_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
     report = {

@@ -7,14 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mmprm_infer.aggregation import AGGREGATIONS as _LIBRARY_AGGREGATIONS
-from mmprm_infer.aggregation import PROBABILITY_AGGREGATIONS
+from mmprm_infer.aggregation import AGGREGATIONS, PROBABILITY_AGGREGATIONS
 from mmprm_infer.train.synthetic.task import TEMPLATES
 
-__all__ = ["AGGREGATIONS", "ReadingStages", "PipelineConfig", "PRESETS", "preset_config"]
+__all__ = ["REPORTED_AGGREGATIONS", "ReadingStages", "PipelineConfig", "PRESETS", "preset_config"]
 
-# every aggregation of the library, the probability-like ones first (the report's order)
-AGGREGATIONS = (*PROBABILITY_AGGREGATIONS, *(a for a in _LIBRARY_AGGREGATIONS if a not in PROBABILITY_AGGREGATIONS))
+# the names of every aggregation of the library, the probability-like ones first (the report's order)
+REPORTED_AGGREGATIONS = (*PROBABILITY_AGGREGATIONS, *(a for a in AGGREGATIONS if a not in PROBABILITY_AGGREGATIONS))
 
 
 @dataclass
@@ -90,7 +89,7 @@ class PipelineConfig(ReadingStages):
     test_problems: int = 50
     n_candidates: int = 16
     ns: tuple[int, ...] = (1, 2, 4, 8, 16)
-    aggregations: tuple[str, ...] = AGGREGATIONS
+    aggregations: tuple[str, ...] = REPORTED_AGGREGATIONS
     vote_aggregation: str = "min"  # scores summed per answer by the PRM-weighted vote
     threshold: float = 0.5  # predicted first error: first step with reward < threshold
     score_batch_questions: int = 8

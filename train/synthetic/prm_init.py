@@ -439,7 +439,7 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
 
     if not curriculum:
         raise ValueError("curriculum needs at least one VerificationPhase (e.g. VERIFICATION_CURRICULUM)")
-    tok, model, fmt, adapter = prm.tokenizer, prm.model, prm.format, prm.adapter
+    tok, model, fmt, adapter, head = prm.tokenizer, prm.model, prm.format, prm.adapter, prm.reward_head
     tag = tok.convert_tokens_to_ids(fmt.step_tag)
     bounds, total = [], 0.0
     for phase in curriculum:
@@ -469,13 +469,13 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
         ids, mask = _padded(batch, tok)
         hidden = adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         markers = (ids == tag) & (mask == 1)
-        diff = adapter.reward_logit_diff(hidden[markers], prm.columns)  # the scorer's readout: two head rows
+        diff = head.logit_diff(hidden[markers])  # the scorer's readout: two head rows
         loss = F.binary_cross_entropy_with_logits(diff, torch.tensor(targets))
         losses.append(loss.item())
         if token_verdicts:
             dense = torch.tensor([v + [-1.0] * (ids.shape[1] - len(v)) for v in verdicts])
             where = dense >= 0
-            token_diff = adapter.reward_logit_diff(hidden[where], prm.columns)
+            token_diff = head.logit_diff(hidden[where])
             loss = loss + token_verdicts * F.binary_cross_entropy_with_logits(token_diff, dense[where])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

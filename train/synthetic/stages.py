@@ -4,7 +4,7 @@
 2. ``labelled_samples``: trees -> step-labelled samples, a held-out slice for the trainer's eval log, and
    the step-verification drills that join the training set (``verification_mix``);
 3. ``train_task_prm``: a tiny PRM built from scratch, its reading and verification stages, then PRM training;
-4. ``sample_candidates`` and ``evaluate_prm``: N policy samples per held-out problem, scored once with a PRM,
+4. ``sample_candidates`` and ``evaluate_candidates``: N policy samples per held-out problem, scored once with a PRM,
    with the step-error F1 against the checker's first errors and the accuracy curves (``report``).
 """
 
@@ -35,7 +35,7 @@ from mmprm_infer.train.synthetic.task import Problem, annotation_items, split_st
 from mmprm_infer.train.trainer import TrainConfig, TrainResult, train_prm
 
 __all__ = ["log", "annotate_problems", "Samples", "labelled_samples", "TrainedPRM", "train_task_prm",
-           "Candidates", "sample_candidates", "Evaluation", "evaluate_prm"]
+           "Candidates", "sample_candidates", "Evaluation", "evaluate_candidates"]
 
 
 def log(msg: str) -> None:
@@ -274,7 +274,7 @@ class Evaluation:
                 f"pass@{n_max}": acc["pass"][n_max]}
 
 
-def evaluate_prm(prm: PRM, problems: Sequence[Problem], candidates: Candidates, config: PipelineConfig,
+def evaluate_candidates(prm: PRM, problems: Sequence[Problem], candidates: Candidates, config: PipelineConfig,
                  checkpoint: Path) -> Evaluation:
     """Score every candidate once and measure: the step-error F1 (first reward below ``config.threshold``
     against the checker's first error) and Best-of-N / vote / random / pass@N curves."""
