@@ -88,7 +88,7 @@ def test_the_parser_imports_neither_torch_nor_transformers():
     """`mmprm --help` answers without the heavy imports (deterministic: which modules got imported)."""
     code = ("import sys; from mmprm_infer.cli import build_parser; import mmprm_infer; "
             "[build_parser(c, only=True) for c in ('score', 'rerank', 'eval', 'train', 'serve', 'convert-internvl', "
-            "'demo', None)]; mmprm_infer.__version__; "
+            "'annotate', 'pipeline', 'demo', None)]; mmprm_infer.__version__; "
             "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'fastapi', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
