@@ -120,3 +120,12 @@ def test_ray_scaling_single_machine_run(shepherd_dir, tmp_path):
     src.write_text(json.dumps({"question": "2 + 2?", "candidates": ["2 + 2 = 4.\n\nSo 4."]}) + "\n")
     seconds = single_machine(shepherd_dir, src, tmp_path / "out.jsonl", threads=1, batch_questions=1)
     assert seconds > 0 and len(json.loads((tmp_path / "out.jsonl").read_text())["step_rewards"][0]) == 2
+
+
+def test_score_names_the_file_line_and_field(shepherd_dir, tmp_path):
+    data = tmp_path / "in.jsonl"
+    rows = [{"question": "q?", "candidates": ["a."]}, {"question": 3, "candidates": ["a."]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"mmprm score: .*in\.jsonl: line 2: 'question' must be a string, got int"):
+        main(["score", "--prm", str(shepherd_dir), "--format", "math-shepherd", "--data", str(data), "--output",
+              str(tmp_path / "out.jsonl"), "--device", "cpu", "--no-progress"])

@@ -106,7 +106,8 @@ def run_jsonl(args) -> int:
     with atomic_output(args.output) as dst, \
             progress_bar(total=len(plan) - 1, desc=f"mmprm {args.command}", unit="window",
                          disable=args.no_progress) as bar:
-        writer, candidates, start = ResultWriter(dst, args.on_error, max_errors=args.max_errors), 0, time.perf_counter()
+        writer = ResultWriter(dst, args.on_error, prog=f"mmprm {args.command}: {in_path}", max_errors=args.max_errors)
+        candidates, start = 0, time.perf_counter()
         for window in read_windows(in_path, plan, args.batch_questions, 0, len(plan) - 1):
             done = process_window(window, prm, options, base_dir(in_path))
             writer.write(done.results)
