@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARK = "# not run by the doc test: "
 # what may keep a block from running here; the rest of the line says which and why
-MARKS = ("needs a GPU", "needs network", "needs vLLM", "needs a Ray cluster", "takes minutes", "installs packages",
-         "starts a server")
+MARKS = ("needs a GPU", "needs several devices", "needs network", "needs vLLM", "needs a Ray cluster", "takes minutes",
+         "installs packages", "starts a server")
 FENCE = re.compile(r"^```(\w*)\s*$")
 
 

@@ -17,6 +17,7 @@ math-shepherd checkpoint run by this library.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -99,6 +100,22 @@ def prm(shepherd_dir):
     return PRM.from_pretrained(shepherd_dir, format="math-shepherd", dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def _counting(llm, method: str):
+    """The positional arguments of every ``llm.<method>`` call made inside the block."""
+    calls, original = [], getattr(llm, method)
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    setattr(llm, method, counting)
+    try:
+        yield calls
+    finally:
+        setattr(llm, method, original)
+
+
 def _assert_close(got, ref, tol=TOL):
     assert [len(r) for r in got] == [len(r) for r in ref]
     for a, b in zip(got, ref):
@@ -167,15 +184,7 @@ def test_reranking_llm(llm, prm):
 
     from mmprm_infer.integrations.vllm_reranking import RerankingLLM
 
-    calls = []
-    original = llm.generate
-
-    def counting(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    llm.generate = counting
-    try:
+    with _counting(llm, "generate") as calls:
         wrapper = RerankingLLM(llm, prm, n=6, aggregate="min")
         prompts = [
             llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
@@ -186,8 +195,6 @@ def test_reranking_llm(llm, prm):
         ]
         outs = wrapper.generate(prompts, SamplingParams(temperature=1.0, max_tokens=64, seed=5),
                                 questions=None)
-    finally:
-        llm.generate = original
     assert len(calls) == 1 and len(calls[0][0]) == 2  # one vLLM call for both prompts
     assert [len(o.outputs) for o in outs] == [6, 6]
     assert outs[1].question == "What is 4 + 4?" and outs[0].question == prompts[0]
@@ -328,21 +335,11 @@ def test_reranking_llm_chat(llm, prm):
 
     from mmprm_infer.integrations.vllm_reranking import RerankingLLM
 
-    calls = []
-    original = llm.chat
-
-    def counting(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    llm.chat = counting
-    try:
+    with _counting(llm, "chat") as calls:
         wrapper = RerankingLLM(llm, prm, n=4)
         conversations = [[{"role": "user", "content": "What is 2 + 3?"}],
                          [{"role": "user", "content": [{"type": "text", "text": "What is 4 + 4?"}]}]]
         outs = wrapper.chat(conversations, SamplingParams(temperature=1.0, max_tokens=64, seed=5))
-    finally:
-        llm.chat = original
     assert len(calls) == 1 and len(calls[0][0]) == 2  # one vLLM chat call for both conversations
     assert [o.question for o in outs] == ["What is 2 + 3?", "What is 4 + 4?"]
     # vLLM applied the policy's chat template: the prompt it ran is the template's rendering
