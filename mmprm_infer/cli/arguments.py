@@ -55,7 +55,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or default is None or default is False or default is argparse.SUPPRESS
+        if ("default" in text or default is None or default is False or default is argparse.SUPPRESS or default == []
                 or not action.option_strings or isinstance(action, argparse._StoreConstAction)):
             return text
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
