@@ -10,9 +10,9 @@ ENGINES = ("reference", "fast", "vllm", "vllm_plugin", "floor")
 # vLLM plugin (integrations/vllm_plugin); same engine settings and cores as the vllm column.
 LABELS = {"vllm_plugin": "vllm+plugin"}
 
-# From the issue ("Fast engine ... benchmarks against the reference and vLLM"):
-# (text, value, ">=" or "<=", threshold)
-# The engine's targets (issue #20), per workload and, where the dtype matters, per "workload dtype".
+# The engine's targets (issue #20), per workload and, where the dtype matters, per "workload dtype":
+# (text, value, ">=" or "<=", threshold).  The one place they are defined: the run's output, `python -m
+# bench.run --targets` and bench/README.md print them from here.
 TARGETS = {
     "W1": [
         ("fast vs reference speedup", lambda e: _ratio(e, "reference", "fast"), ">=", 10.0),
@@ -44,6 +44,8 @@ def _seconds(engines: dict, name: str):
 
 
 def _ratio(engines: dict, slow: str, fast: str):
+    if fast == "floor" and (engines.get(slow) or {}).get("floor_seconds"):  # the floor measured beside it
+        return engines[slow]["seconds"] / engines[slow]["floor_seconds"]
     a, b = _seconds(engines, slow), _seconds(engines, fast)
     return a / b if a and b else None
 
@@ -62,7 +64,8 @@ def _mem_ratio(engines: dict):
 
 
 def derive(point: dict) -> None:
-    """Add speedups, floor ratios and the memory ratio to one point's engines."""
+    """Add speedups, floor ratios and the memory ratio to one point's engines.  An engine's ratio to the floor
+    uses the floor measured beside its own calls (``floor_seconds``) where the run has it."""
     engines = point["engines"]
     for name in ENGINES:
         e = engines[name]
@@ -71,19 +74,48 @@ def derive(point: dict) -> None:
         e["speedup_vs_reference"] = _ratio(engines, "reference", name)
         e["speedup_vs_vllm"] = _ratio(engines, "vllm", name)
         e["speedup_vs_vllm_plugin"] = _ratio(engines, "vllm_plugin", name)
-        e["ratio_to_floor"] = _ratio(engines, name, "floor")
+        e["ratio_to_floor"] = (e["seconds"] / e["floor_seconds"] if e.get("floor_seconds")
+                               else _ratio(engines, name, "floor"))
     point["fast_over_reference_peak_rss"] = _mem_ratio(engines)
+
+
+def format_targets() -> str:
+    """Every target, as the run judges it (the text bench/README.md must state)."""
+    lines = ["targets (bench/report.py TARGETS), judged on each workload's base point, fp32 unless named:"]
+    for workload, targets in TARGETS.items():
+        for text, _, op, threshold in targets:
+            lines.append(f"  {workload:<12} {text} {op} {threshold:g}")
+    lines.append("  every run    no engine faster than the floor of its own work measured beside it "
+                 "(else the run is INVALID)")
+    return "\n".join(lines)
+
+
+def validity(point: dict, quick: bool = False) -> dict:
+    """INVALID when an engine ran faster than the floor of its own work measured beside its calls: an
+    engine cannot beat the machine's GEMM rate, so the load changed under the run or a FLOP count is wrong,
+    and no target of the point can PASS.  Not judged in --quick mode (tiny shapes)."""
+    if quick:
+        return {"status": "not judged", "reason": "--quick (tiny shapes)", "beat_floor": []}
+    beat = []
+    for name, e in point["engines"].items():
+        if name == "floor" or e.get("status") != "ok" or e.get("work_floor_seconds") is None:
+            continue
+        if e["seconds"] < e["work_floor_seconds"]:
+            beat.append({"engine": name, "seconds": e["seconds"], "work_floor_seconds": e["work_floor_seconds"]})
+    return {"status": "INVALID" if beat else "valid", "beat_floor": beat}
 
 
 def check_targets(point: dict, dtype: str = "float32") -> list[dict]:
     name = point["workload"]["name"]
+    invalid = (point.get("validity") or {}).get("status") == "INVALID"
     out = []
     targets = TARGETS.get(name if dtype == "float32" else f"{name} {dtype}", []) + TARGETS.get(f"{name} plugin", [])
     for text, value, op, threshold in targets:
         v = value(point["engines"])
         ok = v is not None and (v >= threshold if op == ">=" else v <= threshold)
+        status = "n/a" if v is None else ("INVALID" if invalid else ("PASS" if ok else "FAIL"))
         out.append({"target": f"{text} {op} {threshold:g}", "value": v, "op": op, "threshold": threshold,
-                    "status": "n/a" if v is None else ("PASS" if ok else "FAIL")})
+                    "status": status})
     return out
 
 
@@ -152,6 +184,11 @@ def format_point(point: dict, quick: bool) -> str:
     lines.append(f"   peak RSS increase fast / reference: {_fmt(ratio, '{:.3f}x')}"
                  + ("   (* vLLM: its engine processes' RSS increase, see JSON note)"
                     if point["engines"]["vllm"].get("peak_rss_mb") is not None else ""))
+    v = point.get("validity") or {}
+    for b in v.get("beat_floor", []):
+        lines.append(f"   INVALID: {b['engine']} took {b['seconds']:.3f} s, under the floor of its own work measured "
+                     f"beside its calls ({b['work_floor_seconds']:.3f} s): the machine's speed changed during the run "
+                     "(or a FLOP count is wrong); rerun on an idle machine")
     if point.get("axis") == "base" and not quick:
         for c in point.get("targets", []):
             lines.append(f"   target {c['target']:<42} {c['status']:<4} (measured {_fmt(c['value'], '{:.3f}')})")
@@ -207,8 +244,9 @@ def plot(results: dict, path: Path) -> str:
     else:
         base_pts = [p for w in results["workloads"] for p in w["points"]]
         fig, ax = plt.subplots(figsize=(6, 4))
-        width = 0.8 / len(ENGINES)
-        for i, engine in enumerate(ENGINES):
+        ran = [e for e in ENGINES if any(p["engines"][e].get("status") == "ok" for p in base_pts)]
+        width = 0.8 / len(ran)
+        for i, engine in enumerate(ran):  # an engine that did not run (vLLM skipped) gets no bar and no legend
             ys = [p["engines"][engine].get("seconds") or 0 for p in base_pts]
             ax.bar([j + i * width for j in range(len(base_pts))], ys, width, label=LABELS.get(engine, engine))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(base_pts))], [p["workload"]["name"] for p in base_pts])

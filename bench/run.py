@@ -2,7 +2,8 @@
 
     python -m bench.run                       # W1, best of 3, 2 threads, vLLM if importable
     python -m bench.run --workload all --sweep
-    python -m bench.run --quick --no-vllm     # tiny dims, seconds (CI smoke)
+    python -m bench.run --quick --no-vllm     # tiny dims, a minute or two (CI smoke; numbers mean nothing)
+    python -m bench.run --targets             # the targets a run is judged by (bench/report.py TARGETS)
 
 (``python bench/run.py ...`` works too.)  See bench/README.md for the
 workloads, the vLLM install and how to read the output.
@@ -45,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the in-process engines and the GEMM rate")
     p.add_argument("--quick", action="store_true", help="tiny dims and sizes (CI smoke; numbers mean nothing)")
+    p.add_argument("--targets", action="store_true", help="print the targets a run is judged by and exit")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of every engine (text workloads); with bfloat16 each engine's rewards are also "
                         "compared with the fp32 reference, rankings included, and the floor uses the bf16 GEMM rate")
@@ -173,7 +175,17 @@ def _versus_fp32(point: dict, rewards) -> dict:
             "ranking_same_as_fp32": ref_order == got_order}
 
 
-def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
+def _floor_fields(timing: measure.Timing, point: dict, work_flops: float) -> dict:
+    """The floor measured beside this engine's calls: the point's FLOPs (and the engine's own work) over the
+    best GEMM rate the floor's path reached between them."""
+    rate = timing.floor_rate
+    if rate is None:
+        return {}
+    return {"floor_rate_flop_per_s": rate, "floor_rates_flop_per_s": timing.floor_rates,
+            "floor_seconds": point["flops"]["total"] / rate, "work_floor_seconds": work_flops / rate}
+
+
+def run_in_process(args, prm, point: dict, inputs: workloads.Inputs, probe: measure.FloorProbe | None = None) -> dict:
     engines = {}
     ref_rewards = None
     for name in ("reference", "fast"):
@@ -185,16 +197,20 @@ def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
         try:
             timing = measure.time_call(
                 lambda: prm.score(inputs.question, inputs.candidates, image=inputs.image, engine=name),
-                args.repeats, args.warmup)
+                args.repeats, args.warmup, probe=probe)
         except Exception as exc:  # a broken engine must show, not stop the other columns
             engines[name] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
             print(f"   {name}: ERROR {type(exc).__name__}: {exc}")
             continue
         engines[name] = _engine_record(timing, "this process (RSS increase during the call)")
         engines[name]["threads"] = f"torch {torch.get_num_threads()} threads"
+        work = point["flops"]["total"]
         if name == "fast":
             path = prm.engine("fast").linear_path(prm.adapter)
             engines[name]["threads"] += f", linear path {path}"
+            if getattr(prm.engine("fast"), "prune_last_layer", True):  # its own work: last layer at the markers
+                work = point["flops"]["total_last_layer_at_markers"]
+        engines[name].update(_floor_fields(timing, point, work))
         engines[name].update(_versus_fp32(point, timing.result))
         if name == "reference":
             ref_rewards = timing.result
@@ -206,7 +222,8 @@ def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
     return engines
 
 
-def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point, column: str = "vllm") -> None:
+def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point, column: str = "vllm",
+                   probe: measure.FloorProbe | None = None) -> None:
     """All points of one text workload through one vLLM engine (started once, closed at the end).
     ``column`` "vllm_plugin": the same engine with prefix caching on, read by the package's vLLM plugin."""
     points = w_result["points"]
@@ -234,7 +251,7 @@ def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point, column: str
                 # candidates may reuse only what earlier candidates of the same call computed
                 timing = measure.time_call(lambda: engine.score(prm, inputs.question, inputs.candidates),
                                            args.repeats, args.warmup, memory_pids=engine.engine_pids,
-                                           before=engine.reset_prefix_cache)
+                                           before=engine.reset_prefix_cache, probe=probe)
             except Exception as exc:
                 p["engines"][column] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
                 print(f"   {column}: ERROR {type(exc).__name__}: {exc}")
@@ -250,6 +267,7 @@ def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point, column: str
             rec["prompt_tokens"] = engine.last_tokens["prompt"]
             rec["cached_tokens"] = engine.last_tokens["cached"]
             rec["computed_tokens"] = rec["prompt_tokens"] - rec["cached_tokens"]
+            rec.update(_floor_fields(timing, p, p["flops"]["total"]))
             p["engines"][column] = rec
     finally:
         engine.close()
@@ -291,19 +309,15 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
     rate = measure.best_matmul_rate(text_cfg, rows, dtype=dtype)
     w_result["matmul_rate"] = rate
     print("   " + ", ".join(f"{name} {r['flop_per_s'] / 1e9:.1f}" for name, r in rate["paths"].items())
-          + f" GFLOP/s {args.dtype}; the floor uses the best, {rate['best_path']}")
+          + f" GFLOP/s {args.dtype}; the floor uses the best, {rate['best_path']}, timed again after every "
+          "engine call")
+    probe = measure.FloorProbe(rate["best_path"], text_cfg, rows, dtype)
     if args.dtype != "float32":
         _fp32_oracle(base, args.cache_dir, w_result["points"], inputs_by_point)
 
     for point, inputs in zip(w_result["points"], inputs_by_point):
         print(f"\n-- {point['title']}", flush=True)
-        point["engines"] = run_in_process(args, prm, point, inputs)
-        point["engines"]["floor"] = {"status": "ok", "seconds": point["flops"]["total"] / rate["flop_per_s"],
-                                     "how": f"FLOPs of the unique tokens / the best measured {args.dtype} GEMM rate "
-                                            f"({rate['best_path']})",
-                                     "threads": f"{rate['best_path']}, {rate['threads']} threads",
-                                     "seconds_last_layer_at_markers":
-                                         point["flops"]["total_last_layer_at_markers"] / rate["flop_per_s"]}
+        point["engines"] = run_in_process(args, prm, point, inputs, probe)
         point["engines"]["vllm"] = {"status": "skipped", "reason": vllm_reason}
         point["engines"]["vllm_plugin"] = {"status": "skipped",
                                            "reason": "--no-vllm-plugin given" if args.no_vllm_plugin and vllm_ok
@@ -314,14 +328,25 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
             for column in ("vllm", "vllm_plugin"):
                 p["engines"][column] = {"status": "skipped", "reason": W2_VLLM_REASON if vllm_ok else vllm_reason}
     elif vllm_ok:
-        run_vllm_phase(args, w_result, prm, path, inputs_by_point)
+        run_vllm_phase(args, w_result, prm, path, inputs_by_point, probe=probe)
         if not args.no_vllm_plugin:
-            run_vllm_phase(args, w_result, prm, path, inputs_by_point, column="vllm_plugin")
+            run_vllm_phase(args, w_result, prm, path, inputs_by_point, column="vllm_plugin", probe=probe)
 
+    best_rate = max([rate["flop_per_s"], *probe.rates])
+    w_result["floor_probe"] = {"path": rate["best_path"], "rates_flop_per_s": probe.rates,
+                               "best_flop_per_s": best_rate}
+    for p in w_result["points"]:
+        p["engines"]["floor"] = {"status": "ok", "seconds": p["flops"]["total"] / best_rate,
+                                 "how": f"FLOPs of the unique tokens / the best {args.dtype} GEMM rate measured in "
+                                        f"this run ({rate['best_path']}, at the start and after every engine call)",
+                                 "threads": f"{rate['best_path']}, {rate['threads']} threads",
+                                 "seconds_last_layer_at_markers":
+                                     p["flops"]["total_last_layer_at_markers"] / best_rate}
     for p in w_result["points"]:
         p.pop("_rewards", None)
         p.pop("_fp32_rewards", None)
         report.derive(p)
+        p["validity"] = report.validity(p, args.quick)
         p["targets"] = report.check_targets(p, args.dtype) if p["axis"] == "base" else []
         print(report.format_point(p, args.quick))
     return w_result
@@ -329,6 +354,9 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.targets:
+        print(report.format_targets())
+        return 0
     args.engine_list = [e.strip() for e in args.engines.split(",") if e.strip()]
     torch.set_num_threads(args.threads)
     results = {"meta": _meta(args), "workloads": []}
@@ -348,6 +376,11 @@ def main(argv=None) -> int:
     start, end = results["meta"]["loadavg_start"][0], results["meta"]["loadavg_end"][0]
     print(f"load average at start {start:.2f}, at end {end:.2f} ({os.cpu_count()} CPUs): "
           "timings taken on a busy machine are not final numbers")
+    invalid = [f"{w['name']} {p['title']}" for w in results["workloads"] for p in w["points"]
+               if p["validity"]["status"] == "INVALID"]
+    if invalid:
+        print(f"INVALID run: an engine beat the floor measured beside it at {', '.join(invalid)}; rerun on an idle "
+              "machine")
     return 0
 
 

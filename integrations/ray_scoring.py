@@ -42,6 +42,7 @@ from mmprm_infer.io.records import (
     ResultWriter,
     ScoringOptions,
     WindowResult,
+    base_dir,
     finished,
     plan_windows,
     process_window,
@@ -98,7 +99,7 @@ class WindowScorer(_PRMActor):
         for k in batch["window"]:
             (window,) = read_windows(self.path, self.plan, self.window, int(k), int(k) + 1)
             out["window"].append(int(k))
-            out["result"].append(pickle.dumps(process_window(window, self.prm, self.options, self.path.parent)))
+            out["result"].append(pickle.dumps(process_window(window, self.prm, self.options, base_dir(self.path))))
         return out
 
 
@@ -168,9 +169,9 @@ def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, com
     only when the run finishes (``mmprm_infer.io.files.atomic_output``)."""
     spec = prm if isinstance(prm, PRMSpec) else PRMSpec(str(prm))
     in_path = Path(input).resolve()
-    if not in_path.is_file():
-        raise SystemExit(f"mmprm: input file {in_path} does not exist")
-    check_output_path(output, in_path)
+    if not in_path.exists():
+        raise SystemExit(f"mmprm: input {in_path} does not exist")
+    check_output_path(output, in_path if in_path.is_file() else None)
     if Path(spec.path).is_dir() and not (Path(spec.path) / "config.json").is_file():
         # checked here, not in every actor: a worker that cannot load the model would only be restarted
         raise ValueError(f"PRM {spec.path} is not a checkpoint folder (no config.json in it)")
@@ -228,12 +229,14 @@ def ray_run_jsonl(args) -> int:
     if args.prm is None:
         raise SystemExit("mmprm: --ray needs --prm (majority_vote without a PRM needs no cluster)")
     spec = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine, max_tiles=args.max_tiles)
-    stats = score_file(args.input, args.output, spec, command=args.command, aggregate=args.aggregate,
+    stats = score_file(args.data, args.output, spec, command=args.command, aggregate=args.aggregate,
                         strategy=getattr(args, "strategy", "best_of_n"), batch_questions=args.batch_questions,
                         on_error=args.on_error, max_errors=args.max_errors, address=args.ray,
                         actors=args.ray_actors, actor_cpus=args.ray_actor_cpus, actor_gpus=args.ray_actor_gpus,
-                        device=args.device, progress=not args.quiet)
-    if not args.quiet:
+                        device=args.device, progress=not args.no_progress)
+    if not args.no_progress:
         print(f"mmprm: {stats.questions} records, {stats.candidates} candidates in {stats.seconds:.1f} s on "
               f"{stats.actors} actor(s): {stats.candidates_per_s:.1f} candidates/s", file=sys.stderr)
-    return finished(stats.errors, stats.questions, args.output)
+    status = finished(stats.errors, stats.questions, args.output)
+    print(f"mmprm {args.command}: wrote {stats.questions} records to {args.output}", file=sys.stderr)
+    return status

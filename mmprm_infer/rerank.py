@@ -25,7 +25,7 @@ class RerankResult:
     answers: list[str | None]
     ranking: list[int]  # candidate indices, best first
     strategy: str
-    aggregate: str
+    aggregate: str | None  # None when no PRM ran (majority vote without a PRM)
     errors: dict[int, str] = field(default_factory=dict)  # unreadable="last": candidate index -> why it has no score
 
     def to_dict(self) -> dict:
@@ -138,7 +138,7 @@ def rank_scored(
             answers=answers,
             ranking=ranking,
             strategy=strategy,
-            aggregate=agg_name,
+            aggregate=agg_name if step_rewards is not None else None,
             errors=dict(errors[k]) if errors is not None else {},
         ))
     return results

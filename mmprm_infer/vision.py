@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
-import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
@@ -209,6 +210,9 @@ def tiles_to_tensor(tiles: Sequence[Image.Image], config: InternVLImageConfig | 
     transformers' PIL image processor (torchvision is not installed here).
     """
     cfg = config or InternVLImageConfig()
+    import numpy as np  # here, not at the top: `import mmprm_infer.formats` (and `mmprm --help`) needs no torch
+    import torch
+
     pixels = np.stack([np.asarray(t.convert("RGB") if t.mode != "RGB" else t) for t in tiles])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div(255)
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)

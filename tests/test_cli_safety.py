@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmprm_infer.cli import main
-from mmprm_infer.cli import score as score_command
+from mmprm_infer.io import records
 from mmprm_infer.io.records import PRMSpec
 
 EXIT_RECORDS_FAILED = 3  # README: the run finished and some records are error records
@@ -116,7 +116,7 @@ def test_a_full_disk_is_one_clear_error_and_the_previous_output_stays(qwen_prm_d
 def test_an_interrupted_run_writes_nothing(qwen_prm_dir, tmp_path, monkeypatch, capsys):
     def interrupt(*_, **__):
         raise KeyboardInterrupt
-    monkeypatch.setattr(score_command, "process_window", interrupt)
+    monkeypatch.setattr(records, "process_window", interrupt)  # run_jsonl imports it at run time
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     dst.write_text("previous run\n")
     _lines(src, [json.dumps(GOOD)])

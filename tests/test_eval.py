@@ -318,26 +318,3 @@ def test_prmbench_command(qwen_prm_dir, tmp_path):
     f1 = lambda a, b, c: 2 * a / (2 * a + b + c) if a + b + c else math.nan  # noqa: E731
     assert got["prmscore"] == pytest.approx((f1(tp, fp, fn) + f1(tn, fn, fp)) / 2, nan_ok=True)
     assert set(got["by_classification"]) == {"counterfactual", "multi_solutions"}
-
-
-def test_the_readme_eval_commands_run(tmp_path, monkeypatch):
-    """The README's "Evaluate a PRM" block, line by line, in a fresh folder."""
-    import re
-    import shlex
-    from pathlib import Path
-
-    from mmprm_infer.testing.eval_examples import write_examples
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    block = re.search(r"## Evaluate a PRM.*?```bash\n(.*?)```", readme, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    lines = [line for line in block.splitlines() if line.strip()]
-    assert len(lines) == 5
-    for line in lines:
-        argv = shlex.split(line)
-        if argv[:3] == ["python", "-m", "mmprm_infer.testing.eval_examples"]:
-            write_examples(argv[3])
-        else:
-            assert argv[0] == "mmprm" and main([*argv[1:], "--quiet"]) == 0, line
-    for name in ("processbench", "vpb", "prmbench", "bon"):
-        assert json.loads((tmp_path / "runs/eval-example" / f"{name}.json").read_text())["benchmark"]

@@ -313,7 +313,7 @@ def test_annotate_cli_on_your_own_questions_through_an_endpoint(cluster, synthet
     _check_trees(tmp_path / "ann", 4)
     bad = subprocess.run([sys.executable, "-m", "mmprm_infer.cli", "annotate", "--questions", str(questions),
                           "--out-dir", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "--questions needs a policy" in bad.stderr
+    assert bad.returncode != 0 and "--data needs a policy" in bad.stderr  # --questions: the old spelling of --data
 
 
 def test_annotate_cli_builds_the_policy_it_is_asked_for():

@@ -83,7 +83,7 @@ def test_bad_data_is_named(base, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "completions": ["a"], "labels": [True]}) + "\n" +
                    json.dumps({"prompt": "q", "completions": ["a", "b"]}) + "\n")
-    with pytest.raises(SystemExit, match="bad.jsonl line 2: stepwise record needs prompt, completions, labels"):
+    with pytest.raises(SystemExit, match="bad.jsonl line 2: missing field .labels."):
         main(["train", "--base", str(base), "--data", str(bad), "--format", "custom", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="holds no resume point"):
         main(["train", "--base", str(base), "--data", str(bad), "--format", "custom", "--out", str(tmp_path / "o"),
@@ -145,23 +145,3 @@ def test_annotate_mc_with_a_local_transformers_policy(base, tmp_path):
                for s in record["solutions"])
     rows = [json.loads(line) for line in (out / "trl.jsonl").read_text().splitlines()]
     assert rows and all(isinstance(v, bool) for r in rows for v in r["labels"])  # TRL's layout by default
-
-
-def test_the_readme_train_commands_run(tmp_path, monkeypatch):
-    """README's offline `mmprm train` block, line by line, in a fresh folder."""
-    import re
-    import shlex
-    from pathlib import Path
-
-    from mmprm_infer.testing.train_examples import write_examples
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    block = re.search(r"Offline on a tiny base and tiny files.*?```bash\n(.*?)```", readme, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    lines = [line for line in block.splitlines() if line.strip()]
-    assert len(lines) == 2 and lines[0].startswith("python -m mmprm_infer.testing.train_examples")
-    write_examples(shlex.split(lines[0])[3])
-    assert main([*shlex.split(lines[1])[1:], "--quiet"]) == 0
-    summary = json.loads((tmp_path / "runs/train-example/prm/train_summary.json").read_text())
-    assert summary["steps"] == 60 and summary["eval_samples"] == 12 and summary["added_tokens"] == ["<step>"]
-    assert PRM.from_pretrained(tmp_path / "runs/train-example/prm").format.name == "custom"

@@ -43,6 +43,7 @@ from mmprm_infer.formats import MODEL_QWEN2_PRM, EncodedCandidate
 from mmprm_infer.models import adapter_for
 from mmprm_infer.prm import PRM
 from mmprm_infer.train.collate import TrainExample, as_example, make_layout, place_embeds, place_tokens
+from mmprm_infer.train.distributed import Distributed
 from mmprm_infer.train.resume import ResumeState, save_resume_point
 
 __all__ = [
@@ -112,6 +113,7 @@ class TrainConfig:
     save_final: bool = True  # save the trained PRM to output_dir at the end
     progress: bool = True  # tqdm progress bar
     device: str | None = None  # move the model here first; None: where it is
+    report_to: tuple[str, ...] = ()  # also log to "tensorboard" (output_dir/runs) and/or "wandb" (train/reporting.py)
 
     def __post_init__(self) -> None:
         if self.label_mode not in ("soft", "hard"):
@@ -135,6 +137,7 @@ class TrainConfig:
             raise ValueError("save_steps needs output_dir")
         self.adam_betas = tuple(self.adam_betas)
         self.vision_prefixes = tuple(self.vision_prefixes)
+        self.report_to = tuple(self.report_to)
 
 
 @dataclass
@@ -453,15 +456,17 @@ def _steps_per_epoch(n: int, config: TrainConfig, lengths: Sequence[int] | None)
 
 
 def _accumulate(prm: PRM, examples, cache, micro_batches: list[list[int]], config: TrainConfig,
-                check: bool, weights: Sequence[Sequence[float]] | None = None) -> tuple[float, int]:
+                check: bool, weights: Sequence[Sequence[float]] | None = None,
+                distributed: Distributed | None = None) -> tuple[float, int]:
     """Forward/backward of one optimizer step; gradients of the (weighted) mean step loss accumulate in .grad.
-    Returns (loss, tokens run)."""
+    With several processes, this one runs its share of the micro-batches (the mean stays over all of them).
+    Returns (this process's part of the loss, tokens run here)."""
     def step_weights(micro):
         return [w for i in micro for w in (weights[i] if weights is not None else [1.0] * len(examples[i].labels))]
 
     total_weight = sum(sum(step_weights(micro)) for micro in micro_batches)
     loss_value, tokens = 0.0, 0
-    for micro in micro_batches:
+    for micro in (distributed.share(micro_batches) if distributed is not None else micro_batches):
         diff, _, rows, micro_tokens = _marker_logit_diff(prm, examples, micro, packing=config.packing,
                                                          bf16=config.bf16, cache=cache)
         tokens += micro_tokens
@@ -484,7 +489,8 @@ def _write(handle, record: dict) -> None:
 
 def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = None,
               eval_samples: Iterable | None = None, *,
-              callbacks: Sequence[Callable[[dict], Any]] = (), resume: ResumeState | None = None) -> TrainResult:
+              callbacks: Sequence[Callable[[dict], Any]] = (), resume: ResumeState | None = None,
+              distributed: Distributed | None = None) -> TrainResult:
     """Train ``prm`` in place on labelled step samples; returns a ``TrainResult``.
 
     ``train_samples``: objects with ``question``, ``steps`` (list of str),
@@ -492,12 +498,18 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
     (``image``/``images``/``image_path``/``image_paths``), or dicts with those
     keys.  Each callback gets every log record (``record["event"]`` is
     "train_step" or "eval"); one returning True stops training after that step.
+    ``distributed`` (``train.distributed.Distributed``, from ``torchrun`` / ``accelerate launch``): every
+    process trains the same model on its share of each step's micro-batches, gradients summed; process 0
+    writes the logs and checkpoints.
     """
     from transformers import get_cosine_schedule_with_warmup
 
     from mmprm_infer.io.progress import progress_bar
+    from mmprm_infer.train.reporting import Reporters
 
     config = config or TrainConfig()
+    distributed = distributed or Distributed()
+    main = distributed.is_main
     started = time.perf_counter()
     examples = [as_example(s, i) for i, s in enumerate(train_samples)]
     if not examples:
@@ -540,14 +552,15 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         enabled_checkpointing = True
 
     out_dir = Path(config.output_dir) if config.output_dir is not None else None
-    train_log = eval_log = None
-    if out_dir is not None:
+    train_log = eval_log = reporters = None
+    if out_dir is not None and main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(
             {**config_dict(config), "resolved_learning_rate": lr, "total_steps": total_steps}, indent=2))
         mode = "a" if resume is not None else "w"  # a resumed run continues its logs
         train_log = open(out_dir / TRAIN_LOG, mode)
         eval_log = open(out_dir / EVAL_LOG, mode) if eval_examples else None
+        reporters = Reporters(config.report_to, out_dir, config_dict(config)) if config.report_to else None
 
     params = [p for _, p in trainable]
     weights = (position_balance_weights([ex.labels for ex in examples], config.hard_label_threshold)
@@ -568,6 +581,8 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         record = {"event": "eval", "step": step, "epoch": round(epoch, 4), **metrics}
         history.append(record)
         _write(eval_log, record)
+        if reporters is not None:
+            reporters.log(record)
         stop = any([callback(record) is True for callback in callbacks]) or stop
 
     batches = _optimizer_batches(len(examples), config, lengths)
@@ -588,7 +603,11 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         while step < total_steps and not stop:
             epoch, micro_batches = next(batches)
             loss, step_tokens = _accumulate(prm, examples, cache, micro_batches, config, check=step == 0,
-                                            weights=weights)
+                                            weights=weights, distributed=distributed)
+            if distributed.world_size > 1:
+                distributed.all_reduce_gradients(params)
+                loss, step_tokens = distributed.sum(loss, step_tokens)
+                step_tokens = int(step_tokens)
             tokens_run += step_tokens
             if not math.isfinite(loss):
                 raise FloatingPointError(
@@ -607,13 +626,15 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
                       "tokens": step_tokens,
                       "elapsed_s": round(time.perf_counter() - started, 3)}
             _write(train_log, record)
+            if reporters is not None:
+                reporters.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}",
                             tokens_per_s=f"{tokens_run / max(time.perf_counter() - loop_start, 1e-9):.0f}")
             stop = any([callback(record) is True for callback in callbacks])
             if eval_examples and config.eval_every and step % config.eval_every == 0:
                 run_eval()
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+            if config.save_steps and step % config.save_steps == 0 and step < total_steps and main:
                 model.eval()
                 if config.keep_step_checkpoints:
                     prm.save_pretrained(out_dir / f"checkpoint-{step}")
@@ -627,6 +648,8 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         for handle in (train_log, eval_log):
             if handle is not None:
                 handle.close()
+        if reporters is not None:
+            reporters.close()
         if enabled_checkpointing:
             model.gradient_checkpointing_disable()
         model.eval()
@@ -641,9 +664,10 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         for name, p in prm.model.named_parameters():
             p.requires_grad_(requires_grad_before.get(name, True))
     checkpoint = None
-    if out_dir is not None and config.save_final:
+    if out_dir is not None and config.save_final and main:
         prm.save_pretrained(out_dir)
         checkpoint = out_dir
+    distributed.barrier()  # the others wait until the checkpoint is whole
     return TrainResult(
         prm=prm, steps=step, epochs=epoch, learning_rate=lr, losses=losses, eval_history=history,
         checkpoint_dir=checkpoint, log_path=out_dir / TRAIN_LOG if out_dir is not None else None,

@@ -1,13 +1,14 @@
 """Command line: MCTS-annotate synthetic problems (``mmprm annotate``).
 
-    mmprm annotate --num-problems 100 --out-dir runs/ann \\
+    mmprm annotate --num-problems 100 --output-dir runs/ann \\
         --k 16 --rollout-budget 200 --max-search-count 20
+    mmprm annotate --data q.jsonl --policy-hf DIR --method mc --output-dir runs/mine
 
-Writes one OmegaPRM tree per question under ``OUT_DIR/trees`` (see
+Writes one OmegaPRM tree per question under ``OUTPUT_DIR/trees`` (see
 ``mmprm_infer.train.mcts.annotate``); rerunning the same command after a
 kill finishes the remaining questions.  ``--export FILE`` also writes the
 labelled training samples (``--export-format``: mm-prm, visualprm,
-stepwise).
+stepwise), with image paths relative to that file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import dataclasses
 import json
 import logging
 import sys
+
+from mmprm_infer.cli.arguments import add_progress, alias
 
 __all__ = ["configure", "run", "load_questions", "policy_factory"]
 
@@ -37,11 +40,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--text-only", action="store_true", help="questions carry the picture as text, no images")
     mode.add_argument("--image", dest="text_only", action="store_false", help="questions with images (default)")
-    g.add_argument("--out-dir", required=True, help="output folder (trees/, images/, run.json)")
-    g.add_argument("--questions", default=None, metavar="JSONL",
-                   help="annotate your own questions instead of synthetic ones: one JSON object a line in MM-PRM's "
-                        "input layout (question, correct_answer, optional image_path relative to the file, id); "
-                        "needs --policy-url or --policy-vllm")
+    g.add_argument("--output-dir", help="(required) output folder (trees/, images/, run.json)")
+    alias(g, "--out-dir", dest="output_dir")
+    g.add_argument("--data", default=None, metavar="FILE",
+                   help="annotate your own questions instead of synthetic ones: records (JSONL, JSON, Parquet, "
+                        "Arrow, or a folder of them) in MM-PRM's input layout (question, correct_answer, optional "
+                        "image_path relative to the file, id); needs a policy: --policy-hf, --policy-url or "
+                        "--policy-vllm")
+    alias(g, "--questions", dest="data")
 
     s = p.add_argument_group("search (MM-PRM defaults)")
     s.add_argument("--method", choices=("omegaprm", "mc"), default="omegaprm",
@@ -50,7 +56,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--num-solutions", type=int, default=4, help="--method mc: solutions sampled per question")
     s.add_argument("--k", "--num-rollouts", dest="num_rollouts", type=int, default=cfg.num_rollouts,
                    help=f"rollouts per MC estimate (default {cfg.num_rollouts})")
-    s.add_argument("--rollout-budget", type=int, default=cfg.rollout_budget)
+    s.add_argument("--rollout-budget", type=int, default=cfg.rollout_budget, help="rollouts per question")
     s.add_argument("--max-search-count", type=int, default=cfg.max_search_count)
     s.add_argument("--c-puct", type=float, default=cfg.c_puct)
     s.add_argument("--alpha", type=float, default=cfg.alpha)
@@ -93,33 +99,41 @@ def configure(p: argparse.ArgumentParser) -> None:
     o.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                    help="spread questions over a Ray cluster (needs the 'ray' extra): ADDRESS, or none to join "
                         "$RAY_ADDRESS / a running local cluster, else start one here")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
-    o.add_argument("--export", default=None, help="also write labelled samples to this file")
+    add_progress(o)
+    o.add_argument("--export", default=None, help="also write labelled samples to this file (image paths relative "
+                   "to it)")
     o.add_argument("--export-format", choices=("mm-prm", "visualprm", "stepwise"), default="mm-prm")
     o.add_argument("--granularity", choices=("node", "step"), default="node",
                    help="labels per tree node (MM-PRM) or per step")
-    o.add_argument("--threshold", type=float, default=0.0, help="MC <= threshold is a negative (default 0)")
-    o.add_argument("--hard-labels", action="store_true", help="export 1/0 labels (MC > threshold) instead of MC")
+    o.add_argument("--label-threshold", type=float, default=0.0,
+                   help="a step whose MC value is at or below this is a negative (0: no rollout reached the answer)")
+    alias(o, "--threshold", dest="label_threshold", type=float)
+    o.add_argument("--hard-labels", action="store_true", help="export 1/0 labels (MC > --label-threshold) instead "
+                   "of MC")
     o.add_argument("--soft-labels", action="store_true",
                    help="stepwise export: write the MC values (under 'soft_labels') instead of TRL's bool labels "
-                        "(MC > threshold), which is the default there")
+                        "(MC > --label-threshold), which is the default there")
 
 
 def load_questions(path: str) -> list[dict]:
-    """Question dicts from a JSONL (or JSON, Parquet) file, image paths made relative to it;
-    errors name the line."""
+    """Question dicts from records (JSONL, JSON, Parquet, Arrow, a folder: the one record reader), image
+    paths made relative to each record's file; errors name the file, line and field."""
     from pathlib import Path
 
-    from mmprm_infer.evaluation.data import read_records
+    from mmprm_infer.io.data import read_records
 
-    base, questions = Path(path).parent, []
+    questions = []
     for record in read_records(path):
         q = record.data
-        if "question" not in q or not ({"correct_answer", "answer"} & set(q)):
-            raise ValueError(f"{path} {record.where.split(' ', 1)[1]}: needs 'question' and 'correct_answer' "
-                             "(or 'answer')")
+        missing = [name for name, ok in (("question", "question" in q),
+                                         ("correct_answer", bool({"correct_answer", "answer"} & set(q)))) if not ok]
+        if missing:
+            raise ValueError(f"{record.where}: missing field(s) {', '.join(repr(m) for m in missing)} (each record "
+                             "needs 'question' and 'correct_answer' or 'answer')")
+        if not isinstance(q["question"], str):
+            raise ValueError(f"{record.where}: field 'question' must be a string, got {type(q['question']).__name__}")
         if q.get("image_path") and not Path(q["image_path"]).is_absolute():
-            q["image_path"] = str(base / q["image_path"])
+            q["image_path"] = str(record.path.parent / q["image_path"])
         questions.append(q)
     return questions
 
@@ -146,9 +160,9 @@ def policy_factory(args, rates):
         if not args.policy_model:
             raise SystemExit("mmprm annotate: --policy-url needs --policy-model")
         return factories.openai_policy_factory(args.policy_url, args.policy_model, max_new_tokens=args.max_new_tokens)
-    if args.questions:
-        raise SystemExit("mmprm annotate: --questions needs a policy that can answer them: --policy-hf, --policy-url "
-                         "or --policy-vllm")
+    if args.data:
+        raise SystemExit("mmprm annotate: --data needs a policy that can answer its questions: --policy-hf, "
+                         "--policy-url or --policy-vllm")
     return synthetic_policy_factory(args.num_problems, args.split, args.seed, rates, args.policy_seed,
                                               args.policy_latency)
 
@@ -161,10 +175,10 @@ def _run(args, problems, factory, config):
 
         # a vLLM worker holds its GPU; with tensor parallelism vLLM's own Ray workers hold them instead
         worker_gpus = 1 if args.policy_vllm and args.tensor_parallel_size == 1 else 0
-        return ray_annotate(problems, factory, args.out_dir, config, text_only=args.text_only,
+        return ray_annotate(problems, factory, args.output_dir, config, text_only=args.text_only,
                             progress=not args.no_progress, address=args.ray, workers=args.workers,
                             worker_gpus=worker_gpus)
-    return annotate(problems, factory(), args.out_dir, config, text_only=args.text_only,
+    return annotate(problems, factory(), args.output_dir, config, text_only=args.text_only,
                     progress=not args.no_progress, workers=args.workers or 1)
 
 
@@ -176,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
     from mmprm_infer.train.synthetic.policy import ErrorRates
     from mmprm_infer.train.synthetic.task import annotation_items, make_problems
 
+    if args.output_dir is None:
+        raise SystemExit("mmprm annotate: --output-dir is required (the folder for the trees)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.method == "mc":
@@ -190,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         rates = ErrorRates(misread=args.misread_rate, trap_range=tuple(args.trap_range),
                            wrong_line=args.wrong_line_rate, slip=args.slip_rate, drop_term=args.drop_term_rate,
                            dup_term=args.dup_term_rate, skip_op=args.skip_op_rate, dup_op=args.dup_op_rate)
-        problems = (load_questions(args.questions) if args.questions
+        problems = (load_questions(args.data) if args.data
                     else annotation_items(make_problems(args.num_problems, args.split, args.seed), args.text_only))
     except (ValueError, OSError) as e:
         print(f"mmprm annotate: {e}", file=sys.stderr)
@@ -199,23 +215,39 @@ def run(args: argparse.Namespace) -> int:
     try:
         stats = _run(args, problems, factory, config)
     except KeyboardInterrupt:
-        print(f"mmprm annotate: interrupted; finished questions are kept under {args.out_dir}, "
+        print(f"mmprm annotate: interrupted; finished questions are kept under {args.output_dir}, "
               "rerun the same command to annotate the rest", file=sys.stderr)
         return 130
     except OSError as e:  # the output folder cannot be created or written (read-only, full disk)
-        print(f"mmprm annotate: cannot write under {args.out_dir}: {e}; finished questions are kept, "
+        print(f"mmprm annotate: cannot write under {args.output_dir}: {e}; finished questions are kept, "
               "fix the folder (or free space) and rerun the same command to resume", file=sys.stderr)
         return 1
+    synthetic = not (args.policy_hf or args.policy_url or args.policy_vllm)
     summary = {
         "questions": stats.questions, "skipped": stats.skipped, "annotated": stats.annotated,
         "failed": stats.failed, "rollouts": stats.rollouts, "seconds": round(stats.seconds, 3),
-        "rollouts_per_s": round(stats.rollouts_per_s, 1), "policy_rates": dataclasses.asdict(rates),
+        "rollouts_per_s": round(stats.rollouts_per_s, 1), "output_dir": args.output_dir,
+        **({"policy_rates": dataclasses.asdict(rates)} if synthetic else {}),
     }
+    trees = load_trees(args.output_dir)
+    empty = [t.get("id") for t in trees if t.get("method") == "mc" and not t.get("solutions")]
+    if empty:
+        print(f"mmprm annotate: warning: the policy wrote no solution with steps for {len(empty)} question(s) "
+              f"({', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''}): they give no samples; check "
+              "the policy's output (--max-new-tokens, its chat template)", file=sys.stderr)
+    status = 1 if stats.failed else 0
     if args.export:
-        samples = trees_to_samples(load_trees(args.out_dir), LabelConfig(
-            granularity=args.granularity, threshold=args.threshold, hard_labels=args.hard_labels))
-        save_samples(samples, args.export, args.export_format, soft_labels=args.soft_labels)
-        summary.update(label_stats(samples, args.threshold))
+        samples = trees_to_samples(trees, LabelConfig(
+            granularity=args.granularity, threshold=args.label_threshold, hard_labels=args.hard_labels))
+        save_samples(samples, args.export, args.export_format, soft_labels=args.soft_labels, images_from_cwd=True)
+        summary.update(label_stats(samples, args.label_threshold))
+        summary["export"] = args.export
+        if not samples:
+            print(f"mmprm annotate: no labelled samples came out of {len(trees)} annotated question(s); {args.export} "
+                  "is empty", file=sys.stderr)
+            status = 1
     print(json.dumps(summary))
-    return 1 if stats.failed else 0
+    print(f"mmprm annotate: trees under {args.output_dir}/trees"
+          + (f", {summary.get('samples', 0)} samples in {args.export}" if args.export else ""), file=sys.stderr)
+    return status
 

@@ -4,8 +4,9 @@ layout, loadable with no remote code (``mmprm_infer.models.convert_internvl``)."
 from __future__ import annotations
 
 import argparse
+import sys
 
-from mmprm_infer.formats import FORMATS
+from mmprm_infer.cli.arguments import FORMAT_NAMES
 
 HELP = ("convert a published InternVL checkpoint (MM-PRM, VisualPRM: InternVLChatModel) to the transformers-native "
         "layout, loadable without remote code")
@@ -16,7 +17,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="folder of the published checkpoint (config.json with InternVLChatModel)")
     p.add_argument("dst", help="output folder")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: keep the stored dtype)")
-    p.add_argument("--format", choices=sorted(FORMATS), help="PRM format to record (default: detected)")
+    p.add_argument("--format", choices=FORMAT_NAMES, help="PRM format to record (default: detected)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="load the checkpoint's own tokenizer code to convert it / check the converted one")
     p.add_argument("--tokenizer-json", default=None, help="take the vocabulary from this tokenizer.json")
@@ -32,4 +33,6 @@ def run(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite)
     except ConversionError as exc:
         raise SystemExit(f"mmprm convert-internvl: {exc}") from None
+    print(f"mmprm convert-internvl: wrote the converted checkpoint to {args.dst}; load it with "
+          f"PRM.from_pretrained({args.dst!r})", file=sys.stderr)
     return 0

@@ -7,17 +7,20 @@ import argparse
 import logging
 import sys
 
+from mmprm_infer.cli.arguments import alias
+
 HELP = "annotate -> label -> train a small PRM -> evaluate (--preset demo | full)"
 DESCRIPTION = ("Annotate (MCTS) -> label -> train a small PRM -> evaluate Best-of-N and step-error F1 on held-out "
                "synthetic multimodal problems")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from mmprm_infer.train.synthetic.pipeline import PRESETS
+    from mmprm_infer.train.synthetic.presets import PRESETS
     from mmprm_infer.train.synthetic.task import TEMPLATES
 
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    p.add_argument("--run-dir", default=None, help="output folder (default runs/pipeline-<preset>)")
+    p.add_argument("--output-dir", default=None, help="output folder (default runs/pipeline-<preset>)")
+    alias(p, "--run-dir", dest="output_dir")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--templates", nargs="+", choices=TEMPLATES, default=None,
                    help="question types of the synthetic task (default: the preset's; the demo uses the bar charts)")
@@ -76,12 +79,14 @@ def run(args: argparse.Namespace) -> int:
         overrides["example"] = False
     if args.no_progress:
         overrides["progress"] = False
-    overrides["run_dir"] = args.run_dir or f"runs/pipeline-{args.preset}"
+    overrides["run_dir"] = args.output_dir or f"runs/pipeline-{args.preset}"
     try:
         config = preset_config(args.preset, **overrides)
     except ValueError as e:
         print(f"mmprm pipeline: {e}", file=sys.stderr)
         return 2
     run_pipeline(config)
+    print(f"mmprm pipeline: wrote the annotation, samples.jsonl, the PRM (prm/), report.json and accuracy_vs_n.png "
+          f"to {overrides['run_dir']}", file=sys.stderr)
     return 0
 

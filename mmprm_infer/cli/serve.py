@@ -11,8 +11,17 @@ import os
 from pathlib import Path
 
 from mmprm_infer.aggregation import AGGREGATIONS, ALIASES
-from mmprm_infer.cli.arguments import DTYPES, arg_type, at_least, non_negative_int, positive_int
-from mmprm_infer.formats import FORMATS
+from mmprm_infer.cli.arguments import (
+    FORMAT_NAMES,
+    add_device,
+    add_dtype,
+    announce_device,
+    arg_type,
+    at_least,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 from mmprm_infer.integrations.serve.options import (
     CLIENT_KEY_ENV,
     IMAGE_TIMEOUT_S,
@@ -46,10 +55,10 @@ def configure(serve: argparse.ArgumentParser) -> None:
                        help=f"require clients to send one of the keys in PATH (one per line) as 'Authorization: "
                             f"Bearer KEY' (or set ${CLIENT_KEY_ENV}); default: no key asked; /health stays open")
     serve.add_argument("--prm", required=True, help="PRM checkpoint directory")
-    serve.add_argument("--format", choices=sorted(FORMATS), help="PRM format (default: read from the checkpoint)")
+    serve.add_argument("--format", choices=FORMAT_NAMES, help="PRM format (default: read from the checkpoint)")
     serve.add_argument("--engine", default=None, help="scoring engine (default: fast)")
-    serve.add_argument("--device", default="cpu")
-    serve.add_argument("--dtype", default=None, choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
+    add_device(serve)
+    add_dtype(serve)
     serve.add_argument("--max-tiles", type=positive_int, default=None, help="InternVL formats: tiles per image")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=non_negative_int, default=8080)
@@ -123,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"mmprm serve: {exc}") from None
     if not Path(args.prm).is_dir():
         raise SystemExit(f"mmprm serve: --prm {args.prm!r} is not a directory; give the PRM checkpoint's folder")
+    args.device = resolve_device(args.device)
+    announce_device("mmprm serve", args.device, args.dtype)
     try:
         prm = PRMSpec(args.prm, format=args.format, dtype=args.dtype, max_tiles=args.max_tiles).load(
             args.device, args.threads)

@@ -22,10 +22,12 @@ VisualPRM ship):
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 from mmprm_infer.formats.base import MODEL_INTERNVL, FormatError, single_token_id
 from mmprm_infer.vision import (
@@ -201,6 +203,8 @@ class InternVLImages:
                 f"{cfg.tokens_per_tile} + 2 per image), which leaves no room in the model's context of "
                 f"{limit} tokens; pass fewer images or a smaller max_tiles (now {cfg.max_tiles})"
             )
+        import torch
+
         pixels = torch.cat([tiles_to_tensor(dynamic_preprocess(im, cfg), cfg) for im in opened])
         features = adapter.image_features(pixels)
         if features.shape[0] != sum(tiles) * cfg.tokens_per_tile:

@@ -98,10 +98,13 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
 
 
 def quiet_transformers_progress() -> None:
-    """Turn off transformers' own bars ("Loading weights", "Writing model shards") where stderr is not a
-    terminal: a log then shows only the library's stage lines."""
-    if interactive():
-        return
-    from transformers.utils import logging as hf_logging
+    """Turn off transformers' and huggingface_hub's own bars ("Loading weights", "Writing model shards"):
+    the commands show their own stages.  Before transformers is imported this only sets
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` (which both read when they load); after, it also tells transformers."""
+    import os
 
-    hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

@@ -2,7 +2,9 @@
 
 A record is {"question": str, "candidates": [str | [str, ...]], "image":
 optional path or list of paths relative to the input file, "id": optional},
-one per JSONL line or one per Parquet row.
+one per JSONL line or one per Parquet row; JSON, Arrow and folders of record
+files (Hugging Face shards, ``datasets.save_to_disk``) are read whole by the
+one record reader (``mmprm_infer.io.data``) and cut into the same windows.
 
 Inputs are cut into *windows* of ``window`` consecutive lines (Parquet: rows):
 window k holds lines k*window+1 .. (k+1)*window.  A window is the unit of
@@ -28,7 +30,7 @@ from mmprm_infer.prm import ScoringItem
 
 __all__ = ["RecordError", "BLANK_LINE", "decode_line", "Window", "WindowResult", "PRMSpec", "ScoringOptions",
            "parse_record", "input_kind", "plan_windows",
-           "read_windows", "iter_windows", "process_window", "ResultWriter",
+           "read_windows", "iter_windows", "base_dir", "process_window", "ResultWriter",
            "EXIT_RECORDS_FAILED", "finished"]
 
 
@@ -56,13 +58,12 @@ BLANK_LINE = "blank line"  # the "skipped" value of a blank input line's output 
 def decode_line(data: bytes, line: int) -> str:
     """One input line as text: UTF-8 (a byte-order mark before line 1 is dropped), else a
     RecordError for this line alone, so the lines around it still count."""
-    if line == 1 and data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+    from mmprm_infer.io import data as record_files
+
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecordError(line, f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start + 1}); "
-                                "save the file as UTF-8") from None
+        return record_files.decode_line(data, line)
+    except ValueError as exc:
+        raise RecordError(line, str(exc).split(": ", 1)[1]) from None
 
 
 @dataclass
@@ -131,7 +132,25 @@ def parse_record(raw: str, line: int, base_dir: Path) -> tuple[dict, ScoringItem
 # reading windows
 # --------------------------------------------------------------------------
 def input_kind(path: str | Path) -> str:
-    return "parquet" if str(path).endswith((".parquet", ".pq")) else "jsonl"
+    """jsonl (streamed by byte offsets), parquet (by row groups), or records (JSON, Arrow, a folder: read whole
+    by ``mmprm_infer.io.data``)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() in (".json", ".arrow"):
+        return "records"
+    return "parquet" if path.suffix.lower() in (".parquet", ".pq") else "jsonl"
+
+
+def base_dir(path: str | Path) -> Path:
+    """The folder an input's relative image paths are relative to: the file's folder, or the folder given."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def _all_records(path: Path) -> list[dict]:
+    """Every record of a JSON / Arrow file or a folder (a file that cannot be read raises io.data.DataError)."""
+    from mmprm_infer.io.data import read_records
+
+    return [r.data for r in read_records(path)]
 
 
 def _jsonl_window_offsets(path: Path, window: int) -> list[int]:
@@ -152,6 +171,9 @@ def _jsonl_window_offsets(path: Path, window: int) -> list[int]:
 
 
 def _parquet_rows(path: Path) -> int:
+    from mmprm_infer.io.data import _pyarrow
+
+    _pyarrow(path)
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path).metadata.num_rows
@@ -163,10 +185,11 @@ def plan_windows(path: str | Path, window: int) -> list[int]:
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
-    if input_kind(path) == "parquet":
-        rows = _parquet_rows(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} does not exist")
+    kind = input_kind(path)
+    if kind != "jsonl":
+        rows = _parquet_rows(path) if kind == "parquet" else len(_all_records(path))
         return [*range(0, rows, window), rows] if rows else [0]
     return _jsonl_window_offsets(path, window)
 
@@ -174,8 +197,15 @@ def plan_windows(path: str | Path, window: int) -> list[int]:
 def read_windows(path: str | Path, plan: list[int], window: int, first: int, last: int) -> Iterator[Window]:
     """Windows ``first`` .. ``last - 1`` of the plan, every line a row (blank ones too)."""
     path = Path(path)
-    if input_kind(path) == "parquet":
+    kind = input_kind(path)
+    if kind == "parquet":
         yield from _read_parquet_windows(path, plan, first, last)
+        return
+    if kind == "records":
+        records = _all_records(path) if last > first else []
+        for k in range(first, last):
+            yield Window(k, [(plan[k] + i + 1, json.dumps(r, ensure_ascii=False, default=str))
+                             for i, r in enumerate(records[plan[k]:plan[k + 1]])])
         return
     with open(path, "rb") as f:
         for k in range(first, last):

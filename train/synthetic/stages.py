@@ -113,7 +113,7 @@ def labelled_samples(config: PipelineConfig, problems: Sequence[Problem], run_di
     held = [s for s in samples if s.id in eval_ids] or None
     drills = (_verification_samples(config, problems, train, round(config.verification_mix * len(train)))
               if config.verification_mix else [])
-    save_samples(samples, run_dir / "samples.jsonl", "stepwise")
+    save_samples(samples, run_dir / "samples.jsonl", "stepwise", images_from_cwd=True)
     stats = label_stats(samples)
     log(f"(b) {len(trees)} trees -> {stats['samples']} samples ({stats['negatives']} negatives, "
         f"{stats['labelled_steps']} labelled steps); {len(train) + len(drills)} train / {len(held or [])} eval samples")
