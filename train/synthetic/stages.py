@@ -181,6 +181,8 @@ def train_task_prm(config: PipelineConfig, problems: Sequence[Problem], samples:
     prm = PRM.from_pretrained(init_dir, format=fmt, dtype="float32", **fmt_options)
     parameters = sum(p.numel() for p in prm.model.parameters())
     stage_losses = _reading_stages(config, prm, problems)
+    if config.save_reading_checkpoint:  # the model before PRM training: a base to train PRMs from
+        prm.save_pretrained(run_dir / "reading")
     description = model_description(config)
     log(f"(c) training {description}: {parameters / 1e6:.2f}M parameters, {config.max_steps} steps")
     train_cfg = TrainConfig(output_dir=run_dir / "prm", max_steps=config.max_steps, batch_size=config.batch_size,
