@@ -106,6 +106,11 @@ def run_demo(workdir: str | Path = "runs/demo", *, seed: int = 0, threads: int |
     shipped = PRM.from_pretrained(SHIPPED_PRM)
     shipped_eval = stages.evaluate_candidates(shipped, held_out, candidates, config, SHIPPED_PRM)
     timings["shipped_prm_score_s"] = shipped_eval.score_s
+    n, acc = str(max(config.ns)), shipped_eval.accuracy
+    stages.log(f"(1) shipped PRM: step-error F1 {shipped_eval.step_error['f1']:.3f}; at N = {n} best-of-N "
+               f"{100 * acc['prm_best_of_n/' + reports.SUMMARY_AGGREGATION][n]:.1f} %, PRM-weighted vote "
+               f"{100 * acc['prm_weighted_vote'][n]:.1f} %, majority vote {100 * acc['majority_vote'][n]:.1f} %, "
+               f"random pick {100 * acc['random'][n]:.1f} %")
 
     stages.log("(2) the pipeline in miniature: annotate, label and train a tiny PRM from scratch")
     t0 = time.perf_counter()
