@@ -24,7 +24,14 @@ from mmprm_infer.cli.arguments import DTYPES, positive_int
 from mmprm_infer.evaluation.data import BenchmarkDataError, Record, field, read_records, read_splits
 from mmprm_infer.evaluation.scoring import RewardCache, ScoringFailure, prm_fingerprint, score_with_cache
 from mmprm_infer.formats import FORMATS
-from mmprm_infer.io.files import check_output_path, existing_files, write_json_atomic
+from mmprm_infer.io.files import (
+    OutputError,
+    check_output_path,
+    existing_files,
+    json_safe,
+    write_json_atomic,
+    written_in_place,
+)
 from mmprm_infer.io.progress import quiet_transformers_progress
 from mmprm_infer.io.records import PRMSpec
 from mmprm_infer.prm import ScoringItem
@@ -80,7 +87,9 @@ class Collector:
 def score(args, items: list[ScoringItem], wheres: list[str], collector: Collector, desc: str) -> list:
     """Rewards per item, or None where the PRM failed on it (listed by the collector)."""
     spec = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine, max_tiles=args.max_tiles)
-    cache = RewardCache(None if args.no_cache else f"{args.report}.rewards.json", prm_fingerprint(spec))
+    # a report written in place (a device such as /dev/null, a FIFO) has no folder of its own for the cache
+    no_cache = args.no_cache or written_in_place(args.report)
+    cache = RewardCache(None if no_cache else f"{args.report}.rewards.json", prm_fingerprint(spec))
     remote = None
     if args.ray is not None:
         from mmprm_infer.integrations.ray_scoring import score_items
@@ -104,10 +113,18 @@ def _pct(x: float) -> str:
     return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:6.1f}"
 
 
+UNDEFINED = ("null: the metric is undefined, because the cases it averages over are none (a split or category "
+             "with nothing scored, a class of steps absent from both the labels and the predictions); strict "
+             "JSON has no NaN")
+
+
 def finish(args, report: dict, collector: Collector, table: list[str]) -> int:
     report["errors"] = collector.errors
     report["settings"] = {k: v for k, v in vars(args).items() if k not in ("func",)}
-    write_json_atomic(args.report, json.loads(json.dumps(report, default=str)))
+    data, undefined = json_safe(json.loads(json.dumps(report, default=str)))
+    if undefined:  # NaN is not JSON: strict parsers refuse the file
+        data["undefined"] = {"fields": undefined, "why": UNDEFINED}
+    write_json_atomic(args.report, data)
     print("\n".join(table))
     print(f"report: {args.report}")
     if collector.errors:
@@ -213,9 +230,10 @@ def run_bon(args) -> int:
     questions = [BonQuestion.from_candidates(item.candidates, gold, r, category)
                  for (item, gold, category, _), r in zip(parsed, rewards) if r is not None]
     curves = accuracy_curves(questions, args.aggregations, args.ns, args.subsets, args.seed)
-    plot = Path(args.plot or Path(args.report).with_name("accuracy_vs_n.png"))
-    report = {"benchmark": "bon", **curves, "plot": str(plot)}
-    plot_curves(curves, plot, f"{Path(args.input).name}: {curves['questions']} questions")
+    plot = args.plot or (None if written_in_place(args.report) else Path(args.report).with_name("accuracy_vs_n.png"))
+    report = {"benchmark": "bon", **curves, "plot": None if plot is None else str(plot)}
+    if plot is not None:  # beside a report written in place (/dev/null) there is no folder of ours for it
+        plot_curves(curves, Path(plot), f"{Path(args.input).name}: {curves['questions']} questions")
     ns, acc, band = curves["ns"], curves["accuracy"], curves["band"]
     table = [f"Best-of-N accuracy (%), {curves['questions']} questions, mean over subsets, +- 95 % band at the "
              f"largest N", "method".ljust(22) + "".join(f"N={n}".rjust(8) for n in ns) + "    +-"]
@@ -310,5 +328,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         _check(args)
         return args.func(args)
-    except (EvalError, BenchmarkDataError) as exc:
+    except (EvalError, BenchmarkDataError, OutputError) as exc:
         raise SystemExit(f"mmprm eval {args.benchmark}: {exc}") from None

@@ -23,6 +23,8 @@ from mmprm_infer.io.files import OutputError, atomic_output, check_output_path
 from mmprm_infer.io.progress import progress_bar
 from mmprm_infer.io.records import (
     EXIT_RECORDS_FAILED,
+    LINE_CHARS_PER_CONTEXT_TOKEN,
+    InputError,
     PRMSpec,
     ResultWriter,
     ScoringOptions,
@@ -78,10 +80,11 @@ def run_jsonl(args) -> int:
     The output appears only when the run finishes (a temp file renamed), so a failed run
     leaves a previous output as it was."""
     in_path = Path(args.input)
+    plan = plan_windows(in_path, args.batch_questions)  # an unreadable input fails before the model loads
     prm = load_prm(args) if args.prm else None
     options = ScoringOptions(command=args.command, aggregate=args.aggregate,
-                             strategy=getattr(args, "strategy", "best_of_n"), engine=args.engine)
-    plan = plan_windows(in_path, args.batch_questions)
+                             strategy=getattr(args, "strategy", "best_of_n"), engine=args.engine,
+                             max_line_chars=args.max_line_chars)
     with atomic_output(args.output) as dst, \
             progress_bar(total=len(plan) - 1, desc=f"mmprm {args.command}", unit="window", disable=args.quiet) as bar:
         writer, candidates, start = ResultWriter(dst, args.on_error, max_errors=args.max_errors), 0, time.perf_counter()
@@ -134,6 +137,9 @@ def configure(p: argparse.ArgumentParser, name: str) -> None:
                         f"and the run goes on, exiting with status {EXIT_RECORDS_FAILED} at the end (skip)")
     p.add_argument("--max-errors", type=non_negative_int, default=None,
                    help="with --on-error skip: stop (writing nothing) once more than this many records failed")
+    p.add_argument("--max-line-chars", type=positive_int, default=None,
+                   help="an input line (record) longer than this is an error record, refused before it is parsed "
+                        f"or tokenized (default: {LINE_CHARS_PER_CONTEXT_TOKEN} per token of the PRM's context)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if name == "rerank":
         p.add_argument("--strategy", default="best_of_n", choices=("best_of_n", "weighted_vote", "majority_vote"))
@@ -153,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             except RayJobError as exc:
                 raise SystemExit(f"mmprm {args.command}: {exc}; nothing was written") from None
         return run_jsonl(args)
-    except OutputError as exc:
+    except (OutputError, InputError) as exc:
         raise SystemExit(f"mmprm {args.command}: {exc}") from None
     except KeyboardInterrupt:
         print(f"mmprm {args.command}: interrupted; nothing was written to {args.output}", file=sys.stderr)
