@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -91,13 +92,22 @@ def _resolve_images(sample, base_dir: Path):
 
 
 def load_training_data(paths: Sequence[str], data_format: str | None = None) -> list:
+    """Every sample of the files, checked as the trainer will read it (labels in [0, 1], text where text
+    belongs): bad data fails here, naming its file, before anything is written to --out."""
+    from mmprm_infer.train.collate import as_example
     from mmprm_infer.train.datasets import load_samples
 
     samples = []
     for path in paths:
         if not Path(path).is_file():
             raise ValueError(f"data file {path} does not exist")
-        samples += [_resolve_images(s, Path(path).parent) for s in load_samples(path, data_format)]
+        loaded = load_samples(path, data_format)
+        for i, sample in enumerate(loaded):
+            try:
+                as_example(sample, i)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{path}: {exc}") from None
+        samples += [_resolve_images(s, Path(path).parent) for s in loaded]
     if not samples:
         raise ValueError(f"no samples in {', '.join(paths)}")
     return samples
@@ -152,9 +162,15 @@ def _record_added_tokens(out: Path, added: list[str], resumed: bool) -> list[str
 
 
 def _check_out(args) -> None:
-    out = Path(args.out)
+    out, base = Path(args.out), Path(args.base)
     if out.is_file():
         raise ValueError(f"--out {out} is a file; give a folder")
+    a, b = base.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        how = "is" if a == b else "lies inside" if a in b.parents else "contains"
+        raise ValueError(f"--out {out} {how} --base {base}; training writes its checkpoints there (and --overwrite "
+                         "replaces them), which would destroy the base: choose an --out folder outside the base "
+                         "and not around it")
     busy = out.is_dir() and any(out.iterdir())
     if args.resume:
         from mmprm_infer.train.resume import find_resume_point
@@ -165,12 +181,28 @@ def _check_out(args) -> None:
         raise ValueError(f"--out {out} is not empty; pass --resume to continue a run there, or --overwrite")
 
 
+def _clean_failed(out: Path, fresh: bool) -> None:
+    """After a failed run into an --out that was empty: remove what it wrote, unless a resume point was kept,
+    so the fixed command can run again without --overwrite."""
+    from mmprm_infer.train.resume import find_resume_point
+
+    if not fresh or not out.is_dir() or find_resume_point(out) is not None:
+        return
+    for entry in out.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from mmprm_infer.io.progress import quiet_transformers_progress
     from mmprm_infer.train.resume import find_resume_point, load_resume_point
     from mmprm_infer.train.trainer import LoraSettings, TrainConfig, train_prm
 
     quiet_transformers_progress()
+    out = Path(args.out)
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     try:
         if not (Path(args.base) / "config.json").is_file():
             raise ValueError(f"--base {args.base} is not a checkpoint folder (no config.json in it)")
@@ -190,20 +222,32 @@ def run(args: argparse.Namespace) -> int:
         prm, added = load_base(str(point or args.base), args.format, args.dtype, args.device, args.seed)
         resume = load_resume_point(point) if point else None
         added = _record_added_tokens(Path(args.out), added, resumed=point is not None)
-    except (ValueError, OSError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
+        _clean_failed(out, fresh)
         raise SystemExit(f"mmprm train: {exc}") from None
     try:
         result = train_prm(prm, train, config, held or None, resume=resume)
     except KeyboardInterrupt:
-        hint = " rerun with --resume to continue" if args.save_steps else ""
-        print(f"mmprm train: interrupted;{hint or ' no resume point was kept (use --save-steps)'}", file=sys.stderr)
+        kept = find_resume_point(out) is not None
+        _clean_failed(out, fresh)
+        hint = " rerun with --resume to continue" if kept else " no resume point was kept (use --save-steps)"
+        print(f"mmprm train: interrupted;{hint}", file=sys.stderr)
         return 130
+    except (ValueError, TypeError, OSError, FloatingPointError) as exc:
+        kept = find_resume_point(out) is not None
+        _clean_failed(out, fresh)
+        raise SystemExit(f"mmprm train: {exc}" + ("; the last resume point is kept (--resume)" if kept else "")) \
+            from None
     summary = {"out": args.out, "base": args.base, "format": prm.format.name, "added_tokens": added,
                "train_samples": len(train), "eval_samples": len(held), "steps": result.steps,
                "learning_rate": result.learning_rate,
                "final_loss": result.losses[-1] if result.losses else None,
                "eval": result.eval_history[-1] if result.eval_history else None}
-    (Path(args.out) / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    try:
+        (Path(args.out) / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    except OSError as exc:
+        raise SystemExit(f"mmprm train: the PRM is saved in {args.out}, but its summary could not be written: "
+                         f"{exc.strerror or exc}") from None
     print(json.dumps(summary, default=str))
     print(f"mmprm train: done; load it with PRM.from_pretrained({args.out!r})", file=sys.stderr)
     return 0
