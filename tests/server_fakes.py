@@ -27,6 +27,7 @@ from PIL import Image
 
 from mmprm_infer import PRM
 from mmprm_infer.integrations.serve import ServerConfig, create_app
+from mmprm_infer.integrations.serve.connections import uvicorn_config
 
 TOL = 1e-5
 MODEL = "fake-policy"  # the policy's model, so the reranker's served name
@@ -48,12 +49,15 @@ def wait_until(condition, what: str, limit_s: float = 30.0) -> None:
 
 
 class ServerThread:
-    """uvicorn serving an app on 127.0.0.1 in a background thread."""
+    """uvicorn serving an app on 127.0.0.1 in a background thread; ``configure(app, host, port, log_level)``
+    makes its uvicorn.Config (the reranker's: ``uvicorn_config``, the bounds ``mmprm serve`` runs with)."""
 
-    def __init__(self, app):
+    def __init__(self, app, configure=None):
         self.app = app
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        configure = configure or (lambda app, host, port, log_level: uvicorn.Config(app, host=host, port=port,
+                                                                                    log_level=log_level))
+        self.server = uvicorn.Server(configure(app, "127.0.0.1", self.port, "warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -180,7 +184,7 @@ def policy():
 
 def reranker(prm, policy_url, **options) -> ServerThread:
     config = ServerConfig(policy_url=policy_url, **{"n": 4, "retries": 2, "backoff_s": 0.01, **options})
-    return ServerThread(create_app(prm, config))
+    return ServerThread(create_app(prm, config), uvicorn_config)
 
 
 def chat(text: str, **extra) -> dict:
