@@ -341,3 +341,26 @@ def test_item16_eval_report_writes_null_for_an_undefined_metric(qwen_prm_dir, tm
 def test_item16_json_safe_names_what_it_replaced():
     data, replaced = files.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}})
     assert data == {"a": None, "b": [1.0, None], "c": {"d": 2}} and replaced == ["a", "b[1]"]
+
+
+# --------------------------------------------------------------------------
+# 13. --ray ADDRESS where no cluster answers: a message, not a wait of minutes
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)  # only turns the hang this fixes into a failure
+def test_item13_ray_address_where_nothing_listens_is_a_message(qwen_prm_dir, tmp_path, monkeypatch, capsys):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `mmprm` process
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    src = _jsonl(tmp_path / "in.jsonl", [GOOD])
+    with pytest.raises(SystemExit, match=f"mmprm score: --ray 127.0.0.1:{port}: no Ray cluster answers at "
+                                         f"127.0.0.1:{port} \\(.*\\); start one there"):
+        _score(qwen_prm_dir, src, tmp_path / "out.jsonl", "--ray", f"127.0.0.1:{port}")
+    assert not (tmp_path / "out.jsonl").exists()
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")
+    assert main(["annotate", "--num-problems", "1", "--k", "2", "--out-dir", str(tmp_path / "ann"), "--ray",
+                 "--no-progress"]) == 1
+    assert f"mmprm annotate: $RAY_ADDRESS ray://127.0.0.1:{port}: no Ray cluster answers" in capsys.readouterr().err

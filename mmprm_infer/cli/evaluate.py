@@ -24,6 +24,7 @@ from mmprm_infer.cli.arguments import DTYPES, positive_int
 from mmprm_infer.evaluation.data import BenchmarkDataError, Record, field, read_records, read_splits
 from mmprm_infer.evaluation.scoring import RewardCache, ScoringFailure, prm_fingerprint, score_with_cache
 from mmprm_infer.formats import FORMATS
+from mmprm_infer.integrations.ray_cluster import RayConnectError
 from mmprm_infer.io.files import (
     OutputError,
     check_output_path,
@@ -328,5 +329,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         _check(args)
         return args.func(args)
-    except (EvalError, BenchmarkDataError, OutputError) as exc:
+    except (EvalError, BenchmarkDataError, OutputError, RayConnectError) as exc:
         raise SystemExit(f"mmprm eval {args.benchmark}: {exc}") from None

@@ -7,6 +7,8 @@ import argparse
 import logging
 import sys
 
+from mmprm_infer.integrations.ray_cluster import RayConnectError
+
 HELP = "annotate -> label -> train a small PRM -> evaluate (--preset demo | full)"
 DESCRIPTION = ("Annotate (MCTS) -> label -> train a small PRM -> evaluate Best-of-N and step-error F1 on held-out "
                "synthetic multimodal problems")
@@ -82,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mmprm pipeline: {e}", file=sys.stderr)
         return 2
-    run_pipeline(config)
+    try:
+        run_pipeline(config)
+    except RayConnectError as e:
+        print(f"mmprm pipeline: {e}", file=sys.stderr)
+        return 1
     return 0
 

@@ -152,11 +152,12 @@ def run(args: argparse.Namespace) -> int:
     check_scoring_options(args)
     try:
         if args.ray is not None:
+            from mmprm_infer.integrations.ray_cluster import RayConnectError
             from mmprm_infer.integrations.ray_scoring import RayJobError, ray_run_jsonl  # ray: the 'ray' extra
 
             try:
                 return ray_run_jsonl(args)
-            except RayJobError as exc:
+            except (RayJobError, RayConnectError) as exc:
                 raise SystemExit(f"mmprm {args.command}: {exc}; nothing was written") from None
         return run_jsonl(args)
     except (OutputError, InputError) as exc:
