@@ -95,7 +95,7 @@ def test_item3_the_allowed_formats_still_decode(tmp_path, fmt):
 
 def _dds(pixel_flags: int) -> bytes:
     """A DDS header with the given pixel-format flags (17: a combination Pillow's DDS reader does not implement)."""
-    header = struct.pack("<7I44x", 0x1007, 4, 4, 16, 0, 0, 0)  # flags, height, width, pitch, depth, mipmaps
+    header = struct.pack("<6I44x", 0x1007, 4, 4, 16, 0, 0)  # flags, height, width, pitch, depth, mipmaps
     pixel_format = struct.pack("<8I", 32, pixel_flags, 0, 32, 0xFF0000, 0xFF00, 0xFF, 0xFF000000)
     caps = struct.pack("<5I", 0x1000, 0, 0, 0, 0)
     return b"DDS " + struct.pack("<I", 124) + header + pixel_format + caps + b"\0" * 64
@@ -115,10 +115,18 @@ def test_item7_client_input_that_is_not_text_or_json_is_400(prm, policy):
             r = _raw_post(srv.url + path, body)
             assert r.status_code == 400, (body, r.text)
             assert needle in _error(r)["message"], (body, r.text)
-        # a DDS image whose pixel format Pillow's DDS reader does not implement
-        url = "data:image/png;base64," + base64.b64encode(_dds(17)).decode()
-        r = httpx.post(srv.url + "/v1/prm/score", json={"question": "q", "candidates": ["a"], "image": url})
-        assert r.status_code == 400, r.text
+    assert policy.calls == 0
+
+
+def test_item7_a_dds_image_pillow_cannot_read_is_400(prm, policy):
+    import io
+
+    with pytest.raises(NotImplementedError):  # what Pillow's own DDS reader does with these pixel-format flags
+        Image.open(io.BytesIO(_dds(17)))
+    url = "data:image/png;base64," + base64.b64encode(_dds(17)).decode()
+    with reranker(prm, policy.url, ignore_images=True) as srv:  # the text-only PRM decodes it (for the policy)
+        r = httpx.post(srv.url + "/v1/chat/completions", json=image_chat(url))
+    assert r.status_code == 400 and _error(r)["param"] == "image_url", r.text
     assert policy.calls == 0
 
 
