@@ -178,6 +178,19 @@ def _finish(handle: IO[Any], output, sync: bool) -> None:
 
 
 @contextmanager
+def _writing(path, mode: str, output, sync: bool) -> Iterator[IO[Any]]:
+    """A handle on ``path`` whose errors name ``output``: flushed (fsynced when ``sync``) and closed on a clean
+    exit, where any failure is an OutputError; closed quietly when the block fails."""
+    handle = _open(path, mode, output)
+    try:
+        yield _Guarded(handle, output)
+        _finish(handle, output, sync)
+    except BaseException:
+        _close_quietly(handle)
+        raise
+
+
+@contextmanager
 def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """A handle on a temp file beside ``path``; on a clean exit it is fsynced and renamed onto
     ``path``, on any exception (KeyboardInterrupt included) it is removed and ``path`` is untouched.
@@ -188,25 +201,15 @@ def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]
     except ValueError as exc:
         raise OutputError(path, OSError(errno.EINVAL, str(exc))) from None
     if in_place:
-        handle = _open(path, mode, path)
-        try:
-            yield _Guarded(handle, path)
-            _finish(handle, path, sync=False)
-        except BaseException:
-            _close_quietly(handle)
-            raise
+        with _writing(path, mode, path, sync=False) as handle:
+            yield handle
         return
     target = _target(path)
     remove_stale_temps(target)
     tmp = temp_name(target)
     try:
-        handle = _open(tmp, mode, path)
-        try:
-            yield _Guarded(handle, path)
-            _finish(handle, path, sync=True)
-        except BaseException:
-            _close_quietly(handle)
-            raise
+        with _writing(tmp, mode, path, sync=True) as handle:
+            yield handle
         try:
             os.replace(tmp, target)
         except OSError as exc:
