@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import re
 import stat
 import tempfile
 import threading
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence
 
 __all__ = ["OutputError", "atomic_output", "check_output_path", "existing_files", "write_json_atomic",
-           "written_in_place", "remove_stale_temps", "temp_name", "json_safe", "lone_surrogate"]
+           "written_in_place", "remove_stale_temps", "sweep_stale_temps", "temp_name", "json_safe", "lone_surrogate"]
 
 
 def _target(path: str | os.PathLike) -> Path:
@@ -123,33 +124,58 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# .NAME.KIND-HOST-PID-TID (temp_name), or .NAME.KIND-PID-TID as earlier versions named them
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9.]+)-)?(?P<pid>\d+)-\d+$")
+_swept: set[str] = set()  # folders this process has swept for stale temp files (each once)
+
+
+def _stale(name: str) -> re.Match | None:
+    """The parts of a temp file's name when a process of this host that no longer runs left it, else None."""
+    m = _TEMP_NAME.match(name)
+    if m is None or (m["host"] or _host()) != _host():  # another host's (a shared folder): not ours to judge
+        return None
+    pid = int(m["pid"])
+    return None if pid == os.getpid() or _pid_alive(pid) else m
+
+
 def remove_stale_temps(target: Path, kind: str = "tmp", remove: Callable[[Path], None] | None = None) -> list[Path]:
-    """Remove the temp files (``temp_name``) of ``target`` that processes of this host which no longer run
-    left behind (a SIGKILL, a power cut); another host's, or a running process's, are left alone."""
-    prefix, host, removed = f".{target.name}.{kind}-", _host(), []
+    """Remove the temp files or folders (``temp_name``) of ``target`` that processes of this host which no longer
+    run left behind (a SIGKILL, a power cut); another host's, or a running process's, are left alone."""
+    removed: list[Path] = []
     try:
         names = os.listdir(target.parent)
     except OSError:
         return removed
     for name in names:
-        if not name.startswith(prefix):
+        m = _stale(name)
+        if m is None or m["name"] != target.name or m["kind"] != kind:
             continue
-        parts = name[len(prefix):].rsplit("-", 2)
-        if len(parts) == 3:  # HOST-PID-TID
-            owner, pid, tid = parts
-        elif len(parts) == 2:  # PID-TID, as earlier versions named them
-            (pid, tid), owner = parts, host
-        else:
-            continue
-        if owner != host or not (pid.isdigit() and tid.isdigit()) or int(pid) == os.getpid() or _pid_alive(int(pid)):
-            continue
-        path = target.parent / name
         try:
-            (remove or (lambda p: p.unlink()))(path)
-            removed.append(path)
+            (remove or Path.unlink)(target.parent / name)
+            removed.append(target.parent / name)
         except OSError:
             pass
     return removed
+
+
+def sweep_stale_temps(folder: Path) -> None:
+    """``remove_stale_temps`` for every output file in ``folder``, listed once per process: a folder that
+    receives thousands of outputs (annotation trees) is not listed again for each."""
+    key = os.fspath(folder)
+    if key in _swept:
+        return
+    _swept.add(key)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = _stale(name)
+        if m is not None and m["kind"] == "tmp" and (folder / name).is_file() and not (folder / name).is_symlink():
+            try:
+                (folder / name).unlink()
+            except OSError:
+                pass
 
 
 def _close_quietly(handle: IO[Any]) -> None:
@@ -205,7 +231,7 @@ def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]
             yield handle
         return
     target = _target(path)
-    remove_stale_temps(target)
+    sweep_stale_temps(target.parent)
     tmp = temp_name(target)
     try:
         with _writing(tmp, mode, path, sync=True) as handle:
