@@ -163,7 +163,8 @@ def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, com
                aggregate: str = "min", strategy: str = "best_of_n", batch_questions: int = 8,
                on_error: str = "fail", max_errors: int | None = None, address: str | None = "auto",
                actors: int | None = None, actor_cpus: int = 1, actor_gpus: float = 1.0, device: str = "cpu",
-               progress: bool = True, actor_max_restarts: int = ACTOR_MAX_RESTARTS) -> RayScoringStats:
+               progress: bool = True, actor_max_restarts: int = ACTOR_MAX_RESTARTS,
+               max_line_chars: int | None = None) -> RayScoringStats:
     """Score or rerank a JSONL/Parquet file on Ray; writes ``output`` in input order (error
     records with ``on_error="skip"``) and returns counts and timings.  ``output`` appears
     only when the run finishes (``mmprm_infer.io.files.atomic_output``)."""
@@ -182,7 +183,8 @@ def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, com
             pass
         return RayScoringStats()
     ray, actor_plan = _start(address, actors, actor_cpus, actor_gpus, device, actor_max_restarts)
-    options = ScoringOptions(command=command, aggregate=aggregate, strategy=strategy, engine=spec.engine)
+    options = ScoringOptions(command=command, aggregate=aggregate, strategy=strategy, engine=spec.engine,
+                             max_line_chars=max_line_chars)
     # from_items, not ray.data.range: a range read needs a CPU slot, which a pool filling the cluster never frees
     # one block per window (up to a cap): windows are balanced over the actors and retried one by one;
     # from_items, not ray.data.range, whose read task needs a CPU that a pool filling the cluster never frees
@@ -233,7 +235,7 @@ def ray_run_jsonl(args) -> int:
                         strategy=getattr(args, "strategy", "best_of_n"), batch_questions=args.batch_questions,
                         on_error=args.on_error, max_errors=args.max_errors, address=args.ray,
                         actors=args.ray_actors, actor_cpus=args.ray_actor_cpus, actor_gpus=args.ray_actor_gpus,
-                        device=args.device, progress=not args.no_progress)
+                        device=args.device, progress=not args.no_progress, max_line_chars=args.max_line_chars)
     if not args.no_progress:
         print(f"mmprm: {stats.questions} records, {stats.candidates} candidates in {stats.seconds:.1f} s on "
               f"{stats.actors} actor(s): {stats.candidates_per_s:.1f} candidates/s", file=sys.stderr)

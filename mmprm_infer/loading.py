@@ -70,10 +70,20 @@ MODEL_CLASSES: dict[str, type] = {
     MODEL_QWEN2_5_VL: Qwen2_5_VLForConditionalGeneration,
 }
 
+
+
+def _complete_loader(cls) -> Callable[..., torch.nn.Module]:
+    """``cls.from_pretrained`` that refuses a checkpoint whose weights do not match the model exactly."""
+    def load(path: str, dtype: torch.dtype, **kwargs) -> torch.nn.Module:
+        model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+        check_loading_info(path, info)
+        return model
+    return load
+
+
 # model kind -> (path, dtype, **transformers loading kwargs: device_map, attn_implementation) -> model
 MODEL_LOADERS: dict[str, Callable[..., torch.nn.Module]] = {
-    kind: (lambda cls: lambda path, dtype, **kwargs: cls.from_pretrained(path, dtype=dtype, **kwargs))(cls)
-    for kind, cls in MODEL_CLASSES.items()
+    kind: _complete_loader(cls) for kind, cls in MODEL_CLASSES.items()
 }
 
 # model kind -> (what it runs on, config.json -> whether its architecture fits).  A config
@@ -198,6 +208,31 @@ class LoadOptions:
         return out
 
 
+class IncompleteCheckpointError(CheckpointMismatchError):
+    """The checkpoint's weights are not exactly the model's: some are missing (they would stay random) or
+    some are extra (weights of another architecture, or a damaged save)."""
+
+
+def _names(keys: list[str], shown: int = 5) -> str:
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def check_loading_info(path: str | os.PathLike, info: dict) -> None:
+    """IncompleteCheckpointError naming the tensors when ``from_pretrained``'s loading info lists any missing,
+    unexpected or wrongly shaped weight (transformers only warns: a missing weight keeps its random init)."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or ())
+    problems = [f"{len(keys)} {what}: {_names(keys)}" for keys, what in (
+        (missing, "weight(s) the model needs are missing from it"), (unexpected, "weight(s) the model does not have"),
+        (mismatched, "weight(s) of the wrong shape")) if keys]
+    if problems:
+        raise IncompleteCheckpointError(
+            f"checkpoint {path} does not match its model: {'; '.join(problems)}. A missing weight would stay "
+            "randomly initialised and the scores would mean nothing; re-save or re-download the checkpoint, or "
+            "pass the format it was trained with")
+
+
 def read_config(path: str | os.PathLike) -> dict:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
@@ -262,10 +297,33 @@ def checkpoint_keys(path: str | os.PathLike) -> set[str] | None:
         return None
     keys: set[str] = set()
     for file in files:
-        with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            keys |= set(json.loads(f.read(size))) - {"__metadata__"}
+        keys |= set(_safetensors_header(file)) - {"__metadata__"}
     return keys
+
+
+SAFETENSORS_MAX_HEADER = 100 * 2 ** 20  # the safetensors library's own limit
+
+
+def _safetensors_header(file: Path) -> dict:
+    """A safetensors file's JSON header, its claimed size checked against the file before it is read."""
+    def damaged(why: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(f"{file} is not a valid safetensors file: {why}; re-save or re-download it")
+
+    file_size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise damaged(f"it holds {file_size} bytes, fewer than the 8 of a header length")
+        (size,) = struct.unpack("<Q", head)
+        if size > min(file_size - 8, SAFETENSORS_MAX_HEADER):
+            raise damaged(f"its header claims {size} bytes, the file holds {file_size}")
+        try:
+            header = json.loads(f.read(size))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise damaged(f"its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise damaged("its header is not a JSON object")
+    return header
 
 
 def _architecture(config: dict) -> str:

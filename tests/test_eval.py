@@ -158,6 +158,31 @@ def test_disjoint_groups_and_tie_split_votes_by_hand():
         question_accuracy(q, [2], ["min"], groups="pairs")
 
 
+def test_weighted_vote_counts_a_question_with_a_zero_reward():
+    """#31 item 21: a reward of exactly 0.0 is a probability like any other; only a negative score (a
+    log-probability aggregation) keeps a question out of the weighted vote."""
+    zero = BonQuestion.from_candidates(["\\boxed{1}", "\\boxed{2}", "\\boxed{2}"], "1", [[0.6], [0.0], [0.5]])
+    acc = question_accuracy(zero, [1, 3], ["min"], subsets=100)
+    # all three: 1 holds 0.6, 2 holds 0.0 + 0.5: the right answer wins
+    assert acc["weighted_vote/min"] == pytest.approx({1: 1 / 3, 3: 1.0})
+    wrong = BonQuestion.from_candidates(["\\boxed{2}"] * 3, "1", [[0.7]] * 3)
+    curves = accuracy_curves([zero, wrong], ["min"])
+    assert curves["accuracy"]["weighted_vote/min"]["3"] == pytest.approx(0.5)  # both questions counted
+    logprob = question_accuracy(zero, [3], ["sum_logprob"], subsets=100)
+    assert "weighted_vote/sum_logprob" not in logprob and "best_of_n/sum_logprob" in logprob
+
+
+def test_step_macro_f1_a_reward_or_label_at_the_threshold_is_right():
+    """#31 item 19: "right" is reward >= threshold (and label >= label_threshold), the threshold included."""
+    from mmprm_infer.evaluation.metrics import step_macro_f1
+
+    m = step_macro_f1([[0.5, 0.2, 0.9]], [[1.0, 0.0, 0.5]])
+    # steps: reward 0.5 at the threshold, right (label 1); 0.2 wrong (label 0); 0.9 right with a label of 0.5
+    assert (m["f1_correct"], m["f1_incorrect"], m["macro_f1"], m["step_accuracy"]) == (1.0, 1.0, 1.0, 1.0)
+    m = step_macro_f1([[0.5, 0.2]], [[1.0, 0.0]], threshold=0.50001)  # just above it: 0.5 becomes wrong
+    assert m["f1_correct"] == 0.0 and m["f1_incorrect"] == pytest.approx(2 / 3)
+
+
 def test_curves_average_questions_with_a_band_and_categories():
     right = BonQuestion.from_candidates(["\\boxed{1}", "\\boxed{1}"], "1", [[0.9], [0.8]], "easy")
     wrong = BonQuestion.from_candidates(["\\boxed{2}", "\\boxed{3}"], "1", [[0.9], [0.8]], "hard")

@@ -260,7 +260,8 @@ def test_finding10_prompts_times_n_is_capped(prm, policy):
         r = httpx.post(srv.url + "/v1/chat/completions", json=chat("q", n=129))
         assert r.status_code == 400 and "--max-samples" in _error(r)["message"], r.text
         assert policy.calls == 0
-        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "best_of": 64})
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "best_of": 64},
+                       timeout=300)  # 128 samples to score: seconds on a loaded machine, past httpx's default 5 s
         assert r.status_code == 200 and policy.bodies[-1]["n"] == 64
     with reranker(prm, policy.url, max_samples=8) as srv:
         r = httpx.post(srv.url + "/v1/chat/completions", json=chat("q", n=2, best_of=9))

@@ -145,3 +145,69 @@ def test_annotate_mc_with_a_local_transformers_policy(base, tmp_path):
                for s in record["solutions"])
     rows = [json.loads(line) for line in (out / "trl.jsonl").read_text().splitlines()]
     assert rows and all(isinstance(v, bool) for r in rows for v in r["labels"])  # TRL's layout by default
+
+
+# --- #31: --out around the base, the resume state, its options, bad labels -----------------------------------
+def test_item2_out_equal_to_or_around_the_base_is_refused(base, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    copy = models / "base"
+    shutil.copytree(base, copy)
+    weights = (copy / "model.safetensors").read_bytes()
+    for out, how in ((copy, "is --base"), (models, "contains --base"), (copy / "prm", "lies inside --base")):
+        with pytest.raises(SystemExit, match=f"--output-dir .* {how} .*would destroy the base"):
+            main(["train", "--base", str(copy), "--data", _data(tmp_path), "--format", "custom", "--out", str(out),
+                  "--max-steps", "2", "--overwrite", "--quiet"])
+    assert (copy / "model.safetensors").read_bytes() == weights and not (copy / "prm").exists()
+
+
+def test_item4_resume_state_is_never_run(base, tmp_path):
+    out = tmp_path / "run"
+    assert _train(base, tmp_path, out, "--save-steps", "4") == 0
+    state = out / "checkpoint-last" / "trainer_state.pt"
+    assert state.is_file()
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    import torch
+
+    torch.save({"step": Payload()}, state)
+    with pytest.raises(SystemExit, match="cannot resume from .*trainer_state.pt: it is damaged or holds more than "
+                                         "tensors and plain data"):
+        _train(base, tmp_path, out, "--save-steps", "4", "--resume")
+    assert not marker.exists()
+    state.write_bytes(b"not a torch file")  # damaged: one line too
+    with pytest.raises(SystemExit, match="cannot resume from .*: it is damaged"):
+        _train(base, tmp_path, out, "--save-steps", "4", "--resume")
+
+
+def test_item14_resume_with_other_options_is_refused(base, tmp_path):
+    out = tmp_path / "run"
+    assert _train(base, tmp_path, out, "--save-steps", "4") == 0  # leaves the resume point of step 8
+    for extra, named in ((["--lr", "2e-3"], r"--learning-rate 0.002 \(the saved run used 0.001\)"),
+                         (["--seed", "1"], r"--seed 1 \(the saved run used 0\)"),
+                         (["--warmup-ratio", "0.2"], r"--warmup-ratio 0.2 \(the saved run used 0.03\)")):
+        with pytest.raises(SystemExit, match=f"cannot resume: {named}"):
+            _train(base, tmp_path, out, "--save-steps", "4", "--resume", *extra)
+    assert _train(base, tmp_path, out, "--save-steps", "4", "--resume") == 0  # its own options: resumes
+
+
+@pytest.mark.parametrize("labels, prompt, needle", [
+    ([float("nan"), 1.0], "q", r"labels must be Monte-Carlo scores in \[0, 1\], got \[nan\]"),
+    ([2.0, 1.0], "q", r"labels must be Monte-Carlo scores in \[0, 1\], got \[2.0\]"),
+    ([1.0, 1.0], 5, "question must be a string, got int"),
+])
+def test_item11_bad_labels_are_one_line_and_leave_out_empty(base, tmp_path, labels, prompt, needle):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": prompt, "completions": ["1 + 1 = 2.", "So 2."], "labels": labels}) + "\n")
+    out = tmp_path / "prm"
+    with pytest.raises(SystemExit, match=f"mmprm train: .*bad.jsonl: training sample 0: {needle}"):
+        main(["train", "--base", str(base), "--data", str(bad), "--format", "custom", "--out", str(out), "--quiet"])
+    assert not out.exists() or not any(out.iterdir())
+    # the fixed data trains into the same --out, no --overwrite needed
+    assert main(["train", "--base", str(base), "--data", _data(tmp_path), "--format", "custom", "--out", str(out),
+                 "--max-steps", "1", "--quiet"]) == 0

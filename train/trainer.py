@@ -410,6 +410,25 @@ def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) ->
     return [g for g in groups if g["params"]]
 
 
+# --- resuming ---------------------------------------------------------------
+# The options that shape a run's trajectory, as the user names them (`mmprm train` flag, else the
+# TrainConfig field): a resume must use the saved run's, or it is not the continuation it claims to be.
+RESUME_OPTIONS = {"learning_rate": "--learning-rate", "seed": "--seed", "batch_size": "--per-device-train-batch-size",
+                  "batch_tokens": "--batch-tokens", "grad_accum_steps": "--gradient-accumulation-steps",
+                  "weight_decay": "--weight-decay", "warmup_ratio": "--warmup-ratio",
+                  "label_mode": "--soft-labels/--hard-labels", "hard_label_threshold": "--label-threshold",
+                  "bf16": "--bf16", "freeze_vision": "--freeze-vision/--train-vision",
+                  "max_grad_norm": "max_grad_norm", "adam_betas": "adam_betas", "adam_eps": "adam_eps",
+                  "packing": "packing", "balance_positions": "balance_positions", "shuffle": "shuffle"}
+
+
+def run_options(config: TrainConfig, learning_rate: float) -> dict:
+    """``RESUME_OPTIONS`` of this run (the learning rate as resolved), as plain data."""
+    values = {**asdict(config), "learning_rate": learning_rate}
+    return {flag: list(values[name]) if isinstance(values[name], tuple) else values[name]
+            for name, flag in RESUME_OPTIONS.items()}
+
+
 # --- the loop ---------------------------------------------------------------
 def _micro_batches(order: list[int], config: TrainConfig, lengths: Sequence[int] | None) -> list[list[int]]:
     """``order`` cut into micro-batches: ``batch_size`` samples each, or with ``batch_tokens`` as many as
@@ -589,7 +608,7 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
     if resume is not None:
         if config.lora is not None:
             raise ValueError("resuming a LoRA run is not supported (its checkpoints are saved merged)")
-        resume.check(len(examples), total_steps)
+        resume.check(len(examples), total_steps, run_options(config, lr))
         optimizer.load_state_dict(resume.optimizer)
         scheduler.load_state_dict(resume.scheduler)
         for _ in range(resume.step):  # the same seeded order: skip the batches already trained on
@@ -639,7 +658,7 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
                 if config.keep_step_checkpoints:
                     prm.save_pretrained(out_dir / f"checkpoint-{step}")
                 save_resume_point(out_dir, prm, optimizer, scheduler, step, epoch, losses, history,
-                                  len(examples), total_steps)
+                                  len(examples), total_steps, run_options(config, lr))
                 model.train()
         if eval_examples and (not history or history[-1]["step"] != step):
             run_eval()

@@ -39,16 +39,20 @@ retries with exponential backoff on connection errors, timeouts, 429 and
 policy's message.
 
 Limits and safety (options.py has the defaults, mmprm_infer/cli/serve.py the flags): a client
-key (401), body bytes (413), characters per text, samples per request
-(prompts x n), images per request and pixels per image (400); local image
-paths only under ``--image-root`` (images.py).  Client errors are
-400/401/404/413 with an OpenAI-style ``{"error": {"message": ...}}``, never
-500.  A request whose client disconnects is cancelled, upstream call and
-scoring included.
+key (401), body bytes (413), characters per text (policy samples included),
+samples per request (prompts x n), images per request and pixels per image
+(400); local image paths only under ``--image-root``, and only PNG, JPEG,
+GIF, WebP, BMP and TIFF decoded (images.py); open connections and the time
+a request's head and body may take (connections.py: 503, 408).  Client
+errors are 400/401/404/408/413 with an OpenAI-style ``{"error": {"message":
+...}}``, never 500; the policy's URL and error text stay in the server's log.
+A request whose client disconnects is cancelled, upstream call and scoring
+included.
 
 The package: ``protocol`` (request models, reranked responses), ``app``
 (``create_app``, the routes, ``run_server``), ``batcher`` (the PRM scorer),
 ``upstream`` (the policy client), ``guard`` (key and body size), ``images``,
+``connections`` (uvicorn's settings, connection and time bounds, log rate limit),
 ``stream``, ``errors``, and ``options`` (``ServerConfig`` and its defaults;
 no fastapi there, so the CLI builds its parser without the 'serve' extra).
 ``from mmprm_infer.integrations.serve import create_app`` imports the app (and fastapi) only when asked for.

@@ -21,7 +21,8 @@ from mmprm_infer.integrations.serve.batcher import PRMBatcher
 from mmprm_infer.integrations.serve.errors import APIError, UpstreamError, error_body
 from mmprm_infer.integrations.serve.guard import Guard
 from mmprm_infer.integrations.serve.images import ImageReader
-from mmprm_infer.integrations.serve.options import ServerConfig
+from mmprm_infer.integrations.serve.options import ANSWER_BYTES_PER_CHAR, ANSWER_SLACK_BYTES, ServerConfig
+from mmprm_infer.io.files import json_safe, lone_surrogate
 from mmprm_infer.prm import PRM, ScoringItem
 from mmprm_infer.rerank import RerankResult, resolve_aggregate
 from mmprm_infer.selection import get_strategy
@@ -33,6 +34,7 @@ try:
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
 
+    from mmprm_infer.integrations.serve.connections import uvicorn_config
     from mmprm_infer.integrations.serve.protocol import (
         ChatCompletionRequest,
         CompletionRequest,
@@ -111,6 +113,18 @@ class State:
                                 "GET /v1/models): set 'model' to that", param="model", code="model_not_found")
         return served
 
+    def answer_bytes(self, samples: int) -> int:
+        """The most bytes of the policy's answer read for ``samples`` samples (--max-text-chars bounds them)."""
+        return samples * ANSWER_BYTES_PER_CHAR * self.config.max_text_chars + ANSWER_SLACK_BYTES
+
+    def readable_samples(self, texts: list[str]) -> tuple[list[str], dict[int, str]]:
+        """The samples the PRM reads: one longer than --max-text-chars is not tokenized (it is ranked last,
+        unscored, its error saying why); the others as they are."""
+        cap = self.config.max_text_chars
+        too_long = {i: f"sample {i} is {len(t)} characters long, more than this server's limit of {cap} "
+                       "(--max-text-chars); it was not scored" for i, t in enumerate(texts) if len(t) > cap}
+        return ["" if i in too_long else t for i, t in enumerate(texts)], too_long
+
     def check_text(self, name: str, text: str) -> None:
         cap = self.config.max_text_chars
         if len(text) > cap:
@@ -163,8 +177,23 @@ class State:
 # --------------------------------------------------------------------------
 
 
+def check_body(req) -> None:
+    """A request whose JSON holds a lone UTF-16 surrogate (not text: it cannot be encoded, to the policy or in
+    the answer) or NaN/Infinity (not JSON) is a 400 naming the field, before any work."""
+    data = req.model_dump(exclude_none=True)
+    where = lone_surrogate(data)
+    if where is not None:
+        raise APIError(400, f"the request's field {where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                            "escape), which is not text; send valid Unicode")
+    _, non_finite = json_safe(data)
+    if non_finite:
+        raise APIError(400, f"the request's field {non_finite[0]!r} is NaN or infinite, which JSON does not allow; "
+                            "send a finite number")
+
+
 async def _chat(state: State, req: ChatCompletionRequest) -> dict:
     config = state.config
+    check_body(req)
     question = req.question
     if question is None:
         users = [m for m in req.messages if m.role == "user"]
@@ -195,11 +224,12 @@ async def _chat(state: State, req: ChatCompletionRequest) -> dict:
                 prm_images.append(image)
         body = req.model_dump(exclude={"question", "best_of", "messages", "stream_options"}, exclude_none=True)
         body.update(model=await state.upstream.model(), messages=messages, n=samples, stream=False)
-        data = await state.upstream.post("/chat/completions", body)
+        data = await state.upstream.post("/chat/completions", body, state.answer_bytes(samples))
         choices = policy_choices(data, samples, "message")
-        texts = [c["message"].get("content") or "" for c in choices]
+        texts, too_long = state.readable_samples([c["message"].get("content") or "" for c in choices])
         item = ScoringItem(question, texts, state.prm_image(prm_images))
         result = (await state.rank([item], config.aggregate, config.strategy))[0]
+        result.errors.update(too_long)
         out = ranked_choices(choices, result, req.n)
         return response(data, model, "chat.completion", out, {**summary(result, samples), "question": question})
 
@@ -241,6 +271,7 @@ def _questions(state: State, req: CompletionRequest, prompts: list, token_ids: b
 
 async def _completions(state: State, req: CompletionRequest) -> dict:
     config = state.config
+    check_body(req)
     prompts, token_ids = _prompt_list(req.prompt)
     if not prompts:
         raise APIError(400, "prompt is an empty list; give a prompt string", param="prompt")
@@ -255,9 +286,9 @@ async def _completions(state: State, req: CompletionRequest) -> dict:
         model = await state.check_model(req.model)
         body = req.model_dump(exclude={"question", "best_of", "stream_options"}, exclude_none=True)
         body.update(model=await state.upstream.model(), n=samples, stream=False)  # the prompt goes as given
-        data = await state.upstream.post("/completions", body)
+        data = await state.upstream.post("/completions", body, state.answer_bytes(samples * len(prompts)))
         choices = policy_choices(data, samples * len(prompts), "text")
-        items = []
+        items, too_long = [], []
         for p, question in enumerate(questions):
             texts = []
             for c in choices[p * samples:(p + 1) * samples]:
@@ -265,8 +296,12 @@ async def _completions(state: State, req: CompletionRequest) -> dict:
                 if req.echo and text.startswith(prompts[p]):
                     text = text[len(prompts[p]):]
                 texts.append(text)
+            texts, long_ones = state.readable_samples(texts)
             items.append(ScoringItem(question, texts, None))
+            too_long.append(long_ones)
         results = await state.rank(items, config.aggregate, config.strategy)
+        for result, long_ones in zip(results, too_long):
+            result.errors.update(long_ones)
         out = []
         for p, result in enumerate(results):
             out += ranked_choices(choices[p * samples:(p + 1) * samples], result, req.n, p * req.n)
@@ -276,6 +311,7 @@ async def _completions(state: State, req: CompletionRequest) -> dict:
 
 async def _score(state: State, req: ScoreRequest) -> dict:
     config = state.config
+    check_body(req)
     aggregate = req.aggregate or config.aggregate
     strategy = req.strategy or config.strategy
     try:
@@ -321,6 +357,8 @@ async def _unless_client_left(request: Request, work):
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # A cancelled task is neither cancelled() nor done until the cancellation reaches it: wait for that.
+            await asyncio.gather(task, return_exceptions=True)
     if task.cancelled():
         log.info("client left %s before its answer; its work was cancelled", request.url.path)
         return Response(status_code=499)  # nobody reads it
@@ -349,8 +387,9 @@ router = APIRouter()
 async def health(request: Request):
     state = _state(request)
     b = state.batcher
+    # never keyed: nothing here names the policy (its URL, its model) or any other part of the deployment
     return {"status": "ok", "in_flight": state.inflight, "max_queue": state.config.max_queue,
-            "rejected": state.rejected, "prm_format": state.prm.format.name, "policy_url": state.config.policy_url,
+            "rejected": state.rejected, "prm_format": state.prm.format.name,
             "scoring_batches": b.batches if b else 0, "scored_requests": b.batched_jobs if b else 0,
             "scoring_s": round(b.busy_s, 3) if b else 0.0, "upstream_calls": state.upstream.calls}
 
@@ -424,4 +463,4 @@ def run_server(prm: PRM, config: ServerConfig, host: str = "127.0.0.1", port: in
                log_level: str = "info") -> None:
     import uvicorn
 
-    uvicorn.run(create_app(prm, config), host=host, port=port, log_level=log_level)
+    uvicorn.Server(uvicorn_config(create_app(prm, config), host=host, port=port, log_level=log_level)).run()

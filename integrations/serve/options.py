@@ -27,6 +27,13 @@ MAX_BODY_BYTES = 16 * 2 ** 20
 MAX_TEXT_CHARS = 100_000  # a question, candidate, prompt or message; ~25k tokens, past most PRMs' context
 IMAGE_TIMEOUT_S = 10.0
 IMAGE_WORKERS = 2
+HEADER_TIMEOUT_S = 10.0  # a request's line and headers must arrive within this
+BODY_TIMEOUT_S = 60.0  # and its body within this after them (16 MiB at ~280 KB/s)
+KEEP_ALIVE_S = 5.0  # an idle keep-alive connection is closed after this
+# A policy's answer may hold at most this many bytes per character of --max-text-chars per sample (JSON
+# escapes, token log-probabilities), plus ANSWER_SLACK_BYTES; a larger answer is a 502, not read on.
+ANSWER_BYTES_PER_CHAR = 16
+ANSWER_SLACK_BYTES = 2 ** 20
 
 
 @dataclass
@@ -56,6 +63,10 @@ class ServerConfig:
     max_text_chars: int = MAX_TEXT_CHARS
     max_samples: int = MAX_SAMPLES
     decode_token_prompts: bool = False  # token-id prompts -> PRM question via the PRM's tokenizer
+    max_connections: int | None = None  # open connections (None: from the file-descriptor limit, connections.py)
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
+    keep_alive_s: float = KEEP_ALIVE_S
 
     def __post_init__(self) -> None:
         http_url(self.policy_url, "policy_url")
@@ -68,6 +79,10 @@ class ServerConfig:
                              "--max-samples")
         if self.retries < 0 or self.upstream_timeout <= 0 or self.batch_window_ms < 0 or self.image_timeout_s <= 0:
             raise ValueError("retries and batch_window_ms must be >= 0, upstream_timeout and image_timeout_s > 0")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
+        if min(self.header_timeout_s, self.body_timeout_s, self.keep_alive_s) <= 0:
+            raise ValueError("header_timeout_s, body_timeout_s and keep_alive_s must be > 0")
         if self.image_root is not None:
             self.image_root = os.path.realpath(existing_directory(self.image_root, "image_root"))
         if any(not k for k in self.client_api_keys):

@@ -10,7 +10,10 @@ hidden aliases for old spellings).  Reading inputs, writing outputs atomically a
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 
 from mmprm_infer.cli import annotate, convert, demo, evaluate, pipeline, score, serve, train
 from mmprm_infer.cli.arguments import Parser
@@ -45,6 +48,28 @@ def build_parser(command: str | None = None, *, only: bool = False) -> Parser:
     return parser
 
 
+@contextlib.contextmanager
+def _termination_as_interrupt():
+    """SIGTERM and SIGHUP (``timeout``, a closed terminal) end a command as Ctrl-C does: the same cleanup
+    (no temp file left, nothing half-written, "interrupted" said), where the default would kill the process
+    on the spot.  Which signal came is in the yielded dict."""
+    got: dict = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def interrupt(signum, frame):
+        got["signal"] = signum
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield got
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -52,4 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     from mmprm_infer.io.progress import quiet_transformers_progress
 
     quiet_transformers_progress()  # every command: the library's own bars and stage lines say what happens
-    return args.run(args)
+    with _termination_as_interrupt() as got:
+        try:
+            status = args.run(args)
+        except KeyboardInterrupt:  # a command that has no cleanup message of its own
+            print(f"mmprm {args.command}: interrupted", file=sys.stderr)
+            status = 130
+    return 128 + got["signal"] if "signal" in got and status == 130 else status

@@ -20,6 +20,7 @@ import logging
 import sys
 
 from mmprm_infer.cli.arguments import add_progress, alias
+from mmprm_infer.integrations.ray_cluster import RayConnectError
 
 __all__ = ["configure", "run", "load_questions", "policy_factory"]
 
@@ -218,6 +219,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"mmprm annotate: interrupted; finished questions are kept under {args.output_dir}, "
               "rerun the same command to annotate the rest", file=sys.stderr)
         return 130
+    except RayConnectError as e:
+        print(f"mmprm annotate: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # the output folder cannot be created or written (read-only, full disk)
         print(f"mmprm annotate: cannot write under {args.output_dir}: {e}; finished questions are kept, "
               "fix the folder (or free space) and rerun the same command to resume", file=sys.stderr)

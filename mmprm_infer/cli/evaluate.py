@@ -33,7 +33,9 @@ from mmprm_infer.cli.arguments import (
     positive_int,
     resolve_device,
 )
+from mmprm_infer.integrations.ray_cluster import RayConnectError
 from mmprm_infer.io.data import DataError, Record, field, read_records, read_splits
+from mmprm_infer.io.files import OutputError, json_safe, written_in_place
 
 __all__ = ["configure", "run", "resolve_images"]
 
@@ -107,7 +109,9 @@ def score(args, items: list, wheres: list[str], collector: Collector, desc: str)
     from mmprm_infer.io.records import PRMSpec
 
     spec = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine, max_tiles=args.max_tiles)
-    cache = RewardCache(None if args.no_cache else rewards_cache_path(args), prm_fingerprint(spec))
+    # a report written in place (a device such as /dev/null, a FIFO) has no folder of its own for the cache
+    no_cache = args.no_cache or written_in_place(args.report)
+    cache = RewardCache(None if no_cache else rewards_cache_path(args), prm_fingerprint(spec))
     cached = sum(cache.key(item) in cache.entries for item in items)
     if cached:
         print(f"mmprm eval {args.benchmark}: {cached} of {len(items)} items' step rewards reused from "
@@ -141,13 +145,20 @@ def _pct(x: float) -> str:
     return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:6.1f}"
 
 
+UNDEFINED = ("null: the metric is undefined, because the cases it averages over are none (a split or category "
+             "with nothing scored, a class of steps absent from both the labels and the predictions); strict "
+             "JSON has no NaN")
+
+
 def finish(args, report: dict, collector: Collector, table: list[str]) -> int:
     report["errors"] = collector.errors
     from mmprm_infer.io.files import write_json_atomic
 
-    report["errors"] = collector.errors
     report["settings"] = {k: v for k, v in vars(args).items() if k not in ("func", "run")}
-    write_json_atomic(args.report, json.loads(json.dumps(report, default=str)))
+    data, undefined = json_safe(json.loads(json.dumps(report, default=str)))
+    if undefined:  # NaN is not JSON: strict parsers refuse the file
+        data["undefined"] = {"fields": undefined, "why": UNDEFINED}
+    write_json_atomic(args.report, data)
     print("\n".join(table))
     print(f"report: {args.report}")
     if not args.no_cache:
@@ -258,10 +269,12 @@ def run_bon(args) -> int:
     questions = [BonQuestion.from_candidates(item.candidates, gold, r, category)
                  for (item, gold, category, _), r in zip(parsed, rewards) if r is not None]
     curves = accuracy_curves(questions, args.aggregate, args.ns, args.subsets, args.seed)
-    plot = Path(plot_path(args))
-    report = {"benchmark": "bon", **curves, "plot": str(plot)}
-    plot_curves(curves, plot, f"{Path(args.data).name}: {curves['questions']} questions")
-    print(f"plot: {plot}")
+    # beside a report written in place (/dev/null) there is no folder of ours for the plot
+    plot = None if args.plot is None and written_in_place(args.report) else Path(plot_path(args))
+    report = {"benchmark": "bon", **curves, "plot": None if plot is None else str(plot)}
+    if plot is not None:
+        plot_curves(curves, plot, f"{Path(args.data).name}: {curves['questions']} questions")
+        print(f"plot: {plot}")
     ns, acc, band = curves["ns"], curves["accuracy"], curves["band"]
     table = [f"Best-of-N accuracy (%), {curves['questions']} questions, mean over subsets, +- 95 % band at the "
              f"largest N", "method".ljust(22) + "".join(f"N={n}".rjust(8) for n in ns) + "    +-"]
@@ -378,5 +391,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         _check(args)
         return args.func(args)
-    except (EvalError, DataError) as exc:
+    except (EvalError, DataError, OutputError, RayConnectError) as exc:
         raise SystemExit(f"mmprm eval {args.benchmark}: {exc}") from None

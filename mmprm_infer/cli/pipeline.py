@@ -8,6 +8,7 @@ import logging
 import sys
 
 from mmprm_infer.cli.arguments import alias
+from mmprm_infer.integrations.ray_cluster import RayConnectError
 
 HELP = "annotate -> label -> train a small PRM -> evaluate (--preset demo | full)"
 DESCRIPTION = ("Annotate (MCTS) -> label -> train a small PRM -> evaluate Best-of-N and step-error F1 on held-out "
@@ -85,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mmprm pipeline: {e}", file=sys.stderr)
         return 2
-    run_pipeline(config)
+    try:
+        run_pipeline(config)
+    except RayConnectError as e:
+        print(f"mmprm pipeline: {e}", file=sys.stderr)
+        return 1
     print(f"mmprm pipeline: wrote the annotation, samples.jsonl, the PRM (prm/), report.json and accuracy_vs_n.png "
           f"to {overrides['run_dir']}", file=sys.stderr)
     return 0

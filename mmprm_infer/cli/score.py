@@ -28,6 +28,7 @@ from mmprm_infer.cli.arguments import (
     positive_int,
     resolve_device,
 )
+from mmprm_infer.io.data import LINE_CHARS_PER_CONTEXT_TOKEN
 
 EXIT_RECORDS_FAILED = 3  # as mmprm_infer.io.records (which imports torch: not needed for `mmprm -h`)
 
@@ -96,10 +97,11 @@ def run_jsonl(args) -> int:
     )
 
     in_path = Path(args.data)
+    plan = plan_windows(in_path, args.batch_questions)  # an unreadable input fails before the model loads
     prm = load_prm(args) if args.prm else None
     options = ScoringOptions(command=args.command, aggregate=args.aggregate,
-                             strategy=getattr(args, "strategy", "best_of_n"), engine=args.engine)
-    plan = plan_windows(in_path, args.batch_questions)
+                             strategy=getattr(args, "strategy", "best_of_n"), engine=args.engine,
+                             max_line_chars=args.max_line_chars)
     with atomic_output(args.output) as dst, \
             progress_bar(total=len(plan) - 1, desc=f"mmprm {args.command}", unit="window",
                          disable=args.no_progress) as bar:
@@ -161,6 +163,9 @@ def configure(p: argparse.ArgumentParser, name: str) -> None:
                         f"and the run goes on, exiting with status {EXIT_RECORDS_FAILED} at the end (skip)")
     p.add_argument("--max-errors", type=non_negative_int, default=None,
                    help="with --on-error skip: stop (writing nothing) once more than this many records failed")
+    p.add_argument("--max-line-chars", type=positive_int, default=None,
+                   help="an input line (record) longer than this is an error record, refused before it is parsed "
+                        f"or tokenized (default: {LINE_CHARS_PER_CONTEXT_TOKEN} per token of the PRM's context)")
     add_progress(p)
     if name == "rerank":
         p.add_argument("--strategy", default="best_of_n", choices=("best_of_n", "weighted_vote", "majority_vote"),
@@ -180,11 +185,12 @@ def run(args: argparse.Namespace) -> int:
     check_scoring_options(args)
     try:
         if args.ray is not None:
+            from mmprm_infer.integrations.ray_cluster import RayConnectError
             from mmprm_infer.integrations.ray_scoring import RayJobError, ray_run_jsonl  # ray: the 'ray' extra
 
             try:
                 return ray_run_jsonl(args)
-            except RayJobError as exc:
+            except (RayJobError, RayConnectError) as exc:
                 raise SystemExit(f"mmprm {args.command}: {exc}; nothing was written") from None
         return run_jsonl(args)
     except (OutputError, DataError) as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from mmprm_infer.aggregation import AGGREGATIONS, ALIASES
@@ -23,7 +24,9 @@ from mmprm_infer.cli.arguments import (
     resolve_device,
 )
 from mmprm_infer.integrations.serve.options import (
+    BODY_TIMEOUT_S,
     CLIENT_KEY_ENV,
+    HEADER_TIMEOUT_S,
     IMAGE_TIMEOUT_S,
     IMAGE_WORKERS,
     MAX_BODY_BYTES,
@@ -97,6 +100,14 @@ def configure(serve: argparse.ArgumentParser) -> None:
                         help=f"seconds to decode one image (default {IMAGE_TIMEOUT_S:g})")
     limits.add_argument("--image-workers", type=positive_int, default=IMAGE_WORKERS,
                         help=f"threads decoding images, beside the event loop (default {IMAGE_WORKERS})")
+    limits.add_argument("--max-connections", type=positive_int, default=None,
+                        help="open connections; the next one gets 503 and is closed (default: half the process's "
+                             "file-descriptor limit, at most 1024)")
+    limits.add_argument("--header-timeout", type=at_least(0.001, float), default=HEADER_TIMEOUT_S,
+                        help=f"seconds for a request's line and headers to arrive (default {HEADER_TIMEOUT_S:g}); "
+                             "then 408 and the connection is closed")
+    limits.add_argument("--body-timeout", type=at_least(0.001, float), default=BODY_TIMEOUT_S,
+                        help=f"seconds for a request's body to arrive after its headers (default {BODY_TIMEOUT_S:g})")
     serve.add_argument("--decode-token-prompts", action="store_true",
                        help="/v1/completions: turn token-id prompts into the PRM's question with the PRM's "
                             "tokenizer (only right when the policy uses the same tokenizer); default: such "
@@ -107,7 +118,10 @@ def configure(serve: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, environ=os.environ) -> ServerConfig:
     """The server's config from parsed flags; ValueError naming the option when they do not fit together."""
     keys = read_key_file(args.client_api_key_file) if args.client_api_key_file else ()
-    if not keys and environ.get(CLIENT_KEY_ENV, "").strip():
+    if not keys and CLIENT_KEY_ENV in environ:
+        if not environ[CLIENT_KEY_ENV].strip():  # set, to nothing: a deployment mistake, not "no key wanted"
+            raise ValueError(f"${CLIENT_KEY_ENV} is set but empty, which would leave the server open to every "
+                             "client; set it to the key clients must send, or unset it to run without a key")
         keys = (environ[CLIENT_KEY_ENV].strip(),)
     return ServerConfig(
         policy_url=args.policy_url, policy_model=args.policy_model, served_model_name=args.served_model_name,
@@ -118,7 +132,17 @@ def config_from_args(args: argparse.Namespace, environ=os.environ) -> ServerConf
         max_images=args.max_images, max_image_pixels=args.max_image_pixels, image_timeout_s=args.image_timeout,
         image_workers=args.image_workers, max_body_bytes=args.max_body_bytes, max_text_chars=args.max_text_chars,
         max_samples=args.max_samples, decode_token_prompts=args.decode_token_prompts,
+        max_connections=args.max_connections, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
     )
+
+
+def open_server_warning(config: ServerConfig, host: str, port: int) -> str | None:
+    """What to say when clients need no key: anyone who reaches the port uses the PRM and the policy."""
+    if config.client_api_keys:
+        return None
+    where = "this machine" if host in ("127.0.0.1", "localhost", "::1") else f"{host}:{port}"
+    return (f"mmprm serve: warning: clients need no key (no --client-api-key-file, no ${CLIENT_KEY_ENV}): anyone "
+            f"who can reach {where} can use the server, and its policy")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,5 +163,8 @@ def run(args: argparse.Namespace) -> int:
             args.device, args.threads)
     except Exception as exc:  # noqa: BLE001 - a checkpoint can fail in many ways; name it and the cause
         raise SystemExit(f"mmprm serve: cannot load the PRM from {args.prm}: {type(exc).__name__}: {exc}") from None
+    warning = open_server_warning(config, args.host, args.port)
+    if warning:
+        print(warning, file=sys.stderr)
     run_server(prm, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -148,8 +149,11 @@ def _resolve_images(sample, base_dir: Path):
 
 def load_training_data(paths: Sequence[str], data_format: str | None = None) -> list:
     """Samples from each path (a file, or a folder: its ``train`` split, or its only one), through the one
-    record reader; image paths resolved against each record's file."""
+    record reader; image paths resolved against each record's file.  Every sample is checked as the trainer
+    will read it (labels in [0, 1], text where text belongs): bad data fails here, naming its file, before
+    anything is written to --output-dir."""
     from mmprm_infer.io.data import data_files
+    from mmprm_infer.train.collate import as_example
     from mmprm_infer.train.datasets import load_samples
 
     samples = []
@@ -164,7 +168,13 @@ def load_training_data(paths: Sequence[str], data_format: str | None = None) -> 
                                  "'train'; give the split's file (or folder) itself")
             files = splits.get("train") or next(iter(splits.values()))
         for f in files:
-            samples += [_resolve_images(s, f.parent) for s in load_samples(f, data_format)]
+            loaded = load_samples(f, data_format)
+            for i, sample in enumerate(loaded):
+                try:
+                    as_example(sample, i)
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(f"{f}: {exc}") from None
+            samples += [_resolve_images(s, f.parent) for s in loaded]
     if not samples:
         raise ValueError(f"no samples in {', '.join(paths)}")
     return samples
@@ -218,10 +228,16 @@ def _record_added_tokens(out: Path, added: list[str], resumed: bool) -> list[str
     return added
 
 
-def _check_out(args) -> None:
-    out = Path(args.output_dir)
+def _check_out(args, base: str) -> None:
+    out, base = Path(args.output_dir), Path(base)
     if out.is_file():
         raise ValueError(f"--output-dir {out} is a file; give a folder")
+    a, b = base.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        how = "is" if a == b else "lies inside" if a in b.parents else "contains"
+        raise ValueError(f"--output-dir {out} {how} --base {base}; training writes its checkpoints there (and "
+                         "--overwrite-output-dir replaces them), which would destroy the base: choose an "
+                         "--output-dir outside the base and not around it")
     busy = out.is_dir() and any(out.iterdir())
     if args.resume_from_checkpoint:
         from mmprm_infer.train.resume import find_resume_point
@@ -245,6 +261,20 @@ def _check_report_to(names: list[str]) -> None:
             raise ValueError(f"--report-to {name}: the {module} package is not installed ({install})")
 
 
+def _clean_failed(out: Path, fresh: bool) -> None:
+    """After a failed run into an --out that was empty: remove what it wrote, unless a resume point was kept,
+    so the fixed command can run again without --overwrite."""
+    from mmprm_infer.train.resume import find_resume_point
+
+    if not fresh or not out.is_dir() or find_resume_point(out) is not None:
+        return
+    for entry in out.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from mmprm_infer.loading import CheckpointNotFound, resolve_checkpoint
     from mmprm_infer.train.distributed import Distributed
@@ -254,13 +284,15 @@ def run(args: argparse.Namespace) -> int:
     if args.output_dir is None:
         raise SystemExit("mmprm train: --output-dir is required (the folder for the trained PRM and its logs)")
     dist = Distributed.from_environment()
+    out = Path(args.output_dir)
+    fresh = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     try:
         try:
             base = str(resolve_checkpoint(args.base))
         except CheckpointNotFound as exc:
             raise ValueError(f"--base {exc}") from None
         if dist.is_main:
-            _check_out(args)
+            _check_out(args, base)
         _check_report_to(args.report_to)
         samples = load_training_data([p for p in args.data.split(",") if p], args.data_format)
         train, held = _split(samples, args.eval_fraction, args.seed)
@@ -288,15 +320,27 @@ def run(args: argparse.Namespace) -> int:
         resume = load_resume_point(point) if point else None
         if dist.is_main:
             added = _record_added_tokens(Path(args.output_dir), added, resumed=point is not None)
-    except (ValueError, OSError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
         dist.close()
+        if dist.is_main:
+            _clean_failed(out, fresh)
         raise SystemExit(f"mmprm train: {exc}") from None
     try:
         result = train_prm(prm, train, config, held or None, resume=resume, distributed=dist)
     except KeyboardInterrupt:
-        hint = " rerun with --resume-from-checkpoint to continue" if args.save_steps else ""
-        print(f"mmprm train: interrupted;{hint or ' no resume point was kept (use --save-steps)'}", file=sys.stderr)
+        kept = find_resume_point(out) is not None
+        if dist.is_main:
+            _clean_failed(out, fresh)
+        hint = (" rerun with --resume-from-checkpoint to continue" if kept
+                else " no resume point was kept (use --save-steps)")
+        print(f"mmprm train: interrupted;{hint}", file=sys.stderr)
         return 130
+    except (ValueError, TypeError, OSError, FloatingPointError) as exc:
+        kept = find_resume_point(out) is not None
+        if dist.is_main:
+            _clean_failed(out, fresh)
+        raise SystemExit(f"mmprm train: {exc}" + ("; the last resume point is kept (--resume-from-checkpoint)"
+                                                  if kept else "")) from None
     finally:
         dist.close()
     if not dist.is_main:
@@ -306,7 +350,11 @@ def run(args: argparse.Namespace) -> int:
                "processes": dist.world_size, "learning_rate": result.learning_rate,
                "final_loss": result.losses[-1] if result.losses else None,
                "eval": result.eval_history[-1] if result.eval_history else None}
-    (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    try:
+        (Path(args.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    except OSError as exc:
+        raise SystemExit(f"mmprm train: the PRM is saved in {args.output_dir}, but its summary could not be written: "
+                         f"{exc.strerror or exc}") from None
     print(json.dumps(summary, default=str))
     logs = ", ".join(["train_log.jsonl", *(["eval_log.jsonl"] if held else []),
                       *(["runs/ (tensorboard)"] if "tensorboard" in args.report_to else [])])

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["Record", "DataError", "read_records", "read_splits", "data_files", "split_name", "field",
+__all__ = ["Record", "DataError", "read_records", "read_splits", "data_files", "split_name", "field", "line_limit",
+           "LINE_CHARS_PER_CONTEXT_TOKEN",
            "string_list", "SUFFIXES", "decode_line"]
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".pq", ".arrow")
@@ -34,6 +35,25 @@ _SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}(?:-[0-9a-f]{8,})?$")
 class DataError(ValueError):
     """A record file that cannot be read, or a record without the layout asked of it; the message names
     the file, the line (row, item) and the field."""
+
+
+# A line (a record as JSON text) longer than this many characters per token of the PRM's context is refused
+# before it is tokenized: a question and its candidates each fit the context, so 64 per context token leaves
+# room for dozens of long candidates, while a runaway line (tokenizing 50 MB took 12 GB) never reaches the
+# tokenizer.  `mmprm score --max-line-chars` overrides it.
+LINE_CHARS_PER_CONTEXT_TOKEN = 64
+CONTEXT_WHEN_UNKNOWN = 131_072  # tokens, for a PRM that does not say (and for --strategy majority_vote)
+
+
+def line_limit(prm, override: int | None = None) -> tuple[int, str]:
+    """The longest line (characters) to parse and score, and where the number comes from."""
+    if override is not None:
+        return override, "--max-line-chars"
+    context = getattr(getattr(prm, "adapter", None), "max_positions", None) if prm is not None else None
+    what = f"the PRM's {context}-token context" if context else f"a {CONTEXT_WHEN_UNKNOWN}-token context"
+    return LINE_CHARS_PER_CONTEXT_TOKEN * (context or CONTEXT_WHEN_UNKNOWN), \
+        f"--max-line-chars; default {LINE_CHARS_PER_CONTEXT_TOKEN} per token of {what}"
+
 
 
 @dataclass

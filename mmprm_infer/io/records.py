@@ -25,11 +25,12 @@ from typing import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from mmprm_infer.io.files import existing_files
+from mmprm_infer.io.data import DataError, line_limit
+from mmprm_infer.io.files import existing_files, lone_surrogate
 from mmprm_infer.prm import ScoringItem
 
-__all__ = ["RecordError", "BLANK_LINE", "decode_line", "Window", "WindowResult", "PRMSpec", "ScoringOptions",
-           "parse_record", "input_kind", "plan_windows",
+__all__ = ["RecordError", "BLANK_LINE", "decode_line", "Window", "WindowResult", "PRMSpec",
+           "ScoringOptions", "parse_record", "input_kind", "plan_windows",
            "read_windows", "iter_windows", "base_dir", "process_window", "ResultWriter",
            "EXIT_RECORDS_FAILED", "finished"]
 
@@ -42,6 +43,8 @@ class RecordError(ValueError):
 
     def __reduce__(self):  # picklable, so it can travel from a worker process
         return RecordError, (self.line, self.message)
+
+
 
 
 @dataclass
@@ -100,6 +103,7 @@ class ScoringOptions:
     aggregate: str | None = None  # None: the PRM format's release default (rerank.resolve_aggregate)
     strategy: str = "best_of_n"
     engine: str | None = None
+    max_line_chars: int | None = None  # None: line_limit(prm)
 
 
 def parse_record(raw: str, line: int, base_dir: Path) -> tuple[dict, ScoringItem]:
@@ -109,6 +113,10 @@ def parse_record(raw: str, line: int, base_dir: Path) -> tuple[dict, ScoringItem
         raise RecordError(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(record, dict):
         raise RecordError(line, "each line must be a JSON object with 'question' and 'candidates'")
+    bad = lone_surrogate(record) if "\\u" in raw.lower() else None  # only a \udXXX escape can make one
+    if bad is not None:
+        raise RecordError(line, f"field {bad} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                "escape), which is not text; fix how the record was encoded")
     missing = [k for k in ("question", "candidates") if k not in record]
     if missing:
         raise RecordError(line, f"missing field(s) {missing}; each record needs 'question' and 'candidates'")
@@ -170,13 +178,21 @@ def _jsonl_window_offsets(path: Path, window: int) -> list[int]:
     return offsets
 
 
+def _not_parquet(path: Path, exc: Exception) -> DataError:
+    return DataError(f"input {path} cannot be read as Parquet ({type(exc).__name__}: {str(exc)[:200]}); files "
+                      "ending in .parquet or .pq are read as Parquet, any other name as JSONL")
+
+
 def _parquet_rows(path: Path) -> int:
     from mmprm_infer.io.data import _pyarrow
 
     _pyarrow(path)
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).metadata.num_rows
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors (ArrowInvalid, OSError) for a damaged file
+        raise _not_parquet(path, exc) from None
 
 
 def plan_windows(path: str | Path, window: int) -> list[int]:
@@ -231,15 +247,18 @@ def _read_parquet_windows(path: Path, plan: list[int], first: int, last: int) ->
     if last <= first:
         return
     lo, hi = plan[first], plan[last]
-    parquet = pq.ParquetFile(path)
-    groups, start, group_starts = [], 0, []
-    for g in range(parquet.num_row_groups):
-        rows = parquet.metadata.row_group(g).num_rows
-        if start < hi and start + rows > lo:
-            groups.append(g)
-            group_starts.append(start)
-        start += rows
-    records = parquet.read_row_groups(groups).slice(lo - group_starts[0], hi - lo).to_pylist() if groups else []
+    try:
+        parquet = pq.ParquetFile(path)
+        groups, start, group_starts = [], 0, []
+        for g in range(parquet.num_row_groups):
+            rows = parquet.metadata.row_group(g).num_rows
+            if start < hi and start + rows > lo:
+                groups.append(g)
+                group_starts.append(start)
+            start += rows
+        records = parquet.read_row_groups(groups).slice(lo - group_starts[0], hi - lo).to_pylist() if groups else []
+    except Exception as exc:  # noqa: BLE001 - a damaged row group
+        raise _not_parquet(path, exc) from None
     for k in range(first, last):
         chunk = records[plan[k] - lo: plan[k + 1] - lo]
         yield Window(k, [(plan[k] + i + 1, json.dumps(r, ensure_ascii=False, default=str)) for i, r in
@@ -290,9 +309,15 @@ def _score(batch: list[tuple[int, dict, ScoringItem]], prm, options: ScoringOpti
 def process_window(window: Window, prm, options: ScoringOptions, base_dir: Path) -> WindowResult:
     """One result (or RecordError) per row of the window, in row order."""
     parsed, results = [], {}
+    limit, why = line_limit(prm, options.max_line_chars)
     for line, raw in window.rows:
         if isinstance(raw, RecordError):
             results[line] = raw
+            continue
+        if len(raw) > limit:  # before json.loads and the tokenizer: memory stays bounded by the limit
+            results[line] = RecordError(line, f"the line is {len(raw)} characters long, more than the limit of "
+                                              f"{limit} ({why}); it was not parsed: split the record, or raise "
+                                              "--max-line-chars")
             continue
         if not raw.strip():  # one output record per input line, so line k of both files match
             results[line] = {"line": line, "skipped": BLANK_LINE}
@@ -339,7 +364,10 @@ class ResultWriter:
                                      "stopping (nothing was written)")
                 tqdm.write(f"{self.prog}: skipped {out}", file=sys.stderr)
                 out = {"line": out.line, "error": str(out)}
-            self.handle.write(json.dumps(out, ensure_ascii=False) + "\n")
+            try:
+                self.handle.write(json.dumps(out, ensure_ascii=False) + "\n")
+            except UnicodeEncodeError:  # text UTF-8 cannot hold (a lone surrogate): as a JSON escape instead
+                self.handle.write(json.dumps(out) + "\n")
             self.written += 1
 
 

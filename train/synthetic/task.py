@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from mmprm_infer.formats.base import split_on_blank_lines
+from mmprm_infer.vision import open_image
 
 __all__ = [
     "Target",
@@ -702,7 +703,7 @@ def problem_from_image(image) -> Problem | None:
     its ``mmprm_synthetic`` text chunk; None for any other picture."""
     if not isinstance(image, Image.Image):
         try:
-            with Image.open(image) as im:
+            with open_image(image) as im:
                 spec = im.info.get(SPEC_KEY)
         except (OSError, ValueError):
             return None
