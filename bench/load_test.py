@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mmprm_infer.integrations.local_server import ServerProcess, free_port, vllm_server_command
+from mmprm_infer.testing.local_server import ServerProcess, free_port, vllm_server_command
 
 
 def _question(i: int) -> str:
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     info: dict = {"requests": args.requests, "n": args.n, "return_n": args.return_n, "max_tokens": args.max_tokens}
     try:
         if args.reranker_url is None:
-            from mmprm_infer.integrations.tiny_policy import build_tiny_step_policy
-            from mmprm_infer.tiny import build_tiny_causal_lm
+            from mmprm_infer.testing.tiny import build_tiny_causal_lm
+            from mmprm_infer.testing.tiny_policy import build_tiny_step_policy
 
             policy_dir = build_tiny_step_policy(work / "policy")
             prm_dir = build_tiny_causal_lm(work / "prm", arch="llama", bos_token="<s>", seed=1)

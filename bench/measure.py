@@ -135,17 +135,29 @@ class Timing:
     warmup_times: list[float] = field(default_factory=list)  # warm-up calls' wall seconds
     memory_method: str = ""
     result: object = None
+    floor_rates: list[float] = field(default_factory=list)  # the floor's GEMM rate (FLOP/s) after each timed call
 
     @property
     def best(self) -> float:
         return min(self.times)
 
+    @property
+    def floor_rate(self) -> float | None:
+        """The best GEMM rate the floor's path reached beside this engine's calls (None: no probe ran)."""
+        return max(self.floor_rates) if self.floor_rates else None
+
 
 def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1,
-              memory_pids: Callable[[], Sequence[int | str]] | None = None) -> Timing:
-    """``warmup`` untimed calls, then ``repeats`` timed ones; the peak RSS increase of every call."""
+              memory_pids: Callable[[], Sequence[int | str]] | None = None,
+              before: Callable[[], object] | None = None, probe: "FloorProbe | None" = None) -> Timing:
+    """``warmup`` untimed calls, then ``repeats`` timed ones; the peak RSS increase of every call.
+    ``before`` runs ahead of every call, untimed (e.g. emptying a cache the previous call filled).  With
+    ``probe``, the floor's GEMM rate is measured right after every timed call, so an engine's time and the
+    floor it is judged by see the machine in the same state (a busy machine slows both)."""
     out = Timing()
     for i in range(warmup + repeats):
+        if before is not None:
+            before()
         pids = memory_pids() if memory_pids else ["self"]
         with PeakRSS(pids) as mem:
             t0 = time.perf_counter()
@@ -155,6 +167,8 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1,
         if i >= warmup:
             out.times.append(dt)
             out.peak_mb.append(mem.peak_mb)
+            if probe is not None:
+                out.floor_rates.append(probe.rate())
         else:
             out.warmup_peak_mb.append(mem.peak_mb)
             out.warmup_times.append(dt)
@@ -257,55 +271,65 @@ def _gemm_inputs(cfg, rows: int, dtype):
     return gen, shapes, x, sum(2 * rows * k * n for k, n in shapes)
 
 
-def matmul_rate(cfg, rows: int, repeats: int = 5, dtype=torch.float32) -> dict:
-    """GEMM rate (FLOP/s, ``dtype``) on the model's linear shapes with ``rows`` tokens, best of ``repeats``.
+TORCH_PATH = "torch F.linear"
+ONEDNN_PREPACKED_PATH = "oneDNN prepacked (torch.utils.mkldnn)"
+PACKED_PATH = "oneDNN packed linear (fast engine)"
 
-    One pass = every linear of one layer once (F.linear, as nn.Linear runs: torch's default path);
-    rate = FLOPs of the pass / best pass time, with torch's current thread count.
-    """
+
+def gemm_pass(path: str, cfg, rows: int, dtype=torch.float32) -> tuple[Callable[[], None], int, list]:
+    """(one pass, its FLOPs, the shapes) for GEMM ``path`` on the model's linear shapes with ``rows`` tokens:
+    every linear of one decoder layer once.
+
+    ``TORCH_PATH``: ``F.linear``, as nn.Linear runs (torch's default path).  ``ONEDNN_PREPACKED_PATH``: oneDNN
+    with weights packed once (``torch.utils.mkldnn``, the path vLLM's CPU build takes; fp32); input and output
+    stay dense tensors, as a model's would.  ``PACKED_PATH``: the fast engine's packed path
+    (``linear_paths.packed_linear``: oneDNN's linear on weights reordered once for ``rows``)."""
     gen, shapes, x, flops = _gemm_inputs(cfg, rows, dtype)
-    ws = [torch.randn(n, k, generator=gen, dtype=dtype) for k, n in shapes]
+    if path == TORCH_PATH:
+        ws = [torch.randn(n, k, generator=gen, dtype=dtype) for k, n in shapes]
 
-    def one_pass():
-        for (k, _), w in zip(shapes, ws):
-            torch.nn.functional.linear(x[k], w)
+        def one_pass():
+            for (k, _), w in zip(shapes, ws):
+                torch.nn.functional.linear(x[k], w)
+    elif path == ONEDNN_PREPACKED_PATH:
+        from torch.utils import mkldnn as mkldnn_utils
 
+        layers = []
+        for k, n in shapes:
+            lin = torch.nn.Linear(k, n, bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(n, k, generator=gen))
+            layers.append((k, mkldnn_utils.to_mkldnn(lin)))
+
+        def one_pass():
+            for k, lin in layers:
+                lin(x[k])
+    elif path == PACKED_PATH:
+        from mmprm_infer.engines import linear_paths
+
+        packed = [linear_paths._pack(torch.randn(n, k, generator=gen, dtype=dtype), rows) for k, n in shapes]
+
+        def one_pass():
+            for (k, _), w in zip(shapes, packed):
+                linear_paths.packed_linear(x[k], w, None)
+    else:
+        raise ValueError(f"unknown GEMM path {path!r}")
+    return one_pass, flops, shapes
+
+
+def matmul_rate(cfg, rows: int, repeats: int = 5, dtype=torch.float32, path: str = TORCH_PATH) -> dict:
+    """GEMM rate (FLOP/s, ``dtype``) of ``path`` (``gemm_pass``) on the model's linear shapes with ``rows``
+    tokens, best of at least ``repeats`` passes, with torch's current thread count."""
+    one_pass, flops, shapes = gemm_pass(path, cfg, rows, dtype)
     return _best_pass(one_pass, flops, rows, shapes, repeats)
 
 
 def matmul_rate_onednn(cfg, rows: int, repeats: int = 5) -> dict:
-    """As ``matmul_rate``, through oneDNN with weights packed once (``torch.utils.mkldnn``: the path
-    vLLM's CPU build takes); input and output stay dense tensors, as a model's would."""
-    from torch.utils import mkldnn as mkldnn_utils
-
-    gen, shapes, x, flops = _gemm_inputs(cfg, rows, torch.float32)
-    layers = []
-    for k, n in shapes:
-        lin = torch.nn.Linear(k, n, bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(n, k, generator=gen))
-        layers.append((k, mkldnn_utils.to_mkldnn(lin)))
-
-    def one_pass():
-        for k, lin in layers:
-            lin(x[k])
-
-    return _best_pass(one_pass, flops, rows, shapes, repeats)
+    return matmul_rate(cfg, rows, repeats, torch.float32, ONEDNN_PREPACKED_PATH)
 
 
 def matmul_rate_packed(cfg, rows: int, repeats: int = 5, dtype=torch.float32) -> dict:
-    """As ``matmul_rate``, through the fast engine's packed path (``linear_paths.packed_linear``:
-    oneDNN's linear on weights reordered once for ``rows``, dense input and output)."""
-    from mmprm_infer.engines import linear_paths
-
-    gen, shapes, x, flops = _gemm_inputs(cfg, rows, dtype)
-    packed = [linear_paths.pack_weight(torch.randn(n, k, generator=gen, dtype=dtype), rows) for k, n in shapes]
-
-    def one_pass():
-        for (k, _), w in zip(shapes, packed):
-            linear_paths.packed_linear(x[k], w, None)
-
-    return _best_pass(one_pass, flops, rows, shapes, repeats)
+    return matmul_rate(cfg, rows, repeats, dtype, PACKED_PATH)
 
 
 def best_matmul_rate(cfg, rows: int, repeats: int = 5, dtype=torch.float32) -> dict:
@@ -315,13 +339,36 @@ def best_matmul_rate(cfg, rows: int, repeats: int = 5, dtype=torch.float32) -> d
     ``matmul_rate`` dict with ``paths`` (every path's result) and ``best_path``."""
     from mmprm_infer.engines import linear_paths
 
-    paths = {"torch F.linear": matmul_rate(cfg, rows, repeats, dtype=dtype)}
+    paths = {TORCH_PATH: matmul_rate(cfg, rows, repeats, dtype=dtype)}
     if dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        paths["oneDNN prepacked (torch.utils.mkldnn)"] = matmul_rate_onednn(cfg, rows, repeats)
+        paths[ONEDNN_PREPACKED_PATH] = matmul_rate_onednn(cfg, rows, repeats)
     if linear_paths.onednn_available(dtype):
-        paths["oneDNN packed linear (fast engine)"] = matmul_rate_packed(cfg, rows, repeats, dtype=dtype)
+        paths[PACKED_PATH] = matmul_rate_packed(cfg, rows, repeats, dtype=dtype)
     best = max(paths, key=lambda name: paths[name]["flop_per_s"])
     return {**paths[best], "best_path": best, "paths": paths}
+
+
+class FloorProbe:
+    """The floor's GEMM path, kept ready to be timed beside each engine's calls (``time_call(probe=...)``):
+    ``rate()`` runs ``passes`` passes and returns the best pass's FLOP/s.  The floor an engine is judged by
+    is then measured under the load the engine saw, not once at the start of the run."""
+
+    def __init__(self, path: str, cfg, rows: int, dtype=torch.float32, passes: int = 3):
+        self.path, self.passes = path, passes
+        self.one_pass, self.flops, _ = gemm_pass(path, cfg, rows, dtype)
+        self.rates: list[float] = []
+        with torch.inference_mode():
+            self.one_pass()  # warm-up
+
+    def rate(self) -> float:
+        with torch.inference_mode():
+            best = float("inf")
+            for _ in range(self.passes):
+                t0 = time.perf_counter()
+                self.one_pass()
+                best = min(best, time.perf_counter() - t0)
+        self.rates.append(self.flops / best)
+        return self.rates[-1]
 
 
 def _best_pass(one_pass, flops: int, rows: int, shapes, repeats: int) -> dict:

@@ -18,7 +18,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,12 +40,14 @@ def write_questions(prm, base: workloads.Workload, n_questions: int, path: Path)
 
 
 def single_machine(path: Path, src: Path, dst: Path, threads: int, batch_questions: int) -> float:
-    from mmprm_infer.cli import run_jsonl
+    """`mmprm score` without --ray, its options parsed by the command's own parser (so they never drift)."""
+    from mmprm_infer.cli import build_parser
+    from mmprm_infer.cli.score import run_jsonl
 
-    args = SimpleNamespace(input=str(src), output=str(dst), prm=str(path), format=workloads.TEXT_FORMAT,
-                           device="cpu", dtype="float32", engine=None, max_tiles=None, threads=threads,
-                           command="score", aggregate="min", batch_questions=batch_questions, on_error="fail",
-                           quiet=True)
+    args = build_parser("score", only=True).parse_args([
+        "score", "--data", str(src), "--output", str(dst), "--prm", str(path), "--format", workloads.TEXT_FORMAT,
+        "--device", "cpu", "--dtype", "float32", "--threads", str(threads), "--aggregate", "min",
+        "--batch-questions", str(batch_questions), "--no-progress"])
     start = time.perf_counter()
     run_jsonl(args)
     return time.perf_counter() - start

@@ -5,20 +5,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ENGINES = ("reference", "fast", "vllm", "floor")
+ENGINES = ("reference", "fast", "vllm", "vllm_plugin", "floor")
+# vllm_plugin: "vLLM + prefix reuse (plugin)", vLLM's STEP pooler with prefix caching read through the package's
+# vLLM plugin (integrations/vllm_plugin); same engine settings and cores as the vllm column.
+LABELS = {"vllm_plugin": "vllm+plugin"}
 
 # The engine's targets, per workload and, where the dtype matters, per "workload dtype":
-# (text, value, ">=" or "<=", threshold).  bench/README.md lists the same table.
+# (text, value, ">=" or "<=", threshold).  The one place they are defined: the run's output, `python -m
+# bench.run --targets` and bench/README.md print them from here.
 TARGETS = {
     "W1": [
         ("fast time / floor time", lambda e: _ratio(e, "fast", "floor"), "<=", 1.15),
         ("fast vs vLLM STEP pooler speedup", lambda e: _ratio(e, "vllm", "fast"), ">=", 5.0),
         ("fast vs reference speedup", lambda e: _ratio(e, "reference", "fast"), ">=", 10.0),
         ("fast / reference peak memory", lambda e: _mem_ratio(e), "<=", 0.3),
+        # both GEMM-bound in fp32: the floor of the fast engine's own work allows about 1.5x
+        ("fast vs vLLM + prefix reuse (plugin) speedup", lambda e: _ratio(e, "vllm_plugin", "fast"), ">=", 1.3),
+    ],
+    "W1 plugin": [  # judged at every dtype: the plugin makes vLLM faster (W1's unique tokens are 4.6x fewer)
+        ("vLLM + prefix reuse (plugin) vs stock vLLM", lambda e: _ratio(e, "vllm", "vllm_plugin"), ">=", 3.5),
     ],
     "W1 bfloat16": [
         ("fast time / floor time (bf16 GEMM rate)", lambda e: _ratio(e, "fast", "floor"), "<=", 2.0),
         ("fast vs vLLM STEP pooler speedup (both bf16)", lambda e: _ratio(e, "vllm", "fast"), ">=", 8.0),
+        ("fast vs vLLM + prefix reuse (plugin) speedup (both bf16)", lambda e: _ratio(e, "vllm_plugin", "fast"),
+         ">=", 2.0),
     ],
     "W2": [
         ("fast vs reference speedup", lambda e: _ratio(e, "reference", "fast"), ">=", 10.0),
@@ -39,7 +50,8 @@ def targets_markdown() -> str:
     rows = ["| workload | dtype | target |", "|---|---|---|"]
     for key, targets in TARGETS.items():
         name, _, dtype = key.partition(" ")
-        rows += [f"| {name} | {dtype or 'float32'} | {text} {op} {threshold:g} |" for text, _, op, threshold in targets]
+        dtype = {"": "float32", "plugin": "any"}.get(dtype, dtype)
+        rows += [f"| {name} | {dtype} | {text} {op} {threshold:g} |" for text, _, op, threshold in targets]
     return "\n".join(rows)
 
 
@@ -49,6 +61,8 @@ def _seconds(engines: dict, name: str):
 
 
 def _ratio(engines: dict, slow: str, fast: str):
+    if fast == "floor" and (engines.get(slow) or {}).get("floor_seconds"):  # the floor measured beside it
+        return engines[slow]["seconds"] / engines[slow]["floor_seconds"]
     a, b = _seconds(engines, slow), _seconds(engines, fast)
     return a / b if a and b else None
 
@@ -67,7 +81,8 @@ def _mem_ratio(engines: dict):
 
 
 def derive(point: dict) -> None:
-    """Add speedups, floor ratios and the memory ratio to one point's engines."""
+    """Add speedups, floor ratios and the memory ratio to one point's engines.  An engine's ratio to the floor
+    uses the floor measured beside its own calls (``floor_seconds``) where the run has it."""
     engines = point["engines"]
     for name in ENGINES:
         e = engines[name]
@@ -75,18 +90,49 @@ def derive(point: dict) -> None:
             continue
         e["speedup_vs_reference"] = _ratio(engines, "reference", name)
         e["speedup_vs_vllm"] = _ratio(engines, "vllm", name)
-        e["ratio_to_floor"] = _ratio(engines, name, "floor")
+        e["speedup_vs_vllm_plugin"] = _ratio(engines, "vllm_plugin", name)
+        e["ratio_to_floor"] = (e["seconds"] / e["floor_seconds"] if e.get("floor_seconds")
+                               else _ratio(engines, name, "floor"))
     point["fast_over_reference_peak_rss"] = _mem_ratio(engines)
+
+
+def format_targets() -> str:
+    """Every target, as the run judges it (the text bench/README.md must state)."""
+    lines = ["targets (bench/report.py TARGETS), judged on each workload's base point, fp32 unless named:"]
+    for workload, targets in TARGETS.items():
+        for text, _, op, threshold in targets:
+            lines.append(f"  {workload:<12} {text} {op} {threshold:g}")
+    lines.append("  every run    no engine faster than the floor of its own work measured beside it "
+                 "(else the run is INVALID)")
+    return "\n".join(lines)
+
+
+def validity(point: dict, quick: bool = False) -> dict:
+    """INVALID when an engine ran faster than the floor of its own work measured beside its calls: an
+    engine cannot beat the machine's GEMM rate, so the load changed under the run or a FLOP count is wrong,
+    and no target of the point can PASS.  Not judged in --quick mode (tiny shapes)."""
+    if quick:
+        return {"status": "not judged", "reason": "--quick (tiny shapes)", "beat_floor": []}
+    beat = []
+    for name, e in point["engines"].items():
+        if name == "floor" or e.get("status") != "ok" or e.get("work_floor_seconds") is None:
+            continue
+        if e["seconds"] < e["work_floor_seconds"]:
+            beat.append({"engine": name, "seconds": e["seconds"], "work_floor_seconds": e["work_floor_seconds"]})
+    return {"status": "INVALID" if beat else "valid", "beat_floor": beat}
 
 
 def check_targets(point: dict, dtype: str = "float32") -> list[dict]:
     name = point["workload"]["name"]
+    invalid = (point.get("validity") or {}).get("status") == "INVALID"
     out = []
-    for text, value, op, threshold in TARGETS.get(name if dtype == "float32" else f"{name} {dtype}", []):
+    targets = TARGETS.get(name if dtype == "float32" else f"{name} {dtype}", []) + TARGETS.get(f"{name} plugin", [])
+    for text, value, op, threshold in targets:
         v = value(point["engines"])
         ok = v is not None and (v >= threshold if op == ">=" else v <= threshold)
+        status = "n/a" if v is None else ("INVALID" if invalid else ("PASS" if ok else "FAIL"))
         out.append({"target": f"{text} {op} {threshold:g}", "value": v, "op": op, "threshold": threshold,
-                    "status": "n/a" if v is None else ("PASS" if ok else "FAIL")})
+                    "status": status})
     return out
 
 
@@ -117,17 +163,19 @@ def format_point(point: dict, quick: bool) -> str:
     ]
     for name in ENGINES:
         e = point["engines"][name]
+        label = LABELS.get(name, name)
         if e.get("status") != "ok":
-            lines.append(f"   {name:<10} {'skipped':>9}  ({e.get('reason', '')})")
+            lines.append(f"   {label:<10} {'skipped' if e.get('status') == 'skipped' else 'error':>9}  "
+                         f"({e.get('reason', '')})")
             continue
         mem = e.get("peak_rss_mb")
         mem_s = "-" if name == "floor" else ("n/a" if mem is None else f"{mem:.1f}")
-        if name == "vllm" and mem is not None:
+        if name.startswith("vllm") and mem is not None:
             mem_s += "*"
         diff = e.get("max_abs_diff_vs_reference")
         times = " ".join(f"{x:.3f}" for x in e.get("times", []))
         lines.append(
-            f"   {name:<10} {e['seconds']:>9.3f} {_fmt(e.get('speedup_vs_reference'), '{:.2f}x'):>8} "
+            f"   {label:<10} {e['seconds']:>9.3f} {_fmt(e.get('speedup_vs_reference'), '{:.2f}x'):>8} "
             f"{_fmt(e.get('speedup_vs_vllm'), '{:.2f}x'):>8} {_fmt(e.get('ratio_to_floor'), '{:.2f}x'):>8} "
             f"{mem_s:>9}  {_fmt(diff, '{:.2e}'):>16}  {e.get('threads', '-')}; {times}"
         )
@@ -145,6 +193,13 @@ def format_point(point: dict, quick: bool) -> str:
             lines.append(f"   {name:<10} one-time costs, not in the times above: warm-up {e['warmup_s']:.2f} s"
                          + (f" ({steps})" if steps else "")
                          + (f"; first untimed call after it {first[0]:.3f} s" if first else ""))
+    plugin = point["engines"].get("vllm_plugin", {})
+    if plugin.get("status") == "ok":
+        lines.append(
+            f"   vllm+plugin = vLLM + prefix reuse (plugin): computed {plugin.get('computed_tokens')} of "
+            f"{plugin.get('prompt_tokens')} prompt tokens (the rest from the prefix cache); plugin vs stock vLLM "
+            f"{_fmt(_ratio(point['engines'], 'vllm', 'vllm_plugin'), '{:.2f}x')}, fast vs plugin "
+            f"{_fmt(_ratio(point['engines'], 'vllm_plugin', 'fast'), '{:.2f}x')}")
     floor, fast = point["engines"]["floor"], point["engines"]["fast"]
     if floor.get("seconds_last_layer_at_markers") and fast.get("status") == "ok":
         pruned = floor["seconds_last_layer_at_markers"]
@@ -154,6 +209,11 @@ def format_point(point: dict, quick: bool) -> str:
     lines.append(f"   peak RSS increase fast / reference: {_fmt(ratio, '{:.3f}x')}"
                  + ("   (* vLLM: its engine processes' RSS increase, see JSON note)"
                     if point["engines"]["vllm"].get("peak_rss_mb") is not None else ""))
+    v = point.get("validity") or {}
+    for b in v.get("beat_floor", []):
+        lines.append(f"   INVALID: {b['engine']} took {b['seconds']:.3f} s, under the floor of its own work measured "
+                     f"beside its calls ({b['work_floor_seconds']:.3f} s): the machine's speed changed during the run "
+                     "(or a FLOP count is wrong); rerun on an idle machine")
     if point.get("axis") == "base" and not quick:
         for c in point.get("targets", []):
             lines.append(f"   target {c['target']:<42} {c['status']:<4} (measured {_fmt(c['value'], '{:.3f}')})")
@@ -181,7 +241,7 @@ def plot(results: dict, path: Path) -> str:
     swept = [w for w in results["workloads"] if any(p["axis"] in ("N", "P") for p in w["points"])]
     sweeps = [p for w in swept[:1] for p in w["points"]]
     lines = [("fast", "fast vs reference", "o-"), ("vllm", "vLLM vs reference", "s--"),
-             ("floor", "floor vs reference", "k:")]
+             ("vllm_plugin", "vLLM + prefix reuse (plugin) vs reference", "d--"), ("floor", "floor vs reference", "k:")]
     if sweeps:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, axis, key in ((axes[0], "N", "n_candidates"), (axes[1], "P", "prompt_tokens")):
@@ -209,10 +269,11 @@ def plot(results: dict, path: Path) -> str:
     else:
         base_pts = [p for w in results["workloads"] for p in w["points"]]
         fig, ax = plt.subplots(figsize=(6, 4))
-        width = 0.8 / len(ENGINES)
-        for i, engine in enumerate(ENGINES):
+        ran = [e for e in ENGINES if any(p["engines"][e].get("status") == "ok" for p in base_pts)]
+        width = 0.8 / len(ran)
+        for i, engine in enumerate(ran):  # an engine that did not run (vLLM skipped) gets no bar and no legend
             ys = [p["engines"][engine].get("seconds") or 0 for p in base_pts]
-            ax.bar([j + i * width for j in range(len(base_pts))], ys, width, label=engine)
+            ax.bar([j + i * width for j in range(len(base_pts))], ys, width, label=LABELS.get(engine, engine))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(base_pts))], [p["workload"]["name"] for p in base_pts])
         ax.set_ylabel("seconds (best of k)")
         ax.legend(fontsize=8)

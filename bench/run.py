@@ -2,7 +2,8 @@
 
     python -m bench.run                       # W1, best of 3, 2 threads, vLLM if importable
     python -m bench.run --workload all --sweep
-    python -m bench.run --quick --no-vllm     # tiny dims, seconds (CI smoke)
+    python -m bench.run --quick --no-vllm     # tiny dims, a minute or two (CI smoke; numbers mean nothing)
+    python -m bench.run --targets             # the targets a run is judged by (bench/report.py TARGETS)
 
 (``python bench/run.py ...`` works too.)  See bench/README.md for the
 workloads, the vLLM install and how to read the output.
@@ -45,10 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the in-process engines and the GEMM rate")
     p.add_argument("--quick", action="store_true", help="tiny dims and sizes (CI smoke; numbers mean nothing)")
+    p.add_argument("--targets", action="store_true", help="print the targets a run is judged by and exit")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of every engine (text workloads); with bfloat16 each engine's rewards are also "
                         "compared with the fp32 reference, rankings included, and the floor uses the bf16 GEMM rate")
-    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM column")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM columns")
+    p.add_argument("--no-vllm-plugin", action="store_true",
+                   help="skip the 'vLLM + prefix reuse (plugin)' column (stock vLLM only)")
     p.add_argument("--engines", default="reference,fast", help="in-process engines to run (comma list)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default bench/results/<workload>[_sweep][_quick].json); the PNG goes next to it")
@@ -57,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="VLLM_CPU_OMP_THREADS_BIND for vLLM's worker (default: 0-(threads-1), the cores the library "
                         "uses, with no core reserved; 'auto' keeps vLLM's own binding, which on 2 cores gives its "
                         "worker 1 thread and reserves the other core)")
+    p.add_argument("--vllm-block-size", type=int, default=None,
+                   help="vLLM's KV block size for both vLLM columns (default: vLLM's, 128 on CPU); prefix-cache hits "
+                        "are whole blocks, so the plugin column recomputes up to block-1 question tokens per candidate")
     p.add_argument("--vllm-max-batched-tokens", type=int, default=16384,
                    help="vLLM max_num_batched_tokens (default 16384, the fast engine's max_batch_tokens)")
     args = p.parse_args(argv)
@@ -168,7 +175,17 @@ def _versus_fp32(point: dict, rewards) -> dict:
             "ranking_same_as_fp32": ref_order == got_order}
 
 
-def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
+def _floor_fields(timing: measure.Timing, point: dict, work_flops: float) -> dict:
+    """The floor measured beside this engine's calls: the point's FLOPs (and the engine's own work) over the
+    best GEMM rate the floor's path reached between them."""
+    rate = timing.floor_rate
+    if rate is None:
+        return {}
+    return {"floor_rate_flop_per_s": rate, "floor_rates_flop_per_s": timing.floor_rates,
+            "floor_seconds": point["flops"]["total"] / rate, "work_floor_seconds": work_flops / rate}
+
+
+def run_in_process(args, prm, point: dict, inputs: workloads.Inputs, probe: measure.FloorProbe | None = None) -> dict:
     engines = {}
     ref_rewards = None
     for name in ("reference", "fast"):
@@ -185,7 +202,7 @@ def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
             warmup_s = time.perf_counter() - start
             timing = measure.time_call(
                 lambda: prm.score(inputs.question, inputs.candidates, image=inputs.image, engine=name),
-                args.repeats, args.warmup)
+                args.repeats, args.warmup, probe=probe)
         except Exception as exc:  # a broken engine must show, not stop the other columns
             engines[name] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
             print(f"   {name}: ERROR {type(exc).__name__}: {exc}")
@@ -193,11 +210,15 @@ def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
         engines[name] = _engine_record(timing, "this process (RSS increase during the call)")
         engines[name].update(warmup_s=warmup_s, warmup_steps=steps, first_call_s=timing.warmup_times[:1])
         engines[name]["threads"] = f"torch {torch.get_num_threads()} threads"
+        work = point["flops"]["total"]
         if name == "fast":
             info = prm.engine("fast").describe(prm.adapter)
             engines[name]["engine"] = info
             engines[name]["threads"] += (f", {info['decoder']}, {info['compute_dtype']}, linear {info['linear_path']}"
                                          f", prefix attention {info['prefix_attention']}")
+            if getattr(prm.engine("fast"), "prune_last_layer", True):  # its own work: last layer at the markers
+                work = point["flops"]["total_last_layer_at_markers"]
+        engines[name].update(_floor_fields(timing, point, work))
         engines[name].update(_versus_fp32(point, timing.result))
         if name == "reference":
             ref_rewards = timing.result
@@ -209,32 +230,39 @@ def run_in_process(args, prm, point: dict, inputs: workloads.Inputs) -> dict:
     return engines
 
 
-def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point) -> None:
-    """All points of one text workload through one vLLM engine (started once, closed at the end)."""
+def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point, column: str = "vllm",
+                   probe: measure.FloorProbe | None = None) -> None:
+    """All points of one text workload through one vLLM engine (started once, closed at the end).
+    ``column`` "vllm_plugin": the same engine with prefix caching on, read by the package's vLLM plugin."""
     points = w_result["points"]
+    prefix_reuse = column == "vllm_plugin"
     max_len = max(max(p["tokens"]["candidate_lengths"]) for p in points)
     max_model_len = min(w_result["model"]["max_positions"], ((max_len + 16 + 255) // 256) * 256)
-    print(f"\n-- vLLM: starting engine on {path} (max_model_len {max_model_len}) ...", flush=True)
+    print(f"\n-- {column}: starting engine on {path} (max_model_len {max_model_len}) ...", flush=True)
     t0 = time.perf_counter()
     try:
         engine = VllmStepPooler(path, prm, max_model_len=max_model_len, threads=args.threads, dtype=args.dtype,
-                                max_batched_tokens=args.vllm_max_batched_tokens, omp_bind=args.vllm_omp_bind)
+                                max_batched_tokens=args.vllm_max_batched_tokens, omp_bind=args.vllm_omp_bind,
+                                prefix_reuse=prefix_reuse, block_size=args.vllm_block_size)
     except Exception as exc:
         for p in points:
-            p["engines"]["vllm"] = {"status": "error", "reason": f"engine start failed: {type(exc).__name__}: {exc}"}
-        print(f"   vLLM: engine start FAILED: {type(exc).__name__}: {exc}")
+            p["engines"][column] = {"status": "error", "reason": f"engine start failed: {type(exc).__name__}: {exc}"}
+        print(f"   {column}: engine start FAILED: {type(exc).__name__}: {exc}")
         return
-    w_result["vllm"] = {"version": vllm_version(), "init_s": time.perf_counter() - t0, "settings": engine.settings}
-    print(f"   vLLM engine up in {w_result['vllm']['init_s']:.1f} s", flush=True)
+    w_result[column] = {"version": vllm_version(), "init_s": time.perf_counter() - t0, "settings": engine.settings}
+    print(f"   {column} engine up in {w_result[column]['init_s']:.1f} s", flush=True)
     try:
         for p, inputs in zip(points, inputs_by_point):
-            print(f"   vllm @ {p['title']}: {args.warmup} warm-up + {args.repeats} timed calls ...", flush=True)
+            print(f"   {column} @ {p['title']}: {args.warmup} warm-up + {args.repeats} timed calls ...", flush=True)
             try:
+                # every call starts with an empty prefix cache: each W1 call is a new question, whose
+                # candidates may reuse only what earlier candidates of the same call computed
                 timing = measure.time_call(lambda: engine.score(prm, inputs.question, inputs.candidates),
-                                           args.repeats, args.warmup, memory_pids=engine.engine_pids)
+                                           args.repeats, args.warmup, memory_pids=engine.engine_pids,
+                                           before=engine.reset_prefix_cache, probe=probe)
             except Exception as exc:
-                p["engines"]["vllm"] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-                print(f"   vllm: ERROR {type(exc).__name__}: {exc}")
+                p["engines"][column] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+                print(f"   {column}: ERROR {type(exc).__name__}: {exc}")
                 continue
             rec = _engine_record(timing, "vLLM's engine processes (children of this one): RSS increase during "
                                          "the call; the KV cache it reserves at start-up is not counted")
@@ -243,7 +271,12 @@ def run_vllm_phase(args, w_result: dict, prm, path, inputs_by_point) -> None:
             rec["threads"] = (f"OMP bind {engine.settings['VLLM_CPU_OMP_THREADS_BIND']}, reserved CPUs "
                               f"{engine.settings['VLLM_CPU_NUM_OF_RESERVED_CPU']}")
             rec.update(_versus_fp32(p, timing.result))
-            p["engines"]["vllm"] = rec
+            # tokens of the last timed call: what vLLM computed (prompt tokens less prefix-cache hits)
+            rec["prompt_tokens"] = engine.last_tokens["prompt"]
+            rec["cached_tokens"] = engine.last_tokens["cached"]
+            rec["computed_tokens"] = rec["prompt_tokens"] - rec["cached_tokens"]
+            rec.update(_floor_fields(timing, p, p["flops"]["total"]))
+            p["engines"][column] = rec
     finally:
         engine.close()
 
@@ -284,31 +317,44 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
     rate = measure.best_matmul_rate(text_cfg, rows, dtype=dtype)
     w_result["matmul_rate"] = rate
     print("   " + ", ".join(f"{name} {r['flop_per_s'] / 1e9:.1f}" for name, r in rate["paths"].items())
-          + f" GFLOP/s {args.dtype}; the floor uses the best, {rate['best_path']}")
+          + f" GFLOP/s {args.dtype}; the floor uses the best, {rate['best_path']}, timed again after every "
+          "engine call")
+    probe = measure.FloorProbe(rate["best_path"], text_cfg, rows, dtype)
     if args.dtype != "float32":
         _fp32_oracle(base, args.cache_dir, w_result["points"], inputs_by_point)
 
     for point, inputs in zip(w_result["points"], inputs_by_point):
         print(f"\n-- {point['title']}", flush=True)
-        point["engines"] = run_in_process(args, prm, point, inputs)
-        point["engines"]["floor"] = {"status": "ok", "seconds": point["flops"]["total"] / rate["flop_per_s"],
-                                     "how": f"FLOPs of the unique tokens / the best measured {args.dtype} GEMM rate "
-                                            f"({rate['best_path']})",
-                                     "threads": f"{rate['best_path']}, {rate['threads']} threads",
-                                     "seconds_last_layer_at_markers":
-                                         point["flops"]["total_last_layer_at_markers"] / rate["flop_per_s"]}
+        point["engines"] = run_in_process(args, prm, point, inputs, probe)
         point["engines"]["vllm"] = {"status": "skipped", "reason": vllm_reason}
+        point["engines"]["vllm_plugin"] = {"status": "skipped",
+                                           "reason": "--no-vllm-plugin given" if args.no_vllm_plugin and vllm_ok
+                                           else vllm_reason}
 
     if base.multimodal:
         for p in w_result["points"]:
-            p["engines"]["vllm"] = {"status": "skipped", "reason": W2_VLLM_REASON if vllm_ok else vllm_reason}
+            for column in ("vllm", "vllm_plugin"):
+                p["engines"][column] = {"status": "skipped", "reason": W2_VLLM_REASON if vllm_ok else vllm_reason}
     elif vllm_ok:
-        run_vllm_phase(args, w_result, prm, path, inputs_by_point)
+        run_vllm_phase(args, w_result, prm, path, inputs_by_point, probe=probe)
+        if not args.no_vllm_plugin:
+            run_vllm_phase(args, w_result, prm, path, inputs_by_point, column="vllm_plugin", probe=probe)
 
+    best_rate = max([rate["flop_per_s"], *probe.rates])
+    w_result["floor_probe"] = {"path": rate["best_path"], "rates_flop_per_s": probe.rates,
+                               "best_flop_per_s": best_rate}
+    for p in w_result["points"]:
+        p["engines"]["floor"] = {"status": "ok", "seconds": p["flops"]["total"] / best_rate,
+                                 "how": f"FLOPs of the unique tokens / the best {args.dtype} GEMM rate measured in "
+                                        f"this run ({rate['best_path']}, at the start and after every engine call)",
+                                 "threads": f"{rate['best_path']}, {rate['threads']} threads",
+                                 "seconds_last_layer_at_markers":
+                                     p["flops"]["total_last_layer_at_markers"] / best_rate}
     for p in w_result["points"]:
         p.pop("_rewards", None)
         p.pop("_fp32_rewards", None)
         report.derive(p)
+        p["validity"] = report.validity(p, args.quick)
         p["targets"] = report.check_targets(p, args.dtype) if p["axis"] == "base" else []
         print(report.format_point(p, args.quick))
     return w_result
@@ -316,6 +362,9 @@ def run_workload(args, base: workloads.Workload, vllm_ok: bool, vllm_reason: str
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.targets:
+        print(report.format_targets())
+        return 0
     args.engine_list = [e.strip() for e in args.engines.split(",") if e.strip()]
     torch.set_num_threads(args.threads)
     results = {"meta": _meta(args), "workloads": []}
@@ -335,6 +384,11 @@ def main(argv=None) -> int:
     start, end = results["meta"]["loadavg_start"][0], results["meta"]["loadavg_end"][0]
     print(f"load average at start {start:.2f}, at end {end:.2f} ({os.cpu_count()} CPUs): "
           "timings taken on a busy machine are not final numbers")
+    invalid = [f"{w['name']} {p['title']}" for w in results["workloads"] for p in w["points"]
+               if p["validity"]["status"] == "INVALID"]
+    if invalid:
+        print(f"INVALID run: an engine beat the floor measured beside it at {', '.join(invalid)}; rerun on an idle "
+              "machine")
     return 0
 
 

@@ -9,8 +9,8 @@ so a plain ``pytest`` never collects this file, and without
 
 - ``shared_prefix_attention`` (torch path) on one W1 layer: 16 candidates x 200
   suffix tokens over a 1000-token prefix, 8 heads / 2 KV heads, head_dim 64, fp32;
-- ``fused_step_rewards`` (torch path) on W1's marker readout: 3200 packed
-  rows, 16 x 8 markers, hidden 512;
+- ``marker_rewards`` (torch path) on W1's marker readout: the 16 x 8 marker
+  rows of 3200 packed rows, hidden 512;
 - one ``prm.score(..., engine="fast")`` call on a small model (hidden 128,
   2 layers, N=8, P=200, S=64), its weights scaled so rewards spread over
   (0, 1) (``tests/spread_models.py``), checked against the reference engine
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from mmprm_infer.kernels.prefix_attention import shared_prefix_attention
-from mmprm_infer.kernels.step_reward import fused_step_rewards
+from mmprm_infer.kernels.step_reward import marker_rewards
 from tests.spread_models import BROKEN, assert_matches, assert_spread, spread
 
 THREADS = 2
@@ -55,17 +55,16 @@ def test_shared_prefix_attention_torch_w1_layer(benchmark):
     assert out.shape == (N * S, H, D) and torch.isfinite(out).all()
 
 
-def test_fused_step_rewards_torch_w1(benchmark):
+def test_marker_rewards_torch_w1(benchmark):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(N * S, HIDDEN, generator=g)
     # 8 markers per candidate, evenly spread, the last on the candidate's last token
     positions = torch.tensor([c * S + (s + 1) * S // STEPS - 1 for c in range(N) for s in range(STEPS)])
-    cu_markers = list(range(0, N * STEPS + 1, STEPS))
+    rows = hidden.index_select(0, positions)  # what the fast engine hands the reward head
     w_diff = torch.randn(HIDDEN, generator=g) * 0.05
     with torch.inference_mode():
-        rewards, scores = benchmark(fused_step_rewards, hidden, positions, cu_markers, None, 0.0, w_diff, 0.0,
-                                    backend="torch")
-    assert rewards.shape == (N * STEPS,) and scores.shape == (N,)
+        rewards = benchmark(marker_rewards, rows, w_diff, 0.0, backend="torch")
+    assert rewards.shape == (N * STEPS,)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,9 @@ Prompts go in pre-tokenised (``TokensPrompt``) with exactly the ids
 ``prm.encode`` gives the library's engines.  vLLM switches prefix caching off
 for STEP pooling (and never reads it for token pooling), so every candidate
 recomputes the prompt: that is the engine as shipped, not a harness choice.
+With ``prefix_reuse=True`` (the "vLLM + prefix reuse (plugin)" column) the
+same engine runs with ``enable_prefix_caching=True`` and this package's vLLM
+plugin, which makes the STEP pooler read the cache (docs/vllm_plugin.md).
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ class VllmStepPooler:
     name = "vllm"
 
     def __init__(self, path, prm, *, max_model_len: int, threads: int, max_batched_tokens: int = 16384,
-                 omp_bind: str | None = None, memory_fraction: float = 0.2, dtype: str = "float32"):
+                 omp_bind: str | None = None, memory_fraction: float = 0.2, dtype: str = "float32",
+                 prefix_reuse: bool = False, block_size: int | None = None):
         from vllm import LLM
         from vllm.config import PoolerConfig
 
@@ -75,14 +79,29 @@ class VllmStepPooler:
             "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto (vLLM default)"),
             "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "default"),
             "harness_threads": threads,
+            # the plugin column: the same engine with prefix caching on, which the package's vLLM plugin
+            # (integrations/vllm_plugin) makes STEP pooling read; chunked prefill stays vLLM's default (off) in both
+            "enable_prefix_caching": prefix_reuse,
         }
         self.llm = LLM(
             model=str(path), runner="pooling", convert="classify", dtype=dtype, enforce_eager=True,
             gpu_memory_utilization=memory_fraction, max_model_len=max_model_len,
             max_num_batched_tokens=self.settings["max_num_batched_tokens"], seed=0,
-            hf_overrides=self.settings["hf_overrides"],
+            hf_overrides=self.settings["hf_overrides"], enable_prefix_caching=prefix_reuse,
             pooler_config=PoolerConfig(task="token_classify", tok_pooling_type="STEP", step_tag_id=tag),
+            **({} if block_size is None else {"block_size": block_size}),
         )
+        self.settings["block_size"] = self.llm.llm_engine.vllm_config.cache_config.block_size
+        if prefix_reuse:
+            from mmprm_infer.engines.vllm_pooling import check_plugin, plugin_status
+
+            try:
+                check_plugin()  # raises, naming why, when the plugin did not patch vLLM
+            except RuntimeError:
+                self.close()
+                raise
+            self.settings["plugin"] = plugin_status()
+        self.last_tokens = {"prompt": 0, "cached": 0}
 
     def score(self, prm, question, candidates, image=None) -> list[list[float]]:
         from vllm.inputs import TokensPrompt
@@ -92,6 +111,8 @@ class VllmStepPooler:
         encoded = prm.encode(question, candidates)  # same tokenisation as the library engines (timed alike)
         prompts = [TokensPrompt(prompt_token_ids=c.input_ids) for c in encoded.candidates]
         outs = self.llm.encode(prompts, pooling_task="token_classify", use_tqdm=False)
+        self.last_tokens = {"prompt": sum(len(p["prompt_token_ids"]) for p in prompts),
+                            "cached": sum(int(o.num_cached_tokens or 0) for o in outs)}
         rewards = []
         for cand, out in zip(encoded.candidates, outs):
             data = out.outputs.data
@@ -100,6 +121,11 @@ class VllmStepPooler:
                     f"vLLM returned {data.shape[0]} tag rows for a candidate with {cand.num_steps} steps")
             rewards.append(data[:, 0].float().tolist())
         return rewards
+
+    def reset_prefix_cache(self) -> None:
+        """Empty vLLM's prefix cache (a no-op without prefix caching), so no call reuses an earlier call's work."""
+        if self.settings["enable_prefix_caching"] and not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not reset its prefix cache; the plugin column would reuse earlier calls")
 
     def engine_pids(self) -> list[int]:
         return descendants_of_self()

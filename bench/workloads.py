@@ -2,7 +2,7 @@
 
 W1 (text) and W2 (multimodal) follow /work/shared/DESIGN.md "Benchmark
 workloads".  Models are built offline with the library's own tiny builders
-(``mmprm_infer.tiny`` / ``mmprm_infer.tiny_internvl``), saved once under a
+(``mmprm_infer.testing.tiny`` / ``mmprm_infer.testing.tiny_internvl``), saved once under a
 cache directory and loaded back through ``PRM.from_pretrained`` (or, for the
 InternVL fallback route, ``from_pretrained`` of the transformers class).
 
@@ -163,7 +163,7 @@ def _spread_weights(model, hidden: int, prefix: str = "", seed: int = 0) -> None
 
 def text_checkpoint(spec: TextModelSpec, cache_dir: Path) -> Path:
     """A Qwen2ForCausalLM (random weights, seed 0) with the math-shepherd tokens, cached."""
-    from mmprm_infer import tiny
+    from mmprm_infer.testing import tiny
 
     def build(path: Path) -> None:
         from transformers import AutoModelForCausalLM
@@ -182,7 +182,7 @@ def text_checkpoint(spec: TextModelSpec, cache_dir: Path) -> Path:
 
 def internvl_checkpoint(spec: TextModelSpec, vision: VisionSpec, cache_dir: Path) -> Path:
     """An InternVLForConditionalGeneration (the W1 text model dims + a small vision tower), cached."""
-    from mmprm_infer import tiny_internvl
+    from mmprm_infer.testing import tiny_internvl
 
     def build(path: Path) -> None:
         tiny_internvl.build_tiny_internvl(

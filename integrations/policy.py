@@ -1,5 +1,5 @@
 """Policies that write rollouts: implementations of ``mmprm_infer.policy.Policy``
-(the protocol lives in the core; it is re-exported here).
+(the protocol, ``PolicyPrompt`` and the step helpers live in the core, ``mmprm_infer.policy``).
 
 Implementations here:
 
@@ -25,32 +25,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = [
-    "STEP_SEPARATOR",
-    "DEFAULT_SAMPLING",
-    "DEFAULT_SYSTEM_PROMPT",
-    "PolicyPrompt",
-    "Policy",
-    "TransformersPolicy",
-    "OpenAIPolicy",
-    "PolicyError",
-    "join_steps",
-    "split_steps",
-    "sampling_options",
-]
-
-from mmprm_infer.policy import (  # noqa: F401 - the protocol, re-exported for code written against this path
-    _SAMPLING_KEYS,
+from mmprm_infer.policy import (
     DEFAULT_SAMPLING,
     DEFAULT_SYSTEM_PROMPT,
     STEP_SEPARATOR,
-    Policy,
     PolicyError,
     PolicyPrompt,
     join_steps,
     sampling_options,
-    split_steps,
 )
+
+__all__ = ["TransformersPolicy", "OpenAIPolicy"]
 
 
 def _check_prompts(prompts, n: int) -> list[PolicyPrompt]:

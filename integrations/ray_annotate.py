@@ -4,7 +4,7 @@ The driver decides what is left to do (``train.mcts.prepare_annotation``:
 finished trees on disk are skipped, so a killed driver resumes with the same
 command), saves the question images, and streams the questions through Ray
 Data to a pool of annotation actors.  Each actor builds its own policy once
-from a picklable factory (the synthetic policy, an OpenAI-compatible endpoint,
+from a picklable factory (the synthetic recipe's policy, an OpenAI-compatible endpoint,
 or an in-actor vLLM engine with its own tensor parallelism) and runs the
 OmegaPRM search of one question at a time.  Finished trees come back to the
 driver, which writes each one once, atomically: a lost worker costs only its
@@ -22,7 +22,9 @@ import functools
 import pickle
 from typing import Any, Callable, Iterable
 
-from ..train.mcts import (
+from mmprm_infer.integrations.ray_cluster import connect, data_context, map_to_actors, plan_actors
+from mmprm_infer.policy import Policy
+from mmprm_infer.train.mcts import (
     AnnotationProgress,
     AnnotationStats,
     MCTSConfig,
@@ -32,10 +34,8 @@ from ..train.mcts import (
     with_saved_image,
     write_json_atomic,
 )
-from .policy import Policy
-from .ray_cluster import connect, data_context, map_to_actors, plan_actors
 
-__all__ = ["ray_annotate", "synthetic_policy_factory", "openai_policy_factory", "vllm_policy_factory"]
+__all__ = ["ray_annotate", "openai_policy_factory", "hf_policy_factory", "vllm_policy_factory"]
 
 
 class AnnotationWorker:
@@ -105,23 +105,8 @@ def ray_annotate(problems: Iterable[Any], policy_factory: Callable[[], Policy], 
 # --------------------------------------------------------------------------
 # policy factories (module-level functions + partial: picklable for the workers)
 # --------------------------------------------------------------------------
-def _synthetic_policy(num_problems: int, split: str, seed: int, rates, policy_seed: int, latency_s: float) -> Policy:
-    from ..train.synthetic.policy import SyntheticPolicy
-    from ..train.synthetic.task import make_problems
-
-    return SyntheticPolicy(make_problems(num_problems, split, seed), rates=rates, seed=policy_seed,
-                           latency_s=latency_s)
-
-
-def synthetic_policy_factory(num_problems: int, split: str, seed: int, rates, policy_seed: int = 0,
-                             latency_s: float = 0.0) -> Callable[[], Policy]:
-    """The synthetic policy over the same problem set, rebuilt in each worker (its samples depend
-    only on the seed, the problem and the partial solution, so a worker gives the same trees)."""
-    return functools.partial(_synthetic_policy, num_problems, split, seed, rates, policy_seed, latency_s)
-
-
 def _openai_policy(base_url: str, model: str, api_key: str | None, sampling: dict) -> Policy:
-    from .policy import OpenAIPolicy
+    from mmprm_infer.integrations.policy import OpenAIPolicy
 
     return OpenAIPolicy(base_url, model, api_key, **sampling)
 
@@ -134,7 +119,7 @@ def openai_policy_factory(base_url: str, model: str, api_key: str | None = None,
 def _hf_policy(path: str, seed: int | None, sampling: dict) -> Policy:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, InternVLForConditionalGeneration
 
-    from .policy import TransformersPolicy
+    from mmprm_infer.integrations.policy import TransformersPolicy
 
     vision = "InternVLForConditionalGeneration" in (AutoConfig.from_pretrained(path).architectures or [])
     model = (InternVLForConditionalGeneration if vision else AutoModelForCausalLM).from_pretrained(path)
@@ -150,7 +135,7 @@ def hf_policy_factory(path: str, seed: int | None = 0, **sampling) -> Callable[[
 def _vllm_policy(model: str, tensor_parallel_size: int, llm_kwargs: dict, sampling: dict) -> Policy:
     import vllm
 
-    from .vllm_policy import VLLMPolicy
+    from mmprm_infer.integrations.vllm_policy import VLLMPolicy
 
     return VLLMPolicy(vllm.LLM(model=model, tensor_parallel_size=tensor_parallel_size, **llm_kwargs), **sampling)
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ACTOR_MAX_RESTARTS", "require_ray", "connect", "ActorPlan", "plan_actors", "data_context", "map_to_actors"]
+__all__ = ["ACTOR_MAX_RESTARTS", "CONNECT_TIMEOUT_S", "RayConnectError", "require_ray", "connect", "check_reachable",
+           "ActorPlan", "plan_actors", "data_context", "map_to_actors"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +30,45 @@ def require_ray():
     return ray
 
 
+# Seconds to wait for a TCP connection to the cluster's address before Ray is asked to join it: ray.init
+# retries an address where nothing listens for minutes, silently.
+CONNECT_TIMEOUT_S = 10.0
+
+
+class RayConnectError(RuntimeError):
+    """No Ray cluster answers at the address given (--ray ADDRESS or $RAY_ADDRESS)."""
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S, what: str = "--ray") -> None:
+    """RayConnectError, naming the address and the fix, unless a TCP connection to its host:port (``host:6379``,
+    ``ray://host:10001``) opens within ``timeout_s``; an address of another form is left to Ray."""
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "/" in target:
+        return
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, socket.timeout) else exc.strerror or str(exc)
+        raise RayConnectError(f"{what} {address}: no Ray cluster answers at {host}:{port} ({why} within "
+                              f"{timeout_s:g} s); start one there (`ray start --head`), or give the address it "
+                              "printed (HOST:6379, or ray://HOST:10001)") from None
+
+
 def connect(address: str | None = "auto", *, num_cpus: int | None = None) -> Any:
     """Join the cluster at ``address`` (``"auto"``: $RAY_ADDRESS or a cluster
-    already running on this machine, else start a local one with ``num_cpus``)."""
+    already running on this machine, else start a local one with ``num_cpus``).  An explicit address
+    where nothing answers is a RayConnectError within CONNECT_TIMEOUT_S, not a wait of minutes."""
     ray = require_ray()
     if ray.is_initialized():
         return ray
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address not in (None, "", "auto"):
+        check_reachable(address)
         ray.init(address=address, **quiet)
     elif os.environ.get("RAY_ADDRESS"):
+        check_reachable(os.environ["RAY_ADDRESS"], what="$RAY_ADDRESS")
         ray.init(**quiet)
     else:
         try:

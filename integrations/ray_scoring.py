@@ -1,7 +1,7 @@
 """Dataset-scale scoring on Ray: `mmprm score|rerank --ray [ADDRESS]`.
 
 The input (JSONL or Parquet) is cut into the same windows as the
-single-machine run (``mmprm_infer.records``): Ray Data streams the window
+single-machine run (``mmprm_infer.io.records``): Ray Data streams the window
 indices to a pool of PRM actors that read their windows (one per GPU, or CPU actors) scores each window
 with the fast engine in one call, so a question and all its candidates stay
 on one actor with their shared prefix, and the driver writes the results in
@@ -27,20 +27,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mmprm_infer.files import atomic_output, check_output_path
-from mmprm_infer.progress import progress_bar
-
-from ..records import (
+from mmprm_infer.integrations.ray_cluster import (
+    ACTOR_MAX_RESTARTS,
+    ActorPlan,
+    connect,
+    data_context,
+    map_to_actors,
+    plan_actors,
+)
+from mmprm_infer.io.files import atomic_output, check_output_path
+from mmprm_infer.io.progress import progress_bar
+from mmprm_infer.io.records import (
     PRMSpec,
     ResultWriter,
     ScoringOptions,
     WindowResult,
+    base_dir,
     finished,
     plan_windows,
     process_window,
     read_windows,
 )
-from .ray_cluster import ACTOR_MAX_RESTARTS, ActorPlan, connect, data_context, map_to_actors, plan_actors
 
 __all__ = ["PRMSpec", "RayJobError", "RayScoringStats", "score_file", "score_items", "ray_run_jsonl"]
 
@@ -92,7 +99,7 @@ class WindowScorer(_PRMActor):
         for k in batch["window"]:
             (window,) = read_windows(self.path, self.plan, self.window, int(k), int(k) + 1)
             out["window"].append(int(k))
-            out["result"].append(pickle.dumps(process_window(window, self.prm, self.options, self.path.parent)))
+            out["result"].append(pickle.dumps(process_window(window, self.prm, self.options, base_dir(self.path))))
         return out
 
 
@@ -156,15 +163,16 @@ def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, com
                aggregate: str = "min", strategy: str = "best_of_n", batch_questions: int = 8,
                on_error: str = "fail", max_errors: int | None = None, address: str | None = "auto",
                actors: int | None = None, actor_cpus: int = 1, actor_gpus: float = 1.0, device: str = "cpu",
-               progress: bool = True, actor_max_restarts: int = ACTOR_MAX_RESTARTS) -> RayScoringStats:
+               progress: bool = True, actor_max_restarts: int = ACTOR_MAX_RESTARTS,
+               max_line_chars: int | None = None) -> RayScoringStats:
     """Score or rerank a JSONL/Parquet file on Ray; writes ``output`` in input order (error
     records with ``on_error="skip"``) and returns counts and timings.  ``output`` appears
-    only when the run finishes (``mmprm_infer.files.atomic_output``)."""
+    only when the run finishes (``mmprm_infer.io.files.atomic_output``)."""
     spec = prm if isinstance(prm, PRMSpec) else PRMSpec(str(prm))
     in_path = Path(input).resolve()
-    if not in_path.is_file():
-        raise SystemExit(f"mmprm: input file {in_path} does not exist")
-    check_output_path(output, in_path)
+    if not in_path.exists():
+        raise SystemExit(f"mmprm: input {in_path} does not exist")
+    check_output_path(output, in_path if in_path.is_file() else None)
     if Path(spec.path).is_dir() and not (Path(spec.path) / "config.json").is_file():
         # checked here, not in every actor: a worker that cannot load the model would only be restarted
         raise ValueError(f"PRM {spec.path} is not a checkpoint folder (no config.json in it)")
@@ -175,7 +183,8 @@ def score_file(input: str | Path, output: str | Path, prm: str | PRMSpec, *, com
             pass
         return RayScoringStats()
     ray, actor_plan = _start(address, actors, actor_cpus, actor_gpus, device, actor_max_restarts)
-    options = ScoringOptions(command=command, aggregate=aggregate, strategy=strategy, engine=spec.engine)
+    options = ScoringOptions(command=command, aggregate=aggregate, strategy=strategy, engine=spec.engine,
+                             max_line_chars=max_line_chars)
     # from_items, not ray.data.range: a range read needs a CPU slot, which a pool filling the cluster never frees
     # one block per window (up to a cap): windows are balanced over the actors and retried one by one;
     # from_items, not ray.data.range, whose read task needs a CPU that a pool filling the cluster never frees
@@ -222,12 +231,14 @@ def ray_run_jsonl(args) -> int:
     if args.prm is None:
         raise SystemExit("mmprm: --ray needs --prm (majority_vote without a PRM needs no cluster)")
     spec = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine, max_tiles=args.max_tiles)
-    stats = score_file(args.input, args.output, spec, command=args.command, aggregate=args.aggregate,
+    stats = score_file(args.data, args.output, spec, command=args.command, aggregate=args.aggregate,
                         strategy=getattr(args, "strategy", "best_of_n"), batch_questions=args.batch_questions,
                         on_error=args.on_error, max_errors=args.max_errors, address=args.ray,
                         actors=args.ray_actors, actor_cpus=args.ray_actor_cpus, actor_gpus=args.ray_actor_gpus,
-                        device=args.device, progress=not args.quiet)
-    if not args.quiet:
+                        device=args.device, progress=not args.no_progress, max_line_chars=args.max_line_chars)
+    if not args.no_progress:
         print(f"mmprm: {stats.questions} records, {stats.candidates} candidates in {stats.seconds:.1f} s on "
               f"{stats.actors} actor(s): {stats.candidates_per_s:.1f} candidates/s", file=sys.stderr)
-    return finished(stats.errors, stats.questions, args.output)
+    status = finished(stats.errors, stats.questions, args.output)
+    print(f"mmprm {args.command}: wrote {stats.questions} records to {args.output}", file=sys.stderr)
+    return status

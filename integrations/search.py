@@ -45,12 +45,11 @@ from mmprm_infer.aggregation import get_aggregation
 from mmprm_infer.answers import extract_answer
 from mmprm_infer.engines import Engine
 from mmprm_infer.engines.tree_cache import TreeCacheEngine
+from mmprm_infer.policy import STEP_SEPARATOR, PolicyPrompt, split_steps
 from mmprm_infer.prm import PRM, ScoringItem
 from mmprm_infer.selection import get_strategy, select
 
-from .policy import STEP_SEPARATOR, PolicyPrompt, split_steps
-
-__all__ = ["SearchConfig", "StepSample", "Beam", "RoundStats", "SearchResult", "beam_search", "dvts", "search",
+__all__ = ["SearchConfig", "SampledSteps", "Beam", "RoundStats", "SearchResult", "beam_search", "dvts", "search",
            "sample_steps", "has_boxed_answer"]
 
 
@@ -95,7 +94,7 @@ class SearchConfig:
 
 
 @dataclass
-class StepSample:
+class SampledSteps:
     """New steps a policy wrote (one, or the rest of the solution) and whether the solution ended."""
 
     steps: list[str]
@@ -147,7 +146,7 @@ class SearchResult:
 
 
 def sample_steps(policy, prompts: list[PolicyPrompt], n: int, sampling: dict[str, Any], *, to_end: bool = False
-                 ) -> list[list[StepSample]]:
+                 ) -> list[list[SampledSteps]]:
     """n next steps per prompt (the rest of the solution when ``to_end``)."""
     if hasattr(policy, "generate_steps"):
         return policy.generate_steps(prompts, n, to_end=to_end, **sampling)
@@ -157,10 +156,10 @@ def sample_steps(policy, prompts: list[PolicyPrompt], n: int, sampling: dict[str
         for text in texts:
             steps = split_steps(text)
             if to_end:
-                row.append(StepSample(steps, True))
+                row.append(SampledSteps(steps, True))
             else:
                 # The policy wrote on past the step: keep the first; it ended if that was all it wrote.
-                row.append(StepSample(steps[:1], len(steps) <= 1))
+                row.append(SampledSteps(steps[:1], len(steps) <= 1))
         out.append(row)
     return out
 
@@ -209,7 +208,7 @@ def _images(image) -> list:
     return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
-def _expand(parent: Beam, sample: StepSample, is_final) -> Beam | None:
+def _expand(parent: Beam, sample: SampledSteps, is_final) -> Beam | None:
     steps = [s for s in sample.steps if s.strip()]
     finished = sample.finished or not steps or (is_final is not None and any(is_final(s) for s in steps))
     if not steps and not parent.steps:

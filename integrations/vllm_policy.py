@@ -27,18 +27,16 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .policy import (
+from mmprm_infer.integrations.policy import _check_prompts, _image_url, _messages
+from mmprm_infer.integrations.search import SampledSteps
+from mmprm_infer.policy import (
     DEFAULT_SAMPLING,
     DEFAULT_SYSTEM_PROMPT,
     STEP_SEPARATOR,
     PolicyPrompt,
-    _check_prompts,
-    _image_url,
-    _messages,
     join_steps,
     sampling_options,
 )
-from .search import StepSample
 
 __all__ = ["VLLMPolicy", "vllm_available"]
 
@@ -152,7 +150,7 @@ class VLLMPolicy:
         return [[c.text.strip() for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
     def generate_steps(self, prompts: list[PolicyPrompt], n: int = 1, *, to_end: bool = False,
-                       **sampling: Any) -> list[list[StepSample]]:
+                       **sampling: Any) -> list[list[SampledSteps]]:
         """n next steps per prompt; a sample is finished unless vLLM stopped at the separator."""
         outputs = self._run(prompts, n, not to_end, sampling)
         rows = []
@@ -165,6 +163,6 @@ class VLLMPolicy:
                     steps = [s.strip() for s in text.split(self.separator) if s.strip()]
                 else:
                     steps = [text] if text else []
-                row.append(StepSample(steps, finished=to_end or not at_separator or not steps))
+                row.append(SampledSteps(steps, finished=to_end or not at_separator or not steps))
             rows.append(row)
         return rows

@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import step_reward
-from .prefix_attention import triton_ops
+from mmprm_infer.kernels import step_reward
+from mmprm_infer.kernels.prefix_attention import triton_ops
 
 # What the engines feed the kernels: model dtypes, and head dims from tiny models to 7B-class ones
 # (80 is a non-power of two: BLOCK_D pads it).
@@ -128,14 +128,8 @@ def record_launches(dtypes=DTYPES, head_dims=HEAD_DIMS, hidden_sizes=HIDDEN_SIZE
                 # flash_attn backend: its partials (out in q's dtype, lse fp32) merged into q's dtype
                 pa.merge(part[0].to(dtype), part[1], part[0].to(dtype), part[1], out_dtype=dtype)
             pa.merge(*part, *part)  # merge_partials (fp32)
-            for hidden_size in hidden_sizes:
-                hidden = torch.zeros(t, hidden_size, dtype=dtype)
-                w = torch.zeros(hidden_size, dtype=dtype)
-                for norm in (None, torch.ones(hidden_size)):
-                    for positions in (torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.int32)):
-                        sr._rewards_triton(hidden, positions, norm, 1e-6, w, 0.0)
-        for aggregation in step_reward.AGGREGATIONS:
-            sr._aggregate_triton(torch.zeros(3), [0, 1, 3], aggregation)
+            for hidden_size in hidden_sizes:  # marker_rewards: rows [M, d] of the model's dtype, w [d]
+                sr._rewards_triton(torch.zeros(t, hidden_size, dtype=dtype), torch.zeros(hidden_size, dtype=dtype), 0.0)
     unique: dict[tuple, Launch] = {}
     for launch in rec.launches:
         unique.setdefault(launch.key(), launch)
@@ -156,7 +150,7 @@ def compile_launch(launch: Launch, capability: int, warp_size: int = 32):
 
 def compile_all(targets=TARGETS, progress: bool = True) -> list[tuple[str, int, str]]:
     """Compile every recorded launch for every target; returns (kernel, capability, error) per failure."""
-    from .triton_runtime import interpreter_active, triton
+    from mmprm_infer.kernels.triton_runtime import interpreter_active, triton
 
     if triton is None:
         raise RuntimeError("AOT compilation needs the triton package")

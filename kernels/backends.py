@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .triton_runtime import check_triton_usable, triton
+from mmprm_infer.kernels.triton_runtime import check_triton_usable, triton
 
 
 def empty(shape, dtype, device) -> torch.Tensor:

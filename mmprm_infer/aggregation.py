@@ -1,9 +1,9 @@
 """Step rewards -> one candidate score.
 
 Each aggregation is data: a per-step transform of the reward p and a
-reduction over the steps.  The same table drives the plain-Python version
-here and the fused segment kernels in ``mmprm_infer.kernels.step_reward``,
-so a new aggregation is one new row.
+reduction over the steps, registered by name (``register_aggregation``), so a
+new aggregation is one new row.  This module is the only place step rewards
+become a candidate score.
 """
 
 from __future__ import annotations

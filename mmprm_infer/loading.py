@@ -10,15 +10,24 @@ Before any weights are built, the format's model class is checked against
 the checkpoint: a format that does not fit the checkpoint's architecture, or
 whose model would leave head weights the checkpoint lacks at their random
 initialisation, is an error naming both (``CheckpointMismatchError``).
+
+Where a checkpoint is: a local folder, or a hub id (``org/name``) resolved from the local Hugging Face cache
+(``HF_HOME`` / ``HF_HUB_CACHE``, huggingface_hub's layout) with ``local_files_only``: nothing is ever
+downloaded (``resolve_checkpoint``).  Loading options as transformers names them: ``dtype`` / ``torch_dtype``
+(``"auto"``: the checkpoint's), ``device_map`` (a single device for every engine; a map that spreads the model
+over devices for the engines in ``DEVICE_MAP_ENGINES``), ``attn_implementation``; ``trust_remote_code=True`` is
+refused (``LoadOptions``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformers import (
@@ -30,7 +39,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
-from .formats import (
+from mmprm_infer.formats import (
     FORMATS,
     MODEL_CAUSAL_LM,
     MODEL_INTERNVL,
@@ -40,12 +49,10 @@ from .formats import (
     MODEL_VALUE_HEAD,
     FormatError,
 )
-from .formats.internvl_base import detect_internvl_format
-from .formats.vl_prm import QWEN_VL_ARCHITECTURE, detect_vl_prm_format
-from .models import internvl as _internvl  # noqa: F401  (registers the InternVL adapter)
-from .models import qwen_vl as _qwen_vl  # noqa: F401  (registers the Qwen2.5-VL adapter)
-from .models.qwen2_prm import Qwen2ForProcessRewardModel
-from .models.value_head import Qwen2ForPrmModel
+from mmprm_infer.formats.internvl_base import detect_internvl_format
+from mmprm_infer.formats.vl_prm import QWEN_VL_ARCHITECTURE, detect_vl_prm_format
+from mmprm_infer.models.qwen2_prm import Qwen2ForProcessRewardModel
+from mmprm_infer.models.value_head import Qwen2ForPrmModel
 
 FORMAT_KEY = "mmprm_format"
 FORMAT_OPTIONS_KEY = "mmprm_format_options"
@@ -63,10 +70,20 @@ MODEL_CLASSES: dict[str, type] = {
     MODEL_QWEN2_5_VL: Qwen2_5_VLForConditionalGeneration,
 }
 
-# model kind -> (path, dtype) -> model
-MODEL_LOADERS: dict[str, Callable[[str, torch.dtype], torch.nn.Module]] = {
-    kind: (lambda cls: lambda path, dtype: cls.from_pretrained(path, dtype=dtype))(cls)
-    for kind, cls in MODEL_CLASSES.items()
+
+
+def _complete_loader(cls) -> Callable[..., torch.nn.Module]:
+    """``cls.from_pretrained`` that refuses a checkpoint whose weights do not match the model exactly."""
+    def load(path: str, dtype: torch.dtype, **kwargs) -> torch.nn.Module:
+        model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+        check_loading_info(path, info)
+        return model
+    return load
+
+
+# model kind -> (path, dtype, **transformers loading kwargs: device_map, attn_implementation) -> model
+MODEL_LOADERS: dict[str, Callable[..., torch.nn.Module]] = {
+    kind: _complete_loader(cls) for kind, cls in MODEL_CLASSES.items()
 }
 
 # model kind -> (what it runs on, config.json -> whether its architecture fits).  A config
@@ -88,6 +105,132 @@ ARCHITECTURE_FITS: dict[str, tuple[str, Callable[[dict], bool]]] = {
 
 class CheckpointMismatchError(FormatError):
     """The format's model class does not fit the checkpoint (raised before weights are built)."""
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """Neither a checkpoint folder here nor a hub id in the local Hugging Face cache."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_checkpoint(path: str | os.PathLike, *, revision: str | None = None,
+                       cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of a checkpoint: ``path`` itself when it is a folder, else the snapshot of hub id ``path``
+    (``org/name``, at ``revision``) in the local Hugging Face cache (``cache_dir``, else ``HF_HUB_CACHE`` /
+    ``HF_HOME``/hub).  Never downloads: a model missing from the cache is a ``CheckpointNotFound`` that says
+    how to fetch it."""
+    local = Path(path)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise CheckpointNotFound(f"{path} is not a checkpoint folder (no config.json in it); give the folder "
+                                     "that save_pretrained wrote")
+        return local
+    if local.exists():
+        raise CheckpointNotFound(f"{path} is a file; give the checkpoint's folder (with config.json)")
+    name = os.fspath(path)
+    if not _HUB_ID.match(name) or name.startswith((".", "/")):
+        raise CheckpointNotFound(f"{path} does not exist; give a checkpoint folder or a hub id (org/name) that is "
+                                 "in the local Hugging Face cache")
+    from huggingface_hub import constants, snapshot_download
+
+    cache = os.fspath(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
+    try:
+        folder = Path(snapshot_download(name, revision=revision, cache_dir=cache, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - LocalEntryNotFoundError, a bad id or revision: the same advice
+        raise CheckpointNotFound(
+            f"{name} is not a folder here, and the hub model {name}{f' at {revision}' if revision else ''} is not "
+            f"in the local Hugging Face cache ({cache}; {type(exc).__name__}); this library never downloads: fetch "
+            f"it once where there is network (`hf download {name}`, or set HF_HOME to a cache that has it), or give "
+            "its folder") from None
+    if not (folder / "config.json").is_file():
+        raise CheckpointNotFound(f"the cached snapshot of {name} ({folder}) has no config.json; fetch the whole "
+                                 f"model (`hf download {name}`)")
+    return folder
+
+
+# engines that take a model spread over several devices by transformers' device_map (accelerate's hooks
+# move activations between them); the others run a model that sits on one device.
+DEVICE_MAP_ENGINES = ("reference",)
+
+REMOTE_CODE_REFUSAL = (
+    "trust_remote_code=True is refused: this library runs PRMs with transformers' own model classes and the "
+    "ones it ships (each format's scores are tested against its release's computation on them), never a "
+    "checkpoint's Python code; a checkpoint in InternVL's published layout (InternVLChatModel) converts once with "
+    "`mmprm convert-internvl SRC DST`, and every other supported format loads without remote code")
+
+
+@dataclass
+class LoadOptions:
+    """transformers' loading options, checked before anything is read (``PRM.from_pretrained`` takes them
+    by their transformers names)."""
+
+    device: Any = None  # None or "auto": cuda when torch sees a GPU, else cpu
+    dtype: Any = None  # None: float32 on CPU, bfloat16 on CUDA; "auto": the checkpoint's
+    device_map: Any = None  # a device (str, int, torch.device, {"": device}) or a map over several
+    attn_implementation: str | None = None
+    engine: str | None = None
+
+    def __post_init__(self) -> None:
+        single = self._single_device(self.device_map)
+        if single is not None:
+            if self.device not in (None, "auto") and torch.device(self.device) != torch.device(single):
+                raise ValueError(f"device={self.device!r} and device_map={self.device_map!r} disagree; give one")
+            self.device, self.device_map = single, None
+        elif self.device_map is not None:
+            engine = self.engine or "fast"
+            if engine not in DEVICE_MAP_ENGINES:
+                raise ValueError(
+                    f"device_map={self.device_map!r} spreads the model over devices, which engine {engine!r} cannot "
+                    f"run (it keeps one question's K/V on one device); engines that take it: "
+                    f"{', '.join(DEVICE_MAP_ENGINES)} (engine='reference'), or give one device (device='cuda:0')")
+        if self.device in (None, "auto"):
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    @staticmethod
+    def _single_device(device_map) -> Any:
+        if isinstance(device_map, dict) and set(device_map) == {""}:
+            device_map = device_map[""]
+        if isinstance(device_map, int) and not isinstance(device_map, bool):
+            return f"cuda:{device_map}"
+        if isinstance(device_map, torch.device):
+            return str(device_map)
+        if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            return device_map
+        return None
+
+    def model_kwargs(self) -> dict:
+        out = {}
+        if self.device_map is not None:
+            out["device_map"] = self.device_map
+        if self.attn_implementation is not None:
+            out["attn_implementation"] = self.attn_implementation
+        return out
+
+
+class IncompleteCheckpointError(CheckpointMismatchError):
+    """The checkpoint's weights are not exactly the model's: some are missing (they would stay random) or
+    some are extra (weights of another architecture, or a damaged save)."""
+
+
+def _names(keys: list[str], shown: int = 5) -> str:
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def check_loading_info(path: str | os.PathLike, info: dict) -> None:
+    """IncompleteCheckpointError naming the tensors when ``from_pretrained``'s loading info lists any missing,
+    unexpected or wrongly shaped weight (transformers only warns: a missing weight keeps its random init)."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or ())
+    problems = [f"{len(keys)} {what}: {_names(keys)}" for keys, what in (
+        (missing, "weight(s) the model needs are missing from it"), (unexpected, "weight(s) the model does not have"),
+        (mismatched, "weight(s) of the wrong shape")) if keys]
+    if problems:
+        raise IncompleteCheckpointError(
+            f"checkpoint {path} does not match its model: {'; '.join(problems)}. A missing weight would stay "
+            "randomly initialised and the scores would mean nothing; re-save or re-download the checkpoint, or "
+            "pass the format it was trained with")
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -154,10 +297,33 @@ def checkpoint_keys(path: str | os.PathLike) -> set[str] | None:
         return None
     keys: set[str] = set()
     for file in files:
-        with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            keys |= set(json.loads(f.read(size))) - {"__metadata__"}
+        keys |= set(_safetensors_header(file)) - {"__metadata__"}
     return keys
+
+
+SAFETENSORS_MAX_HEADER = 100 * 2 ** 20  # the safetensors library's own limit
+
+
+def _safetensors_header(file: Path) -> dict:
+    """A safetensors file's JSON header, its claimed size checked against the file before it is read."""
+    def damaged(why: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(f"{file} is not a valid safetensors file: {why}; re-save or re-download it")
+
+    file_size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise damaged(f"it holds {file_size} bytes, fewer than the 8 of a header length")
+        (size,) = struct.unpack("<Q", head)
+        if size > min(file_size - 8, SAFETENSORS_MAX_HEADER):
+            raise damaged(f"its header claims {size} bytes, the file holds {file_size}")
+        try:
+            header = json.loads(f.read(size))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise damaged(f"its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise damaged("its header is not a JSON object")
+    return header
 
 
 def _architecture(config: dict) -> str:
@@ -210,7 +376,14 @@ def check_format_fits_checkpoint(name: str, kind: str, config: dict, path: str |
         )
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device, config: dict | None = None) -> torch.dtype:
+    """``dtype`` as a torch dtype: None -> float32 on CPU, bfloat16 on CUDA; "auto" -> the checkpoint's
+    (``config.json``'s ``dtype`` / ``torch_dtype``; float32 when it names none)."""
+    if dtype == "auto":
+        stored = (config or {}).get("dtype") or (config or {}).get("torch_dtype")
+        if stored is None and isinstance((config or {}).get("text_config"), dict):
+            stored = config["text_config"].get("dtype") or config["text_config"].get("torch_dtype")
+        return getattr(torch, str(stored).replace("torch.", ""), torch.float32) if stored else torch.float32
     if dtype is None:
         # fp32 keeps CPU scores exact; bf16 is what PRMs are released and served in on GPUs.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -219,18 +392,18 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
             return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
         except KeyError:
-            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto") from None
     return dtype
 
 
 def load_checkpoint(path: str | os.PathLike, format: str | None, dtype, device, format_options: dict | None = None,
-                    *, tokens_may_be_missing: bool = False):
+                    *, tokens_may_be_missing: bool = False, load_options: LoadOptions | None = None):
     """Load (model, tokenizer, format name, format options) from a local directory.
 
     ``format_options`` (the caller's) take part in choosing the model class, e.g.
     ``custom`` with ``model_kind="internvl"``.  ``tokens_may_be_missing``: a base about to be
     trained, whose caller adds the format's tokens (`mmprm train`); the checkpoint checks
-    still apply."""
+    still apply.  ``load_options``: transformers' device_map / attn_implementation (``LoadOptions``)."""
     path = str(path)
     config = read_config(path)
     if "InternVLChatModel" in (config.get("architectures") or []):
@@ -252,7 +425,9 @@ def load_checkpoint(path: str | os.PathLike, format: str | None, dtype, device, 
     try:
         fmt = FORMATS[name](**{**options, **(format_options or {})})
     except TypeError as exc:
-        raise ValueError(f"bad options for format {name!r}: {exc}") from None
+        raise ValueError(f"bad options for format {name!r}: {exc}; PRM.from_pretrained takes device, dtype (or "
+                         "torch_dtype), device_map, attn_implementation, revision, cache_dir, engine, "
+                         "max_batch_tokens and the format's own options") from None
     try:
         fmt.check_tokenizer(tokenizer)
         tokenizer_problem = None
@@ -263,6 +438,9 @@ def load_checkpoint(path: str | os.PathLike, format: str | None, dtype, device, 
         raise tokenizer_problem
     kind = fmt.model_kind
     device = torch.device(device)
-    model = MODEL_LOADERS[kind](path, resolve_dtype(dtype, device))
-    model.to(device).eval()
+    extra = load_options.model_kwargs() if load_options is not None else {}
+    model = MODEL_LOADERS[kind](path, resolve_dtype(dtype, device, config), **extra)
+    if "device_map" not in extra:  # a spread model stays where accelerate placed it
+        model.to(device)
+    model.eval()
     return model, tokenizer, name, options

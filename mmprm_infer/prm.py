@@ -9,10 +9,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .engines import DEFAULT_ENGINE, EncodedQuestion, Engine, get_engine
-from .formats import EncodedCandidate, FormatError, PRMFormat, get_format
-from .loading import FORMAT_KEY, FORMAT_OPTIONS_KEY, load_checkpoint
-from .models.adapters import adapter_for
+from mmprm_infer.engines import DEFAULT_ENGINE, EncodedQuestion, Engine, get_engine
+from mmprm_infer.formats import EncodedCandidate, FormatError, PRMFormat, get_format
+from mmprm_infer.loading import (
+    FORMAT_KEY,
+    FORMAT_OPTIONS_KEY,
+    REMOTE_CODE_REFUSAL,
+    LoadOptions,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+from mmprm_infer.models import RewardHead, adapter_for
 
 Candidate = str | Sequence[str]
 
@@ -46,11 +53,47 @@ class PRM:
         self.default_engine = engine or DEFAULT_ENGINE
         self._engines: dict[str, Engine] = {}
 
+    @property
+    def reward_head(self) -> RewardHead:
+        """The adapter's reward head on this format's columns: ``rewards`` / ``logit_diff`` of final-normed
+        hidden rows at step markers (what the engines score with and the trainer's loss differentiates)."""
+        return self.adapter.reward_head(self.columns)
+
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, format: str | None = None, device="cpu", dtype=None,
-                        engine: str | None = None, **format_options) -> "PRM":
-        model, tokenizer, name, saved_options = load_checkpoint(path, format, dtype, device, format_options)
-        return cls(model, tokenizer, name, engine=engine, **{**saved_options, **format_options})
+    def from_pretrained(cls, path: str | os.PathLike, format: str | None = None, device=None, dtype=None,
+                        engine: str | None = None, *, torch_dtype=None, device_map=None,
+                        attn_implementation: str | None = None, trust_remote_code: bool = False,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = True, max_batch_tokens: int | None = None,
+                        **format_options) -> "PRM":
+        """Load a PRM from a checkpoint folder, or a hub id in the local Hugging Face cache (never downloaded).
+
+        ``format``: read from the checkpoint when None.  ``device``: None picks cuda when torch sees a GPU,
+        else cpu.  ``dtype`` (or transformers' older name ``torch_dtype``): None is float32 on CPU and
+        bfloat16 on CUDA; ``"auto"`` the checkpoint's.  ``device_map``: one device (``"cuda:0"``,
+        ``{"": 0}``) for any engine, or a map spreading the model over devices (``"auto"``) for the engines
+        that take it (``loading.DEVICE_MAP_ENGINES``).  ``attn_implementation`` goes to transformers (the
+        reference engine and training use it; the fast engine runs its own shared-prefix attention).
+        ``trust_remote_code=True`` is refused: every supported format loads with transformers' classes or
+        this library's.  Other keywords are the format's options (``custom``: ``step_tag`` ...).
+        """
+        if trust_remote_code:
+            raise ValueError(REMOTE_CODE_REFUSAL)
+        if not local_files_only:
+            raise ValueError("local_files_only=False: this library never downloads a model; fetch it once "
+                             "(`hf download ORG/NAME`) and load it from the local Hugging Face cache or its folder")
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one (torch_dtype "
+                                 "is transformers' older name for dtype)")
+            dtype = torch_dtype
+        options = LoadOptions(device=device, dtype=dtype, device_map=device_map,
+                              attn_implementation=attn_implementation, engine=engine)
+        folder = resolve_checkpoint(path, revision=revision, cache_dir=cache_dir)
+        model, tokenizer, name, saved_options = load_checkpoint(folder, format, dtype, options.device,
+                                                                format_options, load_options=options)
+        return cls(model, tokenizer, name, engine=engine, max_batch_tokens=max_batch_tokens,
+                   **{**saved_options, **format_options})
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save model and tokenizer so ``from_pretrained(path)`` needs no format argument."""
@@ -145,11 +188,16 @@ class PRM:
     # --- scoring --------------------------------------------------------
     def engine(self, name: str | Engine | None = None) -> Engine:
         if isinstance(name, Engine):
-            return name
-        key = name or self.default_engine
-        if key not in self._engines:
-            self._engines[key] = get_engine(key, max_batch_tokens=self.max_batch_tokens)
-        return self._engines[key]
+            engine = name
+        else:
+            key = name or self.default_engine
+            if key not in self._engines:
+                self._engines[key] = get_engine(key, max_batch_tokens=self.max_batch_tokens)
+            engine = self._engines[key]
+        attach = getattr(engine, "attach", None)
+        if attach is not None:  # an engine that runs the checkpoint itself (vLLM) learns its path and format
+            attach(self)
+        return engine
 
     def warmup(self, engine: str | Engine | None = None, **sizes) -> dict[str, float]:
         """Make ``engine``'s one-time choices and preparations now (path measurements, packed weights, the

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from .aggregation import aggregate as aggregate_steps
-from .aggregation import get_aggregation
-from .answers import extract_answer
-from .engines import Engine
-from .prm import PRM, Candidate, ScoringItem
-from .selection import get_strategy, select
+from mmprm_infer.aggregation import aggregate as aggregate_steps
+from mmprm_infer.aggregation import get_aggregation
+from mmprm_infer.answers import extract_answer
+from mmprm_infer.engines import Engine
+from mmprm_infer.prm import PRM, Candidate, ScoringItem
+from mmprm_infer.selection import get_strategy, select
 
 NEEDS_NO_PRM = {"majority_vote"}
 UNSCORED = float("-inf")  # the score of a candidate the PRM could not read (unreadable="last")
@@ -25,7 +25,7 @@ class RerankResult:
     answers: list[str | None]
     ranking: list[int]  # candidate indices, best first
     strategy: str
-    aggregate: str
+    aggregate: str | None  # None when no PRM ran (majority vote without a PRM)
     errors: dict[int, str] = field(default_factory=dict)  # unreadable="last": candidate index -> why it has no score
 
     def to_dict(self) -> dict:
@@ -138,7 +138,7 @@ def rank_scored(
             answers=answers,
             ranking=ranking,
             strategy=strategy,
-            aggregate=agg_name,
+            aggregate=agg_name if step_rewards is not None else None,
             errors=dict(errors[k]) if errors is not None else {},
         ))
     return results

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .answers import group_answers, has_answer
+from mmprm_infer.answers import group_answers, has_answer
 
 __all__ = ["Selection", "select", "STRATEGIES", "get_strategy", "register_strategy"]
 
@@ -147,17 +147,18 @@ def majority_vote(scores: list[float] | None, answers: list[str | None], group_i
     return _vote(counts, tie, scores, answers, group_ids)
 
 
-STRATEGIES: dict[str, StrategyFn] = {
-    "best_of_n": best_of_n,
-    "weighted_vote": weighted_vote,
-    "majority_vote": majority_vote,
-}
+STRATEGIES: dict[str, StrategyFn] = {}
 
 
 def register_strategy(name: str, fn: StrategyFn) -> StrategyFn:
     """Add a strategy ``fn(scores | None, answers, group_ids) -> Selection``."""
     STRATEGIES[name] = fn
     return fn
+
+
+register_strategy("best_of_n", best_of_n)
+register_strategy("weighted_vote", weighted_vote)
+register_strategy("majority_vote", majority_vote)
 
 
 def get_strategy(name: str) -> StrategyFn:

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
-import numpy as np
-import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
@@ -46,6 +47,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageInput = Union[Image.Image, str, os.PathLike]
+
+# The only formats Pillow is asked to decode (Image.open's ``formats=``): plain raster formats.  Left to
+# itself, Image.open tries every plugin it has -- EPS among them, which runs Ghostscript on the file's
+# PostScript -- so an image from a user or a client is never opened without this list.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+IMAGE_FORMATS_TEXT = "PNG, JPEG, GIF, WebP, BMP or TIFF"
+
+
+def open_image(fp) -> Image.Image:
+    """``PIL.Image.open`` limited to ``IMAGE_FORMATS`` (lazy: pixels are decoded on ``load``); a file in
+    any other format raises ``PIL.UnidentifiedImageError`` without another decoder being tried."""
+    return Image.open(fp, formats=IMAGE_FORMATS)
 
 
 class ImageLoadError(ValueError):
@@ -209,6 +222,9 @@ def tiles_to_tensor(tiles: Sequence[Image.Image], config: InternVLImageConfig | 
     transformers' PIL image processor (torchvision is not installed here).
     """
     cfg = config or InternVLImageConfig()
+    import numpy as np  # here, not at the top: `import mmprm_infer.formats` (and `mmprm --help`) needs no torch
+    import torch
+
     pixels = np.stack([np.asarray(t.convert("RGB") if t.mode != "RGB" else t) for t in tiles])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div(255)
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -226,7 +242,7 @@ def open_rgb(image: ImageInput) -> Image.Image:
     elif isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         try:
-            with Image.open(path) as opened:
+            with open_image(path) as opened:
                 opened.load()
                 rgb = _to_rgb(opened, repr(path))
         except FileNotFoundError as e:
@@ -236,12 +252,17 @@ def open_rgb(image: ImageInput) -> Image.Image:
                 f"image file {path!r} is larger than PIL's safety limit ({e}); "
                 "raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
             ) from e
+        except UnidentifiedImageError as e:
+            raise ImageLoadError(
+                f"image file {path!r} is not a {IMAGE_FORMATS_TEXT} image (the formats this library decodes); "
+                "convert it to PNG"
+            ) from e
         except ImageLoadError:
             raise
-        except (OSError, ValueError, SyntaxError) as e:
-            # UnidentifiedImageError and truncated/corrupt files land here.
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file fails in whatever way its decoder does
             raise ImageLoadError(
-                f"cannot read image file {path!r}: {e}; pass a readable PNG/JPEG/... file or a PIL.Image"
+                f"cannot read image file {path!r}: {type(e).__name__}: {e}; pass a readable "
+                f"{IMAGE_FORMATS_TEXT} file or a PIL.Image"
             ) from e
     else:
         raise TypeError(
@@ -319,6 +340,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageLoadError",
+    "IMAGE_FORMATS",
+    "open_image",
     "InternVLImageConfig",
     "candidate_grids",
     "closest_tile_grid",

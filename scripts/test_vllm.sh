@@ -13,4 +13,6 @@ python -m pip install -q -e ".[vllm-tests]"  # not the dev extra: Ray, Arrow, PE
 python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 # MMPRM_SETUP_ONLY=1: build the venv and stop (.ci/run builds it while the demo runs)
 if [ -n "${MMPRM_SETUP_ONLY:-}" ]; then exit 0; fi
-MMPRM_REQUIRE_VLLM=1 python -m pytest -q -p no:cacheprovider -m vllm tests/test_integration_vllm.py "$@"
+# test_vllm_plugin.py: the package's vLLM plugin (prefix reuse for PRM pooling) and engine="vllm", exact in fp32
+MMPRM_REQUIRE_VLLM=1 python -m pytest -q -p no:cacheprovider -m vllm tests/test_integration_vllm.py \
+  tests/test_vllm_plugin.py "$@"

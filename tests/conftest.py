@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mmprm_infer.tiny import build_tiny_causal_lm, build_tiny_qwen_prm
+from mmprm_infer.testing.tiny import build_tiny_causal_lm, build_tiny_qwen_prm
 
 torch.set_num_threads(2)
 
@@ -76,7 +76,7 @@ def image_sensitive_mm_prm(tmp_path_factory):
     from transformers import InternVLForConditionalGeneration
 
     from mmprm_infer import PRM
-    from mmprm_infer.tiny_internvl import build_tiny_internvl
+    from mmprm_infer.testing.tiny_internvl import build_tiny_internvl
 
     path = build_tiny_internvl(tmp_path_factory.mktemp("mm_prm_images"), extra_special_tokens=("<prm>",), seed=5)
     model = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)

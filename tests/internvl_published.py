@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
-from mmprm_infer.tiny_internvl import INTERNVL25_CHAT_TEMPLATE, build_tokenizer
+from mmprm_infer.testing.tiny_internvl import INTERNVL25_CHAT_TEMPLATE, build_tokenizer
 
 VISUALPRM_SYSTEM = "You are an advanced AI assistant, designed to serve as a process supervision model."
 

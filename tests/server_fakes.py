@@ -19,6 +19,7 @@ import zlib
 
 import numpy as np
 import pytest
+import spread_models
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -27,8 +28,11 @@ from PIL import Image
 
 from mmprm_infer import PRM
 from mmprm_infer.integrations.serve import ServerConfig, create_app
+from mmprm_infer.integrations.serve.connections import uvicorn_config
 
-TOL = 1e-5
+# The server's rewards against the reference engine's, on a PRM whose rewards are spread over (0, 1)
+# (spread_models): a few times fp32's error, so a fast engine off by a 2 % attention scale fails.
+TOL = spread_models.FP32_TOL
 MODEL = "fake-policy"  # the policy's model, so the reranker's served name
 
 
@@ -48,12 +52,15 @@ def wait_until(condition, what: str, limit_s: float = 30.0) -> None:
 
 
 class ServerThread:
-    """uvicorn serving an app on 127.0.0.1 in a background thread."""
+    """uvicorn serving an app on 127.0.0.1 in a background thread; ``configure(app, host, port, log_level)``
+    makes its uvicorn.Config (the reranker's: ``uvicorn_config``, the bounds ``mmprm serve`` runs with)."""
 
-    def __init__(self, app):
+    def __init__(self, app, configure=None):
         self.app = app
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        configure = configure or (lambda app, host, port, log_level: uvicorn.Config(app, host=host, port=port,
+                                                                                    log_level=log_level))
+        self.server = uvicorn.Server(configure(app, "127.0.0.1", self.port, "warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -164,8 +171,9 @@ class FakePolicy:
 
 @pytest.fixture(scope="module")
 def prm(shepherd_dir):
-    """The text-only PRM the server tests score with (import this fixture into a test module)."""
-    return PRM.from_pretrained(shepherd_dir, format="math-shepherd", dtype=torch.float32)
+    """The text-only PRM the server tests score with (import this fixture into a test module), its rewards
+    spread over (0, 1) so comparisons with the reference engine can fail (spread_models)."""
+    return spread_models.spread_prm(PRM.from_pretrained(shepherd_dir, format="math-shepherd", dtype=torch.float32))
 
 
 @pytest.fixture
@@ -180,7 +188,7 @@ def policy():
 
 def reranker(prm, policy_url, **options) -> ServerThread:
     config = ServerConfig(policy_url=policy_url, **{"n": 4, "retries": 2, "backoff_s": 0.01, **options})
-    return ServerThread(create_app(prm, config))
+    return ServerThread(create_app(prm, config), uvicorn_config)
 
 
 def chat(text: str, **extra) -> dict:
@@ -194,13 +202,13 @@ def image_chat(url: str, text: str = "request 1: what is shown?", **extra) -> di
 
 
 def check_choices(prm, question, data, tag=None):
-    """Choices are best first, their rewards are the PRM's for (question, text), and they belong to `tag`."""
+    """Choices are best first, their rewards are the reference engine's for (question, text) (within TOL, the
+    ranking of every pair it separates kept), and they belong to `tag`."""
     scores = [c["prm"]["score"] for c in data["choices"]]
     assert scores == sorted(scores, reverse=True)
     texts = [c["message"]["content"] if "message" in c else c["text"] for c in data["choices"]]
-    direct = prm.score(question, texts)
-    for c, rewards in zip(data["choices"], direct):
-        torch.testing.assert_close(torch.tensor(c["prm"]["step_rewards"]), torch.tensor(rewards), rtol=0, atol=TOL)
+    spread_models.assert_matches([c["prm"]["step_rewards"] for c in data["choices"]],
+                                 prm.score(question, texts, engine="reference"))
     if tag is not None:
         assert all(f"{tag} sample" in t for t in texts), (tag, texts)
 

@@ -72,7 +72,7 @@ def test_extreme_rewards_stay_finite(name, rewards):
 
 def test_extreme_values_by_hand():
     assert aggregate([0.0], "sum_logprob") == pytest.approx(math.log(LOG_EPS))
-    assert aggregate([0.0], "prod") == 0.0  # a plain product: no clamping (the kernel test expects 0 too)
+    assert aggregate([0.0], "prod") == 0.0  # a plain product: no clamping
     assert aggregate([1.0], "prod") == 1.0
     assert aggregate([1.0], "sum_logprob") == 0.0
     big = math.log((1 - LOG_EPS) / LOG_EPS)
@@ -105,3 +105,28 @@ def test_callable_passes_through():
 def test_returns_python_float_for_int_rewards():
     out = aggregate([1, 0], "mean")
     assert isinstance(out, float) and out == 0.5
+
+
+def test_aggregations_on_edge_rewards():
+    # exact 0 and 1 exercise the clamps: p >= eps for log, eps <= p <= 1 - eps for logit and odds
+    rewards = [1.0, 0.0, 0.5, 0.25, 0.75, 0.9]
+    cu = [0, 1, 3, 6]
+    eps = 1e-12
+    clamp = lambda p: min(max(p, eps), 1 - eps)  # noqa: E731
+    lg = lambda p: math.log(max(p, eps))  # noqa: E731
+    logit = lambda p: math.log(clamp(p) / (1 - clamp(p)))  # noqa: E731
+    odd = lambda p: clamp(p) / (1 - clamp(p))  # noqa: E731
+    want = {
+        "min": [1.0, 0.0, 0.25],
+        "max": [1.0, 0.5, 0.9],
+        "mean": [1.0, 0.25, (0.25 + 0.75 + 0.9) / 3],
+        "last": [1.0, 0.5, 0.9],
+        "prod": [1.0, 0.0, 0.25 * 0.75 * 0.9],
+        "sum_logprob": [lg(1.0), lg(0.0) + lg(0.5), lg(0.25) + lg(0.75) + lg(0.9)],
+        "sum_logit": [logit(1.0), logit(0.0) + logit(0.5), logit(0.25) + logit(0.75) + logit(0.9)],
+        "mean_odd": [odd(1.0), (odd(0.0) + odd(0.5)) / 2, (odd(0.25) + odd(0.75) + odd(0.9)) / 3],
+    }
+    assert set(want) == set(AGGREGATIONS)
+    for name, expected in want.items():
+        got = [aggregate(rewards[a:b], name) for a, b in zip(cu, cu[1:])]
+        assert got == pytest.approx(expected, rel=1e-6, abs=0)

@@ -8,7 +8,7 @@ import torch
 from mmprm_infer import PRM, rerank
 from mmprm_infer.engines import NonFiniteRewardError
 from mmprm_infer.formats import FormatError
-from mmprm_infer.tiny import build_tiny_causal_lm
+from mmprm_infer.testing.tiny import build_tiny_causal_lm
 
 Q = "What is 2 + 3?"
 
@@ -113,3 +113,56 @@ def test_output_count_and_order_match_input(prm):
         assert a == pytest.approx(b, abs=1e-5)
     for r in rewards:
         assert all(0.0 <= x <= 1.0 for x in r)
+
+
+# --- #31, items 9 and 11: a checkpoint whose weights are not the model's ---------------------------------
+def _copy_checkpoint(src, dst, edit):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_item9_a_missing_or_unexpected_weight_is_an_error_naming_it(qwen_prm_dir, tmp_path):
+    from mmprm_infer.loading import IncompleteCheckpointError
+
+    body = "model.layers.1.mlp.down_proj.weight"
+    missing = _copy_checkpoint(qwen_prm_dir, tmp_path / "missing", lambda t: t.pop(body))
+    with pytest.raises(IncompleteCheckpointError, match=f"1 weight\\(s\\) the model needs are missing from it: {body}"):
+        PRM.from_pretrained(missing)
+    extra = _copy_checkpoint(qwen_prm_dir, tmp_path / "extra",
+                             lambda t: t.update({"model.extra.weight": torch.ones(2)}))
+    with pytest.raises(IncompleteCheckpointError, match="1 weight\\(s\\) the model does not have: model.extra.weight"):
+        PRM.from_pretrained(extra)
+    PRM.from_pretrained(qwen_prm_dir)  # the complete checkpoint still loads
+
+
+def test_item9_the_command_names_the_missing_weight(qwen_prm_dir, tmp_path):
+    import json
+
+    from mmprm_infer.cli import main
+
+    broken = _copy_checkpoint(qwen_prm_dir, tmp_path / "p", lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"question": "q", "candidates": ["a"]}) + "\n")
+    with pytest.raises(SystemExit, match="cannot load the PRM .*missing from it: model.layers.1.mlp.down_proj.weight"):
+        main(["score", "--prm", str(broken), "-i", str(src), "-o", str(tmp_path / "o.jsonl"), "--quiet"])
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_item11_a_safetensors_header_claiming_a_terabyte_is_named(qwen_prm_dir, tmp_path):
+    import shutil
+
+    from mmprm_infer.loading import CheckpointMismatchError
+
+    broken = tmp_path / "huge"
+    shutil.copytree(qwen_prm_dir, broken)
+    (broken / "model.safetensors").write_bytes((2 ** 40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointMismatchError, match=r"model.safetensors is not a valid safetensors file: its "
+                                                      r"header claims 1099511627776 bytes, the file holds 10"):
+        PRM.from_pretrained(broken)

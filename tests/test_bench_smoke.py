@@ -19,7 +19,8 @@ import torch
 from mmprm_infer.engines import linear_paths
 
 REPO = Path(__file__).resolve().parent.parent
-ENGINES = ("reference", "fast", "vllm", "floor")
+ENGINES = ("reference", "fast", "vllm", "vllm_plugin", "floor")
+LABELS = {"vllm_plugin": "vllm+plugin"}  # as the table prints them
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +53,16 @@ def test_every_engine_column_is_reported(quick_run):
                 assert len(engines[name]["times"]) == 1
                 assert engines[name]["threads"].startswith(f"torch {torch.get_num_threads()} threads")
                 assert engines[name]["peak_rss_mb"] >= 0
-            # vLLM is skipped, and says so -- in the JSON and on stdout
-            assert engines["vllm"]["status"] == "skipped"
-            assert "--no-vllm" in engines["vllm"]["reason"]
+            # vLLM (both columns) is skipped, and says so -- in the JSON and on stdout
+            for name in ("vllm", "vllm_plugin"):
+                assert engines[name]["status"] == "skipped"
+                assert "--no-vllm" in engines[name]["reason"]
             assert engines["fast"]["speedup_vs_reference"] > 0
             assert engines["fast"]["ratio_to_floor"] > 0
             assert p["fast_over_reference_peak_rss"] is not None
     assert "vLLM column skipped: --no-vllm given" in stdout
     for name in ENGINES:
-        assert f"   {name}" in stdout
+        assert f"   {LABELS.get(name, name)}" in stdout
 
 
 def test_fast_agrees_with_reference(quick_run):

@@ -10,7 +10,7 @@ import pytest
 
 from mmprm_infer import PRM
 from mmprm_infer.cli import main
-from mmprm_infer.records import EXIT_RECORDS_FAILED
+from mmprm_infer.io.records import EXIT_RECORDS_FAILED
 
 
 def _write(path, lines):

@@ -11,9 +11,9 @@ import shutil
 import pytest
 import torch
 
-from mmprm_infer import cli
 from mmprm_infer.cli import main
-from mmprm_infer.records import PRMSpec
+from mmprm_infer.io import records
+from mmprm_infer.io.records import PRMSpec
 
 EXIT_RECORDS_FAILED = 3  # README: the run finished and some records are error records
 BLANK_LINE = "blank line"  # README: a blank input line's record is {"line": N, "skipped": "blank line"}
@@ -82,7 +82,7 @@ def test_a_failed_run_keeps_the_previous_output(qwen_prm_dir, tmp_path):
 
 
 def test_a_full_disk_is_one_clear_error_and_the_previous_output_stays(qwen_prm_dir, tmp_path, monkeypatch):
-    import mmprm_infer.files as files
+    import mmprm_infer.io.files as files
 
     class FullDisk:  # a file on a disk that fills after 10 bytes
         def __init__(self, real):
@@ -116,7 +116,7 @@ def test_a_full_disk_is_one_clear_error_and_the_previous_output_stays(qwen_prm_d
 def test_an_interrupted_run_writes_nothing(qwen_prm_dir, tmp_path, monkeypatch, capsys):
     def interrupt(*_, **__):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "process_window", interrupt)
+    monkeypatch.setattr(records, "process_window", interrupt)  # run_jsonl imports it at run time
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     dst.write_text("previous run\n")
     _lines(src, [json.dumps(GOOD)])
@@ -252,9 +252,8 @@ def test_a_utf8_byte_order_mark_is_not_part_of_line_1(qwen_prm_dir, tmp_path):
 
 # --- 14/15. annotate: an unwritable folder, a full disk, Ctrl-C, a byte-order mark ---------------------
 def _annotate(out_dir, *extra):
-    from mmprm_infer.train.annotate import annotate_main
 
-    return annotate_main(["--num-problems", "3", "--k", "4", "--rollout-budget", "8", "--max-search-count", "2",
+    return main(["annotate", "--num-problems", "3", "--k", "4", "--rollout-budget", "8", "--max-search-count", "2",
                           "--out-dir", str(out_dir), "--no-progress", *extra])
 
 
@@ -305,7 +304,7 @@ def test_annotate_ctrl_c_is_a_message_and_the_run_resumes(tmp_path, monkeypatch,
 
 
 def test_annotate_questions_with_a_byte_order_mark(tmp_path):
-    from mmprm_infer.train.annotate import load_questions
+    from mmprm_infer.cli.annotate import load_questions
 
     path = tmp_path / "q.jsonl"
     _lines(path, [b"\xef\xbb\xbf" + json.dumps({"question": "1+1?", "answer": "2"}).encode(),

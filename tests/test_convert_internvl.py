@@ -220,3 +220,45 @@ def test_recorded_system_prompt_follows_the_release_code():
 
     assert conv._format_options("visualprm", {"system_message": VISUALPRM_SYSTEM_PROMPT}, _quiet) == {}
     assert conv._format_options("mm-prm", {"system_message": "anything"}, _quiet) == {}
+
+
+# --- #31, items 2 and 11: --overwrite never destroys the source; DST changes only when complete ----------------
+def _siblings(folder):
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+def test_item2_dst_around_or_inside_src_is_refused_even_with_overwrite(internlm2, tmp_path):
+    import shutil
+
+    published, _, _ = internlm2
+    parent = tmp_path / "models"
+    src = parent / "published"
+    shutil.copytree(published, src)
+    files = sorted(p.name for p in src.iterdir())
+    with pytest.raises(SystemExit, match="DST .*models contains SRC .*published; writing .* would destroy the source"):
+        main(["convert-internvl", str(src), str(parent), "--overwrite"])
+    with pytest.raises(conv.ConversionError, match="lies inside SRC"):
+        conv.convert_internvl(src, src / "native", overwrite=True, log=_quiet)
+    with pytest.raises(conv.ConversionError, match="is SRC"):
+        conv.convert_internvl(src, parent / "." / "published", overwrite=True, log=_quiet)
+    assert sorted(p.name for p in src.iterdir()) == files  # nothing read was deleted, nothing written
+
+
+def test_item2_overwrite_replaces_dst_only_with_a_complete_conversion(internlm2, tmp_path):
+    import shutil
+
+    published, _, _ = internlm2
+    dst = tmp_path / "native"
+    dst.mkdir()
+    (dst / "previous.txt").write_text("the previous conversion")
+    broken = tmp_path / "truncated"
+    shutil.copytree(published, broken)
+    shard = broken / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a download cut short
+    with pytest.raises(SystemExit, match="model-00002-of-00002.safetensors cannot be read .*truncated or damaged"):
+        main(["convert-internvl", str(broken), str(dst), "--overwrite"])
+    assert sorted(p.name for p in dst.iterdir()) == ["previous.txt"] and _siblings(dst) == []
+    assert main(["convert-internvl", str(published), str(dst), "--overwrite"]) == 0
+    assert not (dst / "previous.txt").exists() and (dst / "model.safetensors.index.json").is_file()
+    assert _siblings(dst) == []
+    PRM.from_pretrained(dst, dtype="float32", max_tiles=1)

@@ -13,7 +13,7 @@ from mmprm_infer.cli import main
 from mmprm_infer.evaluation.best_of_n import BonQuestion, accuracy_curves, default_ns, matches_gold, question_accuracy
 from mmprm_infer.evaluation.metrics import step_error_f1
 from mmprm_infer.evaluation.processbench import ProcessBenchCase, split_metrics
-from mmprm_infer.records import PRMSpec
+from mmprm_infer.io.records import PRMSpec
 
 
 # --- ProcessBench --------------------------------------------------------------------------------------
@@ -131,6 +131,56 @@ def test_best_of_n_by_hand_on_every_subset():
     assert acc["majority"] == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 0.0})
     # weighted: all 3 -> 5: .9 against 7: 1.1, wrong
     assert acc["weighted_vote/min"] == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 0.0})
+
+
+def test_disjoint_groups_and_tie_split_votes_by_hand():
+    # 4 candidates: 1 (right, .9), 2 (wrong, .2), 1 (right, .4), 3 (wrong, .8), none without an answer
+    q = BonQuestion.from_candidates(["\\boxed{1}", "\\boxed{2}", "\\boxed{1}", "\\boxed{3}"], "1",
+                                    [[0.9], [0.2], [0.4], [0.8]])
+    acc = question_accuracy(q, [1, 2, 4], ["min"], groups="disjoint", tie_split=True)
+    # n = 2: groups {0,1} and {2,3}; each a 1-1 tie of answers, split: 1/2 each
+    assert acc["majority_tie_split"] == pytest.approx({1: 0.5, 2: 0.5, 4: 1.0})
+    # the selection breaks the tie toward the first group seen: right in both pairs
+    assert acc["majority"] == pytest.approx({1: 0.5, 2: 1.0, 4: 1.0})
+    # weighted: {0,1} -> 1 (.9 > .2, right); {2,3} -> 3 (.8 > .4, wrong); all four -> 1 (1.3)
+    assert acc["weighted_vote_tie_split/min"] == pytest.approx({1: 0.5, 2: 0.5, 4: 1.0})
+    assert acc["best_of_n/min"] == pytest.approx({1: 0.5, 2: 0.5, 4: 1.0})
+    assert acc["random"] == pytest.approx({1: 0.5, 2: 0.5, 4: 0.5})
+    # a weighted tie is split too: equal scores on two answers give 1/2, not the first
+    tied = BonQuestion.from_candidates(["\\boxed{2}", "\\boxed{1}"], "1", [[0.5], [0.5]])
+    assert question_accuracy(tied, [2], ["min"], groups="disjoint", tie_split=True)[
+        "weighted_vote_tie_split/min"] == {2: 0.5}
+    # no tie_split: no such methods; disjoint groups need every n to divide the candidates
+    assert "majority_tie_split" not in question_accuracy(q, [2], ["min"], groups="disjoint")
+    with pytest.raises(ValueError, match="divide"):
+        question_accuracy(q, [3], ["min"], groups="disjoint")
+    with pytest.raises(ValueError, match="groups"):
+        question_accuracy(q, [2], ["min"], groups="pairs")
+
+
+def test_weighted_vote_counts_a_question_with_a_zero_reward():
+    """#31 item 21: a reward of exactly 0.0 is a probability like any other; only a negative score (a
+    log-probability aggregation) keeps a question out of the weighted vote."""
+    zero = BonQuestion.from_candidates(["\\boxed{1}", "\\boxed{2}", "\\boxed{2}"], "1", [[0.6], [0.0], [0.5]])
+    acc = question_accuracy(zero, [1, 3], ["min"], subsets=100)
+    # all three: 1 holds 0.6, 2 holds 0.0 + 0.5: the right answer wins
+    assert acc["weighted_vote/min"] == pytest.approx({1: 1 / 3, 3: 1.0})
+    wrong = BonQuestion.from_candidates(["\\boxed{2}"] * 3, "1", [[0.7]] * 3)
+    curves = accuracy_curves([zero, wrong], ["min"])
+    assert curves["accuracy"]["weighted_vote/min"]["3"] == pytest.approx(0.5)  # both questions counted
+    logprob = question_accuracy(zero, [3], ["sum_logprob"], subsets=100)
+    assert "weighted_vote/sum_logprob" not in logprob and "best_of_n/sum_logprob" in logprob
+
+
+def test_step_macro_f1_a_reward_or_label_at_the_threshold_is_right():
+    """#31 item 19: "right" is reward >= threshold (and label >= label_threshold), the threshold included."""
+    from mmprm_infer.evaluation.metrics import step_macro_f1
+
+    m = step_macro_f1([[0.5, 0.2, 0.9]], [[1.0, 0.0, 0.5]])
+    # steps: reward 0.5 at the threshold, right (label 1); 0.2 wrong (label 0); 0.9 right with a label of 0.5
+    assert (m["f1_correct"], m["f1_incorrect"], m["macro_f1"], m["step_accuracy"]) == (1.0, 1.0, 1.0, 1.0)
+    m = step_macro_f1([[0.5, 0.2]], [[1.0, 0.0]], threshold=0.50001)  # just above it: 0.5 becomes wrong
+    assert m["f1_correct"] == 0.0 and m["f1_incorrect"] == pytest.approx(2 / 3)
 
 
 def test_curves_average_questions_with_a_band_and_categories():
@@ -293,26 +343,3 @@ def test_prmbench_command(qwen_prm_dir, tmp_path):
     f1 = lambda a, b, c: 2 * a / (2 * a + b + c) if a + b + c else math.nan  # noqa: E731
     assert got["prmscore"] == pytest.approx((f1(tp, fp, fn) + f1(tn, fn, fp)) / 2, nan_ok=True)
     assert set(got["by_classification"]) == {"counterfactual", "multi_solutions"}
-
-
-def test_the_readme_eval_commands_run(tmp_path, monkeypatch):
-    """The README's "Evaluate a PRM" block, line by line, in a fresh folder."""
-    import re
-    import shlex
-    from pathlib import Path
-
-    from mmprm_infer.evaluation.examples import write_examples
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    block = re.search(r"## Evaluate a PRM.*?```bash\n(.*?)```", readme, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    lines = [line for line in block.splitlines() if line.strip()]
-    assert len(lines) == 5
-    for line in lines:
-        argv = shlex.split(line)
-        if argv[:3] == ["python", "-m", "mmprm_infer.evaluation.examples"]:
-            write_examples(argv[3])
-        else:
-            assert argv[0] == "mmprm" and main([*argv[1:], "--quiet"]) == 0, line
-    for name in ("processbench", "vpb", "prmbench", "bon"):
-        assert json.loads((tmp_path / "runs/eval-example" / f"{name}.json").read_text())["benchmark"]

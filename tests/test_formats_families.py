@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, 
 from mmprm_infer import PRM
 from mmprm_infer.formats import FORMATS, FormatError
 from mmprm_infer.loading import CheckpointMismatchError
-from mmprm_infer.tiny import (
+from mmprm_infer.testing.tiny import (
     build_tiny_causal_lm,
     build_tiny_qwen_prm,
     build_tiny_rlhflow_prm,
@@ -370,7 +370,7 @@ INTERNVL25_DEFAULT_SYSTEM = (
 
 @pytest.fixture(scope="module")
 def visualprm_dir(tmp_path_factory):
-    from mmprm_infer.tiny_internvl import build_tiny_internvl
+    from mmprm_infer.testing.tiny_internvl import build_tiny_internvl
 
     path = build_tiny_internvl(tmp_path_factory.mktemp("visualprm_defaults"), seed=19)
     _spread(path, body=8.0, head=2.0)
@@ -454,7 +454,7 @@ def test_each_format_aggregates_as_its_release_by_default(tmp_path):
     from mmprm_infer import PRM, rerank
     from mmprm_infer.cli import main
     from mmprm_infer.rerank import resolve_aggregate
-    from mmprm_infer.tiny import build_tiny_qwen_prm
+    from mmprm_infer.testing.tiny import build_tiny_qwen_prm
 
     prm = PRM.from_pretrained(build_tiny_qwen_prm(tmp_path / "q", seed=2))
     assert resolve_aggregate(None, prm) == "min" and resolve_aggregate("mean", prm) == "mean"

@@ -19,9 +19,10 @@ from PIL import Image
 
 from mmprm_infer import PRM
 from mmprm_infer.engines.tree_cache import TreeCacheEngine
-from mmprm_infer.integrations.policy import PolicyPrompt, TransformersPolicy, join_steps
+from mmprm_infer.integrations.policy import TransformersPolicy
 from mmprm_infer.integrations.search import SearchConfig, beam_search, dvts, sample_steps, search
-from mmprm_infer.tiny import build_tiny_causal_lm
+from mmprm_infer.policy import PolicyPrompt, join_steps
+from mmprm_infer.testing.tiny import build_tiny_causal_lm
 
 QUESTION = "Janet's ducks lay 16 eggs per day. She eats three and bakes with four. How many are left?"
 WORDS = ("the area is 12 5 = 60 half of so we compute x + y and eggs per day sells remainder market "

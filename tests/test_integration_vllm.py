@@ -17,6 +17,7 @@ math-shepherd checkpoint run by this library.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmprm_infer.integrations.local_server import ServerProcess, free_port, vllm_server_command
+from mmprm_infer.testing.local_server import ServerProcess, free_port, vllm_server_command
 
 try:
     import vllm  # noqa: F401
@@ -48,7 +49,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
-    from mmprm_infer.integrations.tiny_policy import build_tiny_step_policy
+    from mmprm_infer.testing.tiny_policy import build_tiny_step_policy
 
     return build_tiny_step_policy(tmp_path_factory.mktemp("vllm_policy"))
 
@@ -99,6 +100,22 @@ def prm(shepherd_dir):
     return PRM.from_pretrained(shepherd_dir, format="math-shepherd", dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def _counting(llm, method: str):
+    """The positional arguments of every ``llm.<method>`` call made inside the block."""
+    calls, original = [], getattr(llm, method)
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    setattr(llm, method, counting)
+    try:
+        yield calls
+    finally:
+        setattr(llm, method, original)
+
+
 def _assert_close(got, ref, tol=TOL):
     assert [len(r) for r in got] == [len(r) for r in ref]
     for a, b in zip(got, ref):
@@ -111,8 +128,8 @@ def _assert_close(got, ref, tol=TOL):
 
 
 def test_vllm_policy_generates_and_continues(llm):
-    from mmprm_infer.integrations.policy import Policy, PolicyPrompt
     from mmprm_infer.integrations.vllm_policy import VLLMPolicy
+    from mmprm_infer.policy import Policy, PolicyPrompt
 
     policy = VLLMPolicy(llm, system_prompt=None, seed=0, max_new_tokens=64)
     assert isinstance(policy, Policy)
@@ -132,8 +149,8 @@ def test_vllm_policy_generates_and_continues(llm):
 
 
 def test_vllm_policy_generate_steps(llm):
-    from mmprm_infer.integrations.policy import PolicyPrompt
     from mmprm_infer.integrations.vllm_policy import VLLMPolicy
+    from mmprm_infer.policy import PolicyPrompt
 
     policy = VLLMPolicy(llm, system_prompt=None, seed=2, max_new_tokens=64)
     rows = policy.generate_steps([PolicyPrompt("What is 5 + 2?")], 8)
@@ -167,15 +184,7 @@ def test_reranking_llm(llm, prm):
 
     from mmprm_infer.integrations.vllm_reranking import RerankingLLM
 
-    calls = []
-    original = llm.generate
-
-    def counting(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    llm.generate = counting
-    try:
+    with _counting(llm, "generate") as calls:
         wrapper = RerankingLLM(llm, prm, n=6, aggregate="min")
         prompts = [
             llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
@@ -186,8 +195,6 @@ def test_reranking_llm(llm, prm):
         ]
         outs = wrapper.generate(prompts, SamplingParams(temperature=1.0, max_tokens=64, seed=5),
                                 questions=None)
-    finally:
-        llm.generate = original
     assert len(calls) == 1 and len(calls[0][0]) == 2  # one vLLM call for both prompts
     assert [len(o.outputs) for o in outs] == [6, 6]
     assert outs[1].question == "What is 4 + 4?" and outs[0].question == prompts[0]
@@ -316,3 +323,51 @@ def test_server_over_vllm(vllm_server, prm, policy_dir):
             prompt_ids = policy_tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
                                                         add_generation_prompt=True)["input_ids"]
             assert data["usage"]["prompt_tokens"] == len(prompt_ids)
+
+
+# --------------------------------------------------------------------------
+# RerankingLLM.chat on vLLM's LLM.chat, and docs/serving.md's block as written
+# --------------------------------------------------------------------------
+
+
+def test_reranking_llm_chat(llm, prm):
+    from vllm import SamplingParams
+
+    from mmprm_infer.integrations.vllm_reranking import RerankingLLM
+
+    with _counting(llm, "chat") as calls:
+        wrapper = RerankingLLM(llm, prm, n=4)
+        conversations = [[{"role": "user", "content": "What is 2 + 3?"}],
+                         [{"role": "user", "content": [{"type": "text", "text": "What is 4 + 4?"}]}]]
+        outs = wrapper.chat(conversations, SamplingParams(temperature=1.0, max_tokens=64, seed=5))
+    assert len(calls) == 1 and len(calls[0][0]) == 2  # one vLLM chat call for both conversations
+    assert [o.question for o in outs] == ["What is 2 + 3?", "What is 4 + 4?"]
+    # vLLM applied the policy's chat template: the prompt it ran is the template's rendering
+    tok = llm.get_tokenizer()
+    rendered = tok.apply_chat_template(conversations[0], tokenize=False, add_generation_prompt=True)
+    if outs[0].prompt is not None:
+        assert outs[0].prompt == rendered
+    else:
+        assert list(outs[0].prompt_token_ids) == tok.encode(rendered, add_special_tokens=False)
+    for out in outs:
+        assert len(out.outputs) == 4 and [c.rank for c in out.outputs] == list(range(4))
+        scored = [c for c in out.outputs if c.prm_error is None]
+        _assert_close([c.step_rewards for c in scored], prm.score(out.question, [c.text for c in scored],
+                                                                 engine="reference"))
+
+
+def test_the_serving_doc_block_runs_as_written(tmp_path):
+    """docs/serving.md's vLLM block, pasted into a file and run (its own tiny policy and PRM)."""
+    import subprocess
+    import sys
+
+    from tests.test_docs import ROOT, blocks
+
+    (block,) = [b for b in blocks(ROOT / "docs" / "serving.md") if b.lang == "python" and "vllm" in b.text]
+    assert block.mark is not None and block.mark.startswith("needs vLLM")
+    script = tmp_path / "serving_example.py"
+    script.write_text(block.text)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -24,8 +24,7 @@ def _compiled_mode_env() -> dict:
 def test_recorded_launches_cover_every_kernel_dtype_and_flag():
     launches = aot.record_launches()
     names = {launch.fn.__name__ for launch in launches}
-    assert names == {"_prefix_fwd_kernel", "_suffix_fwd_kernel", "_merge_kernel", "_marker_reward_kernel",
-                     "_segment_aggregate_kernel"}
+    assert names == {"_prefix_fwd_kernel", "_suffix_fwd_kernel", "_merge_kernel", "_marker_reward_kernel"}
     pointer_types = {sig["Q"] for launch in launches if launch.fn.__name__ == "_prefix_fwd_kernel"
                      for sig in [launch.signature()[0]]}
     assert pointer_types == {"*fp32", "*bf16", "*fp16"}
@@ -34,8 +33,9 @@ def test_recorded_launches_cover_every_kernel_dtype_and_flag():
     assert suffix_flags == {(False, True), (True, False)}  # suffix_partial; the fused merge of the attention
     block_d = {launch.kwargs["BLOCK_D"] for launch in launches if launch.fn.__name__ == "_prefix_fwd_kernel"}
     assert block_d == {64, 128, 256}  # head dims 64, 80 (padded), 128, 256
-    reduces = {launch.kwargs["REDUCE"] for launch in launches if launch.fn.__name__ == "_segment_aggregate_kernel"}
-    assert reduces == {0, 1, 2, 3, 4, 5}
+    readouts = [launch for launch in launches if launch.fn.__name__ == "_marker_reward_kernel"]
+    assert {launch.signature()[0]["Rows"] for launch in readouts} == {"*fp32", "*bf16", "*fp16"}
+    assert {launch.kwargs["BLOCK_D"] for launch in readouts} == {512, 1024}  # hidden 512 and 3584 (chunked)
     assert len({launch.key() for launch in launches}) == len(launches)  # deduplicated
 
 

@@ -1,7 +1,8 @@
-"""Layers point one way (#18): core, then train, then integrations, then the commands on top.
+"""Layers point one way: core, then train, then the test fixtures, then integrations, then the synthetic
+recipe, then the commands on top.
 
 Every import is checked, the ones inside functions too: a module may import its own layer or a
-lower one, never a higher one.  The commands (the CLI entry points) may import anything.
+lower one, never a higher one.  Layers are folders, so a new module needs no entry here.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # source folder -> the package it installs as (pyproject's package-dir)
 PACKAGES = {"mmprm_infer": "mmprm_infer", "kernels": "mmprm_infer.kernels", "train": "mmprm_infer.train",
             "integrations": "mmprm_infer.integrations"}
-COMMANDS = {"mmprm_infer.cli", "mmprm_infer.demo", "mmprm_infer.evaluation.cli", "mmprm_infer.train.annotate",
-            "mmprm_infer.train.synthetic.pipeline", "mmprm_infer.train.train_cli"}
-RANKS = {"core": 0, "train": 1, "integrations": 2, "commands": 3}
+# package prefix -> layer, most specific first; anything else under mmprm_infer is the core
+LAYERS = (("mmprm_infer.cli", "commands"), ("mmprm_infer.train.synthetic", "recipes"),
+          ("mmprm_infer.integrations", "integrations"), ("mmprm_infer.testing", "testing"),
+          ("mmprm_infer.train", "train"))
+RANKS = {"core": 0, "train": 1, "testing": 2, "integrations": 3, "recipes": 4, "commands": 5}
 
 
 def layer(module: str) -> str:
-    if module in COMMANDS:
-        return "commands"
-    for prefix, name in (("mmprm_infer.train", "train"), ("mmprm_infer.integrations", "integrations")):
+    for prefix, name in LAYERS:
         if module == prefix or module.startswith(prefix + "."):
             return name
     return "core"
@@ -68,7 +69,7 @@ def test_general_training_code_never_imports_the_synthetic_recipe():
     recipe = "mmprm_infer.train.synthetic"
     inward = []
     for module, path, is_package in modules():
-        if module in COMMANDS or module == recipe or module.startswith(recipe + "."):
+        if layer(module) in ("commands", "recipes"):
             continue
         if layer(module) not in ("core", "train"):
             continue
@@ -84,3 +85,13 @@ def test_the_check_sees_an_upward_import(tmp_path):
     bad.write_text("def f():\n    from mmprm_infer.integrations.server import create_app\n")
     assert [t for t in imports("mmprm_infer.prm", bad, False) if RANKS[layer(t)] > 0] == [
         "mmprm_infer.integrations.server"]
+
+
+def test_layers_are_folders():
+    """The rule is by folder: a command, the recipe and a fixture are placed by where they live."""
+    assert layer("mmprm_infer.cli.score") == layer("mmprm_infer.cli") == "commands"
+    assert layer("mmprm_infer.train.synthetic.pipeline") == "recipes"
+    assert layer("mmprm_infer.train.trainer") == "train"
+    assert layer("mmprm_infer.testing.tiny") == "testing"
+    assert layer("mmprm_infer.io.records") == layer("mmprm_infer.kernels.step_reward") == "core"
+    assert layer("mmprm_infer.training") == "core"  # a prefix is a whole package name, not a string prefix

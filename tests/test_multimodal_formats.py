@@ -23,7 +23,7 @@ from mmprm_infer.cli import main
 from mmprm_infer.engines import ENGINES
 from mmprm_infer.formats import FormatError
 from mmprm_infer.formats.visualprm import VISUALPRM_SYSTEM_PROMPT, split_response
-from mmprm_infer.tiny_internvl import build_tiny_internvl
+from mmprm_infer.testing.tiny_internvl import build_tiny_internvl
 from mmprm_infer.vision import ImageLoadError, image_token_block, load_image
 
 QUESTION = "What is the area of the shaded triangle in the figure?"

@@ -11,13 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from mmprm_infer.integrations.policy import (
+from mmprm_infer.integrations.policy import OpenAIPolicy, TransformersPolicy
+from mmprm_infer.policy import (
     DEFAULT_SAMPLING,
-    OpenAIPolicy,
     Policy,
     PolicyError,
     PolicyPrompt,
-    TransformersPolicy,
     join_steps,
     sampling_options,
     split_steps,
@@ -48,7 +47,7 @@ def test_prompt_defaults_and_helpers():
 def tiny_lm(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mmprm_infer.tiny import build_tiny_causal_lm
+    from mmprm_infer.testing.tiny import build_tiny_causal_lm
 
     path = build_tiny_causal_lm(tmp_path_factory.mktemp("policy_lm"), arch="qwen2", seed=5)
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
@@ -88,7 +87,7 @@ def test_transformers_policy_samples_n_per_prompt_reproducibly(tiny_lm):
 def test_transformers_policy_with_an_internvl_image(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    from mmprm_infer.tiny_internvl import build_tiny_internvl
+    from mmprm_infer.testing.tiny_internvl import build_tiny_internvl
 
     path = build_tiny_internvl(tmp_path / "vl", seed=1)
     model = AutoModelForImageTextToText.from_pretrained(path)

@@ -1,4 +1,4 @@
-"""Progress bars: a live bar on a terminal, one line per stage in a log (mmprm_infer.progress)."""
+"""Progress bars: a live bar on a terminal, one line per stage in a log (mmprm_infer.io.progress)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 
 from tqdm import tqdm
 
-from mmprm_infer.progress import StageLine, progress_bar
+from mmprm_infer.io.progress import StageLine, progress_bar
 
 
 class _Terminal(io.StringIO):

@@ -20,8 +20,8 @@ import torch
 
 from mmprm_infer.cli import main
 from mmprm_infer.integrations.ray_scoring import PRMSpec, score_file, score_items
+from mmprm_infer.io.records import EXIT_RECORDS_FAILED
 from mmprm_infer.prm import PRM, ScoringItem
-from mmprm_infer.records import EXIT_RECORDS_FAILED
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -247,7 +247,7 @@ def synthetic_endpoint():
     """The synthetic policy behind a stdlib chat-completions endpoint: (base url, problems, request log)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from mmprm_infer.integrations.policy import PolicyPrompt, split_steps
+    from mmprm_infer.policy import PolicyPrompt, split_steps
     from mmprm_infer.train.synthetic.policy import SyntheticPolicy
     from mmprm_infer.train.synthetic.task import make_problems
 
@@ -313,15 +313,16 @@ def test_annotate_cli_on_your_own_questions_through_an_endpoint(cluster, synthet
     _check_trees(tmp_path / "ann", 4)
     bad = subprocess.run([sys.executable, "-m", "mmprm_infer.cli", "annotate", "--questions", str(questions),
                           "--out-dir", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "--questions needs a policy" in bad.stderr
+    assert bad.returncode != 0 and "--data needs a policy" in bad.stderr  # --questions: the old spelling of --data
 
 
 def test_annotate_cli_builds_the_policy_it_is_asked_for():
-    from mmprm_infer.train.annotate import build_parser, policy_factory
+    from mmprm_infer.cli import build_parser
+    from mmprm_infer.cli.annotate import policy_factory
     from mmprm_infer.train.synthetic.policy import ErrorRates
 
     def factory(*argv):
-        return policy_factory(build_parser().parse_args(["--out-dir", "x", *argv]), ErrorRates())
+        return policy_factory(build_parser().parse_args(["annotate", "--out-dir", "x", *argv]), ErrorRates())
 
     vllm = factory("--ray", "--policy-vllm", "--policy-model", "M", "--tensor-parallel-size", "2")
     assert vllm.args == ("M", 2, {"distributed_executor_backend": "ray"}, {"max_new_tokens": 1024})

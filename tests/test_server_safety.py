@@ -21,7 +21,7 @@ from server_fakes import MODEL, chat, data_url, image_chat, png_header_only, rer
 
 from mmprm_infer.cli import main  # noqa: E402
 from mmprm_infer.integrations.serve import ServerConfig  # noqa: E402
-from mmprm_infer.integrations.serve import app as server_module  # noqa: E402
+from mmprm_infer.io import records as records_module  # noqa: E402
 
 # the fixtures these tests take (assigned, not imported: a linter would drop an "unused" import)
 prm, policy = server_fakes.prm, server_fakes.policy
@@ -260,7 +260,8 @@ def test_finding10_prompts_times_n_is_capped(prm, policy):
         r = httpx.post(srv.url + "/v1/chat/completions", json=chat("q", n=129))
         assert r.status_code == 400 and "--max-samples" in _error(r)["message"], r.text
         assert policy.calls == 0
-        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "best_of": 64})
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "best_of": 64},
+                       timeout=300)  # 128 samples to score: seconds on a loaded machine, past httpx's default 5 s
         assert r.status_code == 200 and policy.bodies[-1]["n"] == 64
     with reranker(prm, policy.url, max_samples=8) as srv:
         r = httpx.post(srv.url + "/v1/chat/completions", json=chat("q", n=2, best_of=9))
@@ -328,7 +329,8 @@ def test_finding12_client_key_is_required(prm, policy):
 
 def test_finding12_client_key_from_file_or_environment(tmp_path):
     from mmprm_infer.cli import build_parser
-    from mmprm_infer.integrations.serve.options import CLIENT_KEY_ENV, config_from_args
+    from mmprm_infer.cli.serve import config_from_args
+    from mmprm_infer.integrations.serve.options import CLIENT_KEY_ENV
 
     key_file = tmp_path / "keys"
     key_file.write_text("k1\n\nk2\n")
@@ -383,7 +385,7 @@ def test_finding14_serve_checks_options_before_loading_the_prm(tmp_path, monkeyp
         def load(self, *a, **k):
             raise AssertionError("the PRM was loaded before the options were checked")
 
-    monkeypatch.setattr(server_module, "PRMSpec", NoLoad)
+    monkeypatch.setattr(records_module, "PRMSpec", NoLoad)  # `mmprm serve` imports it when it runs
     argv = ["serve", "--policy-url", "http://127.0.0.1:8000/v1", "--prm", str(tmp_path)]
     for flag, value in zip(extra[::2], extra[1::2]):
         if flag in argv:
@@ -399,7 +401,7 @@ def test_finding14_serve_checks_options_before_loading_the_prm(tmp_path, monkeyp
 
 def test_finding14_empty_key_file_is_refused(tmp_path):
     from mmprm_infer.cli import build_parser
-    from mmprm_infer.integrations.serve.options import config_from_args
+    from mmprm_infer.cli.serve import config_from_args
 
     (tmp_path / "keys").write_text("\n  \n")
     args = build_parser().parse_args(["serve", "--policy-url", "http://h:1/v1", "--prm", str(tmp_path),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmprm_infer.tiny_internvl import INTERNVL25_SYSTEM_MESSAGE, build_tiny_internvl
+from mmprm_infer.testing.tiny_internvl import INTERNVL25_SYSTEM_MESSAGE, build_tiny_internvl
 from mmprm_infer.vision import IMG_CONTEXT_TOKEN, image_token_block, load_image
 
 

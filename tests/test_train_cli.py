@@ -8,7 +8,7 @@ import pytest
 
 from mmprm_infer import PRM
 from mmprm_infer.cli import main
-from mmprm_infer.tiny import build_tiny_causal_lm
+from mmprm_infer.testing.tiny import build_tiny_causal_lm
 from mmprm_infer.train.datasets import StepSample, save_samples
 
 SAMPLES = [StepSample(f"What is {i} + {i}?", [f"{i} + {i} = {2 * i + k % 2}.", f"So the answer is {2 * i + k % 2}."],
@@ -83,7 +83,7 @@ def test_bad_data_is_named(base, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "completions": ["a"], "labels": [True]}) + "\n" +
                    json.dumps({"prompt": "q", "completions": ["a", "b"]}) + "\n")
-    with pytest.raises(SystemExit, match="bad.jsonl line 2: stepwise record needs prompt, completions, labels"):
+    with pytest.raises(SystemExit, match="bad.jsonl line 2: missing field .labels."):
         main(["train", "--base", str(base), "--data", str(bad), "--format", "custom", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="holds no resume point"):
         main(["train", "--base", str(base), "--data", str(bad), "--format", "custom", "--out", str(tmp_path / "o"),
@@ -132,12 +132,11 @@ def test_mc_estimation_by_hand(tmp_path):
 
 
 def test_annotate_mc_with_a_local_transformers_policy(base, tmp_path):
-    from mmprm_infer.train.annotate import annotate_main
 
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"id": "a", "question": "What is 1 + 1?", "answer": "2"}) + "\n")
     out = tmp_path / "ann"
-    assert annotate_main(["--questions", str(questions), "--policy-hf", str(base), "--method", "mc",
+    assert main(["annotate", "--questions", str(questions), "--policy-hf", str(base), "--method", "mc",
                           "--num-solutions", "2", "--k", "2", "--max-new-tokens", "8", "--out-dir", str(out),
                           "--no-progress", "--export", str(out / "trl.jsonl"), "--export-format", "stepwise"]) in (0,)
     record = json.loads(next((out / "trees").glob("*.json")).read_text())
@@ -148,21 +147,67 @@ def test_annotate_mc_with_a_local_transformers_policy(base, tmp_path):
     assert rows and all(isinstance(v, bool) for r in rows for v in r["labels"])  # TRL's layout by default
 
 
-def test_the_readme_train_commands_run(tmp_path, monkeypatch):
-    """README's offline `mmprm train` block, line by line, in a fresh folder."""
-    import re
-    import shlex
-    from pathlib import Path
+# --- #31: --out around the base, the resume state, its options, bad labels -----------------------------------
+def test_item2_out_equal_to_or_around_the_base_is_refused(base, tmp_path):
+    import shutil
 
-    from mmprm_infer.train.examples import write_examples
+    models = tmp_path / "models"
+    copy = models / "base"
+    shutil.copytree(base, copy)
+    weights = (copy / "model.safetensors").read_bytes()
+    for out, how in ((copy, "is --base"), (models, "contains --base"), (copy / "prm", "lies inside --base")):
+        with pytest.raises(SystemExit, match=f"--output-dir .* {how} .*would destroy the base"):
+            main(["train", "--base", str(copy), "--data", _data(tmp_path), "--format", "custom", "--out", str(out),
+                  "--max-steps", "2", "--overwrite", "--quiet"])
+    assert (copy / "model.safetensors").read_bytes() == weights and not (copy / "prm").exists()
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    block = re.search(r"Offline on a tiny base and tiny files.*?```bash\n(.*?)```", readme, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    lines = [line for line in block.splitlines() if line.strip()]
-    assert len(lines) == 2 and lines[0].startswith("python -m mmprm_infer.train.examples")
-    write_examples(shlex.split(lines[0])[3])
-    assert main([*shlex.split(lines[1])[1:], "--quiet"]) == 0
-    summary = json.loads((tmp_path / "runs/train-example/prm/train_summary.json").read_text())
-    assert summary["steps"] == 60 and summary["eval_samples"] == 12 and summary["added_tokens"] == ["<step>"]
-    assert PRM.from_pretrained(tmp_path / "runs/train-example/prm").format.name == "custom"
+
+def test_item4_resume_state_is_never_run(base, tmp_path):
+    out = tmp_path / "run"
+    assert _train(base, tmp_path, out, "--save-steps", "4") == 0
+    state = out / "checkpoint-last" / "trainer_state.pt"
+    assert state.is_file()
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    import torch
+
+    torch.save({"step": Payload()}, state)
+    with pytest.raises(SystemExit, match="cannot resume from .*trainer_state.pt: it is damaged or holds more than "
+                                         "tensors and plain data"):
+        _train(base, tmp_path, out, "--save-steps", "4", "--resume")
+    assert not marker.exists()
+    state.write_bytes(b"not a torch file")  # damaged: one line too
+    with pytest.raises(SystemExit, match="cannot resume from .*: it is damaged"):
+        _train(base, tmp_path, out, "--save-steps", "4", "--resume")
+
+
+def test_item14_resume_with_other_options_is_refused(base, tmp_path):
+    out = tmp_path / "run"
+    assert _train(base, tmp_path, out, "--save-steps", "4") == 0  # leaves the resume point of step 8
+    for extra, named in ((["--lr", "2e-3"], r"--learning-rate 0.002 \(the saved run used 0.001\)"),
+                         (["--seed", "1"], r"--seed 1 \(the saved run used 0\)"),
+                         (["--warmup-ratio", "0.2"], r"--warmup-ratio 0.2 \(the saved run used 0.03\)")):
+        with pytest.raises(SystemExit, match=f"cannot resume: {named}"):
+            _train(base, tmp_path, out, "--save-steps", "4", "--resume", *extra)
+    assert _train(base, tmp_path, out, "--save-steps", "4", "--resume") == 0  # its own options: resumes
+
+
+@pytest.mark.parametrize("labels, prompt, needle", [
+    ([float("nan"), 1.0], "q", r"labels must be Monte-Carlo scores in \[0, 1\], got \[nan\]"),
+    ([2.0, 1.0], "q", r"labels must be Monte-Carlo scores in \[0, 1\], got \[2.0\]"),
+    ([1.0, 1.0], 5, "question must be a string, got int"),
+])
+def test_item11_bad_labels_are_one_line_and_leave_out_empty(base, tmp_path, labels, prompt, needle):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": prompt, "completions": ["1 + 1 = 2.", "So 2."], "labels": labels}) + "\n")
+    out = tmp_path / "prm"
+    with pytest.raises(SystemExit, match=f"mmprm train: .*bad.jsonl: training sample 0: {needle}"):
+        main(["train", "--base", str(base), "--data", str(bad), "--format", "custom", "--out", str(out), "--quiet"])
+    assert not out.exists() or not any(out.iterdir())
+    # the fixed data trains into the same --out, no --overwrite needed
+    assert main(["train", "--base", str(base), "--data", _data(tmp_path), "--format", "custom", "--out", str(out),
+                 "--max-steps", "1", "--quiet"]) == 0

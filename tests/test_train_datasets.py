@@ -10,7 +10,7 @@ import pytest
 from mmprm_infer.train.datasets import (
     DatasetFormatError,
     StepSample,
-    detect_format,
+    detect_layout,
     from_mmprm_record,
     load_samples,
     save_samples,
@@ -197,7 +197,7 @@ def test_round_trip(tmp_path, fmt):
         assert first.startswith("[") and json.loads(first)[0]["process"].endswith("<prm>")
     else:
         rec = json.loads(first.splitlines()[0])
-        assert detect_format(rec) == fmt
+        assert detect_layout(rec) == fmt
 
 
 def test_visualprm_and_stepwise_layouts(tmp_path):

@@ -35,12 +35,17 @@ def problems():
     return make_problems(8, "train", seed=0)
 
 
-def check_tree_invariants(tree, problem=None):
+def check_tree_invariants(tree, problem=None, num_rollouts=None):
+    """``num_rollouts``: the search's k (default: the tree's recorded config)."""
+    k = num_rollouts or tree["config"]["num_rollouts"]
     nodes = list(iter_nodes(tree))
     assert sum(n["visit_count"] for n, _ in nodes) == tree["search_count"]
     for node, prefix in nodes:
         c, i = len(node["correct_rollouts"]), len(node["incorrect_rollouts"])
-        assert c + i >= 1
+        # every rollout counts, repeats included: k of them per estimate, or the one direct check ([]) of a
+        # complete solution; counting a repeated rollout once would leave c + i < k and a wrong mc_value
+        if node["correct_rollouts"] + node["incorrect_rollouts"] != [[]]:
+            assert c + i == k, (prefix, c, i)
         assert node["mc_value"] == pytest.approx(c / (c + i))
         for child in node["children"]:
             assert child["partial_solution"], "a child adds at least one step"
@@ -70,7 +75,7 @@ def test_search_on_a_few_problems_keeps_tree_invariants(problems):
     for p in problems[:5]:
         search = OmegaPRMSearch(p.question, p.answer, pol, SMALL, images=[p.image])
         tree = search.run()
-        check_tree_invariants(tree, p)
+        check_tree_invariants(tree, p, SMALL.num_rollouts)
         assert tree["question"] == p.question and tree["answer"] == p.answer
         assert tree["total_rollouts"] <= SMALL.rollout_budget + 8 * 8  # one search may overrun
         assert tree["search_count"] <= SMALL.max_search_count
@@ -118,7 +123,7 @@ def test_binary_search_finds_the_first_error(problems, error_at):
 
 
 def _continue(policy, p, steps):
-    from mmprm_infer.integrations.policy import PolicyPrompt, split_steps
+    from mmprm_infer.policy import PolicyPrompt, split_steps
 
     return split_steps(policy.generate([PolicyPrompt(p.question, [p.image], steps)], n=1)[0][0])
 
@@ -214,7 +219,7 @@ def test_a_failing_question_is_reported_and_the_rest_go_on(tmp_path, problems):
 
 
 def test_kill_and_resume(tmp_path, capsys):
-    from mmprm_infer.train.annotate import annotate_main
+    from mmprm_infer.cli import main
 
     out = tmp_path / "run"
     n, done_first = 8, 3
@@ -238,7 +243,7 @@ def test_kill_and_resume(tmp_path, capsys):
 
     # the same command again (in this process: one interpreter start less)
     capsys.readouterr()
-    assert annotate_main(args) == 0
+    assert main(["annotate", *args]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["skipped"] == len(before) and summary["annotated"] == n - len(before)
 

@@ -12,7 +12,8 @@ import math
 import pytest
 
 from mmprm_infer.prm import PRM
-from mmprm_infer.train.synthetic.pipeline import AGGREGATIONS, PRESETS, preset_config, run_pipeline
+from mmprm_infer.train.synthetic.pipeline import PRESETS, preset_config, run_pipeline
+from mmprm_infer.train.synthetic.presets import REPORTED_AGGREGATIONS
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def test_report_has_every_metric(tiny_run):
     for key in ("f1", "acc_error", "acc_correct", "num_error", "num_correct", "num_cases"):
         assert key in report["step_error"]
     acc = report["accuracy"]
-    methods = {"random", "pass", "majority_vote", "prm_weighted_vote", *(f"prm_best_of_n/{a}" for a in AGGREGATIONS)}
+    methods = {"random", "pass", "majority_vote", "prm_weighted_vote",
+               *(f"prm_best_of_n/{a}" for a in REPORTED_AGGREGATIONS)}
     assert methods <= set(acc)
     for m in methods:
         assert sorted(acc[m], key=int) == ["1", "2", "4", "8", "16"]
@@ -145,7 +147,7 @@ def test_step_verification_options_are_checked_before_any_work(tmp_path):
 
 
 def test_summary_is_a_small_table_with_the_paths(tiny_run, capsys):
-    from mmprm_infer.train.synthetic.pipeline import print_summary
+    from mmprm_infer.train.synthetic.report import print_summary
 
     run_dir, report = tiny_run
     print_summary(report, run_dir)

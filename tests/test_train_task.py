@@ -7,7 +7,7 @@ import re
 import pytest
 
 from mmprm_infer.answers import extract_answer
-from mmprm_infer.integrations.policy import Policy, PolicyPrompt, split_steps
+from mmprm_infer.policy import Policy, PolicyPrompt, split_steps
 from mmprm_infer.train.synthetic.policy import ErrorRates, SyntheticPolicy, policy_report
 from mmprm_infer.train.synthetic.task import (
     TEMPLATES,

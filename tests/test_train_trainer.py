@@ -1,6 +1,6 @@
 """The PRM trainer: marker-only loss, learning, save/reload, accumulation, metrics.
 
-Tiny models from mmprm_infer.tiny (session fixtures in conftest.py).  Torch
+Tiny models from mmprm_infer.testing.tiny (session fixtures in conftest.py).  Torch
 runs on one thread here: for these tiny matmuls thread hand-off costs more
 than it saves, and on a shared 2-core machine two threads can stall for
 100+ ms per step.
@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmprm_infer.evaluation.metrics import first_error_index, step_error_f1, step_macro_f1
 from mmprm_infer.formats import FORMATS
 from mmprm_infer.prm import PRM
 from mmprm_infer.train.collate import as_example
-from mmprm_infer.train.evaluate import first_error_index, step_error_f1, step_macro_f1
 from mmprm_infer.train.trainer import (
     LoraSettings,
     TrainConfig,
@@ -328,7 +328,7 @@ def test_train_from_checkpoint_path(custom_dir, tmp_path):
     assert saved["resolved_learning_rate"] == 1e-3 and saved["total_steps"] == 3
 
 
-class _StepSample:  # the shape train/labels.py's StepSample has
+class _StepSample:  # the shape train/datasets.py's StepSample has
     def __init__(self, question, steps, labels, image_path=None):
         self.question, self.steps, self.labels, self.image_path = question, steps, labels, image_path
 
@@ -416,7 +416,7 @@ def test_step_macro_f1():
 def test_mm_prm_training_freezes_vision_tower(tmp_path):
     from PIL import Image
 
-    from mmprm_infer.tiny_internvl import build_tiny_internvl
+    from mmprm_infer.testing.tiny_internvl import build_tiny_internvl
 
     path = build_tiny_internvl(tmp_path / "ckpt", extra_special_tokens=("<prm>",))
     prm = PRM.from_pretrained(path)

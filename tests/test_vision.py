@@ -85,6 +85,14 @@ def random_image(width, height, seed=0, mode="RGB"):
         ((20000, 300), 6, (6, 1)),
         ((300, 20000), 6, (1, 6)),
         ((300, 20000), 1, (1, 1)),
+        # #31 item 20: the area exactly half the larger grid's (0.5 * 448^2 * cols * rows): "more than half"
+        # is strict, so the tie stays with the smaller grid
+        ((896, 1008), 12, (2, 2)),  # 903168 = half of 3x3; 8:9 ties 1:1 with 2x2 and 3x3
+        ((1008, 896), 12, (2, 2)),
+        ((1024, 882), 12, (2, 2)),  # 903168 again, aspect 512:441
+        ((2048, 588), 12, (3, 1)),  # 1204224 = half of 6x2; 3:1 ties with 6x2
+        ((2049, 588), 12, (6, 2)),  # one pixel column more: past half, the larger grid (3:1 and 6:2 tie always)
+        ((1025, 882), 12, (3, 3)),  # likewise past half of 3x3 (1:1 still closest, tied between 2x2 and 3x3)
     ],
 )
 def test_grid_examples(size, max_tiles, grid):

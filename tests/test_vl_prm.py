@@ -34,7 +34,7 @@ from mmprm_infer import PRM
 from mmprm_infer.engines.fast import FastEngine
 from mmprm_infer.formats import FormatError
 from mmprm_infer.loading import CheckpointMismatchError
-from mmprm_infer.tiny_qwen_vl import build_tiny_qwen2_5_vl
+from mmprm_infer.testing.tiny_qwen_vl import build_tiny_qwen2_5_vl
 from mmprm_infer.vision import ImageLoadError
 
 QUESTION = "What is the area of the shaded triangle in the figure?"
@@ -302,8 +302,8 @@ def test_other_formats_on_a_qwen_vl_checkpoint_are_refused(vl_dir, no_weights_bu
 
 
 def test_vl_prm_on_other_checkpoints_is_refused(tmp_path, no_weights_built):
-    from mmprm_infer.tiny import build_tiny_causal_lm
-    from mmprm_infer.tiny_internvl import build_tiny_internvl
+    from mmprm_infer.testing.tiny import build_tiny_causal_lm
+    from mmprm_infer.testing.tiny_internvl import build_tiny_internvl
 
     text = build_tiny_causal_lm(tmp_path / "text", extra_tokens=("<|vision_start|>", "<|vision_end|>",
                                                                    "<|image_pad|>"))

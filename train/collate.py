@@ -2,7 +2,7 @@
 
 ``as_example`` accepts any object with ``question``, ``steps``, ``labels``
 and optionally ``image``/``images``/``image_path``/``image_paths``
-attributes (``train.labels.StepSample`` among them), or a dict with those
+attributes (``train.datasets.StepSample`` among them), or a dict with those
 keys.  ``make_layout`` places encoded sequences into one micro-batch, either
 
 - padded: one row per sample, right padding, a 2-D attention mask; or

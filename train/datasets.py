@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from mmprm_infer.files import atomic_output
+from mmprm_infer.io.files import atomic_output
 
 __all__ = [
     "StepSample",
     "PRM_TAG",
-    "FORMATS",
+    "LAYOUTS",
     "to_mmprm_record",
     "from_mmprm_record",
     "to_visualprm_record",
@@ -60,12 +60,12 @@ __all__ = [
     "from_mmprm_traverse_record",
     "save_samples",
     "load_samples",
-    "detect_format",
+    "detect_layout",
     "DatasetFormatError",
 ]
 
 PRM_TAG = "<prm>"
-FORMATS = ("mm-prm", "mm-prm-traverse", "visualprm", "stepwise")
+LAYOUTS = ("mm-prm", "mm-prm-traverse", "visualprm", "stepwise")
 
 
 class DatasetFormatError(ValueError):
@@ -157,7 +157,8 @@ def from_mmprm_record(rec: dict[str, Any]) -> StepSample:
         human = next(t for t in conv if t.get("from") == "human")["value"]
         labels = next(t for t in conv if t.get("from") == "gpt")["value"]
     except (KeyError, StopIteration, TypeError) as e:
-        raise DatasetFormatError(f"MM-PRM record without human/gpt conversations: {str(rec)[:200]}") from e
+        raise DatasetFormatError(f"field 'conversations' must hold a human and a gpt turn, each with 'value' "
+                                 f"({type(e).__name__}: {e})") from e
     text = human
     while text.startswith("<image>"):
         text = text[len("<image>"):].lstrip("\n")
@@ -202,7 +203,8 @@ def from_visualprm_record(rec: dict[str, Any]) -> StepSample:
         steps = [s["step"] for s in sws]
         scores = [s["score"] for s in sws]
     except (KeyError, TypeError) as e:
-        raise DatasetFormatError(f"VisualPRM record without steps_with_score[].step/score: {str(rec)[:200]}") from e
+        raise DatasetFormatError(f"field 'steps_with_score' must be a list of {{step, score}} objects "
+                                 f"({type(e).__name__}: {e})") from e
     rid = rec.get("id")
     return StepSample(rec.get("question", ""), steps, scores, _as_paths(rec.get("image")), rec.get("answer"),
                       None if rid is None else str(rid))
@@ -240,13 +242,13 @@ def from_stepwise_record(rec: dict[str, Any]) -> StepSample:
         return StepSample(rec["prompt"], rec["completions"], labels, _as_paths(rec.get("images", rec.get("image"))),
                           rec.get("answer"), None if rec.get("id") is None else str(rec["id"]))
     except KeyError as e:
-        raise DatasetFormatError(f"stepwise record needs prompt, completions, labels (or {STEPWISE_SOFT_KEY}): "
-                                 f"{str(rec)[:200]}") from e
+        raise DatasetFormatError(f"missing field {e.args[0]!r}: a stepwise record needs prompt, completions, labels "
+                                 f"(or {STEPWISE_SOFT_KEY})") from e
 
 
 # --- files -------------------------------------------------------------------
 
-def detect_format(rec: dict[str, Any]) -> str:
+def detect_layout(rec: dict[str, Any]) -> str:
     if "conversations" in rec:
         return "mm-prm"
     if "steps_with_score" in rec:
@@ -255,21 +257,31 @@ def detect_format(rec: dict[str, Any]) -> str:
         return "stepwise"
     if "process" in rec and "labels" in rec:
         return "mm-prm-traverse"
-    raise DatasetFormatError(f"unknown sample layout with keys {sorted(rec)}; known: {', '.join(FORMATS)}")
+    raise DatasetFormatError(f"unknown sample layout with keys {sorted(rec)}; known: {', '.join(LAYOUTS)}")
+
+
+def _relative_to(paths: list[str], folder: Path) -> list[str]:
+    """Image paths that are valid from the working directory, rewritten relative to ``folder``."""
+    return [os.path.relpath(os.path.abspath(p), os.path.abspath(folder)) for p in paths]
 
 
 def save_samples(samples: Iterable[StepSample], path: str | os.PathLike, format: str = "mm-prm", *,
-                 hard_threshold: float | None = None, soft_labels: bool = False) -> int:
+                 hard_threshold: float | None = None, soft_labels: bool = False,
+                 images_from_cwd: bool = False) -> int:
     """Write samples; JSONL except ``mm-prm-traverse`` (one JSON list, as MM-PRM).
     ``hard_threshold``: labels become 1/0 by MC > threshold (``stepwise`` always writes bools,
-    by MC > 0 unless given, except with ``soft_labels``).  Written to a temp file and renamed
-    into place.  Returns the count."""
-    if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    by MC > 0 unless given, except with ``soft_labels``).  Image paths are written as the samples hold
+    them, which readers take relative to the file; ``images_from_cwd``: the samples' paths are valid from
+    the working directory (as annotation trees hold them) and are rewritten relative to the file.  Written
+    to a temp file and renamed into place.  Returns the count."""
+    if format not in LAYOUTS:
+        raise ValueError(f"unknown format {format!r}; choose from {', '.join(LAYOUTS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     records = []
     for i, s in enumerate(samples):
+        if images_from_cwd and s.image_paths:
+            s = StepSample(s.question, s.steps, s.labels, _relative_to(s.image_paths, path.parent), s.answer, s.id)
         if hard_threshold is not None and format != "stepwise":
             s = StepSample(s.question, s.steps, s.hard_labels(hard_threshold), s.image_paths, s.answer, s.id)
         if format == "mm-prm":
@@ -297,38 +309,29 @@ _READERS = {
 }
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        data = json.loads(stripped)
-        if not isinstance(data, list):
-            raise DatasetFormatError(f"{path}: a JSON file of samples must hold a list")
-        return data
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except ValueError as e:
-                raise DatasetFormatError(f"{path}:{n}: not JSON ({e})") from e
-    return out
-
-
 def load_samples(path: str | os.PathLike, format: str | None = None) -> list[StepSample]:
-    """Read a sample file in any of ``FORMATS`` (detected from the first record when not given)."""
-    path = Path(path)
-    records = _records(path)
+    """Read a sample file (JSONL, JSON, Parquet, Arrow: ``mmprm_infer.io.data``) in any of ``LAYOUTS``
+    (detected from the first record when not given); a bad record is named by file, line and field."""
+    from mmprm_infer.io.data import DataError, read_records
+
+    try:
+        records = list(read_records(path))
+    except DataError as exc:
+        raise DatasetFormatError(str(exc)) from None
     if not records:
         return []
-    fmt = format or detect_format(records[0])
+    try:
+        fmt = format or detect_layout(records[0].data)
+    except DatasetFormatError as e:
+        raise DatasetFormatError(f"{records[0].where}: {e}") from None
     if fmt not in _READERS:
-        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(LAYOUTS)}")
     out = []
-    where = "item" if path.read_text(encoding="utf-8").lstrip().startswith("[") else "line"
-    for n, rec in enumerate(records, 1):
+    for rec in records:
         try:
-            out.append(_READERS[fmt](rec))
-        except DatasetFormatError as e:
-            raise DatasetFormatError(f"{path} {where} {n}: {e}") from None
+            out.append(_READERS[fmt](rec.data))
+        except KeyError as e:
+            raise DatasetFormatError(f"{rec.where}: missing field {e.args[0]!r} of the {fmt} layout") from None
+        except (DatasetFormatError, ValueError, TypeError) as e:
+            raise DatasetFormatError(f"{rec.where}: {e}") from None
     return out

@@ -34,10 +34,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from .datasets import StepSample
-from .mcts import iter_nodes
+from mmprm_infer.train.datasets import StepSample
+from mmprm_infer.train.mcts import iter_nodes
 
-__all__ = ["StepSample", "LabelConfig", "tree_paths", "tree_to_samples", "trees_to_samples", "is_negative",
+__all__ = ["LabelConfig", "tree_paths", "tree_to_samples", "trees_to_samples", "is_negative",
            "label_stats"]
 
 

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from mmprm_infer.answers import AnswerVerifier
-from mmprm_infer.files import write_json_atomic
+from mmprm_infer.io.files import write_json_atomic
 from mmprm_infer.policy import Policy, PolicyPrompt, join_steps, split_steps
 
 __all__ = [
@@ -482,7 +482,7 @@ def search_question(item: AnnotationItem, policy: Policy, config: MCTSConfig,
     """One question's finished tree (MM-PRM layout + id, config, extras) and its rollout count;
     ``item.image`` is a path (``with_saved_image``) or None.  With an ``MCConfig``: per-step
     Monte Carlo estimates instead (``train.mc_annotation``)."""
-    from .mc_annotation import MCConfig, mc_estimate_question
+    from mmprm_infer.train.mc_annotation import MCConfig, mc_estimate_question
 
     if isinstance(config, MCConfig):
         return mc_estimate_question(item, policy, config, verifier)
@@ -497,7 +497,7 @@ class AnnotationProgress:
     """Counts finished/failed questions and rollouts (thread-safe) behind one progress bar."""
 
     def __init__(self, run: AnnotationRun, progress: bool, desc: str = "annotate"):
-        from mmprm_infer.progress import progress_bar
+        from mmprm_infer.io.progress import progress_bar
 
         self.stats, self.lock, self.start = run.stats, threading.Lock(), time.perf_counter()
         self.bar = progress_bar(total=run.stats.questions, initial=run.stats.skipped, unit="q", desc=desc,

@@ -4,11 +4,11 @@ Every sample is encoded by the PRM's own format (``PRM.encode``, the code path
 scoring takes, images included), so training and scoring see identical
 inputs.  The text decoder runs on the padded (or packed) micro-batch; only
 the final-normed hidden rows at the reward markers are gathered and turned
-into ``d = logit_good - logit_bad`` by the adapter's reward readout
-(``ModelAdapter.reward_logit_diff``: two LM-head rows for math-shepherd /
-custom / mm-prm / visualprm, the 2-label MLP for qwen2.5-math-prm), the same
-function ``rewards_from_hidden`` (scoring) applies a sigmoid to.  The full
-vocabulary logits are never formed.
+into ``d = logit_good - logit_bad`` by the PRM's reward head
+(``PRM.reward_head.logit_diff``: two LM-head rows for math-shepherd /
+custom / mm-prm / visualprm, the 2-label MLP for qwen2.5-math-prm), the
+logit whose sigmoid the engines score with (``reward_head.rewards``).  The
+full vocabulary logits are never formed.
 
 Loss per step with Monte-Carlo label ``mc``: cross-entropy over the two
 logits (good, bad) with soft target ``[mc, 1 - mc]``, which equals
@@ -40,11 +40,11 @@ from torch import nn
 
 from mmprm_infer.evaluation.metrics import step_error_f1, step_macro_f1
 from mmprm_infer.formats import MODEL_QWEN2_PRM, EncodedCandidate
-from mmprm_infer.models.adapters import adapter_for
+from mmprm_infer.models import adapter_for
 from mmprm_infer.prm import PRM
-
-from .collate import TrainExample, as_example, make_layout, place_embeds, place_tokens
-from .resume import ResumeState, save_resume_point
+from mmprm_infer.train.collate import TrainExample, as_example, make_layout, place_embeds, place_tokens
+from mmprm_infer.train.distributed import Distributed
+from mmprm_infer.train.resume import ResumeState, save_resume_point
 
 __all__ = [
     "LoraSettings", "TrainConfig", "TrainResult", "train_prm", "train_prm_from_checkpoint",
@@ -113,6 +113,7 @@ class TrainConfig:
     save_final: bool = True  # save the trained PRM to output_dir at the end
     progress: bool = True  # tqdm progress bar
     device: str | None = None  # move the model here first; None: where it is
+    report_to: tuple[str, ...] = ()  # also log to "tensorboard" (output_dir/runs) and/or "wandb" (train/reporting.py)
 
     def __post_init__(self) -> None:
         if self.label_mode not in ("soft", "hard"):
@@ -136,6 +137,7 @@ class TrainConfig:
             raise ValueError("save_steps needs output_dir")
         self.adam_betas = tuple(self.adam_betas)
         self.vision_prefixes = tuple(self.vision_prefixes)
+        self.report_to = tuple(self.report_to)
 
 
 @dataclass
@@ -212,7 +214,7 @@ def _marker_logit_diff(prm: PRM, examples: Sequence[TrainExample], indices: Sequ
     hidden = out.last_hidden_state
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.marker_index)
     # Outside autocast: the readout is the scoring formula, in fp32.
-    return adapter.reward_logit_diff(rows, prm.columns), layout.cu_markers, rows, sum(layout.lengths)
+    return prm.reward_head.logit_diff(rows), layout.cu_markers, rows, sum(layout.lengths)
 
 
 def _position_ids(adapter, layout, encoded, packing: bool) -> torch.Tensor:
@@ -269,14 +271,15 @@ def marker_loss(prm: PRM, samples: Iterable, *, label_mode: str = "soft", hard_l
 
 
 def _check_readout(prm: PRM, rows: torch.Tensor, diff: torch.Tensor) -> None:
-    """The loss's logit difference must be the scoring formula (an adapter overriding only one would differ)."""
+    """The loss's logit difference must be the scoring formula (a head overriding only one would differ)."""
+    head = prm.reward_head
     with torch.no_grad():
-        scored = prm.adapter.rewards_from_hidden(rows.detach(), prm.columns).float()
+        scored = head.rewards(rows.detach()).float()
         trained = torch.sigmoid(diff.detach())
     if not torch.allclose(scored, trained, atol=1e-4, rtol=1e-3):
         raise RuntimeError(
-            f"{type(prm.adapter).__name__}.reward_logit_diff disagrees with its rewards_from_hidden "
-            f"(max |dp| = {(scored - trained).abs().max().item():.3g}); an adapter that overrides the reward "
+            f"{type(head).__name__}.logit_diff disagrees with its rewards "
+            f"(max |dp| = {(scored - trained).abs().max().item():.3g}); a reward head that overrides the "
             "readout must override both so training optimizes what scoring reads"
         )
 
@@ -318,7 +321,7 @@ def evaluate_prm(prm: PRM, samples: Iterable, *, batch_size: int = 8, threshold:
                  label_threshold: float = 0.5, label_mode: str = "soft", hard_label_threshold: float = 0.5,
                  packing: bool = False, bf16: bool = False) -> dict:
     """Marker loss, ProcessBench first-error metrics (``step_error_f1``) and per-step macro F1
-    (``step_macro_f1``) of ``prm`` on labelled samples; see train/evaluate.py for the definitions."""
+    (``step_macro_f1``) of ``prm`` on labelled samples; see mmprm_infer.evaluation.metrics for the definitions."""
     examples = [as_example(s, i) for i, s in enumerate(samples)]
     return _evaluate(prm, examples, None, batch_size=batch_size, threshold=threshold,
                      label_threshold=label_threshold, label_mode=label_mode,
@@ -407,6 +410,25 @@ def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) ->
     return [g for g in groups if g["params"]]
 
 
+# --- resuming ---------------------------------------------------------------
+# The options that shape a run's trajectory, as the user names them (`mmprm train` flag, else the
+# TrainConfig field): a resume must use the saved run's, or it is not the continuation it claims to be.
+RESUME_OPTIONS = {"learning_rate": "--learning-rate", "seed": "--seed", "batch_size": "--per-device-train-batch-size",
+                  "batch_tokens": "--batch-tokens", "grad_accum_steps": "--gradient-accumulation-steps",
+                  "weight_decay": "--weight-decay", "warmup_ratio": "--warmup-ratio",
+                  "label_mode": "--soft-labels/--hard-labels", "hard_label_threshold": "--label-threshold",
+                  "bf16": "--bf16", "freeze_vision": "--freeze-vision/--train-vision",
+                  "max_grad_norm": "max_grad_norm", "adam_betas": "adam_betas", "adam_eps": "adam_eps",
+                  "packing": "packing", "balance_positions": "balance_positions", "shuffle": "shuffle"}
+
+
+def run_options(config: TrainConfig, learning_rate: float) -> dict:
+    """``RESUME_OPTIONS`` of this run (the learning rate as resolved), as plain data."""
+    values = {**asdict(config), "learning_rate": learning_rate}
+    return {flag: list(values[name]) if isinstance(values[name], tuple) else values[name]
+            for name, flag in RESUME_OPTIONS.items()}
+
+
 # --- the loop ---------------------------------------------------------------
 def _micro_batches(order: list[int], config: TrainConfig, lengths: Sequence[int] | None) -> list[list[int]]:
     """``order`` cut into micro-batches: ``batch_size`` samples each, or with ``batch_tokens`` as many as
@@ -453,15 +475,17 @@ def _steps_per_epoch(n: int, config: TrainConfig, lengths: Sequence[int] | None)
 
 
 def _accumulate(prm: PRM, examples, cache, micro_batches: list[list[int]], config: TrainConfig,
-                check: bool, weights: Sequence[Sequence[float]] | None = None) -> tuple[float, int]:
+                check: bool, weights: Sequence[Sequence[float]] | None = None,
+                distributed: Distributed | None = None) -> tuple[float, int]:
     """Forward/backward of one optimizer step; gradients of the (weighted) mean step loss accumulate in .grad.
-    Returns (loss, tokens run)."""
+    With several processes, this one runs its share of the micro-batches (the mean stays over all of them).
+    Returns (this process's part of the loss, tokens run here)."""
     def step_weights(micro):
         return [w for i in micro for w in (weights[i] if weights is not None else [1.0] * len(examples[i].labels))]
 
     total_weight = sum(sum(step_weights(micro)) for micro in micro_batches)
     loss_value, tokens = 0.0, 0
-    for micro in micro_batches:
+    for micro in (distributed.share(micro_batches) if distributed is not None else micro_batches):
         diff, _, rows, micro_tokens = _marker_logit_diff(prm, examples, micro, packing=config.packing,
                                                          bf16=config.bf16, cache=cache)
         tokens += micro_tokens
@@ -484,7 +508,8 @@ def _write(handle, record: dict) -> None:
 
 def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = None,
               eval_samples: Iterable | None = None, *,
-              callbacks: Sequence[Callable[[dict], Any]] = (), resume: ResumeState | None = None) -> TrainResult:
+              callbacks: Sequence[Callable[[dict], Any]] = (), resume: ResumeState | None = None,
+              distributed: Distributed | None = None) -> TrainResult:
     """Train ``prm`` in place on labelled step samples; returns a ``TrainResult``.
 
     ``train_samples``: objects with ``question``, ``steps`` (list of str),
@@ -492,12 +517,18 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
     (``image``/``images``/``image_path``/``image_paths``), or dicts with those
     keys.  Each callback gets every log record (``record["event"]`` is
     "train_step" or "eval"); one returning True stops training after that step.
+    ``distributed`` (``train.distributed.Distributed``, from ``torchrun`` / ``accelerate launch``): every
+    process trains the same model on its share of each step's micro-batches, gradients summed; process 0
+    writes the logs and checkpoints.
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    from mmprm_infer.progress import progress_bar
+    from mmprm_infer.io.progress import progress_bar
+    from mmprm_infer.train.reporting import Reporters
 
     config = config or TrainConfig()
+    distributed = distributed or Distributed()
+    main = distributed.is_main
     started = time.perf_counter()
     examples = [as_example(s, i) for i, s in enumerate(train_samples)]
     if not examples:
@@ -540,14 +571,15 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         enabled_checkpointing = True
 
     out_dir = Path(config.output_dir) if config.output_dir is not None else None
-    train_log = eval_log = None
-    if out_dir is not None:
+    train_log = eval_log = reporters = None
+    if out_dir is not None and main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(
             {**config_dict(config), "resolved_learning_rate": lr, "total_steps": total_steps}, indent=2))
         mode = "a" if resume is not None else "w"  # a resumed run continues its logs
         train_log = open(out_dir / TRAIN_LOG, mode)
         eval_log = open(out_dir / EVAL_LOG, mode) if eval_examples else None
+        reporters = Reporters(config.report_to, out_dir, config_dict(config)) if config.report_to else None
 
     params = [p for _, p in trainable]
     weights = (position_balance_weights([ex.labels for ex in examples], config.hard_label_threshold)
@@ -568,13 +600,15 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         record = {"event": "eval", "step": step, "epoch": round(epoch, 4), **metrics}
         history.append(record)
         _write(eval_log, record)
+        if reporters is not None:
+            reporters.log(record)
         stop = any([callback(record) is True for callback in callbacks]) or stop
 
     batches = _optimizer_batches(len(examples), config, lengths)
     if resume is not None:
         if config.lora is not None:
             raise ValueError("resuming a LoRA run is not supported (its checkpoints are saved merged)")
-        resume.check(len(examples), total_steps)
+        resume.check(len(examples), total_steps, run_options(config, lr))
         optimizer.load_state_dict(resume.optimizer)
         scheduler.load_state_dict(resume.scheduler)
         for _ in range(resume.step):  # the same seeded order: skip the batches already trained on
@@ -588,7 +622,11 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         while step < total_steps and not stop:
             epoch, micro_batches = next(batches)
             loss, step_tokens = _accumulate(prm, examples, cache, micro_batches, config, check=step == 0,
-                                            weights=weights)
+                                            weights=weights, distributed=distributed)
+            if distributed.world_size > 1:
+                distributed.all_reduce_gradients(params)
+                loss, step_tokens = distributed.sum(loss, step_tokens)
+                step_tokens = int(step_tokens)
             tokens_run += step_tokens
             if not math.isfinite(loss):
                 raise FloatingPointError(
@@ -607,18 +645,20 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
                       "tokens": step_tokens,
                       "elapsed_s": round(time.perf_counter() - started, 3)}
             _write(train_log, record)
+            if reporters is not None:
+                reporters.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}",
                             tokens_per_s=f"{tokens_run / max(time.perf_counter() - loop_start, 1e-9):.0f}")
             stop = any([callback(record) is True for callback in callbacks])
             if eval_examples and config.eval_every and step % config.eval_every == 0:
                 run_eval()
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+            if config.save_steps and step % config.save_steps == 0 and step < total_steps and main:
                 model.eval()
                 if config.keep_step_checkpoints:
                     prm.save_pretrained(out_dir / f"checkpoint-{step}")
                 save_resume_point(out_dir, prm, optimizer, scheduler, step, epoch, losses, history,
-                                  len(examples), total_steps)
+                                  len(examples), total_steps, run_options(config, lr))
                 model.train()
         if eval_examples and (not history or history[-1]["step"] != step):
             run_eval()
@@ -627,6 +667,8 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         for handle in (train_log, eval_log):
             if handle is not None:
                 handle.close()
+        if reporters is not None:
+            reporters.close()
         if enabled_checkpointing:
             model.gradient_checkpointing_disable()
         model.eval()
@@ -641,9 +683,10 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
         for name, p in prm.model.named_parameters():
             p.requires_grad_(requires_grad_before.get(name, True))
     checkpoint = None
-    if out_dir is not None and config.save_final:
+    if out_dir is not None and config.save_final and main:
         prm.save_pretrained(out_dir)
         checkpoint = out_dir
+    distributed.barrier()  # the others wait until the checkpoint is whole
     return TrainResult(
         prm=prm, steps=step, epochs=epoch, learning_rate=lr, losses=losses, eval_history=history,
         checkpoint_dir=checkpoint, log_path=out_dir / TRAIN_LOG if out_dir is not None else None,

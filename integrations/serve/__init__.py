@@ -38,32 +38,34 @@ retries with exponential backoff on connection errors, timeouts, 429 and
 502 too.  A request the policy rejects with 400/422 is answered 400 with the
 policy's message.
 
-Limits and safety (options.py has the flags and defaults): a client
-key (401), body bytes (413), characters per text, samples per request
-(prompts x n), images per request and pixels per image (400); local image
-paths only under ``--image-root`` (images.py).  Client errors are
-400/401/404/413 with an OpenAI-style ``{"error": {"message": ...}}``, never
-500.  A request whose client disconnects is cancelled, upstream call and
-scoring included.
+Limits and safety (options.py has the defaults, mmprm_infer/cli/serve.py the flags): a client
+key (401), body bytes (413), characters per text (policy samples included),
+samples per request (prompts x n), images per request and pixels per image
+(400); local image paths only under ``--image-root``, and only PNG, JPEG,
+GIF, WebP, BMP and TIFF decoded (images.py); open connections and the time
+a request's head and body may take (connections.py: 503, 408).  Client
+errors are 400/401/404/408/413 with an OpenAI-style ``{"error": {"message":
+...}}``, never 500; the policy's URL and error text stay in the server's log.
+A request whose client disconnects is cancelled, upstream call and scoring
+included.
 
 The package: ``protocol`` (request models, reranked responses), ``app``
-(``create_app``, the routes, ``serve_main``), ``batcher`` (the PRM scorer),
+(``create_app``, the routes, ``run_server``), ``batcher`` (the PRM scorer),
 ``upstream`` (the policy client), ``guard`` (key and body size), ``images``,
-``stream``, ``errors``, and ``options`` (the ``mmprm serve`` flags and
-``ServerConfig``; no fastapi there, so the CLI builds its parser without the
-'serve' extra).  ``from mmprm_infer.integrations.serve import create_app``
-imports the app (and fastapi) only when asked for.
+``connections`` (uvicorn's settings, connection and time bounds, log rate limit),
+``stream``, ``errors``, and ``options`` (``ServerConfig`` and its defaults;
+no fastapi there, so the CLI builds its parser without the 'serve' extra).
+``from mmprm_infer.integrations.serve import create_app`` imports the app (and fastapi) only when asked for.
 """
 
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["ServerConfig", "add_serve_arguments", "config_from_args", "create_app", "run_server", "serve_main",
+__all__ = ["ServerConfig", "create_app", "run_server",
            "PRMBatcher", "Upstream", "APIError", "UpstreamError"]
 
-_HOMES = {"ServerConfig": "options", "add_serve_arguments": "options", "config_from_args": "options",
-          "create_app": "app", "run_server": "app", "serve_main": "app", "PRMBatcher": "batcher",
+_HOMES = {"ServerConfig": "options", "create_app": "app", "run_server": "app", "PRMBatcher": "batcher",
           "Upstream": "upstream", "APIError": "errors", "UpstreamError": "errors"}
 
 

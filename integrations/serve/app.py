@@ -14,21 +14,19 @@ import contextlib
 import dataclasses
 import logging
 import time
-from pathlib import Path
 
 from mmprm_infer.aggregation import get_aggregation
 from mmprm_infer.formats import FormatError
+from mmprm_infer.integrations.serve.batcher import PRMBatcher
+from mmprm_infer.integrations.serve.errors import APIError, UpstreamError, error_body
+from mmprm_infer.integrations.serve.guard import Guard
+from mmprm_infer.integrations.serve.images import ImageReader
+from mmprm_infer.integrations.serve.options import ANSWER_BYTES_PER_CHAR, ANSWER_SLACK_BYTES, ServerConfig
+from mmprm_infer.io.files import json_safe, lone_surrogate
 from mmprm_infer.prm import PRM, ScoringItem
-from mmprm_infer.records import PRMSpec
 from mmprm_infer.rerank import RerankResult, resolve_aggregate
 from mmprm_infer.selection import get_strategy
 from mmprm_infer.vision import ImageLoadError
-
-from .batcher import PRMBatcher
-from .errors import APIError, UpstreamError, error_body
-from .guard import Guard
-from .images import ImageReader
-from .options import ServerConfig, add_serve_arguments, config_from_args
 
 try:
     from fastapi import APIRouter, FastAPI, Request
@@ -36,7 +34,8 @@ try:
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
 
-    from .protocol import (
+    from mmprm_infer.integrations.serve.connections import uvicorn_config
+    from mmprm_infer.integrations.serve.protocol import (
         ChatCompletionRequest,
         CompletionRequest,
         Sampling,
@@ -48,13 +47,13 @@ try:
         summary,
         text_of,
     )
-    from .stream import stream_response
-    from .upstream import Upstream
+    from mmprm_infer.integrations.serve.stream import stream_response
+    from mmprm_infer.integrations.serve.upstream import Upstream
 except ImportError as exc:  # pragma: no cover - the error says what to install
     raise ImportError("the reranking server needs the 'serve' extra: pip install 'mmprm-infer[serve]' "
                       f"(fastapi, uvicorn, httpx); missing: {exc.name}") from exc
 
-__all__ = ["ServerConfig", "State", "create_app", "run_server", "serve_main", "add_serve_arguments", "PRMBatcher",
+__all__ = ["ServerConfig", "State", "create_app", "run_server", "PRMBatcher",
            "Upstream", "UpstreamError", "APIError"]
 
 log = logging.getLogger("mmprm.server")
@@ -114,6 +113,18 @@ class State:
                                 "GET /v1/models): set 'model' to that", param="model", code="model_not_found")
         return served
 
+    def answer_bytes(self, samples: int) -> int:
+        """The most bytes of the policy's answer read for ``samples`` samples (--max-text-chars bounds them)."""
+        return samples * ANSWER_BYTES_PER_CHAR * self.config.max_text_chars + ANSWER_SLACK_BYTES
+
+    def readable_samples(self, texts: list[str]) -> tuple[list[str], dict[int, str]]:
+        """The samples the PRM reads: one longer than --max-text-chars is not tokenized (it is ranked last,
+        unscored, its error saying why); the others as they are."""
+        cap = self.config.max_text_chars
+        too_long = {i: f"sample {i} is {len(t)} characters long, more than this server's limit of {cap} "
+                       "(--max-text-chars); it was not scored" for i, t in enumerate(texts) if len(t) > cap}
+        return ["" if i in too_long else t for i, t in enumerate(texts)], too_long
+
     def check_text(self, name: str, text: str) -> None:
         cap = self.config.max_text_chars
         if len(text) > cap:
@@ -166,8 +177,23 @@ class State:
 # --------------------------------------------------------------------------
 
 
+def check_body(req) -> None:
+    """A request whose JSON holds a lone UTF-16 surrogate (not text: it cannot be encoded, to the policy or in
+    the answer) or NaN/Infinity (not JSON) is a 400 naming the field, before any work."""
+    data = req.model_dump(exclude_none=True)
+    where = lone_surrogate(data)
+    if where is not None:
+        raise APIError(400, f"the request's field {where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                            "escape), which is not text; send valid Unicode")
+    _, non_finite = json_safe(data)
+    if non_finite:
+        raise APIError(400, f"the request's field {non_finite[0]!r} is NaN or infinite, which JSON does not allow; "
+                            "send a finite number")
+
+
 async def _chat(state: State, req: ChatCompletionRequest) -> dict:
     config = state.config
+    check_body(req)
     question = req.question
     if question is None:
         users = [m for m in req.messages if m.role == "user"]
@@ -198,11 +224,12 @@ async def _chat(state: State, req: ChatCompletionRequest) -> dict:
                 prm_images.append(image)
         body = req.model_dump(exclude={"question", "best_of", "messages", "stream_options"}, exclude_none=True)
         body.update(model=await state.upstream.model(), messages=messages, n=samples, stream=False)
-        data = await state.upstream.post("/chat/completions", body)
+        data = await state.upstream.post("/chat/completions", body, state.answer_bytes(samples))
         choices = policy_choices(data, samples, "message")
-        texts = [c["message"].get("content") or "" for c in choices]
+        texts, too_long = state.readable_samples([c["message"].get("content") or "" for c in choices])
         item = ScoringItem(question, texts, state.prm_image(prm_images))
         result = (await state.rank([item], config.aggregate, config.strategy))[0]
+        result.errors.update(too_long)
         out = ranked_choices(choices, result, req.n)
         return response(data, model, "chat.completion", out, {**summary(result, samples), "question": question})
 
@@ -244,6 +271,7 @@ def _questions(state: State, req: CompletionRequest, prompts: list, token_ids: b
 
 async def _completions(state: State, req: CompletionRequest) -> dict:
     config = state.config
+    check_body(req)
     prompts, token_ids = _prompt_list(req.prompt)
     if not prompts:
         raise APIError(400, "prompt is an empty list; give a prompt string", param="prompt")
@@ -258,9 +286,9 @@ async def _completions(state: State, req: CompletionRequest) -> dict:
         model = await state.check_model(req.model)
         body = req.model_dump(exclude={"question", "best_of", "stream_options"}, exclude_none=True)
         body.update(model=await state.upstream.model(), n=samples, stream=False)  # the prompt goes as given
-        data = await state.upstream.post("/completions", body)
+        data = await state.upstream.post("/completions", body, state.answer_bytes(samples * len(prompts)))
         choices = policy_choices(data, samples * len(prompts), "text")
-        items = []
+        items, too_long = [], []
         for p, question in enumerate(questions):
             texts = []
             for c in choices[p * samples:(p + 1) * samples]:
@@ -268,8 +296,12 @@ async def _completions(state: State, req: CompletionRequest) -> dict:
                 if req.echo and text.startswith(prompts[p]):
                     text = text[len(prompts[p]):]
                 texts.append(text)
+            texts, long_ones = state.readable_samples(texts)
             items.append(ScoringItem(question, texts, None))
+            too_long.append(long_ones)
         results = await state.rank(items, config.aggregate, config.strategy)
+        for result, long_ones in zip(results, too_long):
+            result.errors.update(long_ones)
         out = []
         for p, result in enumerate(results):
             out += ranked_choices(choices[p * samples:(p + 1) * samples], result, req.n, p * req.n)
@@ -279,6 +311,7 @@ async def _completions(state: State, req: CompletionRequest) -> dict:
 
 async def _score(state: State, req: ScoreRequest) -> dict:
     config = state.config
+    check_body(req)
     aggregate = req.aggregate or config.aggregate
     strategy = req.strategy or config.strategy
     try:
@@ -324,6 +357,8 @@ async def _unless_client_left(request: Request, work):
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # A cancelled task is neither cancelled() nor done until the cancellation reaches it: wait for that.
+            await asyncio.gather(task, return_exceptions=True)
     if task.cancelled():
         log.info("client left %s before its answer; its work was cancelled", request.url.path)
         return Response(status_code=499)  # nobody reads it
@@ -352,8 +387,9 @@ router = APIRouter()
 async def health(request: Request):
     state = _state(request)
     b = state.batcher
+    # never keyed: nothing here names the policy (its URL, its model) or any other part of the deployment
     return {"status": "ok", "in_flight": state.inflight, "max_queue": state.config.max_queue,
-            "rejected": state.rejected, "prm_format": state.prm.format.name, "policy_url": state.config.policy_url,
+            "rejected": state.rejected, "prm_format": state.prm.format.name,
             "scoring_batches": b.batches if b else 0, "scored_requests": b.batched_jobs if b else 0,
             "scoring_s": round(b.busy_s, 3) if b else 0.0, "upstream_calls": state.upstream.calls}
 
@@ -427,25 +463,4 @@ def run_server(prm: PRM, config: ServerConfig, host: str = "127.0.0.1", port: in
                log_level: str = "info") -> None:
     import uvicorn
 
-    uvicorn.run(create_app(prm, config), host=host, port=port, log_level=log_level)
-
-
-def serve_main(args) -> int:
-    """``mmprm serve``: check every option, then load the PRM (minutes for an 8B model), then start uvicorn."""
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        raise SystemExit(f"mmprm serve: {exc}") from None
-    if not Path(args.prm).is_dir():
-        raise SystemExit(f"mmprm serve: --prm {args.prm!r} is not a directory; give the PRM checkpoint's folder")
-    try:
-        prm = PRMSpec(args.prm, format=args.format, dtype=args.dtype, max_tiles=args.max_tiles).load(
-            args.device, args.threads)
-    except Exception as exc:  # noqa: BLE001 - a checkpoint can fail in many ways; name it and the cause
-        raise SystemExit(f"mmprm serve: cannot load the PRM from {args.prm}: {type(exc).__name__}: {exc}") from None
-    # the engine's one-time costs (path measurements, packed weights, kernel set-up) paid before the first request
-    seconds = prm.warmup()
-    log.warning("mmprm serve: engine warmed up in %.1f s (%s)", sum(seconds.values()),
-                ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) or "nothing to do")
-    run_server(prm, config, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    uvicorn.Server(uvicorn_config(create_app(prm, config), host=host, port=port, log_level=log_level)).run()

@@ -17,10 +17,9 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
+from mmprm_infer.integrations.serve.errors import APIError
 from mmprm_infer.prm import PRM, ScoringItem, batch_then_each
 from mmprm_infer.rerank import RerankResult, rank_scored
-
-from .errors import APIError
 
 __all__ = ["PRMBatcher"]
 

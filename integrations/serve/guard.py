@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 
-from .errors import error_body
+from mmprm_infer.integrations.serve.errors import error_body
 
 __all__ = ["Guard"]
 

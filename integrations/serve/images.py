@@ -18,13 +18,15 @@ import base64
 import binascii
 import io
 import os
+import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from .errors import APIError
+from mmprm_infer.integrations.serve.errors import APIError
+from mmprm_infer.vision import IMAGE_FORMATS_TEXT, open_image
 
 __all__ = ["ClientImage", "ImageReader", "read_image"]
 
@@ -48,7 +50,7 @@ class ClientImage:
 
     def pil(self) -> Image.Image:
         """Lazy: Pillow decodes the pixels when the PRM converts the image, inside the scorer thread."""
-        return Image.open(io.BytesIO(self.data))
+        return open_image(io.BytesIO(self.data))
 
 
 def read_image(url: str, image_root: str | None, max_pixels: int, max_bytes: int) -> ClientImage:
@@ -100,7 +102,7 @@ def _check_pixels(raw: bytes, what: str, max_pixels: int) -> tuple[tuple[int, in
     """Size and format from the header, the size checked against max_pixels before a full decode (which must
     succeed)."""
     try:
-        with Image.open(io.BytesIO(raw)) as im:
+        with open_image(io.BytesIO(raw)) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise APIError(400, f"{what} is {width}x{height} = {width * height} pixels, more than this server's "
@@ -110,12 +112,24 @@ def _check_pixels(raw: bytes, what: str, max_pixels: int) -> tuple[tuple[int, in
                 raise APIError(400, f"{what} has zero size ({width}x{height})", param="image_url")
             im.load()  # a truncated or corrupt image fails here, before the policy is asked
             fmt = im.format
+    except APIError:
+        raise
     except Image.DecompressionBombError as exc:
-        raise APIError(400, f"{what} is larger than Pillow's decompression-bomb limit ({exc}); send a smaller "
-                            "image", param="image_url", code="too_many_pixels") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise APIError(400, f"cannot decode {what}: {exc}", param="image_url") from None
+        raise APIError(400, f"{what} is larger than Pillow's decompression-bomb limit ({_quiet(exc)}); send a "
+                            "smaller image", param="image_url", code="too_many_pixels") from None
+    except UnidentifiedImageError:
+        raise APIError(400, f"{what} is not a {IMAGE_FORMATS_TEXT} image, the formats this server decodes; "
+                            "convert it to PNG", param="image_url") from None
+    except Exception as exc:  # noqa: BLE001 - client bytes fail in whatever way their decoder does: a 400, not a 500
+        raise APIError(400, f"cannot decode {what}: {type(exc).__name__}: {_quiet(exc)}", param="image_url") \
+            from None
     return (width, height), fmt
+
+
+def _quiet(exc: Exception) -> str:
+    """A decoder's message without the server's memory addresses (``<_io.BytesIO object at 0x7f...>``)."""
+    text = re.sub(r"<[^<>]*? at 0x[0-9a-fA-F]+>", "the image", str(exc))
+    return re.sub(r"0x[0-9a-fA-F]{8,}", "0x...", text)[:300]
 
 
 class ImageReader:

@@ -16,9 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mmprm_infer.integrations.serve.errors import UpstreamError
 from mmprm_infer.rerank import RerankResult
-
-from .errors import UpstreamError
 
 __all__ = ["ImageURL", "ContentPart", "ChatMessage", "Sampling", "ChatCompletionRequest", "CompletionRequest",
            "ScoreRequest", "text_of", "finite_or_none", "policy_choices", "ranked_choices", "summary", "response"]

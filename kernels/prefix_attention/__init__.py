@@ -29,7 +29,7 @@ One module per backend, beside the oracle they are tested against:
     dispatch.py        the one-shot public functions
 """
 
-from .dispatch import (
+from mmprm_infer.kernels.prefix_attention.dispatch import (
     BACKENDS,
     merge_partials,
     prefix_partial,
@@ -38,8 +38,8 @@ from .dispatch import (
     suffix_partial,
     suffix_rows_partial,
 )
-from .plan import AttentionPlan, plan_attention
-from .torch_ops import prefix_attention_paths
+from mmprm_infer.kernels.prefix_attention.plan import AttentionPlan, plan_attention
+from mmprm_infer.kernels.prefix_attention.torch_ops import prefix_attention_paths
 
 __all__ = ["BACKENDS", "AttentionPlan", "merge_partials", "plan_attention", "prefix_attention_paths", "prefix_partial",
            "shared_prefix_attention", "shared_prefix_attention_rows", "suffix_partial", "suffix_rows_partial"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from . import flash_attn_ops, reference, torch_ops, triton_ops
-from .partials import no_keys
-from .plan import BACKENDS, plan_attention, resolve_backend, segment_offsets
+from mmprm_infer.kernels.prefix_attention import flash_attn_ops, reference, torch_ops, triton_ops
+from mmprm_infer.kernels.prefix_attention.partials import no_keys
+from mmprm_infer.kernels.prefix_attention.plan import BACKENDS, plan_attention, resolve_backend, segment_offsets
 
 __all__ = ["BACKENDS", "merge_partials", "prefix_partial", "shared_prefix_attention", "shared_prefix_attention_rows",
            "suffix_partial", "suffix_rows_partial"]

@@ -10,8 +10,8 @@ import functools
 
 import torch
 
-from . import triton_ops
-from .partials import no_keys
+from mmprm_infer.kernels.prefix_attention import triton_ops
+from mmprm_infer.kernels.prefix_attention.partials import no_keys
 
 
 @functools.cache

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .. import backends
+from mmprm_infer.kernels import backends
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

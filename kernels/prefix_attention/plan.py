@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import backends
-from . import flash_attn_ops, reference, torch_ops, triton_ops
-from .partials import no_keys
+from mmprm_infer.kernels import backends
+from mmprm_infer.kernels.prefix_attention import flash_attn_ops, reference, torch_ops, triton_ops
+from mmprm_infer.kernels.prefix_attention.partials import no_keys
 
 BACKENDS = ("auto", "triton", "torch", "reference", "flash_attn")
 _cuda_choices: dict[tuple, str] = {}  # (shape class, dtype, device) -> measured backend

@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from .. import backends
-from .partials import expand_kv, no_keys, rows_mask
+from mmprm_infer.kernels import backends
+from mmprm_infer.kernels.prefix_attention.partials import expand_kv, no_keys, rows_mask
 
 
 def masked_attention(q, k, v, allowed, scale):

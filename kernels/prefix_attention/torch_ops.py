@@ -17,8 +17,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .. import backends
-from .partials import compute_dtype, no_keys, rows_mask
+from mmprm_infer.kernels import backends
+from mmprm_infer.kernels.prefix_attention.partials import compute_dtype, no_keys, rows_mask
 
 # The matmul paths chunk queries so one [chunk * H, P] score block stays ~16 MB instead of
 # T * H * P floats (100+ MB at T=3200, P=1000).

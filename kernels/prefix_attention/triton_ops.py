@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends, triton_runtime
-from ..triton_runtime import jit_lazily as _jit
-from ..triton_runtime import tl, triton
-from .partials import no_keys
+from mmprm_infer.kernels import backends, triton_runtime
+from mmprm_infer.kernels.triton_runtime import jit_lazily as _jit
+from mmprm_infer.kernels.triton_runtime import tl, triton
+from mmprm_infer.kernels.prefix_attention.partials import no_keys
 
 LOG2E = 1.4426950408889634
 # Tiles; None = pick by head dim and dtype (_tiles).  Tests override them.

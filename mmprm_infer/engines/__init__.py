@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import EncodedQuestion, Engine, NonFiniteRewardError
-from .fast import FastEngine
-from .reference import ReferenceEngine
+from mmprm_infer.engines.base import EncodedQuestion, Engine, NonFiniteRewardError
+from mmprm_infer.engines.fast import FastEngine
+from mmprm_infer.engines.reference import ReferenceEngine
+from mmprm_infer.engines.tree_cache import TreeCacheEngine
+from mmprm_infer.engines.vllm_pooling import VllmPoolingEngine  # imports vLLM only when it scores
 
-ENGINES: dict[str, Callable[..., Engine]] = {"reference": ReferenceEngine}
+ENGINES: dict[str, Callable[..., Engine]] = {}
 DEFAULT_ENGINE = "fast"  # passes equivalence with the reference (tests/test_fast_engine.py)
 
 
@@ -24,7 +26,10 @@ def get_engine(engine: str | Engine, **options) -> Engine:
     return ENGINES[engine](**options)
 
 
+register_engine("reference", ReferenceEngine)
 register_engine("fast", FastEngine)
+register_engine("tree_cache", TreeCacheEngine)
+register_engine("vllm", VllmPoolingEngine)
 
 
 __all__ = ["ENGINES", "DEFAULT_ENGINE", "Engine", "EncodedQuestion", "NonFiniteRewardError", "get_engine",

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.base import EncodedCandidate, RewardColumns
-from ..models.adapters import ModelAdapter
+from mmprm_infer.formats.base import EncodedCandidate, RewardColumns
+from mmprm_infer.models.adapters import ModelAdapter
 
 
 @dataclass

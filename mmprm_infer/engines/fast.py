@@ -22,17 +22,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.base import EncodedCandidate, RewardColumns
-from ..kernels.prefix_attention import prefix_attention_paths
-from ..kernels.step_reward import fused_step_rewards
-from ..models.adapters import ModelAdapter
-from .base import EncodedQuestion, Engine, check_finite
-from .fused_layers import FusedDecoder
-from .last_layer import last_layer_rows_only
-from .linear_paths import PATHS as LINEAR_PATHS
-from .linear_paths import PackedLinears, compute_dtype
-from .linear_paths import choose_path as choose_linear_path
-from .shared_prefix import LAYOUT_KWARG, Group, PackedLayout, PrefixKV, shared_prefix_attention_enabled
+from mmprm_infer.engines.base import EncodedQuestion, Engine, check_finite
+from mmprm_infer.engines.fused_layers import FusedDecoder
+from mmprm_infer.engines.last_layer import last_layer_rows_only
+from mmprm_infer.engines.linear_paths import PATHS as LINEAR_PATHS
+from mmprm_infer.engines.linear_paths import PackedLinears, compute_dtype
+from mmprm_infer.engines.linear_paths import choose_path as choose_linear_path
+from mmprm_infer.engines.shared_prefix import (
+    LAYOUT_KWARG,
+    Group,
+    PackedLayout,
+    PrefixKV,
+    shared_prefix_attention_enabled,
+)
+from mmprm_infer.formats.base import EncodedCandidate, RewardColumns
+from mmprm_infer.kernels.prefix_attention import prefix_attention_paths
+from mmprm_infer.models.adapters import ModelAdapter
 
 
 def shared_prefix_length(question: EncodedQuestion) -> int:
@@ -262,7 +267,7 @@ class FastEngine(Engine):
         else:
             index = torch.tensor(markers, dtype=torch.long, device=hidden.device)
         rows = hidden.index_select(0, index)
-        rewards = _marker_rewards(adapter, columns, hidden, index, rows, cu_markers)
+        rewards = adapter.reward_head(columns).rewards(rows)
         # One device sync per batch; on failure find and name the first bad candidate.
         if not (torch.isfinite(rows).all() and torch.isfinite(rewards).all()):
             for item, a, b in zip(batch, cu_markers, cu_markers[1:]):
@@ -289,14 +294,3 @@ def _positions(rope: torch.Tensor | None, start: int, end: int) -> list:
     """Positions start..end-1, or there the (t, h, w) rows of an M-RoPE model's ids [3, T] for the whole
     candidate (``adapter.position_ids``): a suffix continues its prefix's positions, image offsets included."""
     return list(range(start, end)) if rope is None else rope[:, start:end].T.tolist()
-
-
-def _marker_rewards(adapter: ModelAdapter, columns: RewardColumns, hidden: torch.Tensor, index: torch.Tensor,
-                    rows: torch.Tensor, cu_markers: list[int]) -> torch.Tensor:
-    """p_good per marker row: the fused two-row kernel for LM-head rewards, else the adapter's head."""
-    if adapter.two_row_head and all(b > a for a, b in zip(cu_markers, cu_markers[1:])):
-        w_diff, b_diff = adapter.reward_weights(columns)
-        # hidden is final-normed by the decoder already: no norm weight.
-        rewards, _ = fused_step_rewards(hidden, index, cu_markers, None, 0.0, w_diff, float(b_diff))
-        return rewards
-    return adapter.rewards_from_hidden(rows, columns).float()

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .last_layer import prunable
-from .linear_paths import pack_weight, packed_linear, packed_linear_add
-from .shared_prefix import LAYOUT_KWARG, PackedLayout, attend_packed, attend_rows
+from mmprm_infer.engines.last_layer import prunable
+from mmprm_infer.engines.linear_paths import pack_weight, packed_linear, packed_linear_add
+from mmprm_infer.engines.shared_prefix import LAYOUT_KWARG, PackedLayout, attend_packed, attend_rows
 
 
 def _cat(tensors: list[torch.Tensor | None], dtype) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .shared_prefix import LAYOUT_KWARG, PackedLayout, attend_rows
+from mmprm_infer.engines.shared_prefix import LAYOUT_KWARG, PackedLayout, attend_rows
 
 PRUNABLE = ("Qwen2DecoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer")
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.backends import time_interleaved
+from mmprm_infer.kernels.backends import time_interleaved
 
 PATHS = ("auto", "torch", "onednn")
 ENV_VAR = "MMPRM_CPU_LINEAR"  # overrides "auto": torch | onednn

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from ..kernels.prefix_attention import AttentionPlan, plan_attention
+from mmprm_infer.kernels.prefix_attention import AttentionPlan, plan_attention
 
 ATTN_IMPLEMENTATION = "mmprm_shared_prefix"
 LAYOUT_KWARG = "shared_prefix_layout"

@@ -45,11 +45,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formats.base import RewardColumns
-from ..models.adapters import ModelAdapter
-from .base import EncodedQuestion, Engine, check_finite
-from .fast import FastEngine
-from .shared_prefix import LAYOUT_KWARG, Group, PackedLayout, shared_prefix_attention_enabled
+from mmprm_infer.engines.base import EncodedQuestion, Engine, check_finite
+from mmprm_infer.engines.fast import FastEngine
+from mmprm_infer.engines.shared_prefix import LAYOUT_KWARG, Group, PackedLayout, shared_prefix_attention_enabled
+from mmprm_infer.formats.base import RewardColumns
+from mmprm_infer.models.adapters import ModelAdapter
 
 __all__ = ["TreeCacheEngine", "TreeCacheStats", "CallStats"]
 
@@ -425,7 +425,7 @@ class TreeCacheEngine(Engine):
             inputs = {"input_ids": id_tensor[None]}
         out = decoder(**inputs, position_ids=pos, use_cache=False, **{LAYOUT_KWARG: PackedLayout(groups)})
         hidden = out.last_hidden_state[0]
-        rewards = adapter.rewards_from_hidden(hidden, columns).float()
+        rewards = adapter.reward_head(columns).rewards(hidden)
         for prefix in prefixes:
             prefix.finish()
         for seg in segments:
@@ -473,12 +473,3 @@ def _nbytes(node: _Node) -> int:
 def _digest(features: torch.Tensor) -> str:
     data = features.detach().to("cpu", torch.float32).contiguous()
     return hashlib.sha1(data.numpy().tobytes()).hexdigest() + str(tuple(features.shape))
-
-
-def _register() -> None:
-    from . import register_engine
-
-    register_engine(TreeCacheEngine.name, TreeCacheEngine)
-
-
-_register()

@@ -11,7 +11,14 @@ agree).  Methods, all through the library's own selection
 - ``weighted_vote/<agg>``: the answer group with the largest summed score;
 - ``majority``: the largest answer group (self-consistency);
 - ``random``: the mean correctness of the subset (a uniform pick);
-- ``pass``: any candidate of the subset right (pass@n).
+- ``pass``: any candidate of the subset right (pass@n);
+- with ``tie_split=True`` also ``majority_tie_split`` and ``weighted_vote_tie_split/<agg>``: the
+  same votes as a statistic rather than a selection -- a tie between answer groups is split evenly
+  (a uniform pick among the tied answers), so a vote of two different answers at n = 2 scores 1/2
+  instead of favouring the first candidate.
+
+``groups="disjoint"`` cuts the M candidates into M / n consecutive groups instead of drawing
+subsets: each candidate counts once at every n (the synthetic recipe's reports).
 
 Answer groups come from ``answers.group_answers`` over all M candidates (the
 math-aware equivalence); a candidate is right when its answer matches the gold
@@ -26,12 +33,13 @@ import itertools
 import math
 import random
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..aggregation import aggregate
-from ..answers import answers_equivalent, extract_answer, group_answers
-from ..selection import select
+from mmprm_infer.aggregation import aggregate
+from mmprm_infer.answers import answers_equivalent, extract_answer, group_answers, has_answer
+from mmprm_infer.selection import select
 
 __all__ = ["BonQuestion", "matches_gold", "default_ns", "question_accuracy", "accuracy_curves", "METHODS_WITHOUT_PRM"]
 
@@ -81,7 +89,12 @@ def default_ns(max_n: int) -> list[int]:
     return ns if ns[-1] == max_n else [*ns, max_n]
 
 
-def _subsets(m: int, n: int, count: int, rng: random.Random) -> list[tuple[int, ...]]:
+GROUPINGS = ("subsets", "disjoint")
+
+
+def _subsets(m: int, n: int, count: int, rng: random.Random, groups: str = "subsets") -> list[tuple[int, ...]]:
+    if groups == "disjoint":
+        return [tuple(range(g * n, (g + 1) * n)) for g in range(m // n)]
     if math.comb(m, n) <= count:
         return list(itertools.combinations(range(m), n))
     return [tuple(sorted(rng.sample(range(m), n))) for _ in range(count)]
@@ -93,27 +106,50 @@ def _pick(strategy: str, scores: list[float] | None, q: BonQuestion, idx: tuple[
     return q.correct[idx[chosen]]
 
 
+def _tie_split_vote(weights: Sequence[float], q: BonQuestion, idx: tuple[int, ...]) -> float:
+    """Expected correctness of the answer group with the largest total weight, a tie split evenly; candidates
+    without an answer do not vote, and a subset where none answered is a uniform pick."""
+    totals: dict[int, float] = defaultdict(float)
+    for i in idx:
+        if has_answer(q.answers[i]):
+            totals[q.group_ids[i]] += weights[i]
+    if not totals:
+        return sum(q.correct[i] for i in idx) / len(idx)
+    top = max(totals.values())
+    winners = [g for g, w in totals.items() if math.isclose(w, top, rel_tol=1e-12, abs_tol=1e-12)]
+    right = {q.group_ids[i] for i in idx if q.correct[i]}
+    return sum(g in right for g in winners) / len(winners)
+
+
 def question_accuracy(q: BonQuestion, ns: Sequence[int], aggregations: Sequence[str], subsets: int = 256,
-                      seed: int = 0) -> dict[str, dict[int, float]]:
+                      seed: int = 0, *, groups: str = "subsets",
+                      tie_split: bool = False) -> dict[str, dict[int, float]]:
     """``{method: {n: accuracy}}`` for one question (see the module docstring)."""
+    if groups not in GROUPINGS:
+        raise ValueError(f"groups must be one of {GROUPINGS}, got {groups!r}")
     m = len(q.correct)
+    if groups == "disjoint" and any(m % n for n in ns if n <= m):
+        raise ValueError(f"groups='disjoint' needs every n to divide the {m} candidates; got ns={list(ns)}")
     scores = {agg: [aggregate(r, agg) for r in q.step_rewards] for agg in aggregations} if q.step_rewards else {}
     out: dict[str, dict[int, float]] = {}
     rng = random.Random(seed)
     for n in ns:
         if n > m:
             continue
-        chosen = _subsets(m, n, subsets, rng)
-        hits: dict[str, float] = {"random": 0.0, "pass": 0.0, "majority": 0.0}
+        chosen = _subsets(m, n, subsets, rng, groups)
+        hits: dict[str, float] = defaultdict(float)
         for idx in chosen:
             hits["random"] += sum(q.correct[i] for i in idx) / n
             hits["pass"] += any(q.correct[i] for i in idx)
             hits["majority"] += _pick("majority_vote", None, q, idx)
+            if tie_split:
+                hits["majority_tie_split"] += _tie_split_vote([1.0] * m, q, idx)
             for agg, s in scores.items():
-                hits[f"best_of_n/{agg}"] = hits.get(f"best_of_n/{agg}", 0.0) + _pick("best_of_n", s, q, idx)
+                hits[f"best_of_n/{agg}"] += _pick("best_of_n", s, q, idx)
                 if min(s) >= 0:  # a vote needs probability-like scores (not log-probabilities)
-                    hits[f"weighted_vote/{agg}"] = hits.get(f"weighted_vote/{agg}", 0.0) + _pick(
-                        "weighted_vote", s, q, idx)
+                    hits[f"weighted_vote/{agg}"] += _pick("weighted_vote", s, q, idx)
+                    if tie_split:
+                        hits[f"weighted_vote_tie_split/{agg}"] += _tie_split_vote(s, q, idx)
         for method, h in hits.items():
             out.setdefault(method, {})[n] = h / len(chosen)
     return out
@@ -128,14 +164,15 @@ def _mean_and_band(values: list[float]) -> tuple[float, float]:
 
 
 def accuracy_curves(questions: Sequence[BonQuestion], aggregations: Sequence[str], ns: Sequence[int] | None = None,
-                    subsets: int = 256, seed: int = 0) -> dict:
+                    subsets: int = 256, seed: int = 0, *, groups: str = "subsets", tie_split: bool = False) -> dict:
     """``{"ns", "accuracy": {method: {n: mean}}, "band": {method: {n: half-width}}, "questions",
     "by_category": {cat: {"accuracy", "band", "questions"}}}``; ``ns`` defaults to
     ``default_ns`` of the smallest candidate count, so every question counts at every n."""
     if not questions:
         raise ValueError("no questions to evaluate")
     ns = list(ns or default_ns(min(len(q.correct) for q in questions)))
-    per_q = [question_accuracy(q, ns, aggregations, subsets, seed + i) for i, q in enumerate(questions)]
+    per_q = [question_accuracy(q, ns, aggregations, subsets, seed + i, groups=groups, tie_split=tie_split)
+             for i, q in enumerate(questions)]
 
     def summarise(rows: list[dict]) -> dict:
         acc: dict[str, dict[str, float]] = {}

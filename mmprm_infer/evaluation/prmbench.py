@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..prm import ScoringItem
-from .data import Record, field, string_list
-from .metrics import StepCounts
+from mmprm_infer.evaluation.data import Record, field, string_list
+from mmprm_infer.evaluation.metrics import StepCounts
+from mmprm_infer.prm import ScoringItem
 
 __all__ = ["PRMBenchCase", "read_case", "metrics", "CATEGORIES"]
 

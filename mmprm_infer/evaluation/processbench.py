@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..prm import ScoringItem
-from .data import Record, field, string_list
-from .metrics import first_error_index, step_error_f1
+from mmprm_infer.evaluation.data import Record, field, string_list
+from mmprm_infer.evaluation.metrics import first_error_index, step_error_f1
+from mmprm_infer.prm import ScoringItem
 
 __all__ = ["ProcessBenchCase", "read_case", "split_metrics"]
 

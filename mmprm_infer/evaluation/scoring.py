@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..files import write_json_atomic
-from ..prm import ScoringItem, batch_then_each
-from ..progress import progress_bar
-from ..records import PRMSpec
+from mmprm_infer.io.files import write_json_atomic
+from mmprm_infer.io.progress import progress_bar
+from mmprm_infer.io.records import PRMSpec
+from mmprm_infer.prm import ScoringItem, batch_then_each
 
 __all__ = ["RewardCache", "prm_fingerprint", "score_with_cache", "ScoringFailure"]
 

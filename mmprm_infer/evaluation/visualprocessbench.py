@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..prm import ScoringItem
-from .data import Record, field, string_list
-from .metrics import StepCounts
+from mmprm_infer.evaluation.data import Record, field, string_list
+from mmprm_infer.evaluation.metrics import StepCounts
+from mmprm_infer.prm import ScoringItem
 
 __all__ = ["VisualProcessBenchCase", "read_case", "metrics"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import (
+from mmprm_infer.formats.base import (
     MODEL_CAUSAL_LM,
     MODEL_INTERNVL,
     MODEL_QWEN2_5_VL,
@@ -16,15 +16,15 @@ from .base import (
     PRMFormat,
     RewardColumns,
 )
-from .custom import CustomFormat
-from .math_shepherd import MathShepherdFormat
-from .mm_prm import MMPRMFormat
-from .qwen_math_prm import QwenMathPRMFormat
-from .rlhflow import RLHFlowFormat
-from .skywork import SkyworkFormat
-from .token_classification import TokenClassificationFormat
-from .visualprm import VisualPRMFormat
-from .vl_prm import VLPRMFormat
+from mmprm_infer.formats.custom import CustomFormat
+from mmprm_infer.formats.math_shepherd import MathShepherdFormat
+from mmprm_infer.formats.mm_prm import MMPRMFormat
+from mmprm_infer.formats.qwen_math_prm import QwenMathPRMFormat
+from mmprm_infer.formats.rlhflow import RLHFlowFormat
+from mmprm_infer.formats.skywork import SkyworkFormat
+from mmprm_infer.formats.token_classification import TokenClassificationFormat
+from mmprm_infer.formats.visualprm import VisualPRMFormat
+from mmprm_infer.formats.vl_prm import VLPRMFormat
 
 FORMATS: dict[str, Callable[..., PRMFormat]] = {}
 

@@ -1,14 +1,16 @@
 """What a PRM format is: how steps become token ids, and where rewards are read.
 
 A format turns (question, steps, image token counts) into one token sequence
-plus the positions whose output carries each step's reward, and names the
-two output columns the reward is read from:
+plus the positions whose output carries each step's reward ("which rows"),
+and names the output columns the reward is read from:
 
-    p_good = softmax(out[pos, [good_col, bad_col]])[0]
+    p_good = softmax(out[pos, [good, bad]])[0] = sigmoid(out[pos, good] - out[pos, bad])
+    p_good = sigmoid(out[pos, good])          (a value head: one column, bad is None)
 
 For LM-head formats the columns are vocabulary ids; for a 2-label score head
-(qwen2.5-math-prm) they are label indices.  Everything downstream (engines,
-kernels, aggregation) only sees this contract.
+(qwen2.5-math-prm, token-classification) they are label indices.  The
+adapter's reward head (``mmprm_infer.models.heads``) reads them ("which
+head"); engines and aggregation only see this contract.
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ class EncodedCandidate:
 
 @dataclass(frozen=True)
 class RewardColumns:
-    """reward = softmax(out[pos, [good, bad]])[0] = sigmoid(out[good] - out[bad])."""
+    """reward = softmax(out[pos, [good, bad]])[0] = sigmoid(out[good] - out[bad]); with ``bad`` None (a
+    value head's one output column) reward = sigmoid(out[good])."""
 
     good: int
-    bad: int
+    bad: int | None = None
 
 
 class FormatError(ValueError):
@@ -76,7 +79,7 @@ class PRMFormat(ABC):
 
     @abstractmethod
     def reward_columns(self, tokenizer) -> RewardColumns:
-        """Which two output columns carry the good/bad evidence."""
+        """Which output columns carry the good/bad evidence (one column for a value head)."""
 
     def check_tokenizer(self, tokenizer) -> None:
         """Raise FormatError naming any token this format needs but the tokenizer lacks."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import (
+from mmprm_infer.formats.base import (
     MODEL_CAUSAL_LM,
     MODEL_INTERNVL,
     EncodedCandidate,
@@ -24,7 +24,7 @@ from .base import (
     single_token_id,
     split_on_blank_lines,
 )
-from .internvl_base import InternVLImages
+from mmprm_infer.formats.internvl_base import InternVLImages
 
 
 @dataclass

@@ -22,12 +22,15 @@ VisualPRM ship):
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 from PIL import Image
 
-from ..vision import (
+if TYPE_CHECKING:
+    import torch
+
+from mmprm_infer.formats.base import MODEL_INTERNVL, FormatError, single_token_id
+from mmprm_infer.vision import (
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
@@ -38,7 +41,6 @@ from ..vision import (
     open_rgb,
     tiles_to_tensor,
 )
-from .base import MODEL_INTERNVL, FormatError, single_token_id
 
 IMAGE_PLACEHOLDER = "<image>"
 IM_START = "<|im_start|>"
@@ -48,6 +50,35 @@ IM_END = "<|im_end|>"
 # batch_prm, which never sets one).
 INTERNVL25_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+
+
+# InternVL2.5 template (MPT separator style): the system turn is always
+# present (default message when none is given); ``<image>`` stands where the
+# caller substitutes ``vision.image_token_block(...)``, as InternVL's chat()
+# does.
+INTERNVL25_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_message = messages[0]['content'] -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system_message = '" + INTERNVL25_SYSTEM_MESSAGE + "' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' -}}"
+    "{%- for message in loop_messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
 
@@ -172,6 +203,8 @@ class InternVLImages:
                 f"{cfg.tokens_per_tile} + 2 per image), which leaves no room in the model's context of "
                 f"{limit} tokens; pass fewer images or a smaller max_tiles (now {cfg.max_tiles})"
             )
+        import torch
+
         pixels = torch.cat([tiles_to_tensor(dynamic_preprocess(im, cfg), cfg) for im in opened])
         features = adapter.image_features(pixels)
         if features.shape[0] != sum(tiles) * cfg.tokens_per_tile:
@@ -210,7 +243,8 @@ def detect_internvl_format(config: dict, tokenizer) -> str | None:
 
 
 __all__ = [
-    "IMAGE_PLACEHOLDER", "INTERNVL25_SYSTEM_MESSAGE", "InternVLImages", "render_internvl25", "image_prefix",
+    "IMAGE_PLACEHOLDER", "INTERNVL25_CHAT_TEMPLATE", "INTERNVL25_SYSTEM_MESSAGE",
+    "InternVLImages", "render_internvl25", "image_prefix",
     "place_images", "fill_placeholders", "as_image_list", "open_images", "find_subsequence_positions",
     "detect_internvl_format",
 ]

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import (
+from mmprm_infer.formats.base import (
     EncodedCandidate,
     FormatError,
     PRMFormat,

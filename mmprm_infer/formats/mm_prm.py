@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import (
+from mmprm_infer.formats.base import (
     MODEL_INTERNVL,
     EncodedCandidate,
     PRMFormat,
@@ -35,7 +35,7 @@ from .base import (
     single_token_id,
     split_on_blank_lines,
 )
-from .internvl_base import (
+from mmprm_infer.formats.internvl_base import (
     IM_END,
     IM_START,
     INTERNVL25_SYSTEM_MESSAGE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import (
+from mmprm_infer.formats.base import (
     MODEL_QWEN2_PRM,
     EncodedCandidate,
     FormatError,

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import (
+from mmprm_infer.formats.base import (
     EncodedCandidate,
     FormatError,
     PRMFormat,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import (
+from mmprm_infer.formats.base import (
     MODEL_VALUE_HEAD,
     EncodedCandidate,
     FormatError,
@@ -42,7 +42,7 @@ class SkyworkFormat(PRMFormat):
         return [s for s in solution.split(self.step_token) if s.strip()]
 
     def reward_columns(self, tokenizer) -> RewardColumns:
-        return RewardColumns(good=0, bad=1)  # (value, 0): softmax(...)[0] = sigmoid(value)
+        return RewardColumns(good=0)  # the value head's one output: reward = sigmoid(value)
 
     def _step_token_id(self, tokenizer) -> int:
         ids = tokenizer.encode(self.step_token)

@@ -14,8 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import EncodedCandidate, RewardColumns, check_reward_count, check_steps, reward_token_columns
-from .internvl_base import IM_END, IM_START, find_subsequence_positions
+from mmprm_infer.formats.base import (
+    EncodedCandidate,
+    RewardColumns,
+    check_reward_count,
+    check_steps,
+    reward_token_columns,
+)
+from mmprm_infer.formats.internvl_base import IM_END, IM_START, find_subsequence_positions
 
 
 def assistant_header_positions(tokenizer, input_ids: Sequence[int], placeholder: str) -> list[int]:

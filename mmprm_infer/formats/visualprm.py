@@ -33,9 +33,9 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .base import MODEL_INTERNVL, PRMFormat
-from .internvl_base import INTERNVL25_SYSTEM_MESSAGE, InternVLImages, place_images, render_internvl25
-from .step_turns import StepTurnsFormat, step_turns
+from mmprm_infer.formats.base import MODEL_INTERNVL, PRMFormat
+from mmprm_infer.formats.internvl_base import INTERNVL25_SYSTEM_MESSAGE, InternVLImages, place_images, render_internvl25
+from mmprm_infer.formats.step_turns import StepTurnsFormat, step_turns
 
 # InternVL internvl_chat/tools/reasoning_data_pipeline/utils/constants.py
 VISUALPRM_SYSTEM_PROMPT = """

@@ -34,10 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..vision import ImageLoadError
-from .base import MODEL_QWEN2_5_VL, FormatError, PRMFormat, single_token_id
-from .internvl_base import IM_END, IM_START, IMAGE_PLACEHOLDER, fill_placeholders, open_images
-from .step_turns import StepTurnsFormat, step_turns
+from mmprm_infer.formats.base import MODEL_QWEN2_5_VL, FormatError, PRMFormat, single_token_id
+from mmprm_infer.formats.internvl_base import IM_END, IM_START, IMAGE_PLACEHOLDER, fill_placeholders, open_images
+from mmprm_infer.formats.step_turns import StepTurnsFormat, step_turns
+from mmprm_infer.vision import ImageLoadError
 
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"

@@ -27,6 +27,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from mmprm_infer.io.files import remove_stale_temps, temp_name
+
 LM_KINDS = {"InternLM2ForCausalLM": "internlm2", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 # Strings the converted tokenizer must encode exactly as the source one (with --trust-remote-code).
@@ -289,14 +291,28 @@ def source_shards(src: Path) -> list[Path]:
 
 
 def iter_tensors(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one shard; a truncated or damaged shard is a ConversionError naming it."""
+    def damaged(exc: Exception) -> ConversionError:
+        cause = (str(exc).strip().splitlines() or [""])[0][:200]
+        return ConversionError(f"weight shard {shard} cannot be read ({type(exc).__name__}: {cause}); it is "
+                               "truncated or damaged: download it again")
+
     if shard.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except ConversionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, MemoryError of a damaged header
+            raise damaged(exc) from None
     else:
-        state = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            state = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError
+            raise damaged(exc) from None
         for key in list(state):
             yield key, state.pop(key)
 
@@ -339,7 +355,7 @@ def convert_tokenizer(src: Path, dst: Path, trust_remote_code: bool, log: Callab
     sentencepiece + protobuf, and for InternLM2 its remote tokenizer code)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from ..tiny_internvl import INTERNVL25_CHAT_TEMPLATE
+    from mmprm_infer.formats.internvl_base import INTERNVL25_CHAT_TEMPLATE
 
     config_file = src / "tokenizer_config.json"
     tcfg = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -403,8 +419,8 @@ def _detect_format(config: dict, tokenizer, src: Path) -> str | None:
 
 def _format_options(name: str | None, config: dict, log) -> dict:
     """Options that make the format read the checkpoint as its release code does."""
-    from ..formats.internvl_base import INTERNVL25_SYSTEM_MESSAGE
-    from ..formats.visualprm import VISUALPRM_SYSTEM_PROMPT
+    from mmprm_infer.formats.internvl_base import INTERNVL25_SYSTEM_MESSAGE
+    from mmprm_infer.formats.visualprm import VISUALPRM_SYSTEM_PROMPT
 
     if name != "visualprm":
         return {}  # MM-PRM's batch_prm always uses the template's default system message
@@ -425,23 +441,65 @@ def convert_internvl(src, dst, *, dtype: str | torch.dtype | None = None, format
                      trust_remote_code: bool = False, tokenizer_json=None, overwrite: bool = False,
                      log: Callable[[str], None] = print) -> ConversionReport:
     """Convert a published InternVLChatModel checkpoint in ``src`` to a native one in ``dst``."""
-    from safetensors.torch import save_file
+    from mmprm_infer.formats import FORMATS
+    from mmprm_infer.loading import resolve_dtype
 
-    from ..formats import FORMATS
-    from ..loading import FORMAT_KEY, FORMAT_OPTIONS_KEY, resolve_dtype
-
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise ConversionError("SRC and DST must be different folders")
+    src, final = Path(src), Path(dst)
+    check_apart(src, final, "SRC", "DST")
     config = read_source_config(src)
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise ConversionError(f"{dst} exists and is not empty; pass --overwrite or pick a new folder")
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not final.is_dir():
+        raise ConversionError(f"DST {final} is a file; give a folder")
+    if final.is_dir() and any(final.iterdir()) and not overwrite:
+        raise ConversionError(f"{final} exists and is not empty; pass --overwrite or pick a new folder")
     if format is not None and format not in FORMATS:
         raise ConversionError(f"unknown PRM format {format!r}; choose one of {sorted(FORMATS)}")
     out_dtype = resolve_dtype(dtype, torch.device("cpu")) if dtype is not None else None
+    # Written into a temp sibling, swapped in only when complete: a failure (a truncated shard, a full disk,
+    # Ctrl-C) leaves DST as it was; --overwrite replaces it only then.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final.resolve(), remove=shutil.rmtree)
+    dst = temp_name(final.resolve())
+    dst.mkdir()
+    try:
+        report = _convert_into(src, dst, config, out_dtype, format, trust_remote_code, tokenizer_json, log)
+        _swap_in(dst, final)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+    log(f"converted {src} ({report.lm_kind} language model) -> {final}; format: "
+        f"{report.format or 'not detected (pass format=)'}")
+    report.dst = final
+    return report
+
+
+def check_apart(src: Path, dst: Path, src_name: str, dst_name: str) -> None:
+    """ConversionError when ``dst`` is ``src``, contains it or lies inside it (after links): replacing DST
+    would delete the source, or the source's folder would hold the output."""
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        how = "is" if a == b else "lies inside" if a in b.parents else "contains"
+        raise ConversionError(f"{dst_name} {dst} {how} {src_name} {src}; writing (or --overwrite replacing) it "
+                              f"would destroy the source: choose a {dst_name} folder outside {src_name} and not "
+                              "around it")
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """``new`` renamed onto ``final``; a previous ``final`` is moved aside first and removed after."""
+    if not final.exists():
+        new.rename(final)
+        return
+    old = temp_name(final.resolve(), "old")
+    final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _convert_into(src: Path, dst: Path, config: dict, out_dtype, format: str | None, trust_remote_code: bool,
+                  tokenizer_json, log: Callable[[str], None]) -> ConversionReport:
+    """The conversion proper, into the empty folder ``dst``."""
+    from safetensors.torch import save_file
+
+    from mmprm_infer.loading import FORMAT_KEY, FORMAT_OPTIONS_KEY
 
     tokenizer, verified = convert_tokenizer(src, dst, trust_remote_code, log, tokenizer_json)
     image_token_id = int(tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
@@ -504,14 +562,13 @@ def convert_internvl(src, dst, *, dtype: str | torch.dtype | None = None, format
         saved[FORMAT_OPTIONS_KEY] = _format_options(name, config, log)
     (dst / "config.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n")
     _write_image_processor(dst, native, config)
-    log(f"converted {src} ({lm_kind} language model) -> {dst}; format: {name or 'not detected (pass format=)'}")
     return ConversionReport(dst, lm_kind, len(weight_map), len(shards), name, verified)
 
 
 def _write_image_processor(dst: Path, native, config: dict) -> None:
     from transformers import GotOcr2ImageProcessorPil
 
-    from ..vision import IMAGENET_MEAN, IMAGENET_STD
+    from mmprm_infer.vision import IMAGENET_MEAN, IMAGENET_STD
 
     size = native.vision_config.image_size
     size = size[0] if isinstance(size, (list, tuple)) else size

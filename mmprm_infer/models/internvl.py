@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.base import MODEL_INTERNVL
-from .adapters import register_adapter
-from .vision_language import VisionLanguageAdapter
+from mmprm_infer.formats.base import MODEL_INTERNVL
+from mmprm_infer.models.vision_language import VisionLanguageAdapter
 
 
 class InternVLAdapter(VisionLanguageAdapter):
@@ -79,7 +78,5 @@ class InternVLAdapter(VisionLanguageAdapter):
             return self.model(input_ids=input_ids[None]).logits[0]
         return self.model(inputs_embeds=inputs_embeds[None]).logits[0]
 
-
-register_adapter(MODEL_INTERNVL, InternVLAdapter)
 
 __all__ = ["InternVLAdapter"]

@@ -28,9 +28,8 @@ from typing import Sequence
 
 import torch
 
-from ..formats.base import MODEL_QWEN2_5_VL
-from .adapters import register_adapter
-from .vision_language import VisionLanguageAdapter
+from mmprm_infer.formats.base import MODEL_QWEN2_5_VL
+from mmprm_infer.models.vision_language import VisionLanguageAdapter
 
 
 @dataclass
@@ -125,7 +124,5 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
             return self.model(input_ids=input_ids[None], position_ids=pos).logits[0]
         return self.model(inputs_embeds=inputs_embeds[None], position_ids=pos).logits[0]
 
-
-register_adapter(MODEL_QWEN2_5_VL, Qwen2_5_VLAdapter)
 
 __all__ = ["GridImageFeatures", "Qwen2_5_VLAdapter"]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2Model
 
-from .qwen2_prm import Qwen2WithTokenHead
+from mmprm_infer.models.qwen2_prm import Qwen2WithTokenHead
 
 
 class ValueHead(nn.Module):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter
+from mmprm_infer.models.adapters import ModelAdapter
 
 
 class VisionLanguageAdapter(ModelAdapter):

@@ -36,6 +36,7 @@ ignored.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -43,11 +44,10 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from mmprm_infer.policy import PolicyPrompt, join_steps, sampling_options
-
-from .task import (
+from mmprm_infer.train.synthetic.task import (
     BAR_NAMES,
     ArithStage,
     Problem,
@@ -58,13 +58,15 @@ from .task import (
     format_answer,
     format_arith,
     format_read,
+    make_problems,
     operand_values,
     parse_step,
     problem_from_image,
+    split_steps,
 )
 
 __all__ = ["ErrorRates", "SyntheticPolicy", "Trap", "policy_report", "error_kind", "LOOKALIKE_DIGITS",
-           "SLIP_OFFSETS", "neighbour_target"]
+           "SLIP_OFFSETS", "neighbour_target", "synthetic_policy_factory"]
 
 # Digits a reader confuses (look-alikes first, then neighbours).
 LOOKALIKE_DIGITS = {1: 7, 2: 7, 3: 8, 4: 9, 5: 6, 6: 5, 7: 1, 8: 3, 9: 4}
@@ -340,7 +342,7 @@ def policy_report(problems: Sequence[Problem], policy, n: int = 16, text_only: b
         maj += (p.answer in winners) / len(winners)
         agree += any(k >= 3 and a != p.answer for a, k in counts.items())
         for s in sols:
-            steps = [x.strip() for x in s.split("\n\n") if x.strip()]
+            steps = split_steps(s)
             e = p.first_error(steps)
             if e is not None:
                 kinds[error_kind(p.check_step(steps[:e], steps[e]).reason)] += 1
@@ -349,3 +351,17 @@ def policy_report(problems: Sequence[Problem], policy, n: int = 16, text_only: b
     return {"problems": len(problems), "n": n, "accuracy": acc / m, f"majority@{n}": maj / m, f"pass@{n}": passed / m,
             "problems_with_agreeing_wrong_answers": agree / m,
             "first_error_kinds": {k: v / wrong for k, v in kinds.most_common()}}
+
+
+# picklable (a module-level function + partial): ``mmprm annotate --ray`` rebuilds the policy in each worker
+def _synthetic_policy(num_problems: int, split: str, seed: int, rates, policy_seed: int,
+                      latency_s: float) -> SyntheticPolicy:
+    return SyntheticPolicy(make_problems(num_problems, split, seed), rates=rates, seed=policy_seed,
+                           latency_s=latency_s)
+
+
+def synthetic_policy_factory(num_problems: int, split: str, seed: int, rates, policy_seed: int = 0,
+                             latency_s: float = 0.0) -> Callable[[], SyntheticPolicy]:
+    """The synthetic policy over the same problem set, rebuilt in each worker (its samples depend
+    only on the seed, the problem and the partial solution, so a worker gives the same trees)."""
+    return functools.partial(_synthetic_policy, num_problems, split, seed, rates, policy_seed, latency_s)

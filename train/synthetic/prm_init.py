@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from mmprm_infer import tiny, tiny_internvl
+from mmprm_infer.testing import tiny, tiny_internvl
 
 __all__ = ["NUMBER_RANGE", "task_corpus", "build_task_tokenizer", "build_task_prm", "prm_question",
            "MMPRM_FORMAT_OPTIONS", "reading_keys", "picture_facts", "pretrain_reading", "reading_drill",
@@ -54,7 +54,7 @@ def picture_facts(problem) -> str:
     column and cell of a table ("Row 2 is 4, 7, 2.", "Column C is 3, 2, 9.", "Row 2, column C is 2."),
     every bar of a chart ("Bar B is 7.").  A right reading step then appears verbatim above it --
     checking it is a copy task that a two-layer transformer learns (induction heads)."""
-    from .task import Target, format_read
+    from mmprm_infer.train.synthetic.task import Target, format_read
 
     targets = []
     if problem.kind == "grid":
@@ -78,7 +78,7 @@ def prm_question(problem, with_image_text: bool = True) -> str:
 
 def task_corpus(num_problems: int = 200, seed: int = 12345) -> list[str]:
     """Text of the synthetic task (questions, picture renderings, solutions) and every number."""
-    from .task import make_problems
+    from mmprm_infer.train.synthetic.task import make_problems
 
     lines: list[str] = []
     for p in make_problems(num_problems, "train", seed):
@@ -96,7 +96,7 @@ def reading_keys() -> list[str]:
     token each in the task tokenizer, so a reading step and the picture fact it must match share a
     single key token and checking the value is a one-hop copy (an induction head: find the earlier
     occurrence of this token, read the token after it) instead of matching a five-token phrase."""
-    from .task import BAR_NAMES, COL_NAMES, GRID_COLS, GRID_ROWS, Target
+    from mmprm_infer.train.synthetic.task import BAR_NAMES, COL_NAMES, GRID_COLS, GRID_ROWS, Target
 
     targets = [Target("row", r) for r in range(1, GRID_ROWS + 1)]
     targets += [Target("col", col=c) for c in range(1, GRID_COLS + 1)]
@@ -181,7 +181,7 @@ def arithmetic_drill(rng, k: int = 8) -> list[str]:
     a small digit, a product of two digits, a product plus a row sum, a difference of sums), written
     as the task writes them: practice for checking a calculation's result, which reference solutions
     alone show once or twice per problem."""
-    from .task import apply_op, format_arith
+    from mmprm_infer.train.synthetic.task import apply_op, format_arith
 
     out = []
     for _ in range(k):
@@ -232,7 +232,7 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
 
     import torch
 
-    from mmprm_infer.progress import progress_bar
+    from mmprm_infer.io.progress import progress_bar
 
     tok = prm.tokenizer
     model = prm.model
@@ -268,8 +268,8 @@ def perturb_reading(statement: str, rng, problem=None) -> str:
     """A reading statement made wrong the way a reader errs: one value changed to a look-alike digit,
     a neighbouring digit or any other digit (always a different digit from 1 to 9), or -- given its
     ``problem``, one time in five -- the values of the neighbouring row / column / cell / bar."""
-    from .policy import LOOKALIKE_DIGITS, neighbour_target
-    from .task import format_read, parse_step
+    from mmprm_infer.train.synthetic.policy import LOOKALIKE_DIGITS, neighbour_target
+    from mmprm_infer.train.synthetic.task import format_read, parse_step
 
     read = parse_step(statement)
     values = list(read.values)
@@ -289,8 +289,8 @@ def perturb_reading(statement: str, rng, problem=None) -> str:
 
 def perturb_calculation(statement: str, rng) -> str:
     """A calculation with its result off by 1, 2 or 10 (the policy's arithmetic slips)."""
-    from .policy import SLIP_OFFSETS
-    from .task import format_arith, parse_step
+    from mmprm_infer.train.synthetic.policy import SLIP_OFFSETS
+    from mmprm_infer.train.synthetic.task import format_arith, parse_step
 
     calc = parse_step(statement)
     return format_arith(calc.ops[0], calc.values, calc.result + rng.choice(SLIP_OFFSETS))
@@ -318,7 +318,7 @@ def verification_drill(problem, rng, *, statements: int = 6, layout: str = "full
     several values (rows, columns) has them read with probability ``multi_value_share`` (``None``:
     every fact line alike; ``ROW_VERIFICATION_CURRICULUM`` draws only those).  ``truths``, when
     given, gets each statement's true version appended (the statement itself where it is true)."""
-    from .task import parse_step
+    from mmprm_infer.train.synthetic.task import parse_step
 
     _check_layout(layout)
     facts = picture_facts(problem).split("\n")
@@ -435,11 +435,11 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
     import torch
     import torch.nn.functional as F
 
-    from mmprm_infer.progress import progress_bar
+    from mmprm_infer.io.progress import progress_bar
 
     if not curriculum:
         raise ValueError("curriculum needs at least one VerificationPhase (e.g. VERIFICATION_CURRICULUM)")
-    tok, model, fmt, adapter = prm.tokenizer, prm.model, prm.format, prm.adapter
+    tok, model, fmt, adapter, head = prm.tokenizer, prm.model, prm.format, prm.adapter, prm.reward_head
     tag = tok.convert_tokens_to_ids(fmt.step_tag)
     bounds, total = [], 0.0
     for phase in curriculum:
@@ -469,13 +469,13 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
         ids, mask = _padded(batch, tok)
         hidden = adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         markers = (ids == tag) & (mask == 1)
-        diff = adapter.reward_logit_diff(hidden[markers], prm.columns)  # the scorer's readout: two head rows
+        diff = head.logit_diff(hidden[markers])  # the scorer's readout: two head rows
         loss = F.binary_cross_entropy_with_logits(diff, torch.tensor(targets))
         losses.append(loss.item())
         if token_verdicts:
             dense = torch.tensor([v + [-1.0] * (ids.shape[1] - len(v)) for v in verdicts])
             where = dense >= 0
-            token_diff = adapter.reward_logit_diff(hidden[where], prm.columns)
+            token_diff = head.logit_diff(hidden[where])
             loss = loss + token_verdicts * F.binary_cross_entropy_with_logits(token_diff, dense[where])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

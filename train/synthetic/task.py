@@ -45,6 +45,9 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from mmprm_infer.formats.base import split_on_blank_lines
+from mmprm_infer.vision import open_image
+
 __all__ = [
     "Target",
     "ReadStage",
@@ -367,7 +370,7 @@ class Problem:
         """The problem as the annotator takes it (``mcts.AnnotationItem``): the question as the
         policy sees it, the answer, and the image (None when ``text_only``: the picture is then in
         the question's text)."""
-        from ..mcts import AnnotationItem
+        from mmprm_infer.train.mcts import AnnotationItem
 
         return AnnotationItem(self.id, self.prompt_question(text_only), str(self.answer),
                               None if text_only else self.image)
@@ -487,7 +490,8 @@ class Problem:
 
 
 def split_steps(text: str) -> list[str]:
-    return [s.strip() for s in text.split("\n\n") if s.strip()]
+    """A solution's steps: the blank-line rule most PRM formats use (``formats.base.split_on_blank_lines``)."""
+    return split_on_blank_lines(text)
 
 
 def operand_values(stage: ArithStage, reads: dict[int, Sequence[int]], results: dict[int, int]) -> list[int]:
@@ -699,7 +703,7 @@ def problem_from_image(image) -> Problem | None:
     its ``mmprm_synthetic`` text chunk; None for any other picture."""
     if not isinstance(image, Image.Image):
         try:
-            with Image.open(image) as im:
+            with open_image(image) as im:
                 spec = im.info.get(SPEC_KEY)
         except (OSError, ValueError):
             return None
