@@ -307,7 +307,7 @@ def gemm_pass(path: str, cfg, rows: int, dtype=torch.float32) -> tuple[Callable[
     elif path == PACKED_PATH:
         from mmprm_infer.engines import linear_paths
 
-        packed = [linear_paths._pack(torch.randn(n, k, generator=gen, dtype=dtype), rows) for k, n in shapes]
+        packed = [linear_paths.pack_weight(torch.randn(n, k, generator=gen, dtype=dtype), rows) for k, n in shapes]
 
         def one_pass():
             for (k, _), w in zip(shapes, packed):

@@ -85,7 +85,7 @@ def derive(point: dict) -> None:
     uses the floor measured beside its own calls (``floor_seconds``) where the run has it."""
     engines = point["engines"]
     for name in ENGINES:
-        e = engines[name]
+        e = engines.setdefault(name, {"status": "skipped", "reason": "not in this run"})
         if e.get("status") != "ok":
             continue
         e["speedup_vs_reference"] = _ratio(engines, "reference", name)
@@ -162,7 +162,7 @@ def format_point(point: dict, quick: bool) -> str:
         f"{'max|diff| vs ref':>16}  threads; times",
     ]
     for name in ENGINES:
-        e = point["engines"][name]
+        e = point["engines"].get(name, {})
         label = LABELS.get(name, name)
         if e.get("status") != "ok":
             lines.append(f"   {label:<10} {'skipped' if e.get('status') == 'skipped' else 'error':>9}  "
@@ -180,7 +180,7 @@ def format_point(point: dict, quick: bool) -> str:
             f"{mem_s:>9}  {_fmt(diff, '{:.2e}'):>16}  {e.get('threads', '-')}; {times}"
         )
     for name in ENGINES:
-        e = point["engines"][name]
+        e = point["engines"].get(name, {})
         if "max_abs_diff_vs_fp32_reference" in e:
             lines.append(f"   {name:<10} vs the fp32 reference: max|diff| {e['max_abs_diff_vs_fp32_reference']:.2e}, "
                          f"best-of-N (min) {'same' if e['best_of_n_same_as_fp32'] else 'CHANGED'}, ranking "
@@ -248,7 +248,7 @@ def plot(results: dict, path: Path) -> str:
             pts = sorted((p for p in sweeps if p["axis"] in (axis, "base")), key=lambda p: p["workload"][key])
             xs = [p["workload"][key] for p in pts]
             for engine, label, style in lines:
-                ys = [p["engines"][engine].get("speedup_vs_reference") for p in pts]
+                ys = [p["engines"].get(engine, {}).get("speedup_vs_reference") for p in pts]
                 if any(y is not None for y in ys):
                     ax.plot(xs, [float("nan") if y is None else y for y in ys], style, label=label)
             ys = [_ratio(p["engines"], "vllm", "fast") for p in pts]
@@ -269,10 +269,10 @@ def plot(results: dict, path: Path) -> str:
     else:
         base_pts = [p for w in results["workloads"] for p in w["points"]]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ran = [e for e in ENGINES if any(p["engines"][e].get("status") == "ok" for p in base_pts)]
+        ran = [e for e in ENGINES if any(p["engines"].get(e, {}).get("status") == "ok" for p in base_pts)]
         width = 0.8 / len(ran)
         for i, engine in enumerate(ran):  # an engine that did not run (vLLM skipped) gets no bar and no legend
-            ys = [p["engines"][engine].get("seconds") or 0 for p in base_pts]
+            ys = [p["engines"].get(engine, {}).get("seconds") or 0 for p in base_pts]
             ax.bar([j + i * width for j in range(len(base_pts))], ys, width, label=LABELS.get(engine, engine))
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(base_pts))], [p["workload"]["name"] for p in base_pts])
         ax.set_ylabel("seconds (best of k)")

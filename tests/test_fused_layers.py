@@ -78,7 +78,7 @@ def test_fused_linear_without_a_copy_casts_per_call():
 def test_fused_decoder_only_takes_prunable_decoders_and_restores_forwards(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from mmprm_infer.tiny import build_tiny_causal_lm
+    from mmprm_infer.testing import build_tiny_causal_lm
 
     model = AutoModelForCausalLM.from_pretrained(build_tiny_causal_lm(tmp_path, arch="qwen2", seed=0))
     decoder = model.model
