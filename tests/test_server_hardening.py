@@ -231,7 +231,8 @@ def test_item15_an_empty_key_variable_is_refused_and_no_key_is_warned_about(tmp_
         main(argv)
     monkeypatch.delenv(CLIENT_KEY_ENV)
     started = []
-    monkeypatch.setattr(records.PRMSpec, "load", lambda *a, **k: object())
+    loaded = type("LoadedPRM", (), {"warmup": lambda self: {}})()  # what serve touches before starting
+    monkeypatch.setattr(records.PRMSpec, "load", lambda *a, **k: loaded)
     monkeypatch.setattr(app_module, "run_server", lambda *a, **k: started.append(a))
     assert serve_command.run(args) == 0 and started
     assert "warning: clients need no key" in capsys.readouterr().err
