@@ -3,6 +3,7 @@
     python -m bench.profile --workload W1 --dtype float32
     python -m bench.profile --workload W1 --dtype bfloat16 --markdown
     python -m bench.profile --workload W3 --dtype bfloat16 --markdown
+    python -m bench.profile --workload W1 --dtype float32 --unfused     # before fusion: transformers' modules
 
 Loads the workload's cached checkpoint and inputs exactly as ``bench.run``
 does, runs ``--warmup`` untimed fast-engine calls, then profiles one call.
@@ -134,12 +135,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--top", type=int, default=20, help="rows to print (the rest is summed by kind)")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--unfused", action="store_true",
+                   help="the decoder through transformers' modules (FastEngine(fused=False)): the profile before fusion")
     p.add_argument("--cache-dir", type=Path, default=REPO / "bench" / ".cache")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = workloads.base_workloads(args.workload, quick=False)[0]
     prm = _load(base, args.cache_dir, args.dtype)[0]
     inputs = workloads.make_inputs(prm, base)
+    if args.unfused:
+        prm.engine("fast").fused = False
 
     def call():
         return prm.score(inputs.question, inputs.candidates, engine="fast")
@@ -155,7 +160,8 @@ def main(argv=None) -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     print(f"{args.workload} {args.dtype}, one fast-engine call under the profiler: {wall:.3f} s wall; {cpu}, "
           f"{torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, load average {load:.2f}; "
-          f"linear path {prm.engine('fast').linear_path(prm.adapter)}")
+          f"linear path {prm.engine('fast').linear_path(prm.adapter)}, "
+          f"{'transformers modules' if args.unfused else 'fused layers'}")
     print(format_table(rows, wall, args.top, args.markdown))
     return 0
 

@@ -1,6 +1,6 @@
 """Benchmark workloads: model shapes, cached random-weight checkpoints, deterministic inputs.
 
-W1 (text) and W2 (multimodal) follow /work/shared/DESIGN.md "Benchmark
+W1 (text) and W2 (multimodal) follow the project design notes ("Benchmark
 workloads".  Models are built offline with the library's own tiny builders
 (``mmprm_infer.testing.tiny`` / ``mmprm_infer.testing.tiny_internvl``), saved once under a
 cache directory and loaded back through ``PRM.from_pretrained`` (or, for the

@@ -119,12 +119,12 @@ class PipelineConfig(ReadingStages):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # the pipeline in miniature that `mmprm demo` runs beside the shipped PRM (2-3 minutes on 2 cores): the
-    # full preset's stages, short (2 layers; 400 pretraining, 600 + 300 verification and 900 PRM steps;
+    # the pipeline in miniature that `mmprm demo` runs beside the shipped PRM (3-4 minutes on 2 cores): the
+    # full preset's stages, short (2 layers; 400 pretraining, 600 + 300 verification and 1200 PRM steps;
     # 2 threads: 1.5x faster per step than 1 on an idle machine).  It shows training at work, not a finished
     # PRM: that takes the full preset (RESULTS.md beside this file: time against quality)
     "demo": dict(train_problems=300, pretrain_steps=400, verification_steps=600, verification_arithmetic=0.3,
-                 row_verification_steps=300, verification_token_verdicts=1.0, verification_mix=0.5, max_steps=900,
+                 row_verification_steps=300, verification_token_verdicts=1.0, verification_mix=0.5, max_steps=1200,
                  test_problems=300, layers=2, learning_rate=1e-3, balance_positions=True, threads=2),
     # the PRM the demo ships (trained_prm/ beside this file, 88 min under load on 1 thread, ~35 idle):
     # reading pretraining (with drills) grows the copy circuit that checks a reading against the
