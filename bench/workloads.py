@@ -86,7 +86,7 @@ class Workload:
 W1_MODEL = TextModelSpec()
 W1 = Workload("W1", W1_MODEL, n_candidates=16, prompt_tokens=1000, suffix_tokens=200, steps=8)
 W2 = Workload("W2", W1_MODEL, n_candidates=16, prompt_tokens=100, suffix_tokens=300, steps=8, vision=VisionSpec())
-# W3: the GEMM regime of real PRMs -- two decoder layers at Qwen2.5-7B's dimensions (issue #20); the
+# W3: the GEMM regime of real PRMs -- two decoder layers at Qwen2.5-7B's dimensions (the bench's GEMM target); the
 # vocabulary only as big as the tokenizer and the inputs need.
 W3_MODEL = TextModelSpec(hidden=3584, layers=2, heads=28, kv_heads=4, intermediate=18944, vocab_size=4096,
                          max_positions=4096)
