@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pickle
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from mmprm_infer.integrations.ray_cluster import connect, data_context, map_to_actors, plan_actors
 from mmprm_infer.policy import Policy

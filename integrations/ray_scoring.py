@@ -23,9 +23,10 @@ from __future__ import annotations
 import pickle
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mmprm_infer.integrations.ray_cluster import (
     ACTOR_MAX_RESTARTS,

@@ -44,7 +44,7 @@ __all__ = ["VLLMPolicy", "vllm_available"]
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401 - probe only
-    except Exception:  # not installed, or installed without a usable torch
+    except Exception:  # noqa: BLE001 - not installed, or installed without a usable torch
         return False
     return True
 
@@ -77,7 +77,7 @@ class VLLMPolicy:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_model(cls, model: str, *, llm_kwargs: dict | None = None, **kwargs) -> "VLLMPolicy":
+    def from_model(cls, model: str, *, llm_kwargs: dict | None = None, **kwargs) -> VLLMPolicy:
         from vllm import LLM
 
         return cls(LLM(model=str(model), **(llm_kwargs or {})), **kwargs)

@@ -45,7 +45,8 @@ from __future__ import annotations
 import base64
 import io
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from mmprm_infer.engines import Engine
 from mmprm_infer.prm import PRM, ScoringItem

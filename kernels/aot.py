@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -165,7 +166,7 @@ def compile_all(targets=TARGETS, progress: bool = True) -> list[tuple[str, int, 
                 kernel = compile_launch(launch, capability, warp_size)
                 if not kernel.asm.get("cubin"):
                     raise RuntimeError("no cubin produced")
-            except Exception as exc:  # every failure is reported, not only the first
+            except Exception as exc:  # noqa: BLE001 - every failure is reported, not only the first
                 failures.append((launch.fn.__name__, capability, f"{type(exc).__name__}: {exc}"))
         if progress:
             print(f"sm_{capability}: {len(launches)} launches compiled, "

@@ -32,8 +32,8 @@ import os
 import re
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Callable, Sequence
 
 __all__ = [
     "extract_answer",
@@ -354,7 +354,7 @@ def _is_safe_expr(expr) -> bool:
                         v = arg if arg.is_Number else arg.evalf(15)
                         if not v.is_Number or abs(v) > 10_000:
                             return False
-    except Exception:
+    except Exception:  # noqa: BLE001 - sympy raises anything on odd input: not a number
         return False
     return True
 
@@ -368,7 +368,7 @@ def _math_verify_parse(clean: str) -> tuple:
         from math_verify import parse
 
         parsed = _call_math_verify(parse, "$" + clean + "$", timeout_kw="parsing_timeout")
-    except Exception:
+    except Exception:  # noqa: BLE001 - math_verify raises anything on odd input: unparsed
         return ()
     import sympy
 
@@ -402,7 +402,7 @@ def _plain_numbers(clean: str) -> tuple[complex, ...] | None:
             return None
         try:
             v = complex(p.evalf(30))
-        except Exception:
+        except Exception:  # noqa: BLE001 - sympy raises anything on odd input: not a number
             return None
         if not cmath.isfinite(v):
             return None
@@ -439,7 +439,7 @@ def _math_verify_equal(a_clean: str, b_clean: str) -> bool:
         try:
             if _call_math_verify(verify, list(gold), list(target), timeout_kw="timeout_seconds"):
                 return True
-        except Exception:
+        except Exception:  # noqa: BLE001 - math_verify raises anything on odd input: no match
             pass
     return False
 
@@ -491,7 +491,7 @@ def _sympy_value(normalized: str) -> complex | None:
         if not isinstance(expr, sympy.Basic) or expr.free_symbols or not _is_safe_expr(expr):
             return None
         value = complex(expr.evalf(30))
-    except Exception:
+    except Exception:  # noqa: BLE001 - sympy raises anything on odd input: not a number
         return None
     if not (cmath.isfinite(value)):
         return None

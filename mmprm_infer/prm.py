@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ class PRM:
                         attn_implementation: str | None = None, trust_remote_code: bool = False,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         local_files_only: bool = True, max_batch_tokens: int | None = None,
-                        **format_options) -> "PRM":
+                        **format_options) -> PRM:
         """Load a PRM from a checkpoint folder, or a hub id in the local Hugging Face cache (never downloaded).
 
         ``format``: read from the checkpoint when None.  ``device``: None picks cuda when torch sees a GPU,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 from mmprm_infer.aggregation import aggregate as aggregate_steps
 from mmprm_infer.aggregation import get_aggregation

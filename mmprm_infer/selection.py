@@ -18,8 +18,8 @@ groups: the group whose first candidate comes first).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from mmprm_infer.answers import group_answers, has_answer
 

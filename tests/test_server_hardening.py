@@ -108,7 +108,7 @@ def test_client_input_that_is_not_text_or_json_is_400(prm, policy):
             ("/v1/chat/completions", chat_body % (MODEL, '"x\\ud800"', ""), "messages[0].content"),
             ("/v1/chat/completions", chat_body % (MODEL, '"q"', ', "user": "x\\udc00"'), "'user'"),
             ("/v1/chat/completions", chat_body % (MODEL, '"q"', ', "temperature": NaN'), "'temperature' is NaN"),
-            ("/v1/completions", '{"model": "%s", "prompt": "p\\ud800"}' % MODEL, "'prompt'"),
+            ("/v1/completions", f'{{"model": "{MODEL}", "prompt": "p\\ud800"}}', "'prompt'"),
             ("/v1/prm/score", '{"question": "q\\ud800", "candidates": ["a"]}', "'question'"),
         ]
         for path, body, needle in cases:

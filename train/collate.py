@@ -16,8 +16,9 @@ and gives the flat row index of every reward marker, in sample/step order.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

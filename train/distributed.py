@@ -13,8 +13,8 @@ the logs, resume points and the final checkpoint.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ class Distributed:
     owns_group: bool = False  # this object created the process group (and destroys it in close)
 
     @classmethod
-    def from_environment(cls) -> "Distributed":
+    def from_environment(cls) -> Distributed:
         """One process (no launcher), or this process's place in the launcher's group."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:

@@ -50,10 +50,11 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from mmprm_infer.answers import AnswerVerifier
 from mmprm_infer.io.files import write_json_atomic
@@ -122,12 +123,12 @@ class Node:
     """A partial solution: ``partial_solution`` = the steps it adds to its parent's."""
 
     partial_solution: list[str]
-    parent: "Node | None" = None
+    parent: Node | None = None
     mc_value: float | None = None
     visit_count: int = 0
     correct_rollouts: list[list[str]] = field(default_factory=list)
     incorrect_rollouts: list[list[str]] = field(default_factory=list)
-    children: list["Node"] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)
     pending: list[tuple[str, ...]] = field(default_factory=list)  # incorrect rollouts not yet searched
 
     def prefix(self) -> list[str]:
@@ -141,7 +142,7 @@ class Node:
             steps.extend(part)
         return steps
 
-    def add_child(self, steps: Sequence[str]) -> "Node":
+    def add_child(self, steps: Sequence[str]) -> Node:
         child = Node(list(steps), parent=self)
         self.children.append(child)
         return child

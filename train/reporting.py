@@ -11,8 +11,8 @@ network).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["Reporters", "REPORT_TO"]
 

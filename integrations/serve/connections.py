@@ -29,7 +29,7 @@ import logging
 import resource
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import h11
 import uvicorn

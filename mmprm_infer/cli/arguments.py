@@ -4,7 +4,7 @@ usage error naming the flag (`mmprm serve: error: argument --n: must be >= 1, go
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["DTYPES", "FORMAT_NAMES", "arg_type", "at_least", "positive_int", "non_negative_int", "HelpFormatter",
            "Parser", "alias", "add_progress", "add_device", "add_dtype", "resolve_device", "announce_device"]

@@ -19,8 +19,8 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mmprm_infer.aggregation import AGGREGATIONS, ALIASES, PROBABILITY_AGGREGATIONS
 from mmprm_infer.cli.arguments import (

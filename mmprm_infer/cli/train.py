@@ -31,8 +31,8 @@ import json
 import random
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mmprm_infer.cli.arguments import (
     FORMAT_NAMES,

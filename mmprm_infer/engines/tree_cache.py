@@ -60,7 +60,7 @@ class _Node:
     __slots__ = ("parent", "tokens", "start", "children", "keys", "values", "rewards", "last_used", "nbytes",
                  "__weakref__")
 
-    def __init__(self, parent: "_Node | None", tokens: list[int], start: int):
+    def __init__(self, parent: _Node | None, tokens: list[int], start: int):
         self.parent = parent
         self.tokens = tokens
         self.start = start
@@ -79,7 +79,7 @@ class _Node:
     def computed(self) -> bool:
         return self.rewards is not None
 
-    def path(self) -> list["_Node"]:
+    def path(self) -> list[_Node]:
         """Root-to-self chain, root excluded."""
         chain = []
         node: _Node | None = self

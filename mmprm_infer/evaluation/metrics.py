@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["first_error_index", "step_error_f1", "step_macro_f1", "StepCounts"]
 
@@ -164,7 +164,7 @@ class StepCounts:
             self.fp += predicted_correct
             self.tn += not predicted_correct
 
-    def merge(self, other: "StepCounts") -> "StepCounts":
+    def merge(self, other: StepCounts) -> StepCounts:
         for name in ("tp", "fp", "fn", "tn"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self

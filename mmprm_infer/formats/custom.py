@@ -7,8 +7,8 @@ vision-language PRMs with a tag/token pair use the library unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mmprm_infer.formats.base import (
     MODEL_CAUSAL_LM,

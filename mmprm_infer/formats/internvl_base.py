@@ -22,7 +22,8 @@ VisualPRM ship):
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 

@@ -11,8 +11,8 @@ VL-PRM's one-forward-per-step release), from the good/bad token logits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mmprm_infer.formats.base import (
     EncodedCandidate,

@@ -31,8 +31,8 @@ rewards (VisualPRM's default; the release's search uses step scores only).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mmprm_infer.formats.base import MODEL_QWEN2_5_VL, FormatError, PRMFormat, single_token_id
 from mmprm_infer.formats.internvl_base import IM_END, IM_START, IMAGE_PLACEHOLDER, fill_placeholders, open_images

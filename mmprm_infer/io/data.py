@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 __all__ = ["Record", "DataError", "read_records", "read_splits", "data_files", "split_name", "field", "line_limit",
            "LINE_CHARS_PER_CONTEXT_TOKEN",

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["progress_bar", "StageLine", "interactive", "quiet_transformers_progress"]
 
@@ -51,7 +52,7 @@ class StageLine:
         finally:
             self.close()
 
-    def __enter__(self) -> "StageLine":
+    def __enter__(self) -> StageLine:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -15,8 +15,8 @@ then the LayerNorm -> Linear -> GELU -> Linear projector into the text model.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

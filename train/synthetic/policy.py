@@ -43,8 +43,9 @@ import random
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from mmprm_infer.policy import PolicyPrompt, join_steps, sampling_options
 from mmprm_infer.train.synthetic.task import (
@@ -87,7 +88,7 @@ class ErrorRates:
     skip_op: float = 0.02
     dup_op: float = 0.02
 
-    def scaled(self, factor: float) -> "ErrorRates":
+    def scaled(self, factor: float) -> ErrorRates:
         def s(p: float) -> float:
             return min(1.0, max(0.0, p * factor))
 

@@ -32,9 +32,9 @@ text rendering is what lets a tiny PRM check reading steps.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from mmprm_infer.testing import tiny, tiny_internvl
 

@@ -3,8 +3,8 @@ the printed summary and a reranking example."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mmprm_infer.answers import group_answers
 from mmprm_infer.evaluation.best_of_n import BonQuestion, accuracy_curves

@@ -38,9 +38,10 @@ import functools
 import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
@@ -381,7 +382,7 @@ class Problem:
         return {"id": self.id, "seed": self.seed, "split": self.split, "template": self.template}
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "Problem":
+    def from_spec(cls, spec: dict[str, Any]) -> Problem:
         return make_problem(int(spec["seed"]), split=spec.get("split"), id=spec.get("id"),
                             template=spec.get("template"))
 
