@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 from tqdm.auto import tqdm
 
@@ -86,7 +87,7 @@ class PRMSpec:
 
         if threads:
             torch.set_num_threads(threads)
-        options = {"max_tiles": self.max_tiles} if self.max_tiles is not None else {}
+        options: dict[str, Any] = {"max_tiles": self.max_tiles} if self.max_tiles is not None else {}
         return PRM.from_pretrained(self.path, format=self.format, device=device, dtype=self.dtype,
                                    engine=self.engine, **options)
 
@@ -230,7 +231,7 @@ def read_windows(path: str | Path, plan: list[int], window: int, first: int, las
             lines = data.split(b"\n")
             if data.endswith(b"\n"):
                 lines.pop()
-            rows = []
+            rows: list[tuple[int, str | RecordError]] = []
             for i, raw in enumerate(lines):  # decoded one by one: a bad byte fails its own line only
                 number = k * window + i + 1
                 try:
@@ -273,8 +274,8 @@ def iter_windows(path: str | Path, window: int) -> Iterator[Window]:
 # --------------------------------------------------------------------------
 # scoring a window
 # --------------------------------------------------------------------------
-def _result_record(record: dict, line: int, step_rewards, rerank_result, aggregate: str) -> dict:
-    out = {"line": line}
+def _result_record(record: dict, line: int, step_rewards, rerank_result, aggregate: str | Callable[..., Any]) -> dict:
+    out: dict[str, Any] = {"line": line}
     if "id" in record:
         out["id"] = record["id"]
     if rerank_result is None:
@@ -308,7 +309,8 @@ def _score(batch: list[tuple[int, dict, ScoringItem]], prm, options: ScoringOpti
 
 def process_window(window: Window, prm, options: ScoringOptions, base_dir: Path) -> WindowResult:
     """One result (or RecordError) per row of the window, in row order."""
-    parsed, results = [], {}
+    parsed: list[tuple[int, dict, ScoringItem]] = []
+    results: dict[int, Any] = {}  # line -> dict or RecordError
     limit, why = line_limit(prm, options.max_line_chars)
     for line, raw in window.rows:
         if isinstance(raw, RecordError):
@@ -345,7 +347,7 @@ class ResultWriter:
     """Writes results in input order; a RecordError stops the run (on_error="fail")
     or becomes an {"line", "error"} record (on_error="skip", up to ``max_errors``)."""
 
-    handle: object
+    handle: IO[str]
     on_error: str = "fail"
     prog: str = "mmprm"
     errors: int = 0

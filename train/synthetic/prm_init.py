@@ -35,6 +35,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from mmprm_infer.testing import tiny, tiny_internvl
 
@@ -269,14 +270,15 @@ def perturb_reading(statement: str, rng, problem=None) -> str:
     a neighbouring digit or any other digit (always a different digit from 1 to 9), or -- given its
     ``problem``, one time in five -- the values of the neighbouring row / column / cell / bar."""
     from mmprm_infer.train.synthetic.policy import LOOKALIKE_DIGITS, neighbour_target
-    from mmprm_infer.train.synthetic.task import format_read, parse_step
+    from mmprm_infer.train.synthetic.task import Target, format_read, parse_step
 
     read = parse_step(statement)
+    target = cast(Target, read.target)  # a reading statement has one
     values = list(read.values)
     if problem is not None and rng.random() < 0.2:
-        other = problem.read(neighbour_target(problem, read.target, rng))
+        other = problem.read(neighbour_target(problem, target, rng))
         if len(other) == len(values) and list(other) != values:
-            return format_read(read.target, other)
+            return format_read(target, other)
     j = rng.randrange(len(values))
     v = values[j]
     u = rng.random()
@@ -284,7 +286,7 @@ def perturb_reading(statement: str, rng, problem=None) -> str:
     if w == v or not 1 <= w <= 9:
         w = rng.choice([x for x in range(1, 10) if x != v])
     values[j] = w
-    return format_read(read.target, values)
+    return format_read(target, values)
 
 
 def perturb_calculation(statement: str, rng) -> str:

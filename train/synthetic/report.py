@@ -129,7 +129,9 @@ def rerank_example(prm, items, problems, aggregate: str = SUMMARY_AGGREGATION, k
           f"{' and its text rendering' if with_image_text else ''}) ===")
     print(item.question)
     print(f"(reference answer {p.answer}; the picture: {'a 3x3 table' if p.kind == 'grid' else 'a bar chart'})\n")
-    for i, (steps, rw, score, ans) in enumerate(zip(item.candidates, res.step_rewards, res.scores, res.answers)):
+    # a PRM ranked them: step_rewards and scores are set
+    shown = zip(item.candidates, res.step_rewards, res.scores, res.answers)  # type: ignore[arg-type]
+    for i, (steps, rw, score, ans) in enumerate(shown):
         print(f"Candidate {i}: answer {ans} ({'right' if ans == p.answer else 'WRONG'}), score ({aggregate}) "
               f"{score:.3f}")
         for s, r in zip(steps, rw):

@@ -101,11 +101,12 @@ def labelled_samples(config: PipelineConfig, problems: Sequence[Problem], run_di
     if not samples:
         raise RuntimeError("MCTS produced no labelled samples; annotate more problems")
     for s in samples:
-        s.question = prm_init.prm_question(by_id[s.id], config.with_image_text)
+        s.question = prm_init.prm_question(by_id[s.id], config.with_image_text)  # type: ignore[index]  # ids set
         if config.model_kind == "text":
-            s.images = []
+            # StepSample has no `images` field (its images are image_paths): this sets a stray attribute
+            s.images = []  # type: ignore[attr-defined]
     rng = random.Random(config.seed)
-    ids = sorted({s.id for s in samples})
+    ids = sorted({s.id for s in samples})  # type: ignore[type-var]  # trees_to_samples sets every id
     rng.shuffle(ids)
     n_eval = max(1, int(len(ids) * config.eval_fraction)) if len(ids) > 1 else 0
     eval_ids = set(ids[:n_eval])
