@@ -232,7 +232,8 @@ class _Transport:
         try:
             import httpx
         except ImportError:
-            httpx = None
+            # httpx: optional (the serve extra); urllib otherwise
+            httpx = None  # type: ignore[assignment]
         self._httpx = httpx
         self._client = httpx.Client(timeout=timeout, headers=self.headers) if httpx is not None else None
 

@@ -579,11 +579,12 @@ def group_answers(
         key = normalize_answer(ans)
         gid = by_key.get(key)
         if gid is None:
-            gid = next((g for g, rep in reps if equivalent(rep, ans)), None)
+            # has_answer(ans) above: a string
+            gid = next((g for g, rep in reps if equivalent(rep, ans)), None)  # type: ignore[arg-type]
             if gid is None:
                 gid = next_id
                 next_id += 1
-                reps.append((gid, ans))
+                reps.append((gid, ans))  # type: ignore[arg-type]
             by_key[key] = gid
         ids.append(gid)
     return ids

@@ -112,7 +112,8 @@ def make_layout(lengths: Sequence[int], reward_positions: Sequence[Sequence[int]
         attention_mask = torch.zeros(rows, width, dtype=torch.long)
         for i, n in enumerate(lengths):
             attention_mask[i, :n] = 1
-    markers, cu = [], [0]
+    markers: list[int] = []
+    cu = [0]
     for (row, col), positions in zip(starts, reward_positions):
         markers.extend(row * width + col + p for p in positions)
         cu.append(len(markers))

@@ -219,7 +219,8 @@ class OmegaPRMSearch:
     def q_value(self, node: Node, rollout: Sequence[str]) -> float:
         words = len("\n".join(rollout).split())
         c = self.config
-        return c.alpha ** (1 - node.mc_value) * c.beta ** (words / c.length_scale)
+        # q_value is asked of estimated nodes: mc_value is set
+        return c.alpha ** (1 - node.mc_value) * c.beta ** (words / c.length_scale)  # type: ignore[operator]
 
     def u_value(self, node: Node, total_visits: int) -> float:
         return self.config.c_puct * math.sqrt(total_visits) / (1 + node.visit_count)
@@ -511,7 +512,7 @@ class AnnotationProgress:
                 self.stats.failed.append(qid)
             else:
                 self.stats.annotated += 1
-                self.stats.rollouts += rollouts
+                self.stats.rollouts += rollouts  # type: ignore[operator]  # a success reports its rollouts
             elapsed = time.perf_counter() - self.start
             self.bar.update(1)
             self.bar.set_postfix(rollouts=self.stats.rollouts,

@@ -33,7 +33,8 @@ class Reporters:
             except ImportError as exc:
                 raise ValueError(f"report_to tensorboard needs the tensorboard package (pip install tensorboard): "
                                  f"{exc}") from None
-            self.tensorboard = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))
+            # the trainer always passes its output folder
+            self.tensorboard = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))  # type: ignore[arg-type]
         if "wandb" in names:
             try:
                 import wandb

@@ -136,7 +136,7 @@ class TrainConfig:
             raise ValueError("save_steps is not supported with LoRA (the final checkpoint is saved merged); unset one")
         if self.save_steps is not None and self.output_dir is None:
             raise ValueError("save_steps needs output_dir")
-        self.adam_betas = tuple(self.adam_betas)
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]  # a list from JSON: two floats
         self.vision_prefixes = tuple(self.vision_prefixes)
         self.report_to = tuple(self.report_to)
 
@@ -626,8 +626,8 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
                                             weights=weights, distributed=distributed)
             if distributed.world_size > 1:
                 distributed.all_reduce_gradients(params)
-                loss, step_tokens = distributed.sum(loss, step_tokens)
-                step_tokens = int(step_tokens)
+                loss, step_tokens_sum = distributed.sum(loss, step_tokens)
+                step_tokens = int(step_tokens_sum)
             tokens_run += step_tokens
             if not math.isfinite(loss):
                 raise FloatingPointError(
@@ -657,8 +657,9 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
             if config.save_steps and step % config.save_steps == 0 and step < total_steps and main:
                 model.eval()
                 if config.keep_step_checkpoints:
-                    prm.save_pretrained(out_dir / f"checkpoint-{step}")
-                save_resume_point(out_dir, prm, optimizer, scheduler, step, epoch, losses, history,
+                    # save_steps needs output_dir (checked in TrainConfig): out_dir is set
+                    prm.save_pretrained(out_dir / f"checkpoint-{step}")  # type: ignore[operator]
+                save_resume_point(out_dir, prm, optimizer, scheduler, step, epoch, losses, history,  # type: ignore[arg-type]
                                   len(examples), total_steps, run_options(config, lr))
                 model.train()
         if eval_examples and (not history or history[-1]["step"] != step):

@@ -141,7 +141,8 @@ def apply(status: str) -> None:
     step_pool = found["pooler"][0]
     if getattr(step_pool, MARKER, "").startswith("active"):
         return
-    step_pool.forward = _step_pool_forward
+    # vLLM's step pooler class, patched in place
+    step_pool.forward = _step_pool_forward  # type: ignore[attr-defined]
     manager, attr = found["cache_cap"]
     setattr(manager, attr, _capped_get_computed_blocks(getattr(manager, attr)))
     params, attr = found["default"]

@@ -134,7 +134,8 @@ def load_questions(path: str) -> list[dict]:
         if not isinstance(q["question"], str):
             raise ValueError(f"{record.where}: field 'question' must be a string, got {type(q['question']).__name__}")
         if q.get("image_path") and not Path(q["image_path"]).is_absolute():
-            q["image_path"] = str(record.path.parent / q["image_path"])
+            # records read from a file have a path
+            q["image_path"] = str(record.path.parent / q["image_path"])  # type: ignore[union-attr]
         questions.append(q)
     return questions
 
@@ -194,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output_dir is None:
         raise SystemExit("mmprm annotate: --output-dir is required (the folder for the trees)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    config: MCConfig | MCTSConfig
     try:
         if args.method == "mc":
             config = MCConfig(num_solutions=args.num_solutions, num_continuations=args.num_rollouts,

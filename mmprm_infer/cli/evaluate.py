@@ -21,6 +21,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mmprm_infer.aggregation import AGGREGATIONS, ALIASES, PROBABILITY_AGGREGATIONS
 from mmprm_infer.cli.arguments import (
@@ -72,7 +73,8 @@ class Collector:
     """Parses records; a bad one stops the run (fail) or is listed in the report and left out (skip)."""
 
     def __init__(self, on_error: str):
-        self.on_error, self.errors = on_error, []
+        self.on_error = on_error
+        self.errors: list[str] = []
 
     def parse(self, records: list[Record], read: Callable[[Record], object]) -> list:
         out = []
@@ -131,7 +133,7 @@ def score(args, items: list, wheres: list[str], collector: Collector, desc: str)
 
     results = score_with_cache(items, load, cache, args.batch_questions, args.engine, not args.no_progress, desc,
                                remote)
-    out = []
+    out: list[Any] = []  # step rewards per item, None where it failed
     for where, r in zip(wheres, results):
         if isinstance(r, ScoringFailure):
             collector.fail(f"{where}: the PRM could not score it: {r.message}")
@@ -211,7 +213,8 @@ def run_visualprocessbench(args) -> int:
 
     collector = Collector(args.on_error)
     records = list(read_records(args.data, exclude=outputs(args)))
-    cases = collector.parse(records, lambda r: read_case(r, resolve_images(r, "image", r.path.parent,
+    # records read from a file have a path
+    cases = collector.parse(records, lambda r: read_case(r, resolve_images(r, "image", r.path.parent,  # type: ignore[union-attr]
                                                                            args.image_root)))
     rewards = score(args, [c.item for c in cases], [c.where for c in cases], collector, "visualprocessbench")
     scored = [(c, r[0]) for c, r in zip(cases, rewards) if r is not None]
@@ -251,7 +254,8 @@ def _bon_question(args):
                 isinstance(s, str) for s in c)) for c in candidates):
             raise record.error("field 'candidates' must be a non-empty list of solutions (strings or lists of steps)")
         category = record.data.get("category")
-        image = resolve_images(record, "image", record.path.parent, args.image_root)
+        # records read from a file have a path
+        image = resolve_images(record, "image", record.path.parent, args.image_root)  # type: ignore[union-attr]
         return ScoringItem(question, candidates, image), str(gold), None if category is None else str(category), \
             record.where
     return read

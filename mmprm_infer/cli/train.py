@@ -229,13 +229,13 @@ def _record_added_tokens(out: Path, added: list[str], resumed: bool) -> list[str
 
 
 def _check_out(args, base: str) -> None:
-    out, base = Path(args.output_dir), Path(base)
+    out, base_dir = Path(args.output_dir), Path(base)
     if out.is_file():
         raise ValueError(f"--output-dir {out} is a file; give a folder")
-    a, b = base.resolve(), out.resolve()
+    a, b = base_dir.resolve(), out.resolve()
     if a == b or a in b.parents or b in a.parents:
         how = "is" if a == b else "lies inside" if a in b.parents else "contains"
-        raise ValueError(f"--output-dir {out} {how} --base {base}; training writes its checkpoints there (and "
+        raise ValueError(f"--output-dir {out} {how} --base {base_dir}; training writes its checkpoints there (and "
                          "--overwrite-output-dir replaces them), which would destroy the base: choose an "
                          "--output-dir outside the base and not around it")
     busy = out.is_dir() and any(out.iterdir())

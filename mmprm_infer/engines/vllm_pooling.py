@@ -96,7 +96,8 @@ class VllmPoolingEngine(Engine):
         from vllm import LLM
         from vllm.config import PoolerConfig
 
-        kwargs: dict[str, Any] = {"dtype": self.dtype, "seed": 0, **self.route.llm_kwargs,
+        # _start runs for a vLLM route only
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "seed": 0, **self.route.llm_kwargs,  # type: ignore[union-attr]
                                   "enable_prefix_caching": self.prefix_reuse}
         if self.chunked_prefill is not None:
             kwargs["enable_chunked_prefill"] = self.chunked_prefill

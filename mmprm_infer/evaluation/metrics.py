@@ -78,8 +78,9 @@ def step_error_f1(
     for i, (pred, label) in enumerate(zip(predictions, labels)):
         pred = [float(v) for v in pred]
         truth = _true_first_error(label, label_threshold, i)
-        if not _is_index(label) and len(label) != len(pred):
-            raise ValueError(f"case {i}: {len(pred)} step rewards but {len(label)} step labels; they must match")
+        # not an index (checked above): a sequence of labels
+        if not _is_index(label) and len(label) != len(pred):  # type: ignore[arg-type]
+            raise ValueError(f"case {i}: {len(pred)} step rewards but {len(label)} step labels; they must match")  # type: ignore[arg-type]
         if truth >= len(pred):
             raise ValueError(f"case {i}: first-error index {truth} but only {len(pred)} steps were scored")
         guess = first_error_index(pred, threshold)

@@ -58,7 +58,8 @@ class CustomFormat(InternVLImages, PRMFormat):
             )
 
     @property
-    def supports_images(self) -> bool:
+    # the base's class attribute, computed here (read only)
+    def supports_images(self) -> bool:  # type: ignore[override]
         return self.model_kind == MODEL_INTERNVL
 
     def split_steps(self, solution: str) -> list[str]:

@@ -177,6 +177,9 @@ class InternVLImages:
 
     max_tiles: int | None = None
 
+    if TYPE_CHECKING:  # what the PRMFormat dataclass using this mixin provides
+        name: str
+
     def image_config(self, adapter) -> InternVLImageConfig:
         overrides = {"max_tiles": self.max_tiles} if self.max_tiles is not None else {}
         return InternVLImageConfig.from_model_config(adapter.model.config, **overrides)

@@ -19,6 +19,7 @@ bad one is named by file, place and field (``field``).  Parquet and Arrow need `
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -218,7 +219,7 @@ def _saved_dataset(folder: Path) -> list[Path] | None:
     return files
 
 
-def data_files(path: str | Path, exclude: Iterable[str | Path] = ()) -> dict[str, list[Path]]:
+def data_files(path: str | os.PathLike, exclude: Iterable[str | Path] = ()) -> dict[str, list[Path]]:
     """``{split name: its files}`` under ``path`` (see the module docstring), leaving out ``exclude`` (this
     run's own outputs, when they sit in the data folder)."""
     path = Path(path)
@@ -236,13 +237,13 @@ def data_files(path: str | Path, exclude: Iterable[str | Path] = ()) -> dict[str
             names = json.loads(dict_file.read_text(encoding="utf-8"))["splits"]
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{dict_file}: not a datasets dataset_dict.json ({type(exc).__name__}: {exc})") from None
-        out = {}
+        splits: dict[str, list[Path]] = {}
         for name in names:
             files = _saved_dataset(path / name)
             if files is None:
                 raise DataError(f"{path / name}: split {name!r} of {dict_file} has no state.json / dataset_info.json")
-            out[name] = files
-        return out
+            splits[name] = files
+        return splits
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
                    and not p.name.startswith(".") and p.resolve() not in skip)
     if not files and (path / "data").is_dir():  # a hub dataset's checkout: data/<split>-*.parquet
@@ -255,7 +256,7 @@ def data_files(path: str | Path, exclude: Iterable[str | Path] = ()) -> dict[str
     return out
 
 
-def read_records(path: str | Path, exclude: Iterable[str | Path] = ()) -> Iterator[Record]:
+def read_records(path: str | os.PathLike, exclude: Iterable[str | Path] = ()) -> Iterator[Record]:
     """Every record of a file, or of every split of a folder (in split order, shards in order)."""
     for files in data_files(path, exclude).values():
         for f in files:

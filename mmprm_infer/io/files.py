@@ -210,7 +210,8 @@ def _writing(path, mode: str, output, sync: bool) -> Iterator[IO[Any]]:
     exit, where any failure is an OutputError; closed quietly when the block fails."""
     handle = _open(path, mode, output)
     try:
-        yield _Guarded(handle, output)
+        # _Guarded wraps the handle, with IO's methods
+        yield _Guarded(handle, output)  # type: ignore[misc]
         _finish(handle, output, sync)
     except BaseException:
         _close_quietly(handle)

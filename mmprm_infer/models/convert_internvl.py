@@ -543,7 +543,7 @@ def _convert_into(src: Path, dst: Path, config: dict, out_dtype, format: str | N
         (dst / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
 
-    name = format or _detect_format(config, tokenizer, src)
+    format_name = format or _detect_format(config, tokenizer, src)
     saved = native.to_dict()
     saved["dtype"] = str(out_dtype or source_dtype or torch.float32).replace("torch.", "")
     saved.update(
@@ -557,12 +557,12 @@ def _convert_into(src: Path, dst: Path, config: dict, out_dtype, format: str | N
     if config.get("template") not in (None, "internvl2_5"):
         log(f"warning: conversation template {config.get('template')!r}; the mm-prm/visualprm formats render "
             "'internvl2_5'")
-    if name is not None:
-        saved[FORMAT_KEY] = name
-        saved[FORMAT_OPTIONS_KEY] = _format_options(name, config, log)
+    if format_name is not None:
+        saved[FORMAT_KEY] = format_name
+        saved[FORMAT_OPTIONS_KEY] = _format_options(format_name, config, log)
     (dst / "config.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n")
     _write_image_processor(dst, native, config)
-    return ConversionReport(dst, lm_kind, len(weight_map), len(shards), name, verified)
+    return ConversionReport(dst, lm_kind, len(weight_map), len(shards), format_name, verified)
 
 
 def _write_image_processor(dst: Path, native, config: dict) -> None:

@@ -117,7 +117,8 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):  # noqa: N801 - named after tran
         # by an earlier call (Qwen2_5_VLModel.rope_deltas), which belong to another input.
         if position_ids is None:
             position_ids = self.position_ids(input_ids, None)
-        pos = position_ids.to(input_ids.device)[:, None, :]
+        # position_ids() always returns a tensor
+        pos = position_ids.to(input_ids.device)[:, None, :]  # type: ignore[union-attr]
         if inputs_embeds is None:
             inputs_embeds = self.merge_image_features(input_ids, None)
         if inputs_embeds is None:
