@@ -117,7 +117,7 @@ class ItemScorer(_PRMActor):
 
 def _ordered_stream(ds, n_windows: int, progress: bool, desc: str):
     """Rows of ``ds`` in window order (Ray Data keeps order when asked), with a progress bar."""
-    import ray
+    import ray  # ray: optional (the ray extra)
 
     seen = 0
     with progress_bar(total=n_windows, desc=desc, unit="window", disable=not progress) as bar:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants, snapshot_download
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -133,7 +134,6 @@ def resolve_checkpoint(path: str | os.PathLike, *, revision: str | None = None,
     if not _HUB_ID.match(name) or name.startswith((".", "/")):
         raise CheckpointNotFound(f"{path} does not exist; give a checkpoint folder or a hub id (org/name) that is "
                                  "in the local Hugging Face cache")
-    from huggingface_hub import constants, snapshot_download
 
     cache = os.fspath(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
     try:

@@ -224,7 +224,7 @@ def tiles_to_tensor(tiles: Sequence[Image.Image], config: InternVLImageConfig | 
     """
     cfg = config or InternVLImageConfig()
     import numpy as np  # here, not at the top: `import mmprm_infer.formats` (and `mmprm --help`) needs no torch
-    import torch
+    import torch  # torch: heavy, loaded where used
 
     pixels = np.stack([np.asarray(t.convert("RGB") if t.mode != "RGB" else t) for t in tiles])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div(255)

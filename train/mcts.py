@@ -58,7 +58,9 @@ from typing import Any
 
 from mmprm_infer.answers import AnswerVerifier
 from mmprm_infer.io.files import write_json_atomic
+from mmprm_infer.io.progress import progress_bar
 from mmprm_infer.policy import Policy, PolicyPrompt, join_steps, split_steps
+from mmprm_infer.train.mc_annotation import MCConfig, mc_estimate_question
 
 __all__ = [
     "MCTSConfig",
@@ -417,7 +419,7 @@ def _save_image(item: AnnotationItem, out_dir: Path) -> str | None:
         return os.fspath(image)
     path = out_dir / "images" / f"{_file_stem(item.id)}.png"
     if not path.exists():
-        from PIL.PngImagePlugin import PngInfo
+        from PIL.PngImagePlugin import PngInfo  # PIL: heavy, loaded where used
 
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         info = PngInfo()  # keep text metadata (a synthetic image carries its problem spec)
@@ -484,7 +486,6 @@ def search_question(item: AnnotationItem, policy: Policy, config: MCTSConfig,
     """One question's finished tree (MM-PRM layout + id, config, extras) and its rollout count;
     ``item.image`` is a path (``with_saved_image``) or None.  With an ``MCConfig``: per-step
     Monte Carlo estimates instead (``train.mc_annotation``)."""
-    from mmprm_infer.train.mc_annotation import MCConfig, mc_estimate_question
 
     if isinstance(config, MCConfig):
         return mc_estimate_question(item, policy, config, verifier)
@@ -499,8 +500,6 @@ class AnnotationProgress:
     """Counts finished/failed questions and rollouts (thread-safe) behind one progress bar."""
 
     def __init__(self, run: AnnotationRun, progress: bool, desc: str = "annotate"):
-        from mmprm_infer.io.progress import progress_bar
-
         self.stats, self.lock, self.start = run.stats, threading.Lock(), time.perf_counter()
         self.bar = progress_bar(total=run.stats.questions, initial=run.stats.skipped, unit="q", desc=desc,
                                 disable=not progress)

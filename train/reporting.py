@@ -29,7 +29,7 @@ class Reporters:
         self.tensorboard = self.wandb = None
         if "tensorboard" in names:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # tensorboard: optional (the train extra)
             except ImportError as exc:
                 raise ValueError(f"report_to tensorboard needs the tensorboard package (pip install tensorboard): "
                                  f"{exc}") from None
@@ -37,7 +37,7 @@ class Reporters:
             self.tensorboard = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))  # type: ignore[arg-type]
         if "wandb" in names:
             try:
-                import wandb
+                import wandb  # wandb: optional (the wandb extra)
             except ImportError:
                 raise ValueError("report_to wandb needs the wandb package (pip install wandb)") from None
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mmprm-infer"), dir=str(output_dir),

@@ -41,10 +41,12 @@ from torch import nn
 
 from mmprm_infer.evaluation.metrics import step_error_f1, step_macro_f1
 from mmprm_infer.formats import MODEL_QWEN2_PRM, EncodedCandidate
+from mmprm_infer.io.progress import progress_bar
 from mmprm_infer.models import adapter_for
 from mmprm_infer.prm import PRM
 from mmprm_infer.train.collate import TrainExample, as_example, make_layout, place_embeds, place_tokens
 from mmprm_infer.train.distributed import Distributed
+from mmprm_infer.train.reporting import Reporters
 from mmprm_infer.train.resume import ResumeState, save_resume_point
 
 __all__ = [
@@ -385,7 +387,7 @@ def freeze_vision_tower(prm: PRM, prefixes: Sequence[str] = VISION_PREFIXES) -> 
 
 def _apply_lora(prm: PRM, settings: LoraSettings):
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # peft: optional (the train extra)
     except ImportError as exc:
         raise ImportError(
             "TrainConfig.lora needs the peft package (pip install 'peft>=0.13'); or set lora=None for full "
@@ -522,10 +524,7 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
     process trains the same model on its share of each step's micro-batches, gradients summed; process 0
     writes the logs and checkpoints.
     """
-    from transformers import get_cosine_schedule_with_warmup
-
-    from mmprm_infer.io.progress import progress_bar
-    from mmprm_infer.train.reporting import Reporters
+    from transformers import get_cosine_schedule_with_warmup  # transformers: heavy, loaded where used
 
     config = config or TrainConfig()
     distributed = distributed or Distributed()

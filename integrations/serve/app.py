@@ -468,6 +468,6 @@ def create_app(prm: PRM, config: ServerConfig) -> FastAPI:
 
 def run_server(prm: PRM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8080,
                log_level: str = "info") -> None:
-    import uvicorn
+    import uvicorn  # uvicorn: optional (the serve extra)
 
     uvicorn.Server(uvicorn_config(create_app(prm, config), host=host, port=port, log_level=log_level)).run()

@@ -207,7 +207,7 @@ class InternVLImages:
                 f"{cfg.tokens_per_tile} + 2 per image), which leaves no room in the model's context of "
                 f"{limit} tokens; pass fewer images or a smaller max_tiles (now {cfg.max_tiles})"
             )
-        import torch
+        import torch  # torch: heavy, loaded where used
 
         pixels = torch.cat([tiles_to_tensor(dynamic_preprocess(im, cfg), cfg) for im in opened])
         features = adapter.image_features(pixels)

@@ -93,6 +93,7 @@ def _plain(value: Any) -> Any:
 
 def _pyarrow(path: Path):
     try:
+        # pyarrow: heavy, loaded where used
         import pyarrow  # noqa: F401
     except ImportError:
         raise DataError(f"{path}: reading {path.suffix} files needs pyarrow (pip install pyarrow); or convert the "
@@ -101,7 +102,7 @@ def _pyarrow(path: Path):
 
 def _arrow_table(path: Path):
     """An Arrow IPC file, stream (``datasets``' own) or file format."""
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow: heavy, loaded where used
 
     with pa.memory_map(str(path)) as source:
         try:
@@ -118,8 +119,8 @@ def _arrow_table(path: Path):
 def _table_records(path: Path, kind: str) -> Iterator[Record]:
     _pyarrow(path)
     if kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # pyarrow: heavy, loaded where used
+        import pyarrow.parquet as pq  # pyarrow: heavy, loaded where used
 
         try:
             table = pq.read_table(path)

@@ -26,9 +26,12 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-from mmprm_infer.io.data import DataError, line_limit
+from mmprm_infer.aggregation import aggregate as reduce_steps
+from mmprm_infer.io import data as record_files
+from mmprm_infer.io.data import DataError, _pyarrow, line_limit, read_records
 from mmprm_infer.io.files import existing_files, lone_surrogate
-from mmprm_infer.prm import ScoringItem
+from mmprm_infer.prm import PRM, ScoringItem, batch_then_each
+from mmprm_infer.rerank import rerank_batch, resolve_aggregate
 
 __all__ = ["RecordError", "BLANK_LINE", "decode_line", "Window", "WindowResult", "PRMSpec",
            "ScoringOptions", "parse_record", "input_kind", "plan_windows",
@@ -62,7 +65,6 @@ BLANK_LINE = "blank line"  # the "skipped" value of a blank input line's output 
 def decode_line(data: bytes, line: int) -> str:
     """One input line as text: UTF-8 (a byte-order mark before line 1 is dropped), else a
     RecordError for this line alone, so the lines around it still count."""
-    from mmprm_infer.io import data as record_files
 
     try:
         return record_files.decode_line(data, line)
@@ -81,9 +83,7 @@ class PRMSpec:
     max_tiles: int | None = None
 
     def load(self, device: str = "cpu", threads: int | None = None):
-        import torch
-
-        from mmprm_infer.prm import PRM
+        import torch  # torch: heavy, loaded where used
 
         if threads:
             torch.set_num_threads(threads)
@@ -157,7 +157,6 @@ def base_dir(path: str | Path) -> Path:
 
 def _all_records(path: Path) -> list[dict]:
     """Every record of a JSON / Arrow file or a folder (a file that cannot be read raises io.data.DataError)."""
-    from mmprm_infer.io.data import read_records
 
     return [r.data for r in read_records(path)]
 
@@ -185,10 +184,8 @@ def _not_parquet(path: Path, exc: Exception) -> DataError:
 
 
 def _parquet_rows(path: Path) -> int:
-    from mmprm_infer.io.data import _pyarrow
-
     _pyarrow(path)
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # pyarrow: heavy, loaded where used
 
     try:
         return pq.ParquetFile(path).metadata.num_rows
@@ -243,7 +240,7 @@ def read_windows(path: str | Path, plan: list[int], window: int, first: int, las
 
 def _read_parquet_windows(path: Path, plan: list[int], first: int, last: int) -> Iterator[Window]:
     """Reads only the row groups that hold rows plan[first] .. plan[last] - 1."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # pyarrow: heavy, loaded where used
 
     if last <= first:
         return
@@ -279,8 +276,6 @@ def _result_record(record: dict, line: int, step_rewards, rerank_result, aggrega
     if "id" in record:
         out["id"] = record["id"]
     if rerank_result is None:
-        from mmprm_infer.aggregation import aggregate as reduce_steps
-
         out["step_rewards"] = step_rewards
         out["scores"] = [reduce_steps(r, aggregate) for r in step_rewards]
         out["aggregate"] = aggregate
@@ -291,8 +286,6 @@ def _result_record(record: dict, line: int, step_rewards, rerank_result, aggrega
 
 def _score(batch: list[tuple[int, dict, ScoringItem]], prm, options: ScoringOptions) -> list[dict | RecordError]:
     """Score parsed records in one engine call; if it fails, one by one so only the bad record fails."""
-    from mmprm_infer.prm import batch_then_each
-    from mmprm_infer.rerank import rerank_batch, resolve_aggregate
 
     aggregate = resolve_aggregate(options.aggregate, prm)
 

@@ -42,11 +42,12 @@ import json
 import random
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+from mmprm_infer.answers import extract_answer
 from mmprm_infer.policy import PolicyPrompt, join_steps, sampling_options
 from mmprm_infer.train.synthetic.task import (
     BAR_NAMES,
@@ -325,9 +326,6 @@ def error_kind(reason: str) -> str:
 def policy_report(problems: Sequence[Problem], policy, n: int = 16, text_only: bool = False) -> dict[str, Any]:
     """Accuracy of single samples, majority vote over ``n`` and pass@n, plus the
     kinds of first errors (shares of wrong samples), on ``problems``."""
-    from collections import Counter
-
-    from mmprm_infer.answers import extract_answer
 
     prompts = [PolicyPrompt(p.prompt_question(text_only), [] if text_only else [p.image]) for p in problems]
     outs = policy.generate(prompts, n=n)

@@ -46,7 +46,7 @@ def plot_accuracy(curves: Sequence[Curve], title: str, path: Path) -> Path:
     import matplotlib  # heavy, and only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: heavy, loaded where used
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ns = sorted(int(n) for n in curves[0].values)

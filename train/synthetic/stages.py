@@ -22,6 +22,7 @@ import torch
 from mmprm_infer.aggregation import aggregate
 from mmprm_infer.answers import extract_answer
 from mmprm_infer.evaluation.metrics import step_error_f1
+from mmprm_infer.integrations.ray_scoring import score_items as ray_score_items
 from mmprm_infer.io.progress import progress_bar
 from mmprm_infer.policy import PolicyPrompt
 from mmprm_infer.prm import PRM, ScoringItem
@@ -244,8 +245,6 @@ def score_items(prm: PRM, items: list[ScoringItem], config: PipelineConfig,
     (with ``config.ray``: the same calls on Ray actors that load ``checkpoint``)."""
     bs = config.score_batch_questions
     if config.ray is not None:
-        from mmprm_infer.integrations.ray_scoring import score_items as ray_score_items  # ray: an optional extra
-
         return ray_score_items(items, str(checkpoint), batch_questions=bs, address=config.ray,
                                progress=config.progress)
     rewards: list[list[list[float]]] = []

@@ -47,6 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from mmprm_infer.formats.base import split_on_blank_lines
+from mmprm_infer.train.mcts import AnnotationItem
 from mmprm_infer.vision import open_image
 
 __all__ = [
@@ -375,7 +376,6 @@ class Problem:
         """The problem as the annotator takes it (``mcts.AnnotationItem``): the question as the
         policy sees it, the answer, and the image (None when ``text_only``: the picture is then in
         the question's text)."""
-        from mmprm_infer.train.mcts import AnnotationItem
 
         return AnnotationItem(self.id, self.prompt_question(text_only), str(self.answer),
                               None if text_only else self.image)
