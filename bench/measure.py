@@ -17,8 +17,8 @@ import gc
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -149,7 +149,7 @@ class Timing:
 
 def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1,
               memory_pids: Callable[[], Sequence[int | str]] | None = None,
-              before: Callable[[], object] | None = None, probe: "FloorProbe | None" = None) -> Timing:
+              before: Callable[[], object] | None = None, probe: FloorProbe | None = None) -> Timing:
     """``warmup`` untimed calls, then ``repeats`` timed ones; the peak RSS increase of every call.
     ``before`` runs ahead of every call, untimed (e.g. emptying a cache the previous call filled).  With
     ``probe``, the floor's GEMM rate is measured right after every timed call, so an engine's time and the

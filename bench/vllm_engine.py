@@ -32,7 +32,7 @@ INSTALL_HINT = (
 def vllm_available() -> tuple[bool, str]:
     try:
         import vllm  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install (e.g. torchvision beside CPU torch)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install (e.g. torchvision beside CPU torch)
         if isinstance(exc, ModuleNotFoundError) and exc.name == "vllm":
             return False, INSTALL_HINT
         return False, f"vLLM import failed ({exc!r}); " + INSTALL_HINT
@@ -137,7 +137,7 @@ class VllmStepPooler:
             return
         try:
             llm.llm_engine.engine_core.shutdown()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best effort at shutdown: already gone
             pass
         del llm
 

@@ -20,9 +20,10 @@ import hashlib
 import inspect
 import json
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 # ---------------------------------------------------------------------------
 # shapes
@@ -76,7 +77,7 @@ class Workload:
     def multimodal(self) -> bool:
         return self.vision is not None
 
-    def with_(self, **changes) -> "Workload":
+    def with_(self, **changes) -> Workload:
         return dataclasses.replace(self, **changes)
 
     def label(self) -> str:
@@ -86,7 +87,7 @@ class Workload:
 W1_MODEL = TextModelSpec()
 W1 = Workload("W1", W1_MODEL, n_candidates=16, prompt_tokens=1000, suffix_tokens=200, steps=8)
 W2 = Workload("W2", W1_MODEL, n_candidates=16, prompt_tokens=100, suffix_tokens=300, steps=8, vision=VisionSpec())
-# W3: the GEMM regime of real PRMs -- two decoder layers at Qwen2.5-7B's dimensions (issue #20); the
+# W3: the GEMM regime of real PRMs -- two decoder layers at Qwen2.5-7B's dimensions (the bench's GEMM target); the
 # vocabulary only as big as the tokenizer and the inputs need.
 W3_MODEL = TextModelSpec(hidden=3584, layers=2, heads=28, kv_heads=4, intermediate=18944, vocab_size=4096,
                          max_positions=4096)
@@ -307,7 +308,8 @@ def make_inputs(prm, w: Workload, image_tokens: Sequence[str] = (), image: Any =
             target = round(w.suffix_tokens * (s + 1) / w.steps)
 
             def suffix(ws: list[str]) -> int:
-                return len(encode(question, steps + [" ".join(ws)])) - prompt_len
+                # B023: called only by _fit_words below, within this iteration
+                return len(encode(question, steps + [" ".join(ws)])) - prompt_len  # noqa: B023
 
             step_words = _fit_words(words[used:], suffix, target)
             steps.append(" ".join(step_words))

@@ -121,7 +121,7 @@ class TransformersPolicy:
         return renderer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
     def _encode(self, prompts: list[PolicyPrompt]):
-        import torch
+        import torch  # torch: heavy, loaded where used
 
         texts = [self.build_prompt(p) for p in prompts]
         images = [[] if self.ignore_images else list(p.images) for p in prompts]
@@ -135,7 +135,7 @@ class TransformersPolicy:
                     "given; pass processor=AutoProcessor.from_pretrained(...), drop the images (text-only "
                     "prompts), or set ignore_images=True"
                 )
-            from mmprm_infer.vision import image_token_block, load_image
+            from mmprm_infer.vision import image_token_block, load_image  # lazy: it imports PIL
 
             per_tile = int(getattr(self.model.config, "image_seq_length", 256))
             pixels = []
@@ -160,7 +160,7 @@ class TransformersPolicy:
 
     # --- sampling --------------------------------------------------------
     def generate(self, prompts: list[PolicyPrompt], n: int = 1, **sampling: Any) -> list[list[str]]:
-        import torch
+        import torch  # torch: heavy, loaded where used
 
         prompts = _check_prompts(prompts, n)
         opts = sampling_options(self.sampling, sampling)
@@ -178,7 +178,7 @@ class TransformersPolicy:
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _generate_batch(self, prompts: list[PolicyPrompt], opts: dict[str, Any]) -> list[str]:
-        import torch
+        import torch  # torch: heavy, loaded where used
 
         enc = self._encode(prompts)
         device = next(self.model.parameters()).device
@@ -230,9 +230,10 @@ class _Transport:
         self.timeout = timeout
         self.headers = {"Content-Type": "application/json", **headers}
         try:
-            import httpx
+            import httpx  # httpx: optional (the serve extra)
         except ImportError:
-            httpx = None
+            # httpx: optional (the serve extra); urllib otherwise
+            httpx = None  # type: ignore[assignment]
         self._httpx = httpx
         self._client = httpx.Client(timeout=timeout, headers=self.headers) if httpx is not None else None
 
@@ -246,8 +247,8 @@ class _Transport:
             if r.status_code >= 400:
                 raise _HTTPStatusError(r.status_code, r.text)
             return r.json()
-        import urllib.error
-        import urllib.request
+        import urllib.error  # urllib: only without httpx; about 20 ms that `mmprm -h` need not pay
+        import urllib.request  # urllib: only without httpx; about 20 ms that `mmprm -h` need not pay
 
         req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=self.headers, method="POST")
         try:

@@ -20,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pickle
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from mmprm_infer.integrations.policy import OpenAIPolicy, TransformersPolicy
 from mmprm_infer.integrations.ray_cluster import connect, data_context, map_to_actors, plan_actors
 from mmprm_infer.policy import Policy
 from mmprm_infer.train.mcts import (
@@ -106,8 +108,6 @@ def ray_annotate(problems: Iterable[Any], policy_factory: Callable[[], Policy], 
 # policy factories (module-level functions + partial: picklable for the workers)
 # --------------------------------------------------------------------------
 def _openai_policy(base_url: str, model: str, api_key: str | None, sampling: dict) -> Policy:
-    from mmprm_infer.integrations.policy import OpenAIPolicy
-
     return OpenAIPolicy(base_url, model, api_key, **sampling)
 
 
@@ -117,9 +117,8 @@ def openai_policy_factory(base_url: str, model: str, api_key: str | None = None,
 
 
 def _hf_policy(path: str, seed: int | None, sampling: dict) -> Policy:
+    # transformers: heavy, loaded where used
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, InternVLForConditionalGeneration
-
-    from mmprm_infer.integrations.policy import TransformersPolicy
 
     vision = "InternVLForConditionalGeneration" in (AutoConfig.from_pretrained(path).architectures or [])
     model = (InternVLForConditionalGeneration if vision else AutoModelForCausalLM).from_pretrained(path)
@@ -133,9 +132,9 @@ def hf_policy_factory(path: str, seed: int | None = 0, **sampling) -> Callable[[
 
 
 def _vllm_policy(model: str, tensor_parallel_size: int, llm_kwargs: dict, sampling: dict) -> Policy:
-    import vllm
+    import vllm  # vllm: optional (the vllm extra)
 
-    from mmprm_infer.integrations.vllm_policy import VLLMPolicy
+    from mmprm_infer.integrations.vllm_policy import VLLMPolicy  # lazy: it imports torch, transformers, PIL
 
     return VLLMPolicy(vllm.LLM(model=model, tensor_parallel_size=tensor_parallel_size, **llm_kwargs), **sampling)
 

@@ -24,7 +24,7 @@ ACTOR_MAX_RESTARTS = 3
 
 def require_ray():
     try:
-        import ray
+        import ray  # ray: optional (the ray extra)
     except ImportError:
         raise SystemExit("mmprm: --ray needs Ray; install it with: pip install 'mmprm-infer[ray]'") from None
     return ray
@@ -124,7 +124,7 @@ def data_context(ray, preserve_order: bool):
 def map_to_actors(ds, actor_cls, plan: ActorPlan, constructor_kwargs: dict):
     """``ds`` through a pool of ``plan.actors`` actors of ``actor_cls``, one row per call
     (Ray Data restarts an actor that dies and retries its row)."""
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy  # ray: optional (the ray extra)
 
     return ds.map_batches(actor_cls, batch_size=1, compute=ActorPoolStrategy(size=plan.actors),
                           fn_constructor_kwargs=constructor_kwargs, **plan.remote_args())

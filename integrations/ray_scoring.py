@@ -23,9 +23,10 @@ from __future__ import annotations
 import pickle
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mmprm_infer.integrations.ray_cluster import (
     ACTOR_MAX_RESTARTS,
@@ -116,7 +117,7 @@ class ItemScorer(_PRMActor):
 
 def _ordered_stream(ds, n_windows: int, progress: bool, desc: str):
     """Rows of ``ds`` in window order (Ray Data keeps order when asked), with a progress bar."""
-    import ray
+    import ray  # ray: optional (the ray extra)
 
     seen = 0
     with progress_bar(total=n_windows, desc=desc, unit="window", disable=not progress) as bar:

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from mmprm_infer.aggregation import aggregate as aggregate_steps
 from mmprm_infer.aggregation import get_aggregation

@@ -43,8 +43,9 @@ __all__ = ["VLLMPolicy", "vllm_available"]
 
 def vllm_available() -> bool:
     try:
+        # vllm: optional (the vllm extra)
         import vllm  # noqa: F401 - probe only
-    except Exception:  # not installed, or installed without a usable torch
+    except Exception:  # noqa: BLE001 - not installed, or installed without a usable torch
         return False
     return True
 
@@ -77,8 +78,8 @@ class VLLMPolicy:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_model(cls, model: str, *, llm_kwargs: dict | None = None, **kwargs) -> "VLLMPolicy":
-        from vllm import LLM
+    def from_model(cls, model: str, *, llm_kwargs: dict | None = None, **kwargs) -> VLLMPolicy:
+        from vllm import LLM  # vllm: optional (the vllm extra)
 
         return cls(LLM(model=str(model), **(llm_kwargs or {})), **kwargs)
 
@@ -103,7 +104,7 @@ class VLLMPolicy:
 
     # --- sampling ------------------------------------------------------------
     def _sampling_params(self, opts: dict[str, Any], n: int, seed: int | None, stop: bool):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # vllm: optional (the vllm extra)
 
         top_k = opts.get("top_k")
         return SamplingParams(

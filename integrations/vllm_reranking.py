@@ -45,7 +45,8 @@ from __future__ import annotations
 import base64
 import io
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from mmprm_infer.engines import Engine
 from mmprm_infer.prm import PRM, ScoringItem
@@ -63,7 +64,7 @@ class RerankingLLM:
             raise ValueError(f"n must be a positive integer (candidates sampled per prompt), got {n!r}")
         get_strategy(strategy)
         if isinstance(policy, (str, os.PathLike)):
-            from vllm import LLM
+            from vllm import LLM  # vllm: optional (the vllm extra)
 
             policy = LLM(model=os.fspath(policy), **(llm_kwargs or {}))
         if isinstance(prm, (str, os.PathLike)):
@@ -100,7 +101,7 @@ class RerankingLLM:
     def _sampling(self, sampling_params, count: int) -> tuple[list, list[int]]:
         """Per-prompt SamplingParams with n = max(self.n, caller's n) and the number of outputs to keep."""
         if sampling_params is None:
-            from vllm import SamplingParams
+            from vllm import SamplingParams  # vllm: optional (the vllm extra)
 
             sampling_params = SamplingParams()
         per = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * count
@@ -124,7 +125,7 @@ class RerankingLLM:
         url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else part.get("image_url")
         if not isinstance(url, str):
             raise ValueError(f"{where}: an image_url part needs {{'image_url': {{'url': ...}}}}")
-        from PIL import Image
+        from PIL import Image  # PIL: heavy, loaded where used
 
         if url.startswith("data:"):
             try:

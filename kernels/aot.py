@@ -18,15 +18,18 @@ run it in a process without ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from mmprm_infer.kernels import step_reward
 from mmprm_infer.kernels.prefix_attention import triton_ops
+from mmprm_infer.kernels.triton_runtime import interpreter_active, triton
 
 # What the engines feed the kernels: model dtypes, and head dims from tiny models to 7B-class ones
 # (80 is a non-power of two: BLOCK_D pads it).
@@ -50,7 +53,6 @@ class Launch:
 
     def signature(self) -> tuple[dict[str, str], dict[str, Any], dict[str, int]]:
         """(argument name -> Triton type, constexpr values, launch options) as ``triton.compile`` takes them."""
-        import inspect
 
         names = list(inspect.signature(self.fn).parameters)
         constexprs = {k: v for k, v in self.kwargs.items() if k not in _LAUNCH_OPTIONS}
@@ -138,10 +140,10 @@ def record_launches(dtypes=DTYPES, head_dims=HEAD_DIMS, hidden_sizes=HIDDEN_SIZE
 
 def compile_launch(launch: Launch, capability: int, warp_size: int = 32):
     """``triton.compile`` one recorded launch for ``cuda:capability``; returns the compiled kernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
+    import triton  # triton: heavy, and optional where there is no GPU
+    from triton.backends.compiler import GPUTarget  # triton: heavy, and optional where there is no GPU
+    from triton.compiler import ASTSource  # triton: heavy, and optional where there is no GPU
+    from triton.runtime.jit import JITFunction  # triton: heavy, and optional where there is no GPU
 
     sig, constexprs, options = launch.signature()
     src = ASTSource(fn=JITFunction(launch.fn), signature=sig, constexprs=constexprs)
@@ -150,7 +152,6 @@ def compile_launch(launch: Launch, capability: int, warp_size: int = 32):
 
 def compile_all(targets=TARGETS, progress: bool = True) -> list[tuple[str, int, str]]:
     """Compile every recorded launch for every target; returns (kernel, capability, error) per failure."""
-    from mmprm_infer.kernels.triton_runtime import interpreter_active, triton
 
     if triton is None:
         raise RuntimeError("AOT compilation needs the triton package")
@@ -165,7 +166,7 @@ def compile_all(targets=TARGETS, progress: bool = True) -> list[tuple[str, int, 
                 kernel = compile_launch(launch, capability, warp_size)
                 if not kernel.asm.get("cubin"):
                     raise RuntimeError("no cubin produced")
-            except Exception as exc:  # every failure is reported, not only the first
+            except Exception as exc:  # noqa: BLE001 - every failure is reported, not only the first
                 failures.append((launch.fn.__name__, capability, f"{type(exc).__name__}: {exc}"))
         if progress:
             print(f"sm_{capability}: {len(launches)} launches compiled, "

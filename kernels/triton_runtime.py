@@ -14,7 +14,7 @@ except ImportError:  # torch paths still work on installs without triton
 
     triton = None
 
-    class tl:  # noqa: N801 - stands in for the kernels' annotations only
+    class tl:  # type: ignore[no-redef]  # noqa: N801 - stands in for the kernels' annotations only
         constexpr = None
 
 

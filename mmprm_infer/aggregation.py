@@ -9,8 +9,8 @@ become a candidate score.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 # p is clamped to >= LOG_EPS for log, and into [LOG_EPS, 1 - LOG_EPS] for
 # logit and odds, so a reward of exactly 0 or 1 gives a large finite score

@@ -32,8 +32,9 @@ import os
 import re
 import signal
 import threading
+from collections.abc import Callable, Sequence
+from decimal import Decimal
 from functools import lru_cache
-from typing import Callable, Sequence
 
 __all__ = [
     "extract_answer",
@@ -203,8 +204,6 @@ _UNICODE_MINUS = {"\u2212": "-", "\ufe63": "-", "\uff0d": "-"}
 
 
 def _plain_number(match: re.Match) -> str:
-    from decimal import Decimal
-
     mantissa, exponent = match.group(1), int(match.group(2))
     if abs(exponent) > _SCI_MAX_EXPAND:
         return f"{mantissa}\\times10^{{{exponent}}}"
@@ -333,7 +332,7 @@ def _call_math_verify(fn: Callable, *args, timeout_kw: str):
 
 def _is_safe_expr(expr) -> bool:
     """False for expressions sympy may take forever to evaluate exactly."""
-    import sympy
+    import sympy  # sympy: heavy, loaded where used
 
     if not isinstance(expr, sympy.Basic):
         return True
@@ -354,7 +353,7 @@ def _is_safe_expr(expr) -> bool:
                         v = arg if arg.is_Number else arg.evalf(15)
                         if not v.is_Number or abs(v) > 10_000:
                             return False
-    except Exception:
+    except Exception:  # noqa: BLE001 - sympy raises anything on odd input: not a number
         return False
     return True
 
@@ -365,12 +364,12 @@ def _math_verify_parse(clean: str) -> tuple:
     if not clean or len(clean) > MAX_PARSE_CHARS:
         return ()
     try:
-        from math_verify import parse
+        from math_verify import parse  # math_verify: heavy, loaded where used
 
         parsed = _call_math_verify(parse, "$" + clean + "$", timeout_kw="parsing_timeout")
-    except Exception:
+    except Exception:  # noqa: BLE001 - math_verify raises anything on odd input: unparsed
         return ()
-    import sympy
+    import sympy  # sympy: heavy, loaded where used
 
     if not any(isinstance(p, (sympy.Basic, sympy.MatrixBase)) for p in parsed):
         return ()
@@ -385,7 +384,7 @@ def _plain_numbers(clean: str) -> tuple[complex, ...] | None:
     (no symbols, sets, relations, matrices or percent signs) or a single
     assignment of one (``x = 3``, which math-verify compares by its value);
     else None."""
-    import sympy
+    import sympy  # sympy: heavy, loaded where used
 
     values = []
     for p in _math_verify_parse(clean):
@@ -402,7 +401,7 @@ def _plain_numbers(clean: str) -> tuple[complex, ...] | None:
             return None
         try:
             v = complex(p.evalf(30))
-        except Exception:
+        except Exception:  # noqa: BLE001 - sympy raises anything on odd input: not a number
             return None
         if not cmath.isfinite(v):
             return None
@@ -428,7 +427,7 @@ def _clearly_different_numbers(a_clean: str, b_clean: str) -> bool:
 
 
 def _math_verify_equal(a_clean: str, b_clean: str) -> bool:
-    from math_verify import verify
+    from math_verify import verify  # math_verify: heavy, loaded where used
 
     pa, pb = _math_verify_parse(a_clean), _math_verify_parse(b_clean)
     if _clearly_different_numbers(a_clean, b_clean):
@@ -439,7 +438,7 @@ def _math_verify_equal(a_clean: str, b_clean: str) -> bool:
         try:
             if _call_math_verify(verify, list(gold), list(target), timeout_kw="timeout_seconds"):
                 return True
-        except Exception:
+        except Exception:  # noqa: BLE001 - math_verify raises anything on odd input: no match
             pass
     return False
 
@@ -474,8 +473,8 @@ def _sympy_value(normalized: str) -> complex | None:
     if "__" in s or not set(re.findall(r"[a-z]+", s)) <= _SYMPY_NAMES:
         return None
     try:
-        import sympy
-        from sympy.parsing.sympy_parser import (
+        import sympy  # sympy: heavy, loaded where used
+        from sympy.parsing.sympy_parser import (  # sympy: heavy, loaded where used
             convert_xor,
             implicit_multiplication_application,
             parse_expr,
@@ -491,7 +490,7 @@ def _sympy_value(normalized: str) -> complex | None:
         if not isinstance(expr, sympy.Basic) or expr.free_symbols or not _is_safe_expr(expr):
             return None
         value = complex(expr.evalf(30))
-    except Exception:
+    except Exception:  # noqa: BLE001 - sympy raises anything on odd input: not a number
         return None
     if not (cmath.isfinite(value)):
         return None
@@ -579,11 +578,12 @@ def group_answers(
         key = normalize_answer(ans)
         gid = by_key.get(key)
         if gid is None:
-            gid = next((g for g, rep in reps if equivalent(rep, ans)), None)
+            # has_answer(ans) above: a string
+            gid = next((g for g, rep in reps if equivalent(rep, ans)), None)  # type: ignore[arg-type]
             if gid is None:
                 gid = next_id
                 next_id += 1
-                reps.append((gid, ans))
+                reps.append((gid, ans))  # type: ignore[arg-type]
             by_key[key] = gid
         ids.append(gid)
     return ids

@@ -25,11 +25,13 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from huggingface_hub import constants, snapshot_download
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -61,7 +63,7 @@ FORMAT_OPTIONS_KEY = "mmprm_format_options"
 FORMAT_DETECTORS: list[Callable[[dict, object], str | None]] = []
 
 # model kind -> the class (or Auto class) that carries it
-MODEL_CLASSES: dict[str, type] = {
+MODEL_CLASSES: dict[str, Any] = {  # transformers model classes (config_class, from_config)
     MODEL_CAUSAL_LM: AutoModelForCausalLM,
     MODEL_QWEN2_PRM: Qwen2ForProcessRewardModel,
     MODEL_INTERNVL: InternVLForConditionalGeneration,
@@ -88,7 +90,7 @@ MODEL_LOADERS: dict[str, Callable[..., torch.nn.Module]] = {
 
 # model kind -> (what it runs on, config.json -> whether its architecture fits).  A config
 # without ``architectures`` fits any kind; the weight check still applies.
-ARCHITECTURE_FITS: dict[str, tuple[str, Callable[[dict], bool]]] = {
+ARCHITECTURE_FITS: dict[str, tuple[str, Callable[[list[str]], bool]]] = {
     MODEL_CAUSAL_LM: ("a causal LM (*ForCausalLM)", lambda archs: any(a.endswith(("ForCausalLM", "LMHeadModel"))
                                                                        for a in archs)),
     MODEL_QWEN2_PRM: ("Qwen2ForProcessRewardModel", lambda archs: "Qwen2ForProcessRewardModel" in archs),
@@ -132,7 +134,6 @@ def resolve_checkpoint(path: str | os.PathLike, *, revision: str | None = None,
     if not _HUB_ID.match(name) or name.startswith((".", "/")):
         raise CheckpointNotFound(f"{path} does not exist; give a checkpoint folder or a hub id (org/name) that is "
                                  "in the local Hugging Face cache")
-    from huggingface_hub import constants, snapshot_download
 
     cache = os.fspath(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
     try:
@@ -382,7 +383,8 @@ def resolve_dtype(dtype, device: torch.device, config: dict | None = None) -> to
     if dtype == "auto":
         stored = (config or {}).get("dtype") or (config or {}).get("torch_dtype")
         if stored is None and isinstance((config or {}).get("text_config"), dict):
-            stored = config["text_config"].get("dtype") or config["text_config"].get("torch_dtype")
+            # config is a dict here: its text_config was checked
+            stored = config["text_config"].get("dtype") or config["text_config"].get("torch_dtype")  # type: ignore[index]
         return getattr(torch, str(stored).replace("torch.", ""), torch.float32) if stored else torch.float32
     if dtype is None:
         # fp32 keeps CPU scores exact; bf16 is what PRMs are released and served in on GPUs.
@@ -421,7 +423,8 @@ def load_checkpoint(path: str | os.PathLike, format: str | None, dtype, device, 
     if name not in FORMATS:
         raise ValueError(f"unknown PRM format {name!r}; choose one of {sorted(FORMATS)}")
     saved = (config.get(FORMAT_OPTIONS_KEY) or {}) if config.get(FORMAT_KEY) == name else {}
-    options = {**FORMATS[name].options_from_config(config), **saved} if isinstance(FORMATS[name], type) else saved
+    # a PRMFormat class here (the isinstance check)
+    options = {**FORMATS[name].options_from_config(config), **saved} if isinstance(FORMATS[name], type) else saved  # type: ignore[attr-defined]
     try:
         fmt = FORMATS[name](**{**options, **(format_options or {})})
     except TypeError as exc:

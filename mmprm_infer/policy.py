@@ -15,8 +15,9 @@ rollout settings: temperature 1.0, top_p 0.9, top_k 50.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "STEP_SEPARATOR",

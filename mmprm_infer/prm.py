@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class PRM:
         self.columns = self.format.reward_columns(tokenizer)
         self.max_batch_tokens = max_batch_tokens
         self.default_engine = engine or DEFAULT_ENGINE
-        self._engines: dict[str, Engine] = {}
+        self._engines: dict[str | Engine, Engine] = {}  # a default engine given as an Engine is its own key
 
     @property
     def reward_head(self) -> RewardHead:
@@ -65,7 +66,7 @@ class PRM:
                         attn_implementation: str | None = None, trust_remote_code: bool = False,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         local_files_only: bool = True, max_batch_tokens: int | None = None,
-                        **format_options) -> "PRM":
+                        **format_options) -> PRM:
         """Load a PRM from a checkpoint folder, or a hub id in the local Hugging Face cache (never downloaded).
 
         ``format``: read from the checkpoint when None.  ``device``: None picks cuda when torch sees a GPU,
@@ -183,7 +184,8 @@ class PRM:
                 f"format {self.format.name!r} is text-only and cannot take an image; pass image=None "
                 "or use a multimodal format (mm-prm, visualprm, custom on a vision-language model)"
             )
-        return self.format.prepare_images(self.adapter, image)
+        # formats that support images define prepare_images
+        return self.format.prepare_images(self.adapter, image)  # type: ignore[attr-defined]
 
     # --- scoring --------------------------------------------------------
     def engine(self, name: str | Engine | None = None) -> Engine:
@@ -225,12 +227,12 @@ class PRM:
         """``score_batch`` that does not fail on a candidate the PRM cannot read (see ``encode``'s ``errors``):
         such a candidate's step rewards are None, and each item's dict says why (candidate index -> reason).
         Sampled text from a policy hits these cases; one bad sample must not fail the others.  One engine call."""
-        items = [_as_item(it) for it in items]
-        errors: list[dict[int, str]] = [{} for _ in items]
-        questions = [self.encode(it.question, it.candidates, it.image, errors=e) for it, e in zip(items, errors)]
+        as_items = [_as_item(it) for it in items]
+        errors: list[dict[int, str]] = [{} for _ in as_items]
+        questions = [self.encode(it.question, it.candidates, it.image, errors=e) for it, e in zip(as_items, errors)]
         rewards = self.engine(engine).score(self.adapter, self.columns, questions)
-        out = []
-        for item, errs, got in zip(items, errors, rewards):
+        out: list[list[list[float] | None]] = []
+        for item, errs, got in zip(as_items, errors, rewards):
             scored = iter(got)
             out.append([None if i in errs else next(scored) for i in range(len(item.candidates))])
         return out, errors

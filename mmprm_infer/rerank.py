@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 from mmprm_infer.aggregation import aggregate as aggregate_steps
 from mmprm_infer.aggregation import get_aggregation
@@ -92,6 +92,7 @@ def rerank_batch(
         if len(item.candidates) == 0:
             raise ValueError(f"question {i}: candidates is empty; give at least one candidate to rerank")
     errors = None
+    rewards: Sequence[list[list[float]] | list[list[float] | None] | None]
     if prm is None:
         rewards = [None] * len(items)
     elif unreadable == "last":
@@ -134,7 +135,8 @@ def rank_scored(
             best_index=best,
             best=item.candidates[best],
             scores=scores,
-            step_rewards=step_rewards,
+            # no None left: a candidate the PRM could not read got [] above
+            step_rewards=step_rewards,  # type: ignore[arg-type]
             answers=answers,
             ranking=ranking,
             strategy=strategy,

@@ -18,8 +18,8 @@ groups: the group whose first candidate comes first).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from mmprm_infer.answers import group_answers, has_answer
 
@@ -80,8 +80,8 @@ def _vote(
 
     order = sorted(groups, key=group_key)
     if not answered:  # nobody answered: fall back to best score / first candidate
-        ranking = _by_score(list(range(len(answers))), scores)
-        return Selection(ranking[0], ranking, group_ids, dict(group_value))
+        by_score = _by_score(list(range(len(answers))), scores)
+        return Selection(by_score[0], by_score, group_ids, dict(group_value))
     ranking: list[int] = []
     for g in order:
         ranking.extend(_by_score(groups[g], scores))

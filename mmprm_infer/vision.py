@@ -32,8 +32,9 @@ on either side shows up there.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -46,7 +47,7 @@ IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ImageInput = Union[Image.Image, str, os.PathLike]
+ImageInput = Image.Image | str | os.PathLike
 
 # The only formats Pillow is asked to decode (Image.open's ``formats=``): plain raster formats.  Left to
 # itself, Image.open tries every plugin it has -- EPS among them, which runs Ghostscript on the file's
@@ -93,7 +94,7 @@ class InternVLImageConfig:
             raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} / {self.std}")
 
     @classmethod
-    def from_model_config(cls, config: Any, **overrides: Any) -> "InternVLImageConfig":
+    def from_model_config(cls, config: Any, **overrides: Any) -> InternVLImageConfig:
         """Tile size and tokens per tile from a model config (object or dict).
 
         Reads both layouts: transformers' ``InternVLConfig`` (vision_config.
@@ -121,7 +122,7 @@ class InternVLImageConfig:
         values.update(overrides)
         return cls(**values)
 
-    def with_overrides(self, **overrides: Any) -> "InternVLImageConfig":
+    def with_overrides(self, **overrides: Any) -> InternVLImageConfig:
         """Copy with the given non-None fields replaced."""
         known = {f.name for f in fields(self)}
         return replace(self, **{k: v for k, v in overrides.items() if v is not None and k in known})
@@ -223,7 +224,7 @@ def tiles_to_tensor(tiles: Sequence[Image.Image], config: InternVLImageConfig | 
     """
     cfg = config or InternVLImageConfig()
     import numpy as np  # here, not at the top: `import mmprm_infer.formats` (and `mmprm --help`) needs no torch
-    import torch
+    import torch  # torch: heavy, loaded where used
 
     pixels = np.stack([np.asarray(t.convert("RGB") if t.mode != "RGB" else t) for t in tiles])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div(255)

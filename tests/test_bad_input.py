@@ -115,7 +115,7 @@ def test_output_count_and_order_match_input(prm):
         assert all(0.0 <= x <= 1.0 for x in r)
 
 
-# --- #31, items 9 and 11: a checkpoint whose weights are not the model's ---------------------------------
+# --- hardening: a checkpoint whose weights are not the model's ---------------------------------
 def _copy_checkpoint(src, dst, edit):
     import shutil
 
@@ -128,7 +128,7 @@ def _copy_checkpoint(src, dst, edit):
     return dst
 
 
-def test_item9_a_missing_or_unexpected_weight_is_an_error_naming_it(qwen_prm_dir, tmp_path):
+def test_a_missing_or_unexpected_weight_is_an_error_naming_it(qwen_prm_dir, tmp_path):
     from mmprm_infer.loading import IncompleteCheckpointError
 
     body = "model.layers.1.mlp.down_proj.weight"
@@ -142,7 +142,7 @@ def test_item9_a_missing_or_unexpected_weight_is_an_error_naming_it(qwen_prm_dir
     PRM.from_pretrained(qwen_prm_dir)  # the complete checkpoint still loads
 
 
-def test_item9_the_command_names_the_missing_weight(qwen_prm_dir, tmp_path):
+def test_the_command_names_the_missing_weight(qwen_prm_dir, tmp_path):
     import json
 
     from mmprm_infer.cli import main
@@ -155,7 +155,7 @@ def test_item9_the_command_names_the_missing_weight(qwen_prm_dir, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_item11_a_safetensors_header_claiming_a_terabyte_is_named(qwen_prm_dir, tmp_path):
+def test_a_safetensors_header_claiming_a_terabyte_is_named(qwen_prm_dir, tmp_path):
     import shutil
 
     from mmprm_infer.loading import CheckpointMismatchError

@@ -1,4 +1,4 @@
-"""The bench's judgement (#32): targets defined once, a run where an engine beats the floor measured beside it is
+"""The bench's judgement: targets defined once, a run where an engine beats the floor measured beside it is
 INVALID (never PASS), an engine that did not run gets no legend entry.  Synthetic results: deterministic."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Issue #31, the command line's part: outputs that are devices, temp files of killed runs, lines that are
-not text or too long, errors that were tracebacks, strict JSON reports.  Each test names its item; each
+"""Hardening, the command line's part: outputs that are devices, temp files of killed runs, lines that are
+not text or too long, errors that were tracebacks, strict JSON reports.  Each test
 failed against the code before the fix."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _is_char_device(path) -> bool:
 # --------------------------------------------------------------------------
 
 
-def test_item1_a_device_output_is_written_in_place(qwen_prm_dir, tmp_path):
+def test_a_device_output_is_written_in_place(qwen_prm_dir, tmp_path):
     src = _jsonl(tmp_path / "in.jsonl", [GOOD])
     device = _char_device(tmp_path)
     link = tmp_path / "link"
@@ -80,7 +80,7 @@ def test_item1_a_device_output_is_written_in_place(qwen_prm_dir, tmp_path):
     assert link.is_symlink() and _leftovers(tmp_path) == []
 
 
-def test_item1_a_fifo_output_is_written_in_place(qwen_prm_dir, tmp_path):
+def test_a_fifo_output_is_written_in_place(qwen_prm_dir, tmp_path):
     src = _jsonl(tmp_path / "in.jsonl", [GOOD, OTHER])
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -93,7 +93,7 @@ def test_item1_a_fifo_output_is_written_in_place(qwen_prm_dir, tmp_path):
     assert [json.loads(line)["id"] for line in got["text"].splitlines()] == ["a", "b"]
 
 
-def test_item1_eval_report_onto_a_device_is_written_in_place(qwen_prm_dir, tmp_path):
+def test_eval_report_onto_a_device_is_written_in_place(qwen_prm_dir, tmp_path):
     src = _jsonl(tmp_path / "cands.jsonl", [{"question": "What is 1 + 1?", "answer": "2",
                                              "candidates": ["1 + 1 = 2.\n\n\\boxed{2}", "\\boxed{3}"]}])
     device = _char_device(tmp_path)
@@ -103,7 +103,7 @@ def test_item1_eval_report_onto_a_device_is_written_in_place(qwen_prm_dir, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cands.jsonl", device.name])  # no cache, no plot
 
 
-def test_item1_a_socket_output_is_refused_before_the_model_loads(qwen_prm_dir, tmp_path, no_model_load):
+def test_a_socket_output_is_refused_before_the_model_loads(qwen_prm_dir, tmp_path, no_model_load):
     src = _jsonl(tmp_path / "in.jsonl", [GOOD])
     path = tmp_path / "sock"
     with socket.socket(socket.AF_UNIX) as server:
@@ -118,7 +118,7 @@ def test_item1_a_socket_output_is_refused_before_the_model_loads(qwen_prm_dir, t
 # --------------------------------------------------------------------------
 
 
-def test_item6_a_lone_surrogate_fails_its_own_line_only(qwen_prm_dir, tmp_path):
+def test_a_lone_surrogate_fails_its_own_line_only(qwen_prm_dir, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join([json.dumps(GOOD), '{"id": "x\\ud800", "question": "q", "candidates": ["a"]}',
                               '{"question": "q", "candidates": ["a"], "image": "pic\\udc00.png"}',
@@ -137,7 +137,7 @@ def test_item6_a_lone_surrogate_fails_its_own_line_only(qwen_prm_dir, tmp_path):
 # --------------------------------------------------------------------------
 
 
-def test_item8_a_line_over_the_limit_is_refused_before_tokenizing(qwen_prm_dir, tmp_path, monkeypatch):
+def test_a_line_over_the_limit_is_refused_before_tokenizing(qwen_prm_dir, tmp_path, monkeypatch):
     from mmprm_infer.io.data import LINE_CHARS_PER_CONTEXT_TOKEN
     from mmprm_infer.prm import PRM
 
@@ -192,7 +192,7 @@ def _gated_run(prm_dir, src, dst, gate):
 
 
 @pytest.mark.parametrize("how", ["SIGTERM"])  # SIGHUP takes the same path (mmprm_infer.cli._termination_as_interrupt)
-def test_item10_a_terminated_run_removes_its_temp_file(qwen_prm_dir, tmp_path, how):
+def test_a_terminated_run_removes_its_temp_file(qwen_prm_dir, tmp_path, how):
     src, dst, gate = _jsonl(tmp_path / "in.jsonl", [GOOD, OTHER]), tmp_path / "out.jsonl", tmp_path / "gate"
     gate.mkdir()
     dst.write_text("previous run\n")
@@ -204,7 +204,7 @@ def test_item10_a_terminated_run_removes_its_temp_file(qwen_prm_dir, tmp_path, h
     assert _leftovers(tmp_path) == [] and dst.read_text() == "previous run\n"
 
 
-def test_item10_a_killed_runs_temp_file_is_removed_by_the_next_run(qwen_prm_dir, tmp_path):
+def test_a_killed_runs_temp_file_is_removed_by_the_next_run(qwen_prm_dir, tmp_path):
     src, dst, gate = _jsonl(tmp_path / "in.jsonl", [GOOD, OTHER]), tmp_path / "out.jsonl", tmp_path / "gate"
     gate.mkdir()
     proc = _gated_run(qwen_prm_dir, src, dst, gate)
@@ -224,7 +224,7 @@ def test_item10_a_killed_runs_temp_file_is_removed_by_the_next_run(qwen_prm_dir,
 # --------------------------------------------------------------------------
 
 
-def test_item11_flush_and_close_failing_on_a_full_disk_is_one_message(qwen_prm_dir, tmp_path, monkeypatch):
+def test_flush_and_close_failing_on_a_full_disk_is_one_message(qwen_prm_dir, tmp_path, monkeypatch):
     class FullAtFlush:  # writes are buffered; the disk fills when they are flushed, and the close flushes again
         def __init__(self, real):
             self.real = real
@@ -257,7 +257,7 @@ def test_item11_flush_and_close_failing_on_a_full_disk_is_one_message(qwen_prm_d
     assert dst.read_text() == "previous run\n" and _leftovers(tmp_path) == []
 
 
-def test_item11_a_file_size_limit_is_one_message(qwen_prm_dir, tmp_path):
+def test_a_file_size_limit_is_one_message(qwen_prm_dir, tmp_path):
     # the output (~4 KB) is over the limit and under the write buffer (8 KB): the flush fails, then the close
     src, dst = _jsonl(tmp_path / "in.jsonl", [GOOD] * 20), tmp_path / "out.jsonl"
     limit = 1024
@@ -291,7 +291,7 @@ def _read_only_folder(tmp_path) -> Path:
     pytest.skip(f"no read-only folder here ({folder} is writable)")
 
 
-def test_item11_a_read_only_output_folder_is_refused_before_the_model_loads(qwen_prm_dir, tmp_path, no_model_load):
+def test_a_read_only_output_folder_is_refused_before_the_model_loads(qwen_prm_dir, tmp_path, no_model_load):
     src = _jsonl(tmp_path / "in.jsonl", [GOOD])
     folder = _read_only_folder(tmp_path)
     with pytest.raises(SystemExit, match=f"cannot write in the folder of output .*{folder}"):
@@ -299,7 +299,7 @@ def test_item11_a_read_only_output_folder_is_refused_before_the_model_loads(qwen
 
 
 @pytest.mark.parametrize("damage", ["misnamed", "truncated"])
-def test_item11_a_bad_parquet_file_is_one_message_before_the_model_loads(qwen_prm_dir, tmp_path, no_model_load,
+def test_a_bad_parquet_file_is_one_message_before_the_model_loads(qwen_prm_dir, tmp_path, no_model_load,
                                                                         damage):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -325,7 +325,7 @@ def _strict(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def test_item16_eval_report_writes_null_for_an_undefined_metric(qwen_prm_dir, tmp_path):
+def test_eval_report_writes_null_for_an_undefined_metric(qwen_prm_dir, tmp_path):
     rows = [{"id": f"x-{i}", "problem": f"What is {i} + 1?", "steps": [f"{i} + 1 = {i + 1}.", "Done."],
              "final_answer_correct": False, "label": 0} for i in range(3)]  # no case without an error
     data = _jsonl(tmp_path / "gsm8k.jsonl", rows)
@@ -339,7 +339,7 @@ def test_item16_eval_report_writes_null_for_an_undefined_metric(qwen_prm_dir, tm
     assert "undefined" in got["undefined"]["why"]
 
 
-def test_item16_json_safe_names_what_it_replaced():
+def test_json_safe_names_what_it_replaced():
     data, replaced = files.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}})
     assert data == {"a": None, "b": [1.0, None], "c": {"d": 2}} and replaced == ["a", "b[1]"]
 
@@ -350,7 +350,7 @@ def test_item16_json_safe_names_what_it_replaced():
 
 
 @pytest.mark.timeout(300)  # only turns the hang this fixes into a failure
-def test_item13_ray_address_where_nothing_listens_is_a_message(qwen_prm_dir, tmp_path, monkeypatch, capsys):
+def test_ray_address_where_nothing_listens_is_a_message(qwen_prm_dir, tmp_path, monkeypatch, capsys):
     ray = pytest.importorskip("ray")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `mmprm` process
     with socket.socket() as s:

@@ -1,4 +1,4 @@
-"""Nothing lost (issue #19, findings 1-5, 14, 15): output files, bad lines, exit codes, options
+"""Nothing lost: output files, bad lines, exit codes, options
 checked before the model loads, annotation on a broken disk, Ctrl-C, byte-order marks."""
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def test_annotate_questions_with_a_byte_order_mark(tmp_path):
         load_questions(str(path))
 
 
-# --- #21: the CLI paths that had no test ----------------------------------------------------------------
+# --- the CLI paths that had no test ----------------------------------------------------------------
 def test_a_missing_input_file_is_named(tmp_path, no_model_load):
     with pytest.raises(SystemExit, match="input file .*nope.jsonl does not exist"):
         main(["score", "--prm", str(tmp_path), "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl")])

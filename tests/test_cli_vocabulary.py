@@ -1,4 +1,4 @@
-"""One CLI vocabulary (#32): new names, old spellings as hidden aliases, defaults in every --help, --version,
+"""One CLI vocabulary: new names, old spellings as hidden aliases, defaults in every --help, --version,
 a parser that imports no torch, the device printed."""
 
 from __future__ import annotations

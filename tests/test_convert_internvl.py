@@ -222,12 +222,12 @@ def test_recorded_system_prompt_follows_the_release_code():
     assert conv._format_options("mm-prm", {"system_message": "anything"}, _quiet) == {}
 
 
-# --- #31, items 2 and 11: --overwrite never destroys the source; DST changes only when complete ----------------
+# --- hardening: --overwrite never destroys the source; DST changes only when complete ----------------
 def _siblings(folder):
     return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
 
 
-def test_item2_dst_around_or_inside_src_is_refused_even_with_overwrite(internlm2, tmp_path):
+def test_dst_around_or_inside_src_is_refused_even_with_overwrite(internlm2, tmp_path):
     import shutil
 
     published, _, _ = internlm2
@@ -244,7 +244,7 @@ def test_item2_dst_around_or_inside_src_is_refused_even_with_overwrite(internlm2
     assert sorted(p.name for p in src.iterdir()) == files  # nothing read was deleted, nothing written
 
 
-def test_item2_overwrite_replaces_dst_only_with_a_complete_conversion(internlm2, tmp_path):
+def test_overwrite_replaces_dst_only_with_a_complete_conversion(internlm2, tmp_path):
     import shutil
 
     published, _, _ = internlm2

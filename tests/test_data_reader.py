@@ -1,4 +1,4 @@
-"""The one record reader (#32): JSONL, JSON, Parquet and Arrow everywhere a file is read, Hugging Face shards
+"""The one record reader: JSONL, JSON, Parquet and Arrow everywhere a file is read, Hugging Face shards
 and split names, the datasets library's save_to_disk folders; bad input named by file, line and field."""
 
 from __future__ import annotations

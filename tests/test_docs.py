@@ -1,4 +1,4 @@
-"""Every block and command in README.md and docs/*.md runs as written (#32), so a doc that drifts from the code
+"""Every block and command in README.md and docs/*.md runs as written, so a doc that drifts from the code
 fails here.
 
 Each fenced ``bash`` / ``python`` block of a doc runs, in the doc's order, in a fresh folder of its own (one per

@@ -1,4 +1,4 @@
-"""The breaks #32 found by running the docs as a new user would, each fixed and pinned here."""
+"""The breaks found by running the docs as a new user would, each fixed and pinned here."""
 
 from __future__ import annotations
 

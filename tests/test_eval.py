@@ -1,4 +1,4 @@
-"""`mmprm eval` (#16): benchmark layouts read as shipped, metrics worked out by hand, the reward cache."""
+"""`mmprm eval`: benchmark layouts read as shipped, metrics worked out by hand, the reward cache."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def test_disjoint_groups_and_tie_split_votes_by_hand():
 
 
 def test_weighted_vote_counts_a_question_with_a_zero_reward():
-    """#31 item 21: a reward of exactly 0.0 is a probability like any other; only a negative score (a
+    """A reward of exactly 0.0 is a probability like any other; only a negative score (a
     log-probability aggregation) keeps a question out of the weighted vote."""
     zero = BonQuestion.from_candidates(["\\boxed{1}", "\\boxed{2}", "\\boxed{2}"], "1", [[0.6], [0.0], [0.5]])
     acc = question_accuracy(zero, [1, 3], ["min"], subsets=100)
@@ -173,7 +173,7 @@ def test_weighted_vote_counts_a_question_with_a_zero_reward():
 
 
 def test_step_macro_f1_a_reward_or_label_at_the_threshold_is_right():
-    """#31 item 19: "right" is reward >= threshold (and label >= label_threshold), the threshold included."""
+    """"right" is reward >= threshold (and label >= label_threshold), the threshold included."""
     from mmprm_infer.evaluation.metrics import step_macro_f1
 
     m = step_macro_f1([[0.5, 0.2, 0.9]], [[1.0, 0.0, 0.5]])

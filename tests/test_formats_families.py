@@ -354,7 +354,7 @@ def test_matching_formats_still_load(qwen_prm_ckpt, custom_like):
 def test_every_format_has_a_default_aggregation():
     from mmprm_infer.aggregation import get_aggregation
 
-    for name, factory in FORMATS.items():
+    for _name, factory in FORMATS.items():
         get_aggregation(factory.default_aggregate)
     assert FORMATS["visualprm"].default_aggregate == "mean"
 

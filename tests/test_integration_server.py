@@ -190,7 +190,7 @@ def test_upstream_errors_are_retried_then_502(prm, policy):
         policy.fail = [500, 500, 500]
         r = httpx.post(srv.url + "/v1/chat/completions", json=_chat("request 3: q"))
         assert r.status_code == 502 and policy.calls == 3
-        # the kind of failure, never the policy's own error text or its address (#31, item 15)
+        # the kind of failure, never the policy's own error text or its address (nothing of the deployment exposed)
         message = r.json()["error"]["message"]
         assert "3 attempt" in message and "HTTP 500" in message
         assert "boom" not in message and policy.url.split("//")[1].split("/")[0] not in message

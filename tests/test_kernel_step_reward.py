@@ -12,7 +12,7 @@ import torch
 ON_CUDA = torch.cuda.is_available()
 
 from mmprm_infer.kernels import backends, triton_runtime  # noqa: E402
-from mmprm_infer.kernels import step_reward as sr
+from mmprm_infer.kernels import step_reward as sr  # noqa: E402
 
 TRITON_DEVICE = "cuda" if ON_CUDA else "cpu"
 TRITON_READY = sr.triton is not None and (ON_CUDA or triton_runtime.interpreter_active())

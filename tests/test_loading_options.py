@@ -1,4 +1,4 @@
-"""Loading as transformers users expect (#32): dtype / torch_dtype ("auto" too), device_map where the engine
+"""Loading as transformers users expect: dtype / torch_dtype ("auto" too), device_map where the engine
 takes it, attn_implementation, trust_remote_code refused by name, hub ids from the local Hugging Face cache
 (never downloaded), device defaulting to CUDA when there is one."""
 

@@ -68,7 +68,7 @@ def _single_machine(command: str, prm_dir, src: Path, dst: Path, *extra: str, st
 def test_score_and_rerank_match_single_machine(cluster, qwen_prm_dir, tmp_path):
     records = _records(70)
     assert sum(len(r["candidates"]) for r in records) >= 300
-    not_utf8 = b'{"question": "caf\xe9", "candidates": ["x"]}'  # Latin-1: must fail its own line only (#19)
+    not_utf8 = b'{"question": "caf\xe9", "candidates": ["x"]}'  # Latin-1: must fail its own line only
     src = _write_jsonl(tmp_path / "in.jsonl", records,
                        {10: "", 33: "{not json", 50: json.dumps({"question": "x"}), 60: not_utf8})
     for command, extra in (("score", ["--aggregate", "mean"]), ("rerank", ["--strategy", "weighted_vote"])):

@@ -94,7 +94,7 @@ def test_single_candidate(prm):
 
 
 def test_unreadable_candidates_are_ranked_last_with_their_reason(prm):
-    """rerank_batch(unreadable="last"), the path of the server, the vLLM wrapper and the search (#18): a candidate
+    """rerank_batch(unreadable="last"), the path of the server, the vLLM wrapper and the search: a candidate
     the PRM cannot read is ranked last with the score -inf; the others are ranked as rerank ranks them alone."""
     from mmprm_infer import ScoringItem, rerank_batch
 

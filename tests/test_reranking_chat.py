@@ -1,4 +1,4 @@
-"""RerankingLLM.chat (#32): messages in, one LLM.chat call, the question and images the PRM sees taken from
+"""RerankingLLM.chat: messages in, one LLM.chat call, the question and images the PRM sees taken from
 the messages.  A stand-in for vllm.LLM records the call (the real one runs in tests/test_integration_vllm.py)."""
 
 from __future__ import annotations

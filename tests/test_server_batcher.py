@@ -1,4 +1,4 @@
-"""The server's PRM scorer on its own paths (issue #21): the job-by-job fallback, clients that went away,
+"""The server's PRM scorer on its own paths: the job-by-job fallback, clients that went away,
 shutdown, the batch cap.  Jobs are queued before the scorer starts, so every batch is known in advance."""
 
 from __future__ import annotations

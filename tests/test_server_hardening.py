@@ -1,6 +1,6 @@
-"""Issue #31, the reranking server's part (and the image decoding it shares with the CLI): connections and
+"""Hardening, the reranking server's part (and the image decoding it shares with the CLI): connections and
 slow requests bounded, client data never handed to a decoder outside the allowlist, 4xx/502 instead of 500,
-nothing of the deployment exposed, policy samples bounded.  Each test names its item; each failed against the
+nothing of the deployment exposed, policy samples bounded.  Each test failed against the
 code before the fix."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def fake_ghostscript(tmp_path, monkeypatch):
     return mark
 
 
-def test_item3_the_server_never_hands_client_data_to_ghostscript(prm, policy, fake_ghostscript):
+def test_the_server_never_hands_client_data_to_ghostscript(prm, policy, fake_ghostscript):
     url = "data:image/png;base64," + base64.b64encode(EPS).decode()
     with reranker(prm, policy.url, ignore_images=True) as srv:
         for path, body in (("/v1/chat/completions", image_chat(url)),
@@ -69,7 +69,7 @@ def test_item3_the_server_never_hands_client_data_to_ghostscript(prm, policy, fa
     assert not fake_ghostscript.exists() and policy.calls == 0
 
 
-def test_item3_the_cli_never_hands_an_image_file_to_ghostscript(tmp_path, fake_ghostscript):
+def test_the_cli_never_hands_an_image_file_to_ghostscript(tmp_path, fake_ghostscript):
     path = tmp_path / "figure.png"  # the name says PNG, the bytes are PostScript
     path.write_bytes(EPS)
     with pytest.raises(ImageLoadError, match="is not a PNG, JPEG, GIF, WebP, BMP or TIFF image"):
@@ -78,7 +78,7 @@ def test_item3_the_cli_never_hands_an_image_file_to_ghostscript(tmp_path, fake_g
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
-def test_item3_the_allowed_formats_still_decode(tmp_path, fmt):
+def test_the_allowed_formats_still_decode(tmp_path, fmt):
     from mmprm_infer.vision import IMAGE_FORMATS
 
     assert fmt in IMAGE_FORMATS
@@ -101,14 +101,14 @@ def _dds(pixel_flags: int) -> bytes:
     return b"DDS " + struct.pack("<I", 124) + header + pixel_format + caps + b"\0" * 64
 
 
-def test_item7_client_input_that_is_not_text_or_json_is_400(prm, policy):
+def test_client_input_that_is_not_text_or_json_is_400(prm, policy):
     chat_body = '{"model": "%s", "messages": [{"role": "user", "content": %s}]%s}'
     with reranker(prm, policy.url) as srv:
         cases = [
             ("/v1/chat/completions", chat_body % (MODEL, '"x\\ud800"', ""), "messages[0].content"),
             ("/v1/chat/completions", chat_body % (MODEL, '"q"', ', "user": "x\\udc00"'), "'user'"),
             ("/v1/chat/completions", chat_body % (MODEL, '"q"', ', "temperature": NaN'), "'temperature' is NaN"),
-            ("/v1/completions", '{"model": "%s", "prompt": "p\\ud800"}' % MODEL, "'prompt'"),
+            ("/v1/completions", f'{{"model": "{MODEL}", "prompt": "p\\ud800"}}', "'prompt'"),
             ("/v1/prm/score", '{"question": "q\\ud800", "candidates": ["a"]}', "'question'"),
         ]
         for path, body, needle in cases:
@@ -118,7 +118,7 @@ def test_item7_client_input_that_is_not_text_or_json_is_400(prm, policy):
     assert policy.calls == 0
 
 
-def test_item7_a_dds_image_pillow_cannot_read_is_400(prm, policy):
+def test_a_dds_image_pillow_cannot_read_is_400(prm, policy):
     import io
 
     with pytest.raises(NotImplementedError):  # what Pillow's own DDS reader does with these pixel-format flags
@@ -131,7 +131,7 @@ def test_item7_a_dds_image_pillow_cannot_read_is_400(prm, policy):
 
 
 @pytest.mark.parametrize("poison", ["nan", "surrogate"])
-def test_item7_a_policy_answer_that_is_not_strict_json_is_502(prm, policy, poison):
+def test_a_policy_answer_that_is_not_strict_json_is_502(prm, policy, poison):
     from starlette.responses import Response
 
     def mangle(data):
@@ -158,7 +158,7 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
-def test_item12_a_client_leaving_raises_nothing(prm, policy):
+def test_a_client_leaving_raises_nothing(prm, policy):
     handler = _Records()
     loggers = [logging.getLogger(name) for name in ("uvicorn.error", "mmprm.server")]
     server = reranker(prm, policy.url, policy_model=MODEL)  # uvicorn's config resets its loggers' handlers: first
@@ -184,14 +184,14 @@ def test_item12_a_client_leaving_raises_nothing(prm, policy):
 # --------------------------------------------------------------------------
 
 
-def test_item15_health_does_not_name_the_policy(prm, policy):
+def test_health_does_not_name_the_policy(prm, policy):
     with reranker(prm, policy.url) as srv:
         r = httpx.get(srv.url + "/health")
     host = policy.url.split("//")[1].split("/")[0]
     assert r.status_code == 200 and "policy_url" not in r.json() and host not in r.text
 
 
-def test_item15_policy_errors_reach_the_client_without_its_address_key_or_text(prm, policy):
+def test_policy_errors_reach_the_client_without_its_address_key_or_text(prm, policy):
     host = policy.url.split("//")[1].split("/")[0]
     with reranker(prm, policy.url, api_key="sk-secret-123", policy_model=MODEL) as srv:
         policy.fail, policy.error_message = [404], "internal trace: /srv/models/ckpt token sk-secret-123"
@@ -205,7 +205,7 @@ def test_item15_policy_errors_reach_the_client_without_its_address_key_or_text(p
         assert "sk-secret-123" not in r.text and host not in r.text
 
 
-def test_item15_decoder_messages_hold_no_memory_addresses(prm, policy):
+def test_decoder_messages_hold_no_memory_addresses(prm, policy):
     garbage = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 40).decode()
     with reranker(prm, policy.url, ignore_images=True) as srv:  # the text-only PRM decodes them (for the policy)
         for url in (garbage, "data:image/png;base64," + base64.b64encode(b"plain text").decode()):
@@ -214,7 +214,7 @@ def test_item15_decoder_messages_hold_no_memory_addresses(prm, policy):
             assert " at 0x" not in r.text and "BytesIO" not in r.text, r.text
 
 
-def test_item15_an_empty_key_variable_is_refused_and_no_key_is_warned_about(tmp_path, monkeypatch, capsys):
+def test_an_empty_key_variable_is_refused_and_no_key_is_warned_about(tmp_path, monkeypatch, capsys):
     from mmprm_infer.cli import build_parser, main
     from mmprm_infer.cli import serve as serve_command
     from mmprm_infer.cli.serve import config_from_args
@@ -243,7 +243,7 @@ def test_item15_an_empty_key_variable_is_refused_and_no_key_is_warned_about(tmp_
 # --------------------------------------------------------------------------
 
 
-def test_item17_a_sample_over_max_text_chars_is_ranked_last_unread(prm, policy, monkeypatch):
+def test_a_sample_over_max_text_chars_is_ranked_last_unread(prm, policy, monkeypatch):
     read = []
     encode = type(prm.format).encode
     monkeypatch.setattr(type(prm.format), "encode",
@@ -265,7 +265,7 @@ def test_item17_a_sample_over_max_text_chars_is_ranked_last_unread(prm, policy, 
     assert read and max(read) < 2000  # the long sample never reached the tokenizer
 
 
-def test_item17_an_answer_larger_than_the_samples_allow_is_502(prm, policy):
+def test_an_answer_larger_than_the_samples_allow_is_502(prm, policy):
     def huge(data):
         data["choices"][0]["message"]["content"] = "x" * (3 * 2 ** 20)
         return data
@@ -293,7 +293,7 @@ def _read_all(s: socket.socket) -> bytes:
     return data
 
 
-def test_item5_connections_are_capped_and_slow_requests_are_closed(prm, policy):
+def test_connections_are_capped_and_slow_requests_are_closed(prm, policy):
     with reranker(prm, policy.url, max_connections=4, header_timeout_s=1.0, body_timeout_s=1.0) as srv:
         connections = srv.server.server_state.connections
         slow = [_connect(srv.port) for _ in range(4)]
@@ -314,7 +314,7 @@ def test_item5_connections_are_capped_and_slow_requests_are_closed(prm, policy):
         assert httpx.get(srv.url + "/health").status_code == 200  # and the server serves on
 
 
-def test_item5_uvicorn_runs_with_the_bounds(prm):
+def test_uvicorn_runs_with_the_bounds(prm):
     from mmprm_infer.integrations.serve import create_app
     from mmprm_infer.integrations.serve.connections import LOGGERS, RepeatedLogFilter, uvicorn_config
 
@@ -327,7 +327,7 @@ def test_item5_uvicorn_runs_with_the_bounds(prm):
     assert all(any(isinstance(f, RepeatedLogFilter) for f in logging.getLogger(n).filters) for n in LOGGERS)
 
 
-def test_item5_repeated_log_lines_are_rate_limited():
+def test_repeated_log_lines_are_rate_limited():
     from mmprm_infer.integrations.serve.connections import RepeatedLogFilter
 
     now = [0.0]

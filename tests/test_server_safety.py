@@ -1,6 +1,6 @@
-"""Issue #19, findings 6-12 and serve's part of 14: what a client can make the reranking server do.
+"""Server safety (and serve's option checks): what a client can make the reranking server do.
 
-Each test names its finding; each failed against the server before the fix
+Each test failed against the server before the fix
 (checked by running this file against the previous commit's code).
 """
 
@@ -55,7 +55,7 @@ def _error(r) -> dict:
 # --------------------------------------------------------------------------
 
 
-def test_finding6_local_paths_are_off_without_image_root(prm, policy, tmp_path):
+def test_local_paths_are_off_without_image_root(prm, policy, tmp_path):
     png = _png(tmp_path / "secret.png")
     os.makedirs(tmp_path / "sub")
     urls = [png, "file://" + png, str(tmp_path / "sub" / ".." / "secret.png"), "../../../etc/hostname"]
@@ -66,7 +66,7 @@ def test_finding6_local_paths_are_off_without_image_root(prm, policy, tmp_path):
     assert policy.calls == 0  # the file never reached the policy as a data URL
 
 
-def test_finding6_local_path_failures_are_indistinguishable(prm, policy, tmp_path):
+def test_local_path_failures_are_indistinguishable(prm, policy, tmp_path):
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
@@ -95,7 +95,7 @@ def test_finding6_local_path_failures_are_indistinguishable(prm, policy, tmp_pat
             assert sent == "data:image/png;base64," + base64.b64encode((root / "good.png").read_bytes()).decode()
 
 
-def test_finding6_text_only_prm_refuses_images_before_opening_them(prm, policy, tmp_path, monkeypatch):
+def test_text_only_prm_refuses_images_before_opening_them(prm, policy, tmp_path, monkeypatch):
     opened = []
     image_open = Image.open
     monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or image_open(*a, **k))
@@ -115,7 +115,7 @@ def test_finding6_text_only_prm_refuses_images_before_opening_them(prm, policy, 
 # --------------------------------------------------------------------------
 
 
-def test_finding7_fifo_is_refused_without_being_opened(prm, policy, tmp_path):
+def test_fifo_is_refused_without_being_opened(prm, policy, tmp_path):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     with reranker(prm, policy.url, ignore_images=True, image_root=str(tmp_path)) as srv:
@@ -144,7 +144,7 @@ def blocking_decode(monkeypatch):
     release.set()
 
 
-def test_finding7_image_decoding_runs_beside_the_event_loop(prm, policy, blocking_decode):
+def test_image_decoding_runs_beside_the_event_loop(prm, policy, blocking_decode):
     entered, release = blocking_decode
     image = data_url(Image.new("RGB", (8, 8), (1, 2, 3)))
     with reranker(prm, policy.url, ignore_images=True) as srv:
@@ -160,7 +160,7 @@ def test_finding7_image_decoding_runs_beside_the_event_loop(prm, policy, blockin
         assert result["r"].status_code == 200, result["r"].text
 
 
-def test_finding7_image_decoding_has_a_time_limit(prm, policy, blocking_decode):
+def test_image_decoding_has_a_time_limit(prm, policy, blocking_decode):
     entered, release = blocking_decode
     image = data_url(Image.new("RGB", (8, 8), (1, 2, 3)))
     with reranker(prm, policy.url, ignore_images=True, image_timeout_s=0.2) as srv:
@@ -174,7 +174,7 @@ def test_finding7_image_decoding_has_a_time_limit(prm, policy, blocking_decode):
 # --------------------------------------------------------------------------
 
 
-def test_finding8_pixels_are_checked_from_the_header_before_decoding(prm, policy, pixel_loads):
+def test_pixels_are_checked_from_the_header_before_decoding(prm, policy, pixel_loads):
     huge = "data:image/png;base64," + base64.b64encode(png_header_only(5000, 5000)).decode()
     assert len(huge) < 200  # 25 MP in a few bytes
     with reranker(prm, policy.url, ignore_images=True) as srv:  # default --max-image-pixels: 4096 x 4096
@@ -185,7 +185,7 @@ def test_finding8_pixels_are_checked_from_the_header_before_decoding(prm, policy
     assert pixel_loads == [] and policy.calls == 0
 
 
-def test_finding8_images_per_request_are_capped(prm, policy, pixel_loads):
+def test_images_per_request_are_capped(prm, policy, pixel_loads):
     image = data_url(Image.new("RGB", (8, 8), (1, 2, 3)))
     with reranker(prm, policy.url, ignore_images=True) as srv:  # default --max-images: 4
         r = httpx.post(srv.url + "/v1/prm/score", json={"question": "q", "candidates": ["a"], "image": [image] * 5})
@@ -202,7 +202,7 @@ def test_finding8_images_per_request_are_capped(prm, policy, pixel_loads):
 # --------------------------------------------------------------------------
 
 
-def test_finding9_body_over_the_cap_is_413(prm, policy):
+def test_body_over_the_cap_is_413(prm, policy):
     padding = "x" * (17 * 2 ** 20)  # past the default --max-body-bytes (16 MiB)
     with reranker(prm, policy.url) as srv:
         r = httpx.post(srv.url + "/v1/prm/score", json={"question": "q", "candidates": ["a"], "pad": padding})
@@ -218,7 +218,7 @@ def test_finding9_body_over_the_cap_is_413(prm, policy):
     assert policy.calls == 0
 
 
-def test_finding9_texts_over_the_cap_are_400(prm, policy):
+def test_texts_over_the_cap_are_400(prm, policy):
     long = "word " * 20_001  # 100,005 characters: past the default --max-text-chars
     with reranker(prm, policy.url) as srv:
         cases = [("/v1/prm/score", {"question": "q", "candidates": ["a", long]}, "candidates[1]"),
@@ -236,7 +236,7 @@ def test_finding9_texts_over_the_cap_are_400(prm, policy):
     assert policy.calls == 0 and health["scoring_batches"] == 0  # refused before any tokenizing
 
 
-def test_finding9_question_longer_than_the_context_fails_once(prm, policy, monkeypatch):
+def test_question_longer_than_the_context_fails_once(prm, policy, monkeypatch):
     encodes = []
     encode = type(prm.format).encode
     monkeypatch.setattr(type(prm.format), "encode", lambda self, *a, **k: encodes.append(1) or encode(self, *a, **k))
@@ -252,7 +252,7 @@ def test_finding9_question_longer_than_the_context_fails_once(prm, policy, monke
 # --------------------------------------------------------------------------
 
 
-def test_finding10_prompts_times_n_is_capped(prm, policy):
+def test_prompts_times_n_is_capped(prm, policy):
     with reranker(prm, policy.url) as srv:  # default --max-samples: 128
         r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "best_of": 65})
         assert r.status_code == 400 and "--max-samples" in _error(r)["message"], r.text
@@ -277,7 +277,7 @@ def test_finding10_prompts_times_n_is_capped(prm, policy):
 # --------------------------------------------------------------------------
 
 
-def test_finding11_pillow_bomb_is_400(prm, policy):
+def test_pillow_bomb_is_400(prm, policy):
     bomb = "data:image/png;base64," + base64.b64encode(png_header_only(14000, 14000)).decode()  # > 2x Pillow's limit
     for limit in (None, 10 ** 9):  # ours catches it first; with ours raised past Pillow's, Pillow's does
         options = {} if limit is None else {"max_image_pixels": limit}
@@ -286,7 +286,7 @@ def test_finding11_pillow_bomb_is_400(prm, policy):
             assert r.status_code == 400 and "decompression-bomb limit" in _error(r)["message"], r.text
 
 
-def test_finding11_malformed_upstream_choices_are_502(prm, policy):
+def test_malformed_upstream_choices_are_502(prm, policy):
     def string_message(data):
         data["choices"][0]["message"] = "hello"
         return data
@@ -309,7 +309,7 @@ def test_finding11_malformed_upstream_choices_are_502(prm, policy):
 # --------------------------------------------------------------------------
 
 
-def test_finding12_client_key_is_required(prm, policy):
+def test_client_key_is_required(prm, policy):
     with reranker(prm, policy.url, client_api_keys=("old-key", "new-key")) as srv:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "new-key"},
                         {"Authorization": "Basic new-key"}):
@@ -327,7 +327,7 @@ def test_finding12_client_key_is_required(prm, policy):
         assert "old-key" not in policy.bodies[-1].values()
 
 
-def test_finding12_client_key_from_file_or_environment(tmp_path):
+def test_client_key_from_file_or_environment(tmp_path):
     from mmprm_infer.cli import build_parser
     from mmprm_infer.cli.serve import config_from_args
     from mmprm_infer.integrations.serve.options import CLIENT_KEY_ENV
@@ -342,7 +342,7 @@ def test_finding12_client_key_from_file_or_environment(tmp_path):
     assert config_from_args(args, environ={}).client_api_keys == ()
 
 
-def test_finding12_unknown_model_is_404_and_the_response_names_the_model(prm, policy):
+def test_unknown_model_is_404_and_the_response_names_the_model(prm, policy):
     with reranker(prm, policy.url) as srv:
         r = httpx.post(srv.url + "/v1/chat/completions", json=chat("q", model="gpt-4o"))
         assert r.status_code == 404 and _error(r)["code"] == "model_not_found" and "fake-policy" in _error(r)["message"]
@@ -377,7 +377,7 @@ def test_finding12_unknown_model_is_404_and_the_response_names_the_model(prm, po
     (["--client-api-key-file", "/no/such/keys"], "mmprm serve: --client-api-key-file '/no/such/keys' cannot be read"),
     (["--prm", "/no/such/prm"], "mmprm serve: --prm '/no/such/prm' is not a directory"),
 ])
-def test_finding14_serve_checks_options_before_loading_the_prm(tmp_path, monkeypatch, capsys, extra, needle):
+def test_serve_checks_options_before_loading_the_prm(tmp_path, monkeypatch, capsys, extra, needle):
     class NoLoad:
         def __init__(self, *a, **k):
             pass
@@ -399,7 +399,7 @@ def test_finding14_serve_checks_options_before_loading_the_prm(tmp_path, monkeyp
     assert "mmprm serve: " in message and needle in message, message
 
 
-def test_finding14_empty_key_file_is_refused(tmp_path):
+def test_empty_key_file_is_refused(tmp_path):
     from mmprm_infer.cli import build_parser
     from mmprm_infer.cli.serve import config_from_args
 

@@ -1,4 +1,4 @@
-"""Issue #19, finding 13: stream=true and token-id prompts on the reranking server.
+"""Streaming: stream=true and token-id prompts on the reranking server.
 
 The streams are parsed by hand (server-sent events, as the OpenAI wire
 format defines them); when the ``openai`` package is installed, the official
@@ -43,7 +43,7 @@ def _joined(chunks, key) -> dict:
     return out
 
 
-def test_finding13_chat_stream_sends_the_reranked_choices(prm, policy):
+def test_chat_stream_sends_the_reranked_choices(prm, policy):
     q = "request 21: what is 2 + 3?"
     with reranker(prm, policy.url) as srv:
         plain = httpx.post(srv.url + "/v1/chat/completions", json=chat(q, n=2)).json()
@@ -62,7 +62,7 @@ def test_finding13_chat_stream_sends_the_reranked_choices(prm, policy):
                                        for i, f in enumerate(firsts)]}, "request 21")
 
 
-def test_finding13_completion_stream_with_usage(prm, policy):
+def test_completion_stream_with_usage(prm, policy):
     with reranker(prm, policy.url) as srv:
         body = {"model": MODEL, "prompt": ["request 22: a", "request 23: b"], "n": 2}
         plain = httpx.post(srv.url + "/v1/completions", json=body).json()
@@ -75,13 +75,13 @@ def test_finding13_completion_stream_with_usage(prm, policy):
     assert [s["scores"] for s in chunks[-1]["prm"]] == [s["scores"] for s in plain["prm"]]
 
 
-def test_finding13_stream_errors_are_plain_http_errors(prm, policy):
+def test_stream_errors_are_plain_http_errors(prm, policy):
     with reranker(prm, policy.url) as srv:
         r = httpx.post(srv.url + "/v1/chat/completions", json=chat("q", model="nope", stream=True))
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
-def test_finding13_openai_client_streams(prm, policy):
+def test_openai_client_streams(prm, policy):
     import openai  # in the dev extra: a missing client fails here rather than skipping
     with reranker(prm, policy.url, client_api_keys=("k",)) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="k", max_retries=0)
@@ -105,7 +105,7 @@ def test_finding13_openai_client_streams(prm, policy):
 # --------------------------------------------------------------------------
 
 
-def test_finding13_token_id_prompts_go_to_the_policy_as_given(prm, policy):
+def test_token_id_prompts_go_to_the_policy_as_given(prm, policy):
     with reranker(prm, policy.url) as srv:
         body = {"model": MODEL, "prompt": [[26, 1, 2], [27, 3]], "question": ["request 26: q", "request 27: q"], "n": 2}
         r = httpx.post(srv.url + "/v1/completions", json=body)
@@ -128,7 +128,7 @@ def test_finding13_token_id_prompts_go_to_the_policy_as_given(prm, policy):
         assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
 
 
-def test_finding13_token_id_prompts_decoded_with_the_prm_tokenizer(prm, policy):
+def test_token_id_prompts_decoded_with_the_prm_tokenizer(prm, policy):
     ids = prm.tokenizer("request 29: what is 7 * 8?", add_special_tokens=False)["input_ids"]
     question = prm.tokenizer.decode(ids, skip_special_tokens=True)
     with reranker(prm, policy.url, decode_token_prompts=True) as srv:

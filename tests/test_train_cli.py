@@ -1,4 +1,4 @@
-"""`mmprm train` (#17): a PRM from a plain checkpoint and step-labelled files; resume after a kill."""
+"""`mmprm train`: a PRM from a plain checkpoint and step-labelled files; resume after a kill."""
 
 from __future__ import annotations
 
@@ -147,8 +147,8 @@ def test_annotate_mc_with_a_local_transformers_policy(base, tmp_path):
     assert rows and all(isinstance(v, bool) for r in rows for v in r["labels"])  # TRL's layout by default
 
 
-# --- #31: --out around the base, the resume state, its options, bad labels -----------------------------------
-def test_item2_out_equal_to_or_around_the_base_is_refused(base, tmp_path):
+# --- hardening: --out around the base, the resume state, its options, bad labels -----------------------------------
+def test_out_equal_to_or_around_the_base_is_refused(base, tmp_path):
     import shutil
 
     models = tmp_path / "models"
@@ -162,7 +162,7 @@ def test_item2_out_equal_to_or_around_the_base_is_refused(base, tmp_path):
     assert (copy / "model.safetensors").read_bytes() == weights and not (copy / "prm").exists()
 
 
-def test_item4_resume_state_is_never_run(base, tmp_path):
+def test_resume_state_is_never_run(base, tmp_path):
     out = tmp_path / "run"
     assert _train(base, tmp_path, out, "--save-steps", "4") == 0
     state = out / "checkpoint-last" / "trainer_state.pt"
@@ -185,7 +185,7 @@ def test_item4_resume_state_is_never_run(base, tmp_path):
         _train(base, tmp_path, out, "--save-steps", "4", "--resume")
 
 
-def test_item14_resume_with_other_options_is_refused(base, tmp_path):
+def test_resume_with_other_options_is_refused(base, tmp_path):
     out = tmp_path / "run"
     assert _train(base, tmp_path, out, "--save-steps", "4") == 0  # leaves the resume point of step 8
     for extra, named in ((["--lr", "2e-3"], r"--learning-rate 0.002 \(the saved run used 0.001\)"),
@@ -201,7 +201,7 @@ def test_item14_resume_with_other_options_is_refused(base, tmp_path):
     ([2.0, 1.0], "q", r"labels must be Monte-Carlo scores in \[0, 1\], got \[2.0\]"),
     ([1.0, 1.0], 5, "question must be a string, got int"),
 ])
-def test_item11_bad_labels_are_one_line_and_leave_out_empty(base, tmp_path, labels, prompt, needle):
+def test_bad_labels_are_one_line_and_leave_out_empty(base, tmp_path, labels, prompt, needle):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": prompt, "completions": ["1 + 1 = 2.", "So 2."], "labels": labels}) + "\n")
     out = tmp_path / "prm"

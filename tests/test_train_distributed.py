@@ -1,4 +1,4 @@
-"""Multi-process training (#32): `torchrun` (or `accelerate launch`) runs `mmprm train` data-parallel, each
+"""Multi-process training: `torchrun` (or `accelerate launch`) runs `mmprm train` data-parallel, each
 process a share of every step's micro-batches, gradients summed -- the same model as one process trains.
 On CPU with Gloo; also `--report-to tensorboard`."""
 

@@ -85,7 +85,7 @@ def random_image(width, height, seed=0, mode="RGB"):
         ((20000, 300), 6, (6, 1)),
         ((300, 20000), 6, (1, 6)),
         ((300, 20000), 1, (1, 1)),
-        # #31 item 20: the area exactly half the larger grid's (0.5 * 448^2 * cols * rows): "more than half"
+        # the area exactly half the larger grid's (0.5 * 448^2 * cols * rows): "more than half"
         # is strict, so the tie stays with the smaller grid
         ((896, 1008), 12, (2, 2)),  # 903168 = half of 3x3; 8:9 ties 1:1 with 2x2 and 3x3
         ((1008, 896), 12, (2, 2)),

@@ -16,8 +16,9 @@ and gives the flat row index of every reward marker, in sample/step order.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -111,7 +112,8 @@ def make_layout(lengths: Sequence[int], reward_positions: Sequence[Sequence[int]
         attention_mask = torch.zeros(rows, width, dtype=torch.long)
         for i, n in enumerate(lengths):
             attention_mask[i, :n] = 1
-    markers, cu = [], [0]
+    markers: list[int] = []
+    cu = [0]
     for (row, col), positions in zip(starts, reward_positions):
         markers.extend(row * width + col + p for p in positions)
         cu.append(len(markers))

@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
+from mmprm_infer.io.data import DataError, read_records
 from mmprm_infer.io.files import atomic_output
 
 __all__ = [
@@ -312,7 +314,6 @@ _READERS = {
 def load_samples(path: str | os.PathLike, format: str | None = None) -> list[StepSample]:
     """Read a sample file (JSONL, JSON, Parquet, Arrow: ``mmprm_infer.io.data``) in any of ``LAYOUTS``
     (detected from the first record when not given); a bad record is named by file, line and field."""
-    from mmprm_infer.io.data import DataError, read_records
 
     try:
         records = list(read_records(path))

@@ -13,8 +13,8 @@ the logs, resume points and the final checkpoint.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -29,12 +29,12 @@ class Distributed:
     owns_group: bool = False  # this object created the process group (and destroys it in close)
 
     @classmethod
-    def from_environment(cls) -> "Distributed":
+    def from_environment(cls) -> Distributed:
         """One process (no launcher), or this process's place in the launcher's group."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        import torch.distributed as dist
+        import torch.distributed as dist  # torch: heavy, loaded where used
 
         rank = int(os.environ["RANK"])
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -61,7 +61,7 @@ class Distributed:
         """Sum every parameter's gradient over the processes (one flat buffer, one call)."""
         if self.world_size == 1:
             return
-        import torch.distributed as dist
+        import torch.distributed as dist  # torch: heavy, loaded where used
 
         grads = []
         for p in params:
@@ -79,7 +79,7 @@ class Distributed:
         """Each value summed over the processes."""
         if self.world_size == 1:
             return list(values)
-        import torch.distributed as dist
+        import torch.distributed as dist  # torch: heavy, loaded where used
 
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
@@ -87,13 +87,13 @@ class Distributed:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            import torch.distributed as dist
+            import torch.distributed as dist  # torch: heavy, loaded where used
 
             dist.barrier()
 
     def close(self) -> None:
         if self.owns_group:
-            import torch.distributed as dist
+            import torch.distributed as dist  # torch: heavy, loaded where used
 
             dist.destroy_process_group()
             self.owns_group = False

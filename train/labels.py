@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from mmprm_infer.train.datasets import StepSample
 from mmprm_infer.train.mcts import iter_nodes

@@ -15,8 +15,9 @@ resumption, same ``--ray``), marked ``"method": "mc"``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mmprm_infer.answers import AnswerVerifier
 from mmprm_infer.policy import Policy, PolicyPrompt, join_steps, split_steps

@@ -50,14 +50,17 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from mmprm_infer.answers import AnswerVerifier
 from mmprm_infer.io.files import write_json_atomic
+from mmprm_infer.io.progress import progress_bar
 from mmprm_infer.policy import Policy, PolicyPrompt, join_steps, split_steps
+from mmprm_infer.train.mc_annotation import MCConfig, mc_estimate_question
 
 __all__ = [
     "MCTSConfig",
@@ -122,12 +125,12 @@ class Node:
     """A partial solution: ``partial_solution`` = the steps it adds to its parent's."""
 
     partial_solution: list[str]
-    parent: "Node | None" = None
+    parent: Node | None = None
     mc_value: float | None = None
     visit_count: int = 0
     correct_rollouts: list[list[str]] = field(default_factory=list)
     incorrect_rollouts: list[list[str]] = field(default_factory=list)
-    children: list["Node"] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)
     pending: list[tuple[str, ...]] = field(default_factory=list)  # incorrect rollouts not yet searched
 
     def prefix(self) -> list[str]:
@@ -141,7 +144,7 @@ class Node:
             steps.extend(part)
         return steps
 
-    def add_child(self, steps: Sequence[str]) -> "Node":
+    def add_child(self, steps: Sequence[str]) -> Node:
         child = Node(list(steps), parent=self)
         self.children.append(child)
         return child
@@ -218,7 +221,8 @@ class OmegaPRMSearch:
     def q_value(self, node: Node, rollout: Sequence[str]) -> float:
         words = len("\n".join(rollout).split())
         c = self.config
-        return c.alpha ** (1 - node.mc_value) * c.beta ** (words / c.length_scale)
+        # q_value is asked of estimated nodes: mc_value is set
+        return c.alpha ** (1 - node.mc_value) * c.beta ** (words / c.length_scale)  # type: ignore[operator]
 
     def u_value(self, node: Node, total_visits: int) -> float:
         return self.config.c_puct * math.sqrt(total_visits) / (1 + node.visit_count)
@@ -415,7 +419,7 @@ def _save_image(item: AnnotationItem, out_dir: Path) -> str | None:
         return os.fspath(image)
     path = out_dir / "images" / f"{_file_stem(item.id)}.png"
     if not path.exists():
-        from PIL.PngImagePlugin import PngInfo
+        from PIL.PngImagePlugin import PngInfo  # PIL: heavy, loaded where used
 
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         info = PngInfo()  # keep text metadata (a synthetic image carries its problem spec)
@@ -482,7 +486,6 @@ def search_question(item: AnnotationItem, policy: Policy, config: MCTSConfig,
     """One question's finished tree (MM-PRM layout + id, config, extras) and its rollout count;
     ``item.image`` is a path (``with_saved_image``) or None.  With an ``MCConfig``: per-step
     Monte Carlo estimates instead (``train.mc_annotation``)."""
-    from mmprm_infer.train.mc_annotation import MCConfig, mc_estimate_question
 
     if isinstance(config, MCConfig):
         return mc_estimate_question(item, policy, config, verifier)
@@ -497,8 +500,6 @@ class AnnotationProgress:
     """Counts finished/failed questions and rollouts (thread-safe) behind one progress bar."""
 
     def __init__(self, run: AnnotationRun, progress: bool, desc: str = "annotate"):
-        from mmprm_infer.io.progress import progress_bar
-
         self.stats, self.lock, self.start = run.stats, threading.Lock(), time.perf_counter()
         self.bar = progress_bar(total=run.stats.questions, initial=run.stats.skipped, unit="q", desc=desc,
                                 disable=not progress)
@@ -510,7 +511,7 @@ class AnnotationProgress:
                 self.stats.failed.append(qid)
             else:
                 self.stats.annotated += 1
-                self.stats.rollouts += rollouts
+                self.stats.rollouts += rollouts  # type: ignore[operator]  # a success reports its rollouts
             elapsed = time.perf_counter() - self.start
             self.bar.update(1)
             self.bar.set_postfix(rollouts=self.stats.rollouts,

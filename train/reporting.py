@@ -11,8 +11,8 @@ network).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["Reporters", "REPORT_TO"]
 
@@ -29,14 +29,15 @@ class Reporters:
         self.tensorboard = self.wandb = None
         if "tensorboard" in names:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # tensorboard: optional (the train extra)
             except ImportError as exc:
                 raise ValueError(f"report_to tensorboard needs the tensorboard package (pip install tensorboard): "
                                  f"{exc}") from None
-            self.tensorboard = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))
+            # the trainer always passes its output folder
+            self.tensorboard = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))  # type: ignore[arg-type]
         if "wandb" in names:
             try:
-                import wandb
+                import wandb  # wandb: optional (the wandb extra)
             except ImportError:
                 raise ValueError("report_to wandb needs the wandb package (pip install wandb)") from None
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mmprm-infer"), dir=str(output_dir),

@@ -29,10 +29,11 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +41,12 @@ from torch import nn
 
 from mmprm_infer.evaluation.metrics import step_error_f1, step_macro_f1
 from mmprm_infer.formats import MODEL_QWEN2_PRM, EncodedCandidate
+from mmprm_infer.io.progress import progress_bar
 from mmprm_infer.models import adapter_for
 from mmprm_infer.prm import PRM
 from mmprm_infer.train.collate import TrainExample, as_example, make_layout, place_embeds, place_tokens
 from mmprm_infer.train.distributed import Distributed
+from mmprm_infer.train.reporting import Reporters
 from mmprm_infer.train.resume import ResumeState, save_resume_point
 
 __all__ = [
@@ -135,7 +138,7 @@ class TrainConfig:
             raise ValueError("save_steps is not supported with LoRA (the final checkpoint is saved merged); unset one")
         if self.save_steps is not None and self.output_dir is None:
             raise ValueError("save_steps needs output_dir")
-        self.adam_betas = tuple(self.adam_betas)
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]  # a list from JSON: two floats
         self.vision_prefixes = tuple(self.vision_prefixes)
         self.report_to = tuple(self.report_to)
 
@@ -384,7 +387,7 @@ def freeze_vision_tower(prm: PRM, prefixes: Sequence[str] = VISION_PREFIXES) -> 
 
 def _apply_lora(prm: PRM, settings: LoraSettings):
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # peft: optional (the train extra)
     except ImportError as exc:
         raise ImportError(
             "TrainConfig.lora needs the peft package (pip install 'peft>=0.13'); or set lora=None for full "
@@ -521,10 +524,7 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
     process trains the same model on its share of each step's micro-batches, gradients summed; process 0
     writes the logs and checkpoints.
     """
-    from transformers import get_cosine_schedule_with_warmup
-
-    from mmprm_infer.io.progress import progress_bar
-    from mmprm_infer.train.reporting import Reporters
+    from transformers import get_cosine_schedule_with_warmup  # transformers: heavy, loaded where used
 
     config = config or TrainConfig()
     distributed = distributed or Distributed()
@@ -625,8 +625,8 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
                                             weights=weights, distributed=distributed)
             if distributed.world_size > 1:
                 distributed.all_reduce_gradients(params)
-                loss, step_tokens = distributed.sum(loss, step_tokens)
-                step_tokens = int(step_tokens)
+                loss, step_tokens_sum = distributed.sum(loss, step_tokens)
+                step_tokens = int(step_tokens_sum)
             tokens_run += step_tokens
             if not math.isfinite(loss):
                 raise FloatingPointError(
@@ -656,8 +656,9 @@ def train_prm(prm: PRM, train_samples: Iterable, config: TrainConfig | None = No
             if config.save_steps and step % config.save_steps == 0 and step < total_steps and main:
                 model.eval()
                 if config.keep_step_checkpoints:
-                    prm.save_pretrained(out_dir / f"checkpoint-{step}")
-                save_resume_point(out_dir, prm, optimizer, scheduler, step, epoch, losses, history,
+                    # save_steps needs output_dir (checked in TrainConfig): out_dir is set
+                    prm.save_pretrained(out_dir / f"checkpoint-{step}")  # type: ignore[operator]
+                save_resume_point(out_dir, prm, optimizer, scheduler, step, epoch, losses, history,  # type: ignore[arg-type]
                                   len(examples), total_steps, run_options(config, lr))
                 model.train()
         if eval_examples and (not history or history[-1]["step"] != step):

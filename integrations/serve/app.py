@@ -72,9 +72,10 @@ class State:
         self.config = config
         self.inflight = 0
         self.rejected = 0
-        self.batcher: PRMBatcher | None = None
-        self.upstream: Upstream | None = None
-        self.images: ImageReader | None = None
+        # set by open(), which runs before the app serves any request (typed as set: every use is after it)
+        self.batcher: PRMBatcher = None  # type: ignore[assignment]
+        self.upstream: Upstream = None  # type: ignore[assignment]
+        self.images: ImageReader = None  # type: ignore[assignment]
 
     def open(self) -> None:
         config = self.config
@@ -228,7 +229,8 @@ async def _chat(state: State, req: ChatCompletionRequest) -> dict:
         choices = policy_choices(data, samples, "message")
         texts, too_long = state.readable_samples([c["message"].get("content") or "" for c in choices])
         item = ScoringItem(question, texts, state.prm_image(prm_images))
-        result = (await state.rank([item], config.aggregate, config.strategy))[0]
+        # create_app resolved config.aggregate to a name
+        result = (await state.rank([item], config.aggregate, config.strategy))[0]  # type: ignore[arg-type]
         result.errors.update(too_long)
         out = ranked_choices(choices, result, req.n)
         return response(data, model, "chat.completion", out, {**summary(result, samples), "question": question})
@@ -299,7 +301,8 @@ async def _completions(state: State, req: CompletionRequest) -> dict:
             texts, long_ones = state.readable_samples(texts)
             items.append(ScoringItem(question, texts, None))
             too_long.append(long_ones)
-        results = await state.rank(items, config.aggregate, config.strategy)
+        # create_app resolved config.aggregate to a name
+        results = await state.rank(items, config.aggregate, config.strategy)  # type: ignore[arg-type]
         for result, long_ones in zip(results, too_long):
             result.errors.update(long_ones)
         out = []
@@ -315,7 +318,8 @@ async def _score(state: State, req: ScoreRequest) -> dict:
     aggregate = req.aggregate or config.aggregate
     strategy = req.strategy or config.strategy
     try:
-        get_aggregation(aggregate)
+        # create_app resolved config.aggregate to a name
+        get_aggregation(aggregate)  # type: ignore[arg-type]
         get_strategy(strategy)
     except ValueError as exc:
         raise APIError(400, str(exc), param="aggregate" if req.aggregate else "strategy") from None
@@ -327,14 +331,16 @@ async def _score(state: State, req: ScoreRequest) -> dict:
     async with state.admitted():
         images = [await state.images.read(u) for u in urls]
         item = ScoringItem(req.question, req.candidates, state.prm_image(images))
-        r = (await state.rank([item], aggregate, strategy))[0]
+        # create_app resolved config.aggregate to a name
+        r = (await state.rank([item], aggregate, strategy))[0]  # type: ignore[arg-type]
         return {
             "object": "prm.score",
             "question": req.question,
             "aggregate": r.aggregate,
             "strategy": r.strategy,
             "step_rewards": r.step_rewards,
-            "scores": [finite_or_none(s) for s in r.scores],
+            # the PRM scored it: step rewards are set
+            "scores": [finite_or_none(s) for s in r.scores],  # type: ignore[union-attr]
             "ranking": r.ranking,
             "best_index": r.best_index,
             "answers": r.answers,
@@ -445,7 +451,8 @@ async def _lifespan(app: FastAPI):
 
 
 def create_app(prm: PRM, config: ServerConfig) -> FastAPI:
-    config = dataclasses.replace(config, aggregate=resolve_aggregate(config.aggregate, prm))
+    # a server's aggregate is a name (from the command line), so is the PRM's default
+    config = dataclasses.replace(config, aggregate=resolve_aggregate(config.aggregate, prm))  # type: ignore[arg-type]
     app = FastAPI(title="mmprm reranking server", lifespan=_lifespan, exception_handlers={
         APIError: _api_error, HTTPException: _http_error, RequestValidationError: _validation_error})
     app.add_middleware(Guard, keys=config.client_api_keys, max_body_bytes=config.max_body_bytes)
@@ -461,6 +468,6 @@ def create_app(prm: PRM, config: ServerConfig) -> FastAPI:
 
 def run_server(prm: PRM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8080,
                log_level: str = "info") -> None:
-    import uvicorn
+    import uvicorn  # uvicorn: optional (the serve extra)
 
     uvicorn.Server(uvicorn_config(create_app(prm, config), host=host, port=port, log_level=log_level)).run()

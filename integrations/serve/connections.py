@@ -29,7 +29,7 @@ import logging
 import resource
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import h11
 import uvicorn
@@ -106,11 +106,12 @@ class BoundedH11Protocol(H11Protocol):
         if phase == getattr(self, "_phase", None):
             return
         if getattr(self, "_timer", None) is not None:
-            self._timer.cancel()
+            # _timer is first set below (hence the getattr)
+            self._timer.cancel()  # type: ignore[attr-defined]
         self._phase, self._timer = phase, None
         if phase is not None:
             limit = self.header_timeout_s if phase == "head" else self.body_timeout_s
-            self._timer = self.loop.call_later(limit, self._too_slow, phase, limit)
+            self._timer = self.loop.call_later(limit, self._too_slow, phase, limit)  # type: ignore[assignment]
 
     def _too_slow(self, phase: str, limit: float) -> None:
         self._timer = None
@@ -160,9 +161,9 @@ class RepeatedLogFilter(logging.Filter):
         return True
 
 
-def install_log_filter(loggers=LOGGERS, **options) -> RepeatedLogFilter:
+def install_log_filter(loggers=LOGGERS, **options) -> RepeatedLogFilter | None:
     """One RepeatedLogFilter on each of ``loggers`` (once: a second call finds it there)."""
-    shared = None
+    shared: RepeatedLogFilter | None = None  # None where no logger is named
     for name in loggers:
         logger = logging.getLogger(name)
         found = next((f for f in logger.filters if isinstance(f, RepeatedLogFilter)), None)

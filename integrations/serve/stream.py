@@ -12,7 +12,7 @@ summary on the last chunk.
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 from fastapi.responses import StreamingResponse
 

@@ -29,7 +29,7 @@ __all__ = ["register", "status", "TESTED_VLLM_VERSIONS", "ALLOW_UNTESTED_ENV"]
 
 def register() -> None:
     """vLLM's entry point: patch this process's vLLM, or log loudly why not (never raises into vLLM)."""
-    from mmprm_infer.integrations.vllm_plugin import patches
+    from mmprm_infer.integrations.vllm_plugin import patches  # lazy: it imports torch, numpy
 
     if status().startswith("active"):  # vLLM loads plugins once per process; a second call changes nothing
         return
@@ -45,7 +45,7 @@ def register() -> None:
 
 def refusal(version: str) -> str | None:
     """Why this process's vLLM must not be patched (an untested version, or classes that moved); None: patch."""
-    from mmprm_infer.integrations.vllm_plugin import patches
+    from mmprm_infer.integrations.vllm_plugin import patches  # lazy: it imports torch, numpy
 
     reason = version_refusal(version)
     if reason is None:
@@ -58,7 +58,7 @@ def refusal(version: str) -> str | None:
 
 def status() -> str:
     """'active: ...', 'refused: <why>', or 'not loaded' (vLLM has not called register() in this process)."""
-    from mmprm_infer.integrations.vllm_plugin.patches import MARKER, targets
+    from mmprm_infer.integrations.vllm_plugin.patches import MARKER, targets  # lazy: it imports torch, numpy
 
     return getattr(targets()["pooler"][0], MARKER, "not loaded")
 

@@ -31,8 +31,8 @@ MARKER = "mmprm_prefix_reuse"
 
 def _step_pool_forward(self, hidden_states: torch.Tensor, pooling_metadata) -> list[torch.Tensor | None]:
     """StepPool.forward reading rewards from the computed tail of each prompt (see positions.py)."""
-    from vllm.model_executor.layers.pooler.tokwise.methods import AllPool
-    from vllm.utils.torch_utils import async_tensor_h2d
+    from vllm.model_executor.layers.pooler.tokwise.methods import AllPool  # vllm: optional (the vllm extra)
+    from vllm.utils.torch_utils import async_tensor_h2d  # vllm: optional (the vllm extra)
 
     if self.enable_chunked_prefill:
         _drop_stale_chunks(pooling_metadata)
@@ -112,9 +112,9 @@ def _step_reads_cache_by_default(original):
 
 def targets() -> dict[str, tuple[type, str]]:
     """What is patched: name -> (class, attribute).  Importing these is the structural part of the version check."""
-    from vllm.model_executor.layers.pooler.tokwise.methods import StepPool
-    from vllm.pooling_params import PoolingParams
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.model_executor.layers.pooler.tokwise.methods import StepPool  # vllm: optional (the vllm extra)
+    from vllm.pooling_params import PoolingParams  # vllm: optional (the vllm extra)
+    from vllm.v1.core.kv_cache_manager import KVCacheManager  # vllm: optional (the vllm extra)
 
     return {"pooler": (StepPool, "forward"), "cache_cap": (KVCacheManager, "get_computed_blocks"),
             "default": (PoolingParams, "_merge_default_parameters")}
@@ -127,7 +127,7 @@ def missing_targets() -> list[str]:
     except ImportError as exc:
         return [f"import failed: {exc}"]
     missing = [f"{cls.__name__}.{attr}" for cls, attr in found.values() if not callable(getattr(cls, attr, None))]
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.kv_cache_manager import KVCacheManager  # vllm: optional (the vllm extra)
 
     for helper in ("truncate_computed_blocks",):
         if not callable(getattr(KVCacheManager, helper, None)):
@@ -141,7 +141,8 @@ def apply(status: str) -> None:
     step_pool = found["pooler"][0]
     if getattr(step_pool, MARKER, "").startswith("active"):
         return
-    step_pool.forward = _step_pool_forward
+    # vLLM's step pooler class, patched in place
+    step_pool.forward = _step_pool_forward  # type: ignore[attr-defined]
     manager, attr = found["cache_cap"]
     setattr(manager, attr, _capped_get_computed_blocks(getattr(manager, attr)))
     params, attr = found["default"]

@@ -12,7 +12,7 @@ pieces that the pooler concatenates; either way the rows it holds are the hidden
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 TOKEN_TASKS = ("token_embed", "token_classify")
 

@@ -12,7 +12,7 @@ ALLOW_UNTESTED_ENV = "MMPRM_VLLM_PLUGIN_ALLOW_UNTESTED"
 
 
 def installed_vllm_version() -> str:
-    import vllm
+    import vllm  # vllm: optional (the vllm extra)
 
     return str(getattr(vllm, "__version__", "unknown"))
 

@@ -19,7 +19,7 @@ def varlen_func():
     """flash_attn_varlen_func when the package imports, else None; probed once per process."""
     try:
         from flash_attn import flash_attn_varlen_func  # optional: the gpu extra
-    except Exception:  # not installed, or built for another torch/CUDA
+    except Exception:  # noqa: BLE001 - not installed, or built for another torch/CUDA
         return None
     return flash_attn_varlen_func
 

@@ -55,7 +55,7 @@ def choose_cuda_backend(rows: int, prefix: int, heads: int, kv_heads: int, head_
         calls = {"flash_attn": lambda: flash_attn_ops.attention(q, ks, vs, kp, vp, cu, scale, cu_t),
                  "triton": lambda: triton_ops.attention(q, ks, vs, kp, vp, cu, scale, {})}
         best = backends.time_interleaved(calls, reps, sync=torch.cuda.synchronize)
-        _cuda_choices[key] = min(best, key=best.get)
+        _cuda_choices[key] = min(best, key=best.get)  # type: ignore[arg-type]
     return _cuda_choices[key]
 
 
@@ -152,7 +152,8 @@ class AttentionPlan:
             pre = flash_attn_ops.prefix_partial(q_rows, k_prefix, v_prefix, scale)
         else:
             pre = triton_ops.prefix_partial(q_rows, k_prefix, v_prefix, scale)
-        return triton_ops.merge(*pre, suf[0].float(), suf[1].float(), out_dtype=q_rows.dtype)
+        # pre is the prefix partial's (out, lse) pair
+        return triton_ops.merge(*pre, suf[0].float(), suf[1].float(), out_dtype=q_rows.dtype)  # type: ignore[call-arg, misc]
 
 
 def plan_attention(cu_seqlens, num_tokens: int, *, device, dtype: torch.dtype = torch.float32, head_dim: int = 64,

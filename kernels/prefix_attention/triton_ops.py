@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from mmprm_infer.kernels import backends, triton_runtime
+from mmprm_infer.kernels.prefix_attention.partials import no_keys
 from mmprm_infer.kernels.triton_runtime import jit_lazily as _jit
 from mmprm_infer.kernels.triton_runtime import tl, triton
-from mmprm_infer.kernels.prefix_attention.partials import no_keys
 
 LOG2E = 1.4426950408889634
 # Tiles; None = pick by head dim and dtype (_tiles).  Tests override them.

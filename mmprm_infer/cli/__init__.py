@@ -15,8 +15,10 @@ import signal
 import sys
 import threading
 
+from mmprm_infer import __version__
 from mmprm_infer.cli import annotate, convert, demo, evaluate, pipeline, score, serve, train
 from mmprm_infer.cli.arguments import Parser
+from mmprm_infer.io.progress import quiet_transformers_progress
 
 __all__ = ["build_parser", "main"]
 
@@ -29,7 +31,6 @@ def build_parser(command: str | None = None, *, only: bool = False) -> Parser:
     """The whole parser tree; with ``only``, just ``command``'s flags are set up (none when it is None):
     ``main`` asks for the one it runs, so ``mmprm --help`` and ``mmprm score ...`` never import another
     command's defaults."""
-    from mmprm_infer import __version__
 
     parser = Parser(prog="mmprm", description="Process-reward-model scoring and reranking")
     parser.add_argument("--version", action="version", version=f"mmprm {__version__}")
@@ -74,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in _COMMANDS else None, only=True).parse_args(argv)
-    from mmprm_infer.io.progress import quiet_transformers_progress
 
     quiet_transformers_progress()  # every command: the library's own bars and stage lines say what happens
     with _termination_as_interrupt() as got:

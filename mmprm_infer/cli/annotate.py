@@ -18,9 +18,11 @@ import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 
 from mmprm_infer.cli.arguments import add_progress, alias
 from mmprm_infer.integrations.ray_cluster import RayConnectError
+from mmprm_infer.io.data import read_records
 
 __all__ = ["configure", "run", "load_questions", "policy_factory"]
 
@@ -30,7 +32,9 @@ DESCRIPTION = ("OmegaPRM (MM-PRM) MCTS step annotation of synthetic multimodal p
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from mmprm_infer.train.mcts import MCTSConfig
+    from mmprm_infer.train.mcts import MCTSConfig  # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
+
+    # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
     from mmprm_infer.train.synthetic.policy import ErrorRates
 
     cfg, rates = MCTSConfig(), ErrorRates()
@@ -119,9 +123,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 def load_questions(path: str) -> list[dict]:
     """Question dicts from records (JSONL, JSON, Parquet, Arrow, a folder: the one record reader), image
     paths made relative to each record's file; errors name the file, line and field."""
-    from pathlib import Path
-
-    from mmprm_infer.io.data import read_records
 
     questions = []
     for record in read_records(path):
@@ -134,14 +135,18 @@ def load_questions(path: str) -> list[dict]:
         if not isinstance(q["question"], str):
             raise ValueError(f"{record.where}: field 'question' must be a string, got {type(q['question']).__name__}")
         if q.get("image_path") and not Path(q["image_path"]).is_absolute():
-            q["image_path"] = str(record.path.parent / q["image_path"])
+            # records read from a file have a path
+            q["image_path"] = str(record.path.parent / q["image_path"])  # type: ignore[union-attr]
         questions.append(q)
     return questions
 
 
 def policy_factory(args, rates):
     """A picklable callable that builds the policy (in this process, or in each Ray worker)."""
+    # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
     from mmprm_infer.integrations import ray_annotate as factories
+
+    # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
     from mmprm_infer.train.synthetic.policy import synthetic_policy_factory
 
     if args.policy_vllm:
@@ -152,8 +157,6 @@ def policy_factory(args, rates):
         return factories.vllm_policy_factory(args.policy_model, args.tensor_parallel_size, llm_kwargs=extra,
                                              max_new_tokens=args.max_new_tokens)
     if args.policy_hf:
-        from pathlib import Path
-
         if not (Path(args.policy_hf) / "config.json").is_file():
             raise SystemExit(f"mmprm annotate: --policy-hf {args.policy_hf} is not a checkpoint folder")
         return factories.hf_policy_factory(args.policy_hf, args.policy_seed, max_new_tokens=args.max_new_tokens)
@@ -169,9 +172,10 @@ def policy_factory(args, rates):
 
 
 def _run(args, problems, factory, config):
-    from mmprm_infer.train.mcts import annotate
+    from mmprm_infer.train.mcts import annotate  # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
 
     if args.ray is not None:
+        # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
         from mmprm_infer.integrations.ray_annotate import ray_annotate
 
         # a vLLM worker holds its GPU; with tensor parallelism vLLM's own Ray workers hold them instead
@@ -184,16 +188,25 @@ def _run(args, problems, factory, config):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmprm_infer.train.datasets import save_samples
+    from mmprm_infer.train.datasets import save_samples  # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
+
+    # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
     from mmprm_infer.train.labels import LabelConfig, label_stats, trees_to_samples
-    from mmprm_infer.train.mc_annotation import MCConfig
+    from mmprm_infer.train.mc_annotation import MCConfig  # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
+
+    # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
     from mmprm_infer.train.mcts import MCTSConfig, load_trees
+
+    # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
     from mmprm_infer.train.synthetic.policy import ErrorRates
+
+    # lazy: only `mmprm annotate` runs it; `mmprm -h` stays light
     from mmprm_infer.train.synthetic.task import annotation_items, make_problems
 
     if args.output_dir is None:
         raise SystemExit("mmprm annotate: --output-dir is required (the folder for the trees)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    config: MCConfig | MCTSConfig
     try:
         if args.method == "mc":
             config = MCConfig(num_solutions=args.num_solutions, num_continuations=args.num_rollouts,

@@ -4,7 +4,8 @@ usage error naming the flag (`mmprm serve: error: argument --n: must be >= 1, go
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+import sys
+from collections.abc import Callable
 
 __all__ = ["DTYPES", "FORMAT_NAMES", "arg_type", "at_least", "positive_int", "non_negative_int", "HelpFormatter",
            "Parser", "alias", "add_progress", "add_device", "add_dtype", "resolve_device", "announce_device"]
@@ -105,7 +106,7 @@ def add_dtype(parser, default: str | None = None, help: str = "weights' dtype; d
 def resolve_device(device: str | None) -> str:
     """``auto`` (or None) as cuda where torch sees a GPU, else cpu; anything else as given."""
     if device in (None, "auto"):
-        import torch
+        import torch  # torch: heavy, loaded where used
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -113,11 +114,10 @@ def resolve_device(device: str | None) -> str:
 
 def announce_device(prog: str, device: str, dtype: str | None = None) -> None:
     """One line on stderr saying where the model runs (a GPU user must not run on the CPU unknowingly)."""
-    import sys
 
     what = device
     if device.startswith("cuda"):
-        import torch
+        import torch  # torch: heavy, loaded where used
 
         index = torch.device(device).index or 0
         what = f"{device} ({torch.cuda.get_device_name(index)})"

@@ -25,6 +25,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: it imports torch, PIL, numpy
     from mmprm_infer.models.convert_internvl import ConversionError, convert_internvl
 
     try:

@@ -19,8 +19,9 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from mmprm_infer.aggregation import AGGREGATIONS, ALIASES, PROBABILITY_AGGREGATIONS
 from mmprm_infer.cli.arguments import (
@@ -35,7 +36,14 @@ from mmprm_infer.cli.arguments import (
 )
 from mmprm_infer.integrations.ray_cluster import RayConnectError
 from mmprm_infer.io.data import DataError, Record, field, read_records, read_splits
-from mmprm_infer.io.files import OutputError, json_safe, written_in_place
+from mmprm_infer.io.files import (
+    OutputError,
+    check_output_path,
+    existing_files,
+    json_safe,
+    write_json_atomic,
+    written_in_place,
+)
 
 __all__ = ["configure", "run", "resolve_images"]
 
@@ -58,7 +66,6 @@ def resolve_images(record: Record, name: str, base_dir: Path, image_root: Path |
     paths = value if isinstance(value, list) else [value]
     if not all(isinstance(p, str) and p for p in paths):
         raise record.error(f"field '{name}' must be a path or a list of paths")
-    from mmprm_infer.io.files import existing_files
 
     return existing_files(paths, image_root or base_dir, lambda p, full: record.error(
         f"image {p} of field '{name}' not found at {full} (give --image-root for the folder the benchmark's image "
@@ -72,7 +79,8 @@ class Collector:
     """Parses records; a bad one stops the run (fail) or is listed in the report and left out (skip)."""
 
     def __init__(self, on_error: str):
-        self.on_error, self.errors = on_error, []
+        self.on_error = on_error
+        self.errors: list[str] = []
 
     def parse(self, records: list[Record], read: Callable[[Record], object]) -> list:
         out = []
@@ -105,8 +113,9 @@ def plot_path(args) -> str:
 
 def score(args, items: list, wheres: list[str], collector: Collector, desc: str) -> list:
     """Rewards per item, or None where the PRM failed on it (listed by the collector)."""
+    # lazy: only `mmprm eval` runs it; `mmprm -h` stays light
     from mmprm_infer.evaluation.scoring import RewardCache, ScoringFailure, prm_fingerprint, score_with_cache
-    from mmprm_infer.io.records import PRMSpec
+    from mmprm_infer.io.records import PRMSpec  # lazy: it imports torch, transformers, PIL
 
     spec = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine, max_tiles=args.max_tiles)
     # a report written in place (a device such as /dev/null, a FIFO) has no folder of its own for the cache
@@ -119,6 +128,7 @@ def score(args, items: list, wheres: list[str], collector: Collector, desc: str)
               file=sys.stderr)
     remote = None
     if args.ray is not None:
+        # lazy: only `mmprm eval` runs it; `mmprm -h` stays light
         from mmprm_infer.integrations.ray_scoring import score_items
 
         def remote(todo):
@@ -131,7 +141,7 @@ def score(args, items: list, wheres: list[str], collector: Collector, desc: str)
 
     results = score_with_cache(items, load, cache, args.batch_questions, args.engine, not args.no_progress, desc,
                                remote)
-    out = []
+    out: list[Any] = []  # step rewards per item, None where it failed
     for where, r in zip(wheres, results):
         if isinstance(r, ScoringFailure):
             collector.fail(f"{where}: the PRM could not score it: {r.message}")
@@ -152,7 +162,6 @@ UNDEFINED = ("null: the metric is undefined, because the cases it averages over 
 
 def finish(args, report: dict, collector: Collector, table: list[str]) -> int:
     report["errors"] = collector.errors
-    from mmprm_infer.io.files import write_json_atomic
 
     report["settings"] = {k: v for k, v in vars(args).items() if k not in ("func", "run")}
     data, undefined = json_safe(json.loads(json.dumps(report, default=str)))
@@ -174,6 +183,7 @@ def finish(args, report: dict, collector: Collector, table: list[str]) -> int:
 # benchmarks
 # --------------------------------------------------------------------------
 def run_processbench(args) -> int:
+    # lazy: only `mmprm eval` runs it; `mmprm -h` stays light
     from mmprm_infer.evaluation.processbench import read_case, split_metrics
 
     collector = Collector(args.on_error)
@@ -207,11 +217,13 @@ def _step_table(title: str, rows: list[tuple[str, dict]], score_key: str = "macr
 
 
 def run_visualprocessbench(args) -> int:
+    # lazy: only `mmprm eval` runs it; `mmprm -h` stays light
     from mmprm_infer.evaluation.visualprocessbench import metrics, read_case
 
     collector = Collector(args.on_error)
     records = list(read_records(args.data, exclude=outputs(args)))
-    cases = collector.parse(records, lambda r: read_case(r, resolve_images(r, "image", r.path.parent,
+    # records read from a file have a path
+    cases = collector.parse(records, lambda r: read_case(r, resolve_images(r, "image", r.path.parent,  # type: ignore[union-attr]
                                                                            args.image_root)))
     rewards = score(args, [c.item for c in cases], [c.where for c in cases], collector, "visualprocessbench")
     scored = [(c, r[0]) for c, r in zip(cases, rewards) if r is not None]
@@ -223,6 +235,7 @@ def run_visualprocessbench(args) -> int:
 
 
 def run_prmbench(args) -> int:
+    # lazy: only `mmprm eval` runs it; `mmprm -h` stays light
     from mmprm_infer.evaluation.prmbench import metrics, read_case
 
     collector = Collector(args.on_error)
@@ -241,7 +254,7 @@ def run_prmbench(args) -> int:
 
 
 def _bon_question(args):
-    from mmprm_infer.prm import ScoringItem
+    from mmprm_infer.prm import ScoringItem  # lazy: it imports torch, transformers, PIL
 
     def read(record: Record):
         question = field(record, "question", str)
@@ -251,15 +264,17 @@ def _bon_question(args):
                 isinstance(s, str) for s in c)) for c in candidates):
             raise record.error("field 'candidates' must be a non-empty list of solutions (strings or lists of steps)")
         category = record.data.get("category")
-        image = resolve_images(record, "image", record.path.parent, args.image_root)
+        # records read from a file have a path
+        image = resolve_images(record, "image", record.path.parent, args.image_root)  # type: ignore[union-attr]
         return ScoringItem(question, candidates, image), str(gold), None if category is None else str(category), \
             record.where
     return read
 
 
 def run_bon(args) -> int:
+    # lazy: only `mmprm eval` runs it; `mmprm -h` stays light
     from mmprm_infer.evaluation.best_of_n import BonQuestion, accuracy_curves
-    from mmprm_infer.evaluation.plot import plot_curves
+    from mmprm_infer.evaluation.plot import plot_curves  # lazy: only `mmprm eval` runs it; `mmprm -h` stays light
 
     collector = Collector(args.on_error)
     parsed = collector.parse(list(read_records(args.data, exclude=outputs(args))), _bon_question(args))
@@ -364,8 +379,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args) -> None:
-    from mmprm_infer.io.files import check_output_path
-    from mmprm_infer.loading import CheckpointNotFound, resolve_checkpoint
+    from mmprm_infer.loading import CheckpointNotFound, resolve_checkpoint  # lazy: it imports torch, transformers, PIL
 
     if args.data is None:
         raise EvalError("--data is required (the benchmark's files)")

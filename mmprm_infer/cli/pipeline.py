@@ -16,7 +16,10 @@ DESCRIPTION = ("Annotate (MCTS) -> label -> train a small PRM -> evaluate Best-o
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    # lazy: only `mmprm pipeline` runs it; `mmprm -h` stays light
     from mmprm_infer.train.synthetic.presets import PRESETS
+
+    # lazy: only `mmprm pipeline` runs it; `mmprm -h` stays light
     from mmprm_infer.train.synthetic.task import TEMPLATES
 
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
@@ -58,6 +61,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: only `mmprm pipeline` runs it; `mmprm -h` stays light
     from mmprm_infer.train.synthetic.pipeline import preset_config, run_pipeline
 
     logging.basicConfig(level=logging.WARNING)

@@ -28,15 +28,16 @@ from mmprm_infer.cli.arguments import (
     positive_int,
     resolve_device,
 )
-from mmprm_infer.io.data import LINE_CHARS_PER_CONTEXT_TOKEN
+from mmprm_infer.io.data import LINE_CHARS_PER_CONTEXT_TOKEN, DataError
+from mmprm_infer.io.files import OutputError, atomic_output, check_output_path
+from mmprm_infer.io.progress import progress_bar
 
 EXIT_RECORDS_FAILED = 3  # as mmprm_infer.io.records (which imports torch: not needed for `mmprm -h`)
 
 
 def check_scoring_options(args) -> None:
     """Every option of score/rerank checked before the model loads (minutes for a large PRM)."""
-    from mmprm_infer.io.files import check_output_path
-    from mmprm_infer.loading import CheckpointNotFound, resolve_checkpoint
+    from mmprm_infer.loading import CheckpointNotFound, resolve_checkpoint  # lazy: it imports torch, transformers, PIL
 
     prog = f"mmprm {args.command}"
     if args.max_errors is not None and args.on_error != "skip":
@@ -52,11 +53,11 @@ def check_scoring_options(args) -> None:
             args.prm = str(resolve_checkpoint(args.prm))
         except CheckpointNotFound as exc:
             raise SystemExit(f"{prog}: --prm {exc}") from None
-    from mmprm_infer.engines import ENGINES
+    from mmprm_infer.engines import ENGINES  # lazy: it imports torch, transformers, PIL
 
     if args.engine is not None and args.engine not in ENGINES:
         raise SystemExit(f"{prog}: unknown --engine {args.engine!r}; choose one of {sorted(ENGINES)}")
-    import torch
+    import torch  # torch: heavy, loaded where used
 
     args.device = resolve_device(args.device)
     try:
@@ -69,7 +70,7 @@ def check_scoring_options(args) -> None:
 
 
 def load_prm(args):
-    from mmprm_infer.io.records import PRMSpec
+    from mmprm_infer.io.records import PRMSpec  # lazy: it imports torch, transformers, PIL
 
     announce_device(f"mmprm {args.command}", args.device, args.dtype)
     spec = PRMSpec(args.prm, format=args.format, dtype=args.dtype, engine=args.engine, max_tiles=args.max_tiles)
@@ -84,9 +85,7 @@ def run_jsonl(args) -> int:
     """Score/rerank a JSONL or Parquet file window by window (see records.py), on this machine.
     The output appears only when the run finishes (a temp file renamed), so a failed run
     leaves a previous output as it was."""
-    from mmprm_infer.io.files import atomic_output
-    from mmprm_infer.io.progress import progress_bar
-    from mmprm_infer.io.records import (
+    from mmprm_infer.io.records import (  # lazy: it imports torch, transformers, PIL
         ResultWriter,
         ScoringOptions,
         base_dir,
@@ -174,9 +173,6 @@ def configure(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmprm_infer.io.data import DataError
-    from mmprm_infer.io.files import OutputError
-
     if args.data is None:
         raise SystemExit(f"mmprm {args.command}: --data is required (the input records)")
     if args.prm is None and (args.command == "score" or args.strategy != "majority_vote"):
@@ -185,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     check_scoring_options(args)
     try:
         if args.ray is not None:
+            # lazy: only `mmprm score` runs it; `mmprm -h` stays light
             from mmprm_infer.integrations.ray_cluster import RayConnectError
             from mmprm_infer.integrations.ray_scoring import RayJobError, ray_run_jsonl  # ray: the 'ray' extra
 

@@ -27,12 +27,13 @@ scheduler and data position included).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mmprm_infer.cli.arguments import (
     FORMAT_NAMES,
@@ -44,6 +45,8 @@ from mmprm_infer.cli.arguments import (
     positive_int,
     resolve_device,
 )
+from mmprm_infer.io.data import data_files
+from mmprm_infer.io.files import existing_files
 
 __all__ = ["configure", "run", "load_training_data", "load_base"]
 
@@ -52,7 +55,7 @@ DESCRIPTION = "Train a PRM on step-labelled data"
 
 
 def _report_to(value: str) -> list[str]:
-    from mmprm_infer.train.reporting import REPORT_TO
+    from mmprm_infer.train.reporting import REPORT_TO  # lazy: only `mmprm train` runs it; `mmprm -h` stays light
 
     names = [v.strip() for v in value.split(",") if v.strip()]
     if names in (["none"], ["jsonl"]):
@@ -139,8 +142,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve_images(sample, base_dir: Path):
-    from mmprm_infer.io.files import existing_files
-
     sample.image_paths = existing_files(sample.image_paths, base_dir, lambda _, full: ValueError(
         f"image {full} of sample {sample.id or sample.question[:40]!r} not found (image paths are relative to "
         "the data file)"))
@@ -152,9 +153,8 @@ def load_training_data(paths: Sequence[str], data_format: str | None = None) -> 
     record reader; image paths resolved against each record's file.  Every sample is checked as the trainer
     will read it (labels in [0, 1], text where text belongs): bad data fails here, naming its file, before
     anything is written to --output-dir."""
-    from mmprm_infer.io.data import data_files
-    from mmprm_infer.train.collate import as_example
-    from mmprm_infer.train.datasets import load_samples
+    from mmprm_infer.train.collate import as_example  # lazy: only `mmprm train` runs it; `mmprm -h` stays light
+    from mmprm_infer.train.datasets import load_samples  # lazy: only `mmprm train` runs it; `mmprm -h` stays light
 
     samples = []
     for path in paths:
@@ -183,11 +183,11 @@ def load_training_data(paths: Sequence[str], data_format: str | None = None) -> 
 def load_base(base: str, format: str | None, dtype: str, device: str, seed: int = 0):
     """The base as a PRM of ``format``; a step tag its tokenizer lacks is added (embeddings resized,
     the new rows drawn from ``seed``, so a run and its resume start alike).  Returns (prm, added tokens)."""
-    import torch
+    import torch  # torch: heavy, loaded where used
 
-    from mmprm_infer.formats import get_format
-    from mmprm_infer.loading import load_checkpoint
-    from mmprm_infer.prm import PRM
+    from mmprm_infer.formats import get_format  # lazy: it imports PIL
+    from mmprm_infer.loading import load_checkpoint  # lazy: it imports torch, transformers, PIL
+    from mmprm_infer.prm import PRM  # lazy: it imports torch, transformers, PIL
 
     model, tokenizer, name, options = load_checkpoint(base, format, dtype, device, {}, tokens_may_be_missing=True)
     if name is None:
@@ -229,17 +229,18 @@ def _record_added_tokens(out: Path, added: list[str], resumed: bool) -> list[str
 
 
 def _check_out(args, base: str) -> None:
-    out, base = Path(args.output_dir), Path(base)
+    out, base_dir = Path(args.output_dir), Path(base)
     if out.is_file():
         raise ValueError(f"--output-dir {out} is a file; give a folder")
-    a, b = base.resolve(), out.resolve()
+    a, b = base_dir.resolve(), out.resolve()
     if a == b or a in b.parents or b in a.parents:
         how = "is" if a == b else "lies inside" if a in b.parents else "contains"
-        raise ValueError(f"--output-dir {out} {how} --base {base}; training writes its checkpoints there (and "
+        raise ValueError(f"--output-dir {out} {how} --base {base_dir}; training writes its checkpoints there (and "
                          "--overwrite-output-dir replaces them), which would destroy the base: choose an "
                          "--output-dir outside the base and not around it")
     busy = out.is_dir() and any(out.iterdir())
     if args.resume_from_checkpoint:
+        # lazy: only `mmprm train` runs it; `mmprm -h` stays light
         from mmprm_infer.train.resume import find_resume_point
 
         where = out if args.resume_from_checkpoint is True else Path(args.resume_from_checkpoint)
@@ -252,8 +253,6 @@ def _check_out(args, base: str) -> None:
 
 
 def _check_report_to(names: list[str]) -> None:
-    import importlib.util
-
     needs = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
     for name in names:
         module, install = needs[name]
@@ -264,7 +263,7 @@ def _check_report_to(names: list[str]) -> None:
 def _clean_failed(out: Path, fresh: bool) -> None:
     """After a failed run into an --out that was empty: remove what it wrote, unless a resume point was kept,
     so the fixed command can run again without --overwrite."""
-    from mmprm_infer.train.resume import find_resume_point
+    from mmprm_infer.train.resume import find_resume_point  # lazy: only `mmprm train` runs it; `mmprm -h` stays light
 
     if not fresh or not out.is_dir() or find_resume_point(out) is not None:
         return
@@ -276,9 +275,13 @@ def _clean_failed(out: Path, fresh: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmprm_infer.loading import CheckpointNotFound, resolve_checkpoint
-    from mmprm_infer.train.distributed import Distributed
+    from mmprm_infer.loading import CheckpointNotFound, resolve_checkpoint  # lazy: it imports torch, transformers, PIL
+    from mmprm_infer.train.distributed import Distributed  # lazy: only `mmprm train` runs it; `mmprm -h` stays light
+
+    # lazy: only `mmprm train` runs it; `mmprm -h` stays light
     from mmprm_infer.train.resume import find_resume_point, load_resume_point
+
+    # lazy: only `mmprm train` runs it; `mmprm -h` stays light
     from mmprm_infer.train.trainer import LoraSettings, TrainConfig, train_prm
 
     if args.output_dir is None:

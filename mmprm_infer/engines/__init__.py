@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mmprm_infer.engines.base import EncodedQuestion, Engine, NonFiniteRewardError
 from mmprm_infer.engines.fast import FastEngine

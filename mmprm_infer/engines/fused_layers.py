@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,11 @@ from mmprm_infer.engines.linear_paths import pack_weight, packed_linear, packed_
 from mmprm_infer.engines.shared_prefix import LAYOUT_KWARG, PackedLayout, attend_packed, attend_rows
 
 
-def _cat(tensors: list[torch.Tensor | None], dtype) -> torch.Tensor | None:
+@overload
+def _cat(tensors: list[torch.Tensor], dtype) -> torch.Tensor: ...
+@overload
+def _cat(tensors: list[torch.Tensor | None], dtype) -> torch.Tensor | None: ...
+def _cat(tensors, dtype):
     return None if any(t is None for t in tensors) else torch.cat([t.detach() for t in tensors]).to(dtype)
 
 
@@ -54,7 +59,9 @@ class FusedLinear:
         self.dtype = dtype
         self.bias = _cat(biases, dtype)
         self.out_features = sum(w.shape[0] for w in weights)
-        self.packed = self.weight_t = self.parts = None
+        self.packed: Any = None  # pack_weight's handle, on path "onednn"
+        self.weight_t: torch.Tensor | None = None
+        self.parts: list[torch.Tensor] | None = None
         if copy and path == "onednn":
             self.packed = pack_weight(_cat(weights, dtype), rows)
         elif copy:
@@ -177,9 +184,10 @@ def rows_layer_forward(w: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch
     t = x.shape[0]
     rows = torch.tensor(layout.rows, dtype=torch.long, device=x.device)
     h = rms_norm(x, w.in_norm, w.in_eps)
-    kv = w.kv(h).view(t, 2 * w.kv_heads, w.head_dim)
+    # the last layer's: q and kv are set
+    kv = w.kv(h).view(t, 2 * w.kv_heads, w.head_dim)  # type: ignore[misc]
     rope_(kv[:, :w.kv_heads], cos, sin)
-    q = w.q(h.index_select(0, rows)).view(len(rows), w.heads, w.head_dim)
+    q = w.q(h.index_select(0, rows)).view(len(rows), w.heads, w.head_dim)  # type: ignore[misc]
     rope_(q, cos.index_select(0, rows), sin.index_select(0, rows))
     a = attend_rows(w.layer_idx, q, kv[:, :w.kv_heads], kv[:, w.kv_heads:], layout, w.scale, w.sliding_window)
     y = w.o.add_to(x.index_select(0, rows), a.reshape(len(rows), w.heads * w.head_dim))
@@ -215,13 +223,14 @@ class FusedDecoder:
         copy_bytes = sum(w.numel() for w in weights) * torch.finfo(dtype).bits // 8
         self.copies = copy_bytes <= self.COPY_SHARE * available_bytes(weights[0].device)
         self.path = path if self.copies else "torch"
-        self._stamp = None
+        self._stamp: tuple | None = None
         self._prepared: list[_Layer] = []
 
     @staticmethod
     def supports(decoder: nn.Module) -> bool:
         layers = getattr(decoder, "layers", None)
-        return bool(layers) and all(prunable(layer) for layer in layers[: decoder.config.num_hidden_layers])
+        # bool(layers) first: not None here
+        return bool(layers) and all(prunable(layer) for layer in layers[: decoder.config.num_hidden_layers])  # type: ignore[index]
 
     def _weights_stamp(self) -> tuple:
         return tuple((p.data_ptr(), p._version) for layer in self.layers for p in layer.parameters())

@@ -42,6 +42,7 @@ import heapq
 import itertools
 import threading
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -60,7 +61,7 @@ class _Node:
     __slots__ = ("parent", "tokens", "start", "children", "keys", "values", "rewards", "last_used", "nbytes",
                  "__weakref__")
 
-    def __init__(self, parent: "_Node | None", tokens: list[int], start: int):
+    def __init__(self, parent: _Node | None, tokens: list[int], start: int):
         self.parent = parent
         self.tokens = tokens
         self.start = start
@@ -79,7 +80,7 @@ class _Node:
     def computed(self) -> bool:
         return self.rewards is not None
 
-    def path(self) -> list["_Node"]:
+    def path(self) -> list[_Node]:
         """Root-to-self chain, root excluded."""
         chain = []
         node: _Node | None = self
@@ -144,8 +145,9 @@ class _PathKV:
         k = like.new_empty(hkv, self.length + self.new_tokens, d).transpose(0, 1)
         v = like.new_empty(hkv, self.length + self.new_tokens, d).transpose(0, 1)
         for node in self.path:
-            k[node.start:node.end] = node.keys[layer_idx]
-            v[node.start:node.end] = node.values[layer_idx]
+            # the path's nodes are computed: their K/V are set
+            k[node.start:node.end] = node.keys[layer_idx]  # type: ignore[index]
+            v[node.start:node.end] = node.values[layer_idx]  # type: ignore[index]
         self._open = (layer_idx, k, v)
         return k, v
 
@@ -307,18 +309,20 @@ class TreeCacheEngine(Engine):
         parent = node.parent
         head = _Node(parent, node.tokens[:m], node.start)
         head.last_used = node.last_used
-        parent.children[head.tokens[0]] = head
+        # only a node below a root is split: it has a parent
+        parent.children[head.tokens[0]] = head  # type: ignore[union-attr]
         node.parent = head
         node.tokens = node.tokens[m:]
         node.start += m
         head.children[node.tokens[0]] = node
         if node.computed:
-            head.keys = [k[:m].clone() for k in node.keys]
-            head.values = [v[:m].clone() for v in node.values]
-            head.rewards = node.rewards[:m].clone()
-            node.keys = [k[m:].clone() for k in node.keys]
-            node.values = [v[m:].clone() for v in node.values]
-            node.rewards = node.rewards[m:].clone()
+            # computed: K/V and rewards are set
+            head.keys = [k[:m].clone() for k in node.keys]  # type: ignore[union-attr]
+            head.values = [v[:m].clone() for v in node.values]  # type: ignore[union-attr]
+            head.rewards = node.rewards[:m].clone()  # type: ignore[index]
+            node.keys = [k[m:].clone() for k in node.keys]  # type: ignore[union-attr]
+            node.values = [v[m:].clone() for v in node.values]  # type: ignore[union-attr]
+            node.rewards = node.rewards[m:].clone()  # type: ignore[index]
             before = node.nbytes
             head.nbytes, node.nbytes = _nbytes(head), _nbytes(node)
             self.cached_bytes += head.nbytes + node.nbytes - before
@@ -328,7 +332,7 @@ class TreeCacheEngine(Engine):
         """Drop least recently used leaves until the cache fits max_cache_bytes; return tokens evicted."""
         if self.cached_bytes <= self.max_cache_bytes:
             return 0
-        heap = []
+        heap: list[tuple[int, int, int, _Node]] = []
         stack = list(self._roots.values())
         while stack:
             node = stack.pop()
@@ -338,7 +342,7 @@ class TreeCacheEngine(Engine):
         evicted = 0
         while heap and self.cached_bytes > self.max_cache_bytes:
             _, _, _, node = heapq.heappop(heap)
-            parent = node.parent
+            parent = cast(_Node, node.parent)  # the heap holds non-root nodes only
             del parent.children[node.tokens[0]]
             node.parent = None
             self.cached_bytes -= node.nbytes
@@ -357,7 +361,8 @@ class TreeCacheEngine(Engine):
         waiting = set(map(id, pending))
         with shared_prefix_attention_enabled(decoder):
             while waiting:
-                wave = [n for n in pending if id(n) in waiting and (n.parent.parent is None or n.parent.computed)]
+                # pending nodes are never roots: they have a parent
+                wave = [n for n in pending if id(n) in waiting and (n.parent.parent is None or n.parent.computed)]  # type: ignore[union-attr]
                 if not wave:
                     raise RuntimeError("tree cache: pending nodes whose parents never get computed (internal error)")
                 # Pack whole parents' child sets into forwards of at most max_batch_tokens.
@@ -393,10 +398,11 @@ class TreeCacheEngine(Engine):
         image_rows: list[tuple[int, torch.Tensor]] = []
         for children in groups_nodes:
             parent = children[0].parent
-            path = parent.path()
+            path = parent.path()  # type: ignore[union-attr]
             new_tokens = sum(len(c.tokens) for c in children)
             prefix = _PathKV(path, new_tokens)
-            group = Group(len(ids), len(ids), prefix, prefix.length, [0], append=True)
+            # _PathKV serves a group's prefix as PrefixKV does (layer(), length)
+            group = Group(len(ids), len(ids), prefix, prefix.length, [0], append=True)  # type: ignore[arg-type]
             for child in children:
                 segments.append(_Segment(child, len(groups), len(ids)))
                 qi, ci = source[id(child)]
@@ -452,20 +458,23 @@ def _rewards_at(end: _Node | None, positions: list[int]) -> torch.Tensor:
     """Rewards at absolute positions, read from the path that ends at ``end``."""
     if not positions:
         return torch.empty(0)
-    chain = end.path()
+    # a candidate's path ends at a node
+    chain = end.path()  # type: ignore[union-attr]
     starts = [n.start for n in chain]
     values = []
     for p in positions:
         node = chain[bisect.bisect_right(starts, p) - 1]
         if not node.start <= p < node.end:
             raise RuntimeError(f"tree cache: reward position {p} lies outside the candidate's path (internal error)")
-        values.append(float(node.rewards[p - node.start]))
+        # the path's nodes are computed: their rewards are set
+        values.append(float(node.rewards[p - node.start]))  # type: ignore[index]
     return torch.tensor(values)
 
 
 def _nbytes(node: _Node) -> int:
-    total = node.rewards.numel() * node.rewards.element_size()
-    for k, v in zip(node.keys, node.values):
+    # called on computed nodes: K/V and rewards are set
+    total = node.rewards.numel() * node.rewards.element_size()  # type: ignore[union-attr]
+    for k, v in zip(node.keys, node.values):  # type: ignore[arg-type]
         total += k.numel() * k.element_size() + v.numel() * v.element_size()
     return total
 

@@ -93,10 +93,11 @@ class VllmPoolingEngine(Engine):
     # --- vLLM ------------------------------------------------------------------
     def _start(self, step_tag: int):
         _require_vllm()
-        from vllm import LLM
-        from vllm.config import PoolerConfig
+        from vllm import LLM  # vllm: optional (the vllm extra)
+        from vllm.config import PoolerConfig  # vllm: optional (the vllm extra)
 
-        kwargs: dict[str, Any] = {"dtype": self.dtype, "seed": 0, **self.route.llm_kwargs,
+        # _start runs for a vLLM route only
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "seed": 0, **self.route.llm_kwargs,  # type: ignore[union-attr]
                                   "enable_prefix_caching": self.prefix_reuse}
         if self.chunked_prefill is not None:
             kwargs["enable_chunked_prefill"] = self.chunked_prefill
@@ -163,8 +164,8 @@ class VllmPoolingEngine(Engine):
 
     def _encode(self, prompts: list[list[int]], tags: list[int]):
         llm = self.llm if self.llm is not None else self._start(tags[0])
-        from vllm import PoolingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import PoolingParams  # vllm: optional (the vllm extra)
+        from vllm.inputs import TokensPrompt  # vllm: optional (the vllm extra)
 
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts]
         pooling = [PoolingParams(step_tag_id=tag) for tag in tags]
@@ -173,6 +174,7 @@ class VllmPoolingEngine(Engine):
 
 def _require_vllm() -> None:
     try:
+        # vllm: optional (the vllm extra)
         import vllm  # noqa: F401
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] == "vllm":
@@ -182,7 +184,7 @@ def _require_vllm() -> None:
 
 def plugin_status() -> str:
     """The plugin's state in this process, as it marked vLLM's StepPool ('not loaded' when it never ran)."""
-    from vllm.model_executor.layers.pooler.tokwise.methods import StepPool
+    from vllm.model_executor.layers.pooler.tokwise.methods import StepPool  # vllm: optional (the vllm extra)
 
     return getattr(StepPool, PLUGIN_MARKER, "not loaded")
 

@@ -15,8 +15,8 @@ here, with the reason and the engines that score them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mmprm_infer.formats.base import MODEL_CAUSAL_LM, MODEL_INTERNVL, MODEL_QWEN2_PRM, FormatError, RewardColumns
 

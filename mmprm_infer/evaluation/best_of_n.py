@@ -34,8 +34,8 @@ import math
 import random
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from mmprm_infer.aggregation import aggregate
 from mmprm_infer.answers import answers_equivalent, extract_answer, group_answers, has_answer
@@ -77,7 +77,7 @@ class BonQuestion:
 
     @classmethod
     def from_candidates(cls, candidates: Sequence[str | Sequence[str]], gold: str,
-                        step_rewards: list[list[float]] | None = None, category: str | None = None) -> "BonQuestion":
+                        step_rewards: list[list[float]] | None = None, category: str | None = None) -> BonQuestion:
         texts = [c if isinstance(c, str) else "\n\n".join(c) for c in candidates]
         answers = [extract_answer(t) for t in texts]
         return cls(answers, [matches_gold(a, gold) for a in answers], step_rewards, category, group_answers(answers))

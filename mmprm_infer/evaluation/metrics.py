@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["first_error_index", "step_error_f1", "step_macro_f1", "StepCounts"]
 
@@ -78,8 +78,9 @@ def step_error_f1(
     for i, (pred, label) in enumerate(zip(predictions, labels)):
         pred = [float(v) for v in pred]
         truth = _true_first_error(label, label_threshold, i)
-        if not _is_index(label) and len(label) != len(pred):
-            raise ValueError(f"case {i}: {len(pred)} step rewards but {len(label)} step labels; they must match")
+        # not an index (checked above): a sequence of labels
+        if not _is_index(label) and len(label) != len(pred):  # type: ignore[arg-type]
+            raise ValueError(f"case {i}: {len(pred)} step rewards but {len(label)} step labels; they must match")  # type: ignore[arg-type]
         if truth >= len(pred):
             raise ValueError(f"case {i}: first-error index {truth} but only {len(pred)} steps were scored")
         guess = first_error_index(pred, threshold)
@@ -164,7 +165,7 @@ class StepCounts:
             self.fp += predicted_correct
             self.tn += not predicted_correct
 
-    def merge(self, other: "StepCounts") -> "StepCounts":
+    def merge(self, other: StepCounts) -> StepCounts:
         for name in ("tp", "fp", "fn", "tn"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self

@@ -9,10 +9,10 @@ __all__ = ["plot_curves"]
 
 def plot_curves(curves: dict, path: str | Path, title: str) -> Path:
     """One line per method of ``curves`` (``best_of_n.accuracy_curves``), with its 95 % band."""
-    import matplotlib
+    import matplotlib  # matplotlib: heavy, loaded where used
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: heavy, loaded where used
 
     ns, acc, band = curves["ns"], curves["accuracy"], curves["band"]
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mmprm_infer.formats.base import (
     MODEL_CAUSAL_LM,

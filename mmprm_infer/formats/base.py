@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 # How the checkpoint is run: which model class carries the PRM.
 MODEL_CAUSAL_LM = "causal_lm"  # any AutoModelForCausalLM; reward from LM-head rows

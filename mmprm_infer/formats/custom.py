@@ -7,8 +7,8 @@ vision-language PRMs with a tag/token pair use the library unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mmprm_infer.formats.base import (
     MODEL_CAUSAL_LM,
@@ -58,7 +58,8 @@ class CustomFormat(InternVLImages, PRMFormat):
             )
 
     @property
-    def supports_images(self) -> bool:
+    # the base's class attribute, computed here (read only)
+    def supports_images(self) -> bool:  # type: ignore[override]
         return self.model_kind == MODEL_INTERNVL
 
     def split_steps(self, solution: str) -> list[str]:

@@ -22,7 +22,8 @@ VisualPRM ship):
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -176,6 +177,9 @@ class InternVLImages:
 
     max_tiles: int | None = None
 
+    if TYPE_CHECKING:  # what the PRMFormat dataclass using this mixin provides
+        name: str
+
     def image_config(self, adapter) -> InternVLImageConfig:
         overrides = {"max_tiles": self.max_tiles} if self.max_tiles is not None else {}
         return InternVLImageConfig.from_model_config(adapter.model.config, **overrides)
@@ -203,7 +207,7 @@ class InternVLImages:
                 f"{cfg.tokens_per_tile} + 2 per image), which leaves no room in the model's context of "
                 f"{limit} tokens; pass fewer images or a smaller max_tiles (now {cfg.max_tiles})"
             )
-        import torch
+        import torch  # torch: heavy, loaded where used
 
         pixels = torch.cat([tiles_to_tensor(dynamic_preprocess(im, cfg), cfg) for im in opened])
         features = adapter.image_features(pixels)

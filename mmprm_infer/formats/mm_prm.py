@@ -20,8 +20,8 @@ evaluation scripts call it (``eval/prm/evaluate_*_prm.py``):
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mmprm_infer.formats.base import (
     MODEL_INTERNVL,

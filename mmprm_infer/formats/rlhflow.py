@@ -19,8 +19,8 @@ checks that the conversation through turn k is a token prefix of it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mmprm_infer.formats.base import (
     EncodedCandidate,

@@ -17,8 +17,8 @@ the release would give each its own reward.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mmprm_infer.formats.base import (
     MODEL_VALUE_HEAD,

@@ -11,8 +11,9 @@ VL-PRM's one-forward-per-step release), from the good/bad token logits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from mmprm_infer.formats.base import (
     EncodedCandidate,
@@ -51,6 +52,11 @@ class StepTurnsFormat:
     good_token: str = "+"
     bad_token: str = "-"
     placeholder: str = "+"
+
+    if TYPE_CHECKING:  # what the PRMFormat dataclass using this base provides (no fields added here)
+        name: str = ""
+
+        def build_query(self, question: str, steps: Sequence[str], image_tokens: Sequence[str] = ()) -> str: ...
 
     # Whether the query is tokenized with the tokenizer's special tokens (VisualPRM's tokenizer(query)).
     add_special_tokens = True

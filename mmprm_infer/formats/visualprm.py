@@ -30,8 +30,8 @@ Best-of-N (VLMEvalKit ``vlmeval/vlm/internvl/internvl_chat.py``):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mmprm_infer.formats.base import MODEL_INTERNVL, PRMFormat
 from mmprm_infer.formats.internvl_base import INTERNVL25_SYSTEM_MESSAGE, InternVLImages, place_images, render_internvl25

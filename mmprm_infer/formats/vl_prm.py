@@ -31,8 +31,8 @@ rewards (VisualPRM's default; the release's search uses step scores only).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mmprm_infer.formats.base import MODEL_QWEN2_5_VL, FormatError, PRMFormat, single_token_id
 from mmprm_infer.formats.internvl_base import IM_END, IM_START, IMAGE_PLACEHOLDER, fill_placeholders, open_images
@@ -128,6 +128,7 @@ class VLPRMFormat(StepTurnsFormat, PRMFormat):
     # --- images ------------------------------------------------------------
     def image_processor(self, adapter):
         """transformers' Qwen2-VL image processor (the PIL one: no torchvision), set up for this model."""
+        # transformers: heavy, loaded where used
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         vision = adapter.model.config.vision_config
@@ -138,6 +139,7 @@ class VLPRMFormat(StepTurnsFormat, PRMFormat):
 
     def prepare_images(self, adapter, image) -> tuple[list[str], object]:
         """Image(s) -> (one placeholder block per image, features + grid), the vision tower run once."""
+        # transformers: heavy, loaded where used
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         opened = open_images(adapter, image, MODEL_QWEN2_5_VL, "a Qwen2.5-VL", self.name)

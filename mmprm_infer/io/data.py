@@ -19,10 +19,12 @@ bad one is named by file, place and field (``field``).  Parquet and Arrow need `
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 __all__ = ["Record", "DataError", "read_records", "read_splits", "data_files", "split_name", "field", "line_limit",
            "LINE_CHARS_PER_CONTEXT_TOKEN",
@@ -91,6 +93,7 @@ def _plain(value: Any) -> Any:
 
 def _pyarrow(path: Path):
     try:
+        # pyarrow: heavy, loaded where used
         import pyarrow  # noqa: F401
     except ImportError:
         raise DataError(f"{path}: reading {path.suffix} files needs pyarrow (pip install pyarrow); or convert the "
@@ -99,7 +102,7 @@ def _pyarrow(path: Path):
 
 def _arrow_table(path: Path):
     """An Arrow IPC file, stream (``datasets``' own) or file format."""
-    import pyarrow as pa
+    import pyarrow as pa  # pyarrow: heavy, loaded where used
 
     with pa.memory_map(str(path)) as source:
         try:
@@ -116,8 +119,8 @@ def _arrow_table(path: Path):
 def _table_records(path: Path, kind: str) -> Iterator[Record]:
     _pyarrow(path)
     if kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # pyarrow: heavy, loaded where used
+        import pyarrow.parquet as pq  # pyarrow: heavy, loaded where used
 
         try:
             table = pq.read_table(path)
@@ -217,7 +220,7 @@ def _saved_dataset(folder: Path) -> list[Path] | None:
     return files
 
 
-def data_files(path: str | Path, exclude: Iterable[str | Path] = ()) -> dict[str, list[Path]]:
+def data_files(path: str | os.PathLike, exclude: Iterable[str | Path] = ()) -> dict[str, list[Path]]:
     """``{split name: its files}`` under ``path`` (see the module docstring), leaving out ``exclude`` (this
     run's own outputs, when they sit in the data folder)."""
     path = Path(path)
@@ -235,13 +238,13 @@ def data_files(path: str | Path, exclude: Iterable[str | Path] = ()) -> dict[str
             names = json.loads(dict_file.read_text(encoding="utf-8"))["splits"]
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{dict_file}: not a datasets dataset_dict.json ({type(exc).__name__}: {exc})") from None
-        out = {}
+        splits: dict[str, list[Path]] = {}
         for name in names:
             files = _saved_dataset(path / name)
             if files is None:
                 raise DataError(f"{path / name}: split {name!r} of {dict_file} has no state.json / dataset_info.json")
-            out[name] = files
-        return out
+            splits[name] = files
+        return splits
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
                    and not p.name.startswith(".") and p.resolve() not in skip)
     if not files and (path / "data").is_dir():  # a hub dataset's checkout: data/<split>-*.parquet
@@ -254,7 +257,7 @@ def data_files(path: str | Path, exclude: Iterable[str | Path] = ()) -> dict[str
     return out
 
 
-def read_records(path: str | Path, exclude: Iterable[str | Path] = ()) -> Iterator[Record]:
+def read_records(path: str | os.PathLike, exclude: Iterable[str | Path] = ()) -> Iterator[Record]:
     """Every record of a file, or of every split of a folder (in split order, shards in order)."""
     for files in data_files(path, exclude).values():
         for f in files:

@@ -24,9 +24,10 @@ import re
 import stat
 import tempfile
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any
 
 __all__ = ["OutputError", "atomic_output", "check_output_path", "existing_files", "write_json_atomic",
            "written_in_place", "remove_stale_temps", "sweep_stale_temps", "temp_name", "json_safe", "lone_surrogate"]
@@ -209,7 +210,8 @@ def _writing(path, mode: str, output, sync: bool) -> Iterator[IO[Any]]:
     exit, where any failure is an OutputError; closed quietly when the block fails."""
     handle = _open(path, mode, output)
     try:
-        yield _Guarded(handle, output)
+        # _Guarded wraps the handle, with IO's methods
+        yield _Guarded(handle, output)  # type: ignore[misc]
         _finish(handle, output, sync)
     except BaseException:
         _close_quietly(handle)

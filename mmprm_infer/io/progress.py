@@ -13,9 +13,11 @@ Both kinds take the calls the library makes on a bar: iteration, ``update``,
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["progress_bar", "StageLine", "interactive", "quiet_transformers_progress"]
 
@@ -51,7 +53,7 @@ class StageLine:
         finally:
             self.close()
 
-    def __enter__(self) -> "StageLine":
+    def __enter__(self) -> StageLine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -88,7 +90,7 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
                  disable: bool = False, initial: int = 0, **tqdm_kwargs: Any):
     """A tqdm bar on a terminal, a one-line-per-stage ``StageLine`` elsewhere; nothing at all with
     ``disable``.  Arguments as tqdm's."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # tqdm: only where a bar is drawn
 
     if disable:
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=True)
@@ -101,10 +103,9 @@ def quiet_transformers_progress() -> None:
     """Turn off transformers' and huggingface_hub's own bars ("Loading weights", "Writing model shards"):
     the commands show their own stages.  Before transformers is imported this only sets
     ``HF_HUB_DISABLE_PROGRESS_BARS`` (which both read when they load); after, it also tells transformers."""
-    import os
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # transformers: heavy, loaded where used
 
         hf_logging.disable_progress_bar()

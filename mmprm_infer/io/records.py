@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-from mmprm_infer.io.data import DataError, line_limit
+from mmprm_infer.aggregation import aggregate as reduce_steps
+from mmprm_infer.io import data as record_files
+from mmprm_infer.io.data import DataError, _pyarrow, line_limit, read_records
 from mmprm_infer.io.files import existing_files, lone_surrogate
-from mmprm_infer.prm import ScoringItem
+from mmprm_infer.prm import PRM, ScoringItem, batch_then_each
+from mmprm_infer.rerank import rerank_batch, resolve_aggregate
 
 __all__ = ["RecordError", "BLANK_LINE", "decode_line", "Window", "WindowResult", "PRMSpec",
            "ScoringOptions", "parse_record", "input_kind", "plan_windows",
@@ -61,7 +65,6 @@ BLANK_LINE = "blank line"  # the "skipped" value of a blank input line's output 
 def decode_line(data: bytes, line: int) -> str:
     """One input line as text: UTF-8 (a byte-order mark before line 1 is dropped), else a
     RecordError for this line alone, so the lines around it still count."""
-    from mmprm_infer.io import data as record_files
 
     try:
         return record_files.decode_line(data, line)
@@ -80,13 +83,11 @@ class PRMSpec:
     max_tiles: int | None = None
 
     def load(self, device: str = "cpu", threads: int | None = None):
-        import torch
-
-        from mmprm_infer.prm import PRM
+        import torch  # torch: heavy, loaded where used
 
         if threads:
             torch.set_num_threads(threads)
-        options = {"max_tiles": self.max_tiles} if self.max_tiles is not None else {}
+        options: dict[str, Any] = {"max_tiles": self.max_tiles} if self.max_tiles is not None else {}
         return PRM.from_pretrained(self.path, format=self.format, device=device, dtype=self.dtype,
                                    engine=self.engine, **options)
 
@@ -156,7 +157,6 @@ def base_dir(path: str | Path) -> Path:
 
 def _all_records(path: Path) -> list[dict]:
     """Every record of a JSON / Arrow file or a folder (a file that cannot be read raises io.data.DataError)."""
-    from mmprm_infer.io.data import read_records
 
     return [r.data for r in read_records(path)]
 
@@ -184,10 +184,8 @@ def _not_parquet(path: Path, exc: Exception) -> DataError:
 
 
 def _parquet_rows(path: Path) -> int:
-    from mmprm_infer.io.data import _pyarrow
-
     _pyarrow(path)
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # pyarrow: heavy, loaded where used
 
     try:
         return pq.ParquetFile(path).metadata.num_rows
@@ -230,7 +228,7 @@ def read_windows(path: str | Path, plan: list[int], window: int, first: int, las
             lines = data.split(b"\n")
             if data.endswith(b"\n"):
                 lines.pop()
-            rows = []
+            rows: list[tuple[int, str | RecordError]] = []
             for i, raw in enumerate(lines):  # decoded one by one: a bad byte fails its own line only
                 number = k * window + i + 1
                 try:
@@ -242,7 +240,7 @@ def read_windows(path: str | Path, plan: list[int], window: int, first: int, las
 
 def _read_parquet_windows(path: Path, plan: list[int], first: int, last: int) -> Iterator[Window]:
     """Reads only the row groups that hold rows plan[first] .. plan[last] - 1."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # pyarrow: heavy, loaded where used
 
     if last <= first:
         return
@@ -273,13 +271,11 @@ def iter_windows(path: str | Path, window: int) -> Iterator[Window]:
 # --------------------------------------------------------------------------
 # scoring a window
 # --------------------------------------------------------------------------
-def _result_record(record: dict, line: int, step_rewards, rerank_result, aggregate: str) -> dict:
-    out = {"line": line}
+def _result_record(record: dict, line: int, step_rewards, rerank_result, aggregate: str | Callable[..., Any]) -> dict:
+    out: dict[str, Any] = {"line": line}
     if "id" in record:
         out["id"] = record["id"]
     if rerank_result is None:
-        from mmprm_infer.aggregation import aggregate as reduce_steps
-
         out["step_rewards"] = step_rewards
         out["scores"] = [reduce_steps(r, aggregate) for r in step_rewards]
         out["aggregate"] = aggregate
@@ -290,8 +286,6 @@ def _result_record(record: dict, line: int, step_rewards, rerank_result, aggrega
 
 def _score(batch: list[tuple[int, dict, ScoringItem]], prm, options: ScoringOptions) -> list[dict | RecordError]:
     """Score parsed records in one engine call; if it fails, one by one so only the bad record fails."""
-    from mmprm_infer.prm import batch_then_each
-    from mmprm_infer.rerank import rerank_batch, resolve_aggregate
 
     aggregate = resolve_aggregate(options.aggregate, prm)
 
@@ -308,7 +302,8 @@ def _score(batch: list[tuple[int, dict, ScoringItem]], prm, options: ScoringOpti
 
 def process_window(window: Window, prm, options: ScoringOptions, base_dir: Path) -> WindowResult:
     """One result (or RecordError) per row of the window, in row order."""
-    parsed, results = [], {}
+    parsed: list[tuple[int, dict, ScoringItem]] = []
+    results: dict[int, Any] = {}  # line -> dict or RecordError
     limit, why = line_limit(prm, options.max_line_chars)
     for line, raw in window.rows:
         if isinstance(raw, RecordError):
@@ -345,7 +340,7 @@ class ResultWriter:
     """Writes results in input order; a RecordError stops the run (on_error="fail")
     or becomes an {"line", "error"} record (on_error="skip", up to ``max_errors``)."""
 
-    handle: object
+    handle: IO[str]
     on_error: str = "fail"
     prog: str = "mmprm"
     errors: int = 0

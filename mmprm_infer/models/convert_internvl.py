@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
+from safetensors import safe_open
 
+from mmprm_infer.formats import FORMATS
+from mmprm_infer.formats.internvl_base import INTERNVL25_CHAT_TEMPLATE, INTERNVL25_SYSTEM_MESSAGE
+from mmprm_infer.formats.visualprm import VISUALPRM_SYSTEM_PROMPT
 from mmprm_infer.io.files import remove_stale_temps, temp_name
+from mmprm_infer.vision import IMAGENET_MEAN, IMAGENET_STD
 
 LM_KINDS = {"InternLM2ForCausalLM": "internlm2", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
@@ -97,7 +102,7 @@ def _rope_parameters(llm: dict) -> dict:
 
 
 def text_config(llm: dict, lm_kind: str):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config  # transformers: heavy, loaded where used
 
     heads = llm["num_attention_heads"]
     common = dict(
@@ -135,7 +140,7 @@ def text_config(llm: dict, lm_kind: str):
 
 
 def vision_config(config: dict):
-    from transformers import InternVLVisionConfig
+    from transformers import InternVLVisionConfig  # transformers: heavy, loaded where used
 
     vis = config["vision_config"]
     eps = vis.get("layer_norm_eps", 1e-6)
@@ -169,7 +174,7 @@ def vision_config(config: dict):
 
 
 def native_config(config: dict, image_token_id: int):
-    from transformers import InternVLConfig
+    from transformers import InternVLConfig  # transformers: heavy, loaded where used
 
     llm = config["llm_config"]
     lm_kind = LM_KINDS[llm["architectures"][0]]
@@ -298,8 +303,6 @@ def iter_tensors(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
                                "truncated or damaged: download it again")
 
     if shard.suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():
@@ -328,7 +331,7 @@ def _saved_name(runtime_name: str) -> str:
 
 
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    from transformers import InternVLForConditionalGeneration
+    from transformers import InternVLForConditionalGeneration  # transformers: heavy, loaded where used
 
     with torch.device("meta"):
         model = InternVLForConditionalGeneration(config)
@@ -353,9 +356,7 @@ def convert_tokenizer(src: Path, dst: Path, trust_remote_code: bool, log: Callab
     The vocabulary comes from ``tokenizer_json``, else SRC/tokenizer.json, else the
     source tokenizer loaded as a fast one (sentencepiece checkpoints need
     sentencepiece + protobuf, and for InternLM2 its remote tokenizer code)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from mmprm_infer.formats.internvl_base import INTERNVL25_CHAT_TEMPLATE
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # transformers: heavy, loaded where used
 
     config_file = src / "tokenizer_config.json"
     tcfg = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -419,8 +420,6 @@ def _detect_format(config: dict, tokenizer, src: Path) -> str | None:
 
 def _format_options(name: str | None, config: dict, log) -> dict:
     """Options that make the format read the checkpoint as its release code does."""
-    from mmprm_infer.formats.internvl_base import INTERNVL25_SYSTEM_MESSAGE
-    from mmprm_infer.formats.visualprm import VISUALPRM_SYSTEM_PROMPT
 
     if name != "visualprm":
         return {}  # MM-PRM's batch_prm always uses the template's default system message
@@ -441,8 +440,7 @@ def convert_internvl(src, dst, *, dtype: str | torch.dtype | None = None, format
                      trust_remote_code: bool = False, tokenizer_json=None, overwrite: bool = False,
                      log: Callable[[str], None] = print) -> ConversionReport:
     """Convert a published InternVLChatModel checkpoint in ``src`` to a native one in ``dst``."""
-    from mmprm_infer.formats import FORMATS
-    from mmprm_infer.loading import resolve_dtype
+    from mmprm_infer.loading import resolve_dtype  # lazy: it imports transformers, sympy, accelerate
 
     src, final = Path(src), Path(dst)
     check_apart(src, final, "SRC", "DST")
@@ -497,9 +495,10 @@ def _swap_in(new: Path, final: Path) -> None:
 def _convert_into(src: Path, dst: Path, config: dict, out_dtype, format: str | None, trust_remote_code: bool,
                   tokenizer_json, log: Callable[[str], None]) -> ConversionReport:
     """The conversion proper, into the empty folder ``dst``."""
+    # looked up when called, as before: tests spy on safetensors.torch.save_file
     from safetensors.torch import save_file
 
-    from mmprm_infer.loading import FORMAT_KEY, FORMAT_OPTIONS_KEY
+    from mmprm_infer.loading import FORMAT_KEY, FORMAT_OPTIONS_KEY  # lazy: it imports transformers, sympy, accelerate
 
     tokenizer, verified = convert_tokenizer(src, dst, trust_remote_code, log, tokenizer_json)
     image_token_id = int(tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN))
@@ -543,7 +542,7 @@ def _convert_into(src: Path, dst: Path, config: dict, out_dtype, format: str | N
         (dst / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
 
-    name = format or _detect_format(config, tokenizer, src)
+    format_name = format or _detect_format(config, tokenizer, src)
     saved = native.to_dict()
     saved["dtype"] = str(out_dtype or source_dtype or torch.float32).replace("torch.", "")
     saved.update(
@@ -557,18 +556,16 @@ def _convert_into(src: Path, dst: Path, config: dict, out_dtype, format: str | N
     if config.get("template") not in (None, "internvl2_5"):
         log(f"warning: conversation template {config.get('template')!r}; the mm-prm/visualprm formats render "
             "'internvl2_5'")
-    if name is not None:
-        saved[FORMAT_KEY] = name
-        saved[FORMAT_OPTIONS_KEY] = _format_options(name, config, log)
+    if format_name is not None:
+        saved[FORMAT_KEY] = format_name
+        saved[FORMAT_OPTIONS_KEY] = _format_options(format_name, config, log)
     (dst / "config.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n")
     _write_image_processor(dst, native, config)
-    return ConversionReport(dst, lm_kind, len(weight_map), len(shards), name, verified)
+    return ConversionReport(dst, lm_kind, len(weight_map), len(shards), format_name, verified)
 
 
 def _write_image_processor(dst: Path, native, config: dict) -> None:
-    from transformers import GotOcr2ImageProcessorPil
-
-    from mmprm_infer.vision import IMAGENET_MEAN, IMAGENET_STD
+    from transformers import GotOcr2ImageProcessorPil  # transformers: heavy, loaded where used
 
     size = native.vision_config.image_size
     size = size[0] if isinstance(size, (list, tuple)) else size

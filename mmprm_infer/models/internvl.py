@@ -71,7 +71,8 @@ class InternVLAdapter(VisionLanguageAdapter):
         return features.reshape(-1, features.shape[-1])
 
     # --- full forward (reference) -------------------------------------
-    def full_logits(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    # InternVL takes no position ids (no M-RoPE)
+    def full_logits(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if inputs_embeds is None:
             inputs_embeds = self.merge_image_features(input_ids, None)
         if inputs_embeds is None:

@@ -23,8 +23,8 @@ differ from InternVL:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -47,11 +47,11 @@ class GridImageFeatures:
     def is_inference(self) -> bool:
         return self.features.is_inference()
 
-    def clone(self) -> "GridImageFeatures":
+    def clone(self) -> GridImageFeatures:
         return dataclasses.replace(self, features=self.features.clone())
 
 
-class Qwen2_5_VLAdapter(VisionLanguageAdapter):
+class Qwen2_5_VLAdapter(VisionLanguageAdapter):  # noqa: N801 - named after transformers' Qwen2_5_VL classes
     """Vision tower + merger + text decoder (M-RoPE) + LM head of a Qwen2.5-VL model."""
 
     kind = MODEL_QWEN2_5_VL
@@ -117,7 +117,8 @@ class Qwen2_5_VLAdapter(VisionLanguageAdapter):
         # by an earlier call (Qwen2_5_VLModel.rope_deltas), which belong to another input.
         if position_ids is None:
             position_ids = self.position_ids(input_ids, None)
-        pos = position_ids.to(input_ids.device)[:, None, :]
+        # position_ids() always returns a tensor
+        pos = position_ids.to(input_ids.device)[:, None, :]  # type: ignore[union-attr]
         if inputs_embeds is None:
             inputs_embeds = self.merge_image_features(input_ids, None)
         if inputs_embeds is None:

@@ -15,6 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from mmprm_infer.testing.tiny import build_tiny_qwen_prm
+from mmprm_infer.testing.tiny_internvl import build_tiny_internvl
+
 __all__ = ["write_examples"]
 
 
@@ -24,10 +27,7 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_examples(root: str | Path) -> Path:
-    from PIL import Image
-
-    from mmprm_infer.testing.tiny import build_tiny_qwen_prm
-    from mmprm_infer.testing.tiny_internvl import build_tiny_internvl
+    from PIL import Image  # PIL: heavy, loaded where used
 
     root = Path(root)
     build_tiny_qwen_prm(root / "prm", seed=2)

@@ -42,7 +42,7 @@ class ServerProcess:
 
     def wait_http(self, url: str, timeout: float) -> float:
         """Seconds until ``url`` answers 200; an error with the log's tail if it never does."""
-        import httpx
+        import httpx  # httpx: optional (the serve extra)
 
         start = time.time()
         while time.time() - start < timeout:

@@ -10,10 +10,11 @@ corpus and carry each format's special tokens.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
@@ -251,7 +252,6 @@ def build_tiny_skywork_prm(save_dir: str | os.PathLike, *, with_lm_head: bool = 
     """A random-weight Skywork-o1-Open-PRM layout: Qwen2 body ``model.*``, ``v_head.summary.*``,
     and (as the release's checkpoints hold) the unused ``lm_head.weight``; architecture
     ``Qwen2ForPrmModel``.  The tokenizer has a BOS token it does not prepend itself (Qwen's way)."""
-    from safetensors.torch import load_file, save_file
 
     tokenizer = build_tokenizer()
     tokenizer.bos_token = "<|endoftext|>"

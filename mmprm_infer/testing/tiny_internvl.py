@@ -15,8 +15,8 @@ then the LayerNorm -> Linear -> GELU -> Linear projector into the text model.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -103,7 +103,7 @@ def build_tiny_internvl(
     match a benchmark text model.  Tokens per tile =
     ((image_size // patch_size) * 0.5) ** 2, i.e. 256 for 448 / 14.
     """
-    from transformers import (
+    from transformers import (  # transformers: heavy, loaded where used
         GotOcr2ImageProcessorPil,
         InternVLConfig,
         InternVLForConditionalGeneration,

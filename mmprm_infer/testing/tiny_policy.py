@@ -32,7 +32,7 @@ def build_tiny_step_policy(path: str | os.PathLike, *, train_steps: int = 150, s
     ``system_prompt``: the system turn the training conversations carry
     (None: none), to match how the policy will be prompted.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers: heavy, loaded where used
 
     path = Path(path)
     build_tiny_causal_lm(path, arch="qwen2", extra_tokens=(), hidden=128, heads=4, kv_heads=2, intermediate=256,

@@ -13,6 +13,7 @@ token), window attention in the vision tower, M-RoPE in the text model.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def build_tiny_qwen2_5_vl(
     it must sum to ``text_hidden // heads // 2``.  ``name_or_path`` is recorded as the
     config's ``_name_or_path`` (the hub name a real checkpoint carries).
     """
+    # transformers: heavy, loaded where used
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     head_dim = text_hidden // heads
@@ -118,8 +120,6 @@ def build_tiny_qwen2_5_vl(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     if name_or_path is not None:
-        import json
-
         config_file = path / "config.json"
         saved = json.loads(config_file.read_text())
         saved["_name_or_path"] = name_or_path

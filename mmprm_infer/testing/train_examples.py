@@ -15,13 +15,13 @@ import random
 import sys
 from pathlib import Path
 
+from mmprm_infer.testing.tiny import build_tiny_causal_lm
+from mmprm_infer.train.datasets import StepSample, save_samples
+
 __all__ = ["write_examples"]
 
 
 def write_examples(root: str | Path, n: int = 48, seed: int = 0) -> Path:
-    from mmprm_infer.testing.tiny import build_tiny_causal_lm
-    from mmprm_infer.train.datasets import StepSample, save_samples
-
     root, rng = Path(root), random.Random(seed)
     build_tiny_causal_lm(root / "base", arch="qwen2", seed=4)
     samples = []

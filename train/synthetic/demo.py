@@ -20,6 +20,7 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ HELD_OUT_SEED_BASE = 1000  # the shipped PRM saw the problems of seed 0 (train s
 
 
 # What the demo shows on any machine (the shipped PRM, at N = 16, on >= 300 held-out problems).
-CLAIM = {"aggregation": "min", "n": 16, "min_problems": 300, "min_f1": 0.7, "over_majority": 0.05,
+CLAIM: dict[str, Any] = {"aggregation": "min", "n": 16, "min_problems": 300, "min_f1": 0.7, "over_majority": 0.05,
          "over_random": 0.15}
 
 

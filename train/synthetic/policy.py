@@ -42,10 +42,12 @@ import json
 import random
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, cast
 
+from mmprm_infer.answers import extract_answer
 from mmprm_infer.policy import PolicyPrompt, join_steps, sampling_options
 from mmprm_infer.train.synthetic.task import (
     BAR_NAMES,
@@ -87,7 +89,7 @@ class ErrorRates:
     skip_op: float = 0.02
     dup_op: float = 0.02
 
-    def scaled(self, factor: float) -> "ErrorRates":
+    def scaled(self, factor: float) -> ErrorRates:
         def s(p: float) -> float:
             return min(1.0, max(0.0, p * factor))
 
@@ -170,7 +172,7 @@ class SyntheticPolicy:
         rng = random.Random(f"trap-{problem.seed}-{problem.template}")
         reads = [i for i, st in enumerate(problem.plan) if isinstance(st, ReadStage)]
         stage = rng.choice(reads)
-        values = problem.read(problem.plan[stage].target)
+        values = problem.read(cast(ReadStage, problem.plan[stage]).target)  # reads: read stages only
         position = rng.randrange(len(values))
         wrong = LOOKALIKE_DIGITS[values[position]]
         lo, hi = rates.trap_range
@@ -289,19 +291,20 @@ def _misread(v: int, rng: random.Random) -> int:
 
 def neighbour_target(problem: Problem, target: Target, rng: random.Random) -> Target:
     """The row / column / cell / bar next to ``target`` (what a careless reader sees instead)."""
+    row, col = cast(int, target.row), cast(int, target.col)  # the ones the target's kind uses are set
     if target.kind == "bar":
         n = len(BAR_NAMES)
-        options = [c for c in (target.col - 1, target.col + 1) if 1 <= c <= n]
+        options = [c for c in (col - 1, col + 1) if 1 <= c <= n]
         return Target("bar", col=rng.choice(options))
     rows, cols = len(problem.values), len(problem.values[0])
     if target.kind == "row":
-        return Target("row", rng.choice([r for r in (target.row - 1, target.row + 1) if 1 <= r <= rows]))
+        return Target("row", rng.choice([r for r in (row - 1, row + 1) if 1 <= r <= rows]))
     if target.kind == "col":
-        return Target("col", col=rng.choice([c for c in (target.col - 1, target.col + 1) if 1 <= c <= cols]))
-    options = [(r, c) for r, c in ((target.row - 1, target.col), (target.row + 1, target.col),
-                                   (target.row, target.col - 1), (target.row, target.col + 1))
-               if 1 <= r <= rows and 1 <= c <= cols]
-    r, c = rng.choice(options)
+        return Target("col", col=rng.choice([c for c in (col - 1, col + 1) if 1 <= c <= cols]))
+    cells = [(r, c) for r, c in ((row - 1, col), (row + 1, col),
+                                 (row, col - 1), (row, col + 1))
+             if 1 <= r <= rows and 1 <= c <= cols]
+    r, c = rng.choice(cells)
     return Target("cell", r, c)
 
 
@@ -323,9 +326,6 @@ def error_kind(reason: str) -> str:
 def policy_report(problems: Sequence[Problem], policy, n: int = 16, text_only: bool = False) -> dict[str, Any]:
     """Accuracy of single samples, majority vote over ``n`` and pass@n, plus the
     kinds of first errors (shares of wrong samples), on ``problems``."""
-    from collections import Counter
-
-    from mmprm_infer.answers import extract_answer
 
     prompts = [PolicyPrompt(p.prompt_question(text_only), [] if text_only else [p.image]) for p in problems]
     outs = policy.generate(prompts, n=n)

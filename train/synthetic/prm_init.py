@@ -32,11 +32,27 @@ text rendering is what lets a tiny PRM check reading steps.
 from __future__ import annotations
 
 import os
+import random as _random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import cast
 
+from mmprm_infer.io.progress import progress_bar
 from mmprm_infer.testing import tiny, tiny_internvl
+from mmprm_infer.train.synthetic.policy import LOOKALIKE_DIGITS, SLIP_OFFSETS, neighbour_target
+from mmprm_infer.train.synthetic.task import (
+    BAR_NAMES,
+    COL_NAMES,
+    GRID_COLS,
+    GRID_ROWS,
+    Target,
+    apply_op,
+    format_arith,
+    format_read,
+    make_problems,
+    parse_step,
+)
 
 __all__ = ["NUMBER_RANGE", "task_corpus", "build_task_tokenizer", "build_task_prm", "prm_question",
            "MMPRM_FORMAT_OPTIONS", "reading_keys", "picture_facts", "pretrain_reading", "reading_drill",
@@ -54,7 +70,6 @@ def picture_facts(problem) -> str:
     column and cell of a table ("Row 2 is 4, 7, 2.", "Column C is 3, 2, 9.", "Row 2, column C is 2."),
     every bar of a chart ("Bar B is 7.").  A right reading step then appears verbatim above it --
     checking it is a copy task that a two-layer transformer learns (induction heads)."""
-    from mmprm_infer.train.synthetic.task import Target, format_read
 
     targets = []
     if problem.kind == "grid":
@@ -78,7 +93,6 @@ def prm_question(problem, with_image_text: bool = True) -> str:
 
 def task_corpus(num_problems: int = 200, seed: int = 12345) -> list[str]:
     """Text of the synthetic task (questions, picture renderings, solutions) and every number."""
-    from mmprm_infer.train.synthetic.task import make_problems
 
     lines: list[str] = []
     for p in make_problems(num_problems, "train", seed):
@@ -96,7 +110,6 @@ def reading_keys() -> list[str]:
     token each in the task tokenizer, so a reading step and the picture fact it must match share a
     single key token and checking the value is a one-hop copy (an induction head: find the earlier
     occurrence of this token, read the token after it) instead of matching a five-token phrase."""
-    from mmprm_infer.train.synthetic.task import BAR_NAMES, COL_NAMES, GRID_COLS, GRID_ROWS, Target
 
     targets = [Target("row", r) for r in range(1, GRID_ROWS + 1)]
     targets += [Target("col", col=c) for c in range(1, GRID_COLS + 1)]
@@ -139,8 +152,8 @@ def build_task_prm(save_dir: str | os.PathLike, *, kind: str = "internvl", hidde
     one-layer vision tower, ``image_size`` px tiles), format mm-prm.
     ``kind="text"``: Qwen2ForCausalLM, format custom (``<step>`` tag, ``+``/``-``).
     """
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import torch  # torch: heavy, loaded where used
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # transformers: heavy, loaded where used
 
     save_dir = Path(save_dir)
     if kind == "internvl":
@@ -150,7 +163,7 @@ def build_task_prm(save_dir: str | os.PathLike, *, kind: str = "internvl", hidde
         tiny_internvl.build_tiny_internvl(save_dir, text_hidden=hidden, text_layers=layers, heads=heads,
                                           kv_heads=kv_heads, intermediate=intermediate, vocab_size=len(tok),
                                           image_size=image_size, seed=seed)
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # transformers: heavy, loaded where used
 
         cfg = AutoConfig.from_pretrained(save_dir)
         ctx = tok.convert_tokens_to_ids(tiny_internvl.IMG_CONTEXT_TOKEN)
@@ -181,7 +194,6 @@ def arithmetic_drill(rng, k: int = 8) -> list[str]:
     a small digit, a product of two digits, a product plus a row sum, a difference of sums), written
     as the task writes them: practice for checking a calculation's result, which reference solutions
     alone show once or twice per problem."""
-    from mmprm_infer.train.synthetic.task import apply_op, format_arith
 
     out = []
     for _ in range(k):
@@ -209,7 +221,7 @@ def _bare_text(question: str, steps: Sequence[str], tag: str) -> str:
 
 def _padded(batch: list[list[int]], tokenizer):
     """Right-padded input ids and attention mask of token lists (the tokenizer's pad id, else 0)."""
-    import torch
+    import torch  # torch: heavy, loaded where used
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n = max(len(b) for b in batch)
@@ -228,11 +240,8 @@ def pretrain_reading(prm, problems, *, steps: int = 500, batch_size: int = 16, l
     (``arithmetic_drill``, after the bare question: no picture to read); RESULTS.md has what key
     tokens and drills do to the next-value accuracy.  Returns the loss per step.  Uses the LM head
     the checkpoint already has."""
-    import random as _random
 
-    import torch
-
-    from mmprm_infer.io.progress import progress_bar
+    import torch  # torch: heavy, loaded where used
 
     tok = prm.tokenizer
     model = prm.model
@@ -268,15 +277,14 @@ def perturb_reading(statement: str, rng, problem=None) -> str:
     """A reading statement made wrong the way a reader errs: one value changed to a look-alike digit,
     a neighbouring digit or any other digit (always a different digit from 1 to 9), or -- given its
     ``problem``, one time in five -- the values of the neighbouring row / column / cell / bar."""
-    from mmprm_infer.train.synthetic.policy import LOOKALIKE_DIGITS, neighbour_target
-    from mmprm_infer.train.synthetic.task import format_read, parse_step
 
     read = parse_step(statement)
+    target = cast(Target, read.target)  # a reading statement has one
     values = list(read.values)
     if problem is not None and rng.random() < 0.2:
-        other = problem.read(neighbour_target(problem, read.target, rng))
+        other = problem.read(neighbour_target(problem, target, rng))
         if len(other) == len(values) and list(other) != values:
-            return format_read(read.target, other)
+            return format_read(target, other)
     j = rng.randrange(len(values))
     v = values[j]
     u = rng.random()
@@ -284,13 +292,11 @@ def perturb_reading(statement: str, rng, problem=None) -> str:
     if w == v or not 1 <= w <= 9:
         w = rng.choice([x for x in range(1, 10) if x != v])
     values[j] = w
-    return format_read(read.target, values)
+    return format_read(target, values)
 
 
 def perturb_calculation(statement: str, rng) -> str:
     """A calculation with its result off by 1, 2 or 10 (the policy's arithmetic slips)."""
-    from mmprm_infer.train.synthetic.policy import SLIP_OFFSETS
-    from mmprm_infer.train.synthetic.task import format_arith, parse_step
 
     calc = parse_step(statement)
     return format_arith(calc.ops[0], calc.values, calc.result + rng.choice(SLIP_OFFSETS))
@@ -318,7 +324,6 @@ def verification_drill(problem, rng, *, statements: int = 6, layout: str = "full
     several values (rows, columns) has them read with probability ``multi_value_share`` (``None``:
     every fact line alike; ``ROW_VERIFICATION_CURRICULUM`` draws only those).  ``truths``, when
     given, gets each statement's true version appended (the statement itself where it is true)."""
-    from mmprm_infer.train.synthetic.task import parse_step
 
     _check_layout(layout)
     facts = picture_facts(problem).split("\n")
@@ -430,12 +435,9 @@ def pretrain_step_verification(prm, problems, *, steps: int = 3000, batch_size: 
     is a second call.  Returns the marker loss per step (without the token term); ``ValueError``
     on an empty ``curriculum``.
     """
-    import random as _random
 
-    import torch
-    import torch.nn.functional as F
-
-    from mmprm_infer.io.progress import progress_bar
+    import torch  # torch: heavy, loaded where used
+    import torch.nn.functional as F  # torch: heavy, loaded where used
 
     if not curriculum:
         raise ValueError("curriculum needs at least one VerificationPhase (e.g. VERIFICATION_CURRICULUM)")

@@ -3,8 +3,8 @@ the printed summary and a reranking example."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mmprm_infer.answers import group_answers
 from mmprm_infer.evaluation.best_of_n import BonQuestion, accuracy_curves
@@ -46,7 +46,7 @@ def plot_accuracy(curves: Sequence[Curve], title: str, path: Path) -> Path:
     import matplotlib  # heavy, and only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: heavy, loaded where used
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ns = sorted(int(n) for n in curves[0].values)
@@ -129,7 +129,9 @@ def rerank_example(prm, items, problems, aggregate: str = SUMMARY_AGGREGATION, k
           f"{' and its text rendering' if with_image_text else ''}) ===")
     print(item.question)
     print(f"(reference answer {p.answer}; the picture: {'a 3x3 table' if p.kind == 'grid' else 'a bar chart'})\n")
-    for i, (steps, rw, score, ans) in enumerate(zip(item.candidates, res.step_rewards, res.scores, res.answers)):
+    # a PRM ranked them: step_rewards and scores are set
+    shown = zip(item.candidates, res.step_rewards, res.scores, res.answers)  # type: ignore[arg-type]
+    for i, (steps, rw, score, ans) in enumerate(shown):
         print(f"Candidate {i}: answer {ans} ({'right' if ans == p.answer else 'WRONG'}), score ({aggregate}) "
               f"{score:.3f}")
         for s, r in zip(steps, rw):

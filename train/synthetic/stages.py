@@ -13,15 +13,16 @@ from __future__ import annotations
 import random
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from mmprm_infer.aggregation import aggregate
 from mmprm_infer.answers import extract_answer
 from mmprm_infer.evaluation.metrics import step_error_f1
+from mmprm_infer.integrations.ray_scoring import score_items as ray_score_items
 from mmprm_infer.io.progress import progress_bar
 from mmprm_infer.policy import PolicyPrompt
 from mmprm_infer.prm import PRM, ScoringItem
@@ -101,11 +102,12 @@ def labelled_samples(config: PipelineConfig, problems: Sequence[Problem], run_di
     if not samples:
         raise RuntimeError("MCTS produced no labelled samples; annotate more problems")
     for s in samples:
-        s.question = prm_init.prm_question(by_id[s.id], config.with_image_text)
+        s.question = prm_init.prm_question(by_id[s.id], config.with_image_text)  # type: ignore[index]  # ids set
         if config.model_kind == "text":
-            s.images = []
+            # StepSample has no `images` field (its images are image_paths): this sets a stray attribute
+            s.images = []  # type: ignore[attr-defined]
     rng = random.Random(config.seed)
-    ids = sorted({s.id for s in samples})
+    ids = sorted({s.id for s in samples})  # type: ignore[type-var]  # trees_to_samples sets every id
     rng.shuffle(ids)
     n_eval = max(1, int(len(ids) * config.eval_fraction)) if len(ids) > 1 else 0
     eval_ids = set(ids[:n_eval])
@@ -243,8 +245,6 @@ def score_items(prm: PRM, items: list[ScoringItem], config: PipelineConfig,
     (with ``config.ray``: the same calls on Ray actors that load ``checkpoint``)."""
     bs = config.score_batch_questions
     if config.ray is not None:
-        from mmprm_infer.integrations.ray_scoring import score_items as ray_score_items  # ray: an optional extra
-
         return ray_score_items(items, str(checkpoint), batch_questions=bs, address=config.ray,
                                progress=config.progress)
     rewards: list[list[list[float]]] = []

@@ -38,14 +38,16 @@ import functools
 import json
 import random
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any, cast
 
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from mmprm_infer.formats.base import split_on_blank_lines
+from mmprm_infer.train.mcts import AnnotationItem
 from mmprm_infer.vision import open_image
 
 __all__ = [
@@ -92,13 +94,14 @@ class Target:
     col: int | None = None  # 1-based (A = 1); for bars, the bar index (A = 1)
 
     def describe(self) -> str:
+        col = cast(int, self.col)  # set for every kind but "row"
         if self.kind == "row":
             return f"Row {self.row}"
         if self.kind == "col":
-            return f"Column {COL_NAMES[self.col - 1]}"
+            return f"Column {COL_NAMES[col - 1]}"
         if self.kind == "cell":
-            return f"Row {self.row}, column {COL_NAMES[self.col - 1]}"
-        return f"Bar {BAR_NAMES[self.col - 1]}"
+            return f"Row {self.row}, column {COL_NAMES[col - 1]}"
+        return f"Bar {BAR_NAMES[col - 1]}"
 
     @property
     def is_line(self) -> bool:
@@ -259,10 +262,10 @@ def derive_state(plan: Sequence[Stage], steps: Sequence[str]) -> SolutionState:
         elif p.kind == "arith":
             if next_arith < len(arith_stages):
                 stage = arith_stages[next_arith]
-                state.results[stage] = p.result
+                state.results[stage] = cast(int, p.result)  # an arithmetic step has one
                 next_arith += 1
             else:
-                state.extra_results.append(p.result)
+                state.extra_results.append(cast(int, p.result))
             state.last_result = p.result
         elif p.kind == "answer":
             stage = len(plan) - 1
@@ -305,13 +308,14 @@ class Problem:
     # --- content ---------------------------------------------------------
     def read(self, target: Target) -> tuple[int, ...]:
         """The true values of a target in the picture."""
+        row, col = cast(int, target.row), cast(int, target.col)  # the ones the target's kind uses are set
         if target.kind == "row":
-            return tuple(self.values[target.row - 1])
+            return tuple(self.values[row - 1])
         if target.kind == "col":
-            return tuple(r[target.col - 1] for r in self.values)
+            return tuple(r[col - 1] for r in self.values)
         if target.kind == "cell":
-            return (self.values[target.row - 1][target.col - 1],)
-        return (self.values[0][target.col - 1],)
+            return (self.values[row - 1][col - 1],)
+        return (self.values[0][col - 1],)
 
     def has_target(self, target: Target) -> bool:
         if target.kind in ("row", "cell") and not (target.row and 1 <= target.row <= len(self.values)):
@@ -324,7 +328,9 @@ class Problem:
 
     @cached_property
     def gold_steps(self) -> list[str]:
-        steps, reads, results = [], {}, {}
+        steps: list[str] = []
+        reads: dict[int, tuple[int, ...]] = {}
+        results: dict[int, int] = {}
         for i, st in enumerate(self.plan):
             if isinstance(st, ReadStage):
                 reads[i] = self.read(st.target)
@@ -347,7 +353,7 @@ class Problem:
 
     @cached_property
     def answer_value(self) -> int:
-        return parse_step(self.gold_steps[-1]).result
+        return cast(int, parse_step(self.gold_steps[-1]).result)  # the gold answer step has one
 
     @property
     def image_text(self) -> str:
@@ -370,7 +376,6 @@ class Problem:
         """The problem as the annotator takes it (``mcts.AnnotationItem``): the question as the
         policy sees it, the answer, and the image (None when ``text_only``: the picture is then in
         the question's text)."""
-        from mmprm_infer.train.mcts import AnnotationItem
 
         return AnnotationItem(self.id, self.prompt_question(text_only), str(self.answer),
                               None if text_only else self.image)
@@ -381,7 +386,7 @@ class Problem:
         return {"id": self.id, "seed": self.seed, "split": self.split, "template": self.template}
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "Problem":
+    def from_spec(cls, spec: dict[str, Any]) -> Problem:
         return make_problem(int(spec["seed"]), split=spec.get("split"), id=spec.get("id"),
                             template=spec.get("template"))
 
@@ -423,15 +428,16 @@ class Problem:
         if p.kind == "other":
             return StepCheck(False, f"not a reading, a calculation or an answer: {step!r}")
         if p.kind == "read":
-            stages = [i for i, st in enumerate(self.plan) if isinstance(st, ReadStage) and st.target == p.target]
+            target = cast(Target, p.target)  # a read step has one
+            stages = [i for i, st in enumerate(self.plan) if isinstance(st, ReadStage) and st.target == target]
             if not stages:
-                return StepCheck(False, f"{p.target.describe()} is not needed for this question")
+                return StepCheck(False, f"{target.describe()} is not needed for this question")
             if all(i in state.reads for i in stages):
-                return StepCheck(False, f"{p.target.describe()} was already read")
-            true = self.read(p.target)
+                return StepCheck(False, f"{target.describe()} was already read")
+            true = self.read(target)
             if p.values != true:
                 return StepCheck(
-                    False, f"misread {p.target.describe()}: {list(p.values)}, the picture shows {list(true)}"
+                    False, f"misread {target.describe()}: {list(p.values)}, the picture shows {list(true)}"
                 )
             return StepCheck(True)
         true_reads = {i: self.read(st.target) for i, st in enumerate(self.plan) if isinstance(st, ReadStage)}
@@ -448,20 +454,21 @@ class Problem:
         if not pending:
             return StepCheck(False, "an extra calculation: the plan's operations are all done")
         stage_i = pending[0]
-        st = self.plan[stage_i]
+        st = cast(ArithStage, self.plan[stage_i])  # pending holds arithmetic stages only
         for kind, j in st.operands:
             if kind == "read" and j not in state.reads:
-                return StepCheck(False, f"calculates before reading {self.plan[j].target.describe()}")
+                return StepCheck(False, f"calculates before reading {cast(ReadStage, self.plan[j]).target.describe()}")
         want = operand_values(st, true_reads, true_results)
         if list(p.ops) != [st.op] * (len(want) - 1) or list(p.values) != list(want):
             return StepCheck(False, f"calculation should be {format_arith(st.op, want, true_results[stage_i])!r}")
         if p.result != true_results[stage_i]:
-            return StepCheck(False, f"arithmetic slip: {format_arith(st.op, want, p.result)!r}, "
+            return StepCheck(False, f"arithmetic slip: {format_arith(st.op, want, cast(int, p.result))!r}, "
                                     f"the result is {true_results[stage_i]}")
         return StepCheck(True)
 
     def _true_results(self) -> dict[int, int]:
-        reads, results = {}, {}
+        reads: dict[int, tuple[int, ...]] = {}
+        results: dict[int, int] = {}
         for i, st in enumerate(self.plan):
             if isinstance(st, ReadStage):
                 reads[i] = self.read(st.target)
@@ -494,7 +501,7 @@ def split_steps(text: str) -> list[str]:
     return split_on_blank_lines(text)
 
 
-def operand_values(stage: ArithStage, reads: dict[int, Sequence[int]], results: dict[int, int]) -> list[int]:
+def operand_values(stage: ArithStage, reads: Mapping[int, Sequence[int]], results: Mapping[int, int]) -> list[int]:
     out: list[int] = []
     for kind, j in stage.operands:
         if kind == "read":
