@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=20, help="rows to print (the rest is summed by kind)")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--unfused", action="store_true",
-                   help="the decoder through transformers' modules (FastEngine(fused=False)): the profile before fusion")
+                   help="the decoder through transformers' modules (FastEngine(fused=False)): before fusion")
     p.add_argument("--cache-dir", type=Path, default=REPO / "bench" / ".cache")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
